@@ -1,0 +1,393 @@
+"""The MTA's configuration: one typed object, loaded from TOML and validated once.
+
+Every other module receives the pieces it needs from here; nothing reads the
+configuration file or the environment on its own.  A problem in the file raises
+:class:`ConfigError` naming the key and what is wrong with it, which the plugin
+prints instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import socket
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.endpoints import _parseServer  # type: ignore[attr-defined]
+
+LISTENER_KINDS = ("mx", "submission", "submissions")
+
+
+class ConfigError(Exception):
+    """A configuration value is missing, has the wrong type or makes no sense."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class Listener:
+    """One listening socket: a Twisted server endpoint string and its role.
+
+    ``kind`` is ``mx`` (port 25: mail for our domains, relay only after AUTH),
+    ``submission`` (587: STARTTLS then AUTH required before MAIL) or
+    ``submissions`` (465: implicit TLS, AUTH required).
+    """
+
+    name: str
+    endpoint: str
+    kind: str
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    # Optional directory of <hostname>/{fullchain.pem,privkey.pem} chosen by SNI.
+    cert_dir: Path | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_message_size: int = 50 * 1024 * 1024
+    max_recipients: int = 100
+    max_errors: int = 10
+    max_line_length: int = 998  # RFC 5322 §2.1.1, octets without CRLF
+    max_command_length: int = 2048  # RFC 5321 §4.5.3.1.4 says 512; extensions need more
+    command_timeout: float = 300.0  # RFC 5321 §4.5.3.2.7
+    session_timeout: float = 1800.0
+    max_connections: int = 1000
+    max_connections_per_ip: int = 20
+    max_received_headers: int = 50
+    max_header_size: int = 1024 * 1024
+    auth_failure_delay: float = 1.0
+    max_auth_failures: int = 3
+
+
+@dataclass(frozen=True)
+class SPFConfig:
+    enabled: bool = True
+    reject_fail: bool = True
+    timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class DNSConfig:
+    # Empty: use /etc/resolv.conf.
+    servers: tuple[tuple[str, int], ...] = ()
+    timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class AliasConfig:
+    drop_characters: str = "."
+    suffix_separators: str = "+"
+    max_depth: int = 10
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    # Smarthost as "host:port" strings; empty means MX delivery.
+    smarthosts: tuple[str, ...] = ()
+    smarthost_username: str | None = None
+    smarthost_password: str | None = None
+    smarthost_tls: str = "opportunistic"  # "none", "opportunistic", "require", "verify"
+    tls_policy: str = "opportunistic"  # for MX delivery: "opportunistic" or "verify"
+    retry_schedule: tuple[float, ...] = (60.0, 300.0, 900.0, 1800.0, 3600.0)
+    retry_jitter: float = 0.1
+    max_queue_lifetime: float = 5 * 24 * 3600.0
+    delay_warning: float | None = None
+    max_connections: int = 100
+    max_connections_per_destination: int = 10
+    connect_timeout: float = 30.0
+    # Test and benchmark hook: the TCP port MX hosts are contacted on.
+    mx_port: int = 25
+    mailbox_command: str | None = None
+    lmtp: str | None = None
+    pipe_timeout: float = 300.0
+
+
+@dataclass(frozen=True)
+class Config:
+    hostname: str
+    listeners: tuple[Listener, ...]
+    local_domains: tuple[str, ...]
+    data_dir: Path
+    queue_dir: Path
+    mail_dir: Path
+    domains_dir: Path
+    control_socket: Path
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    limits: Limits = field(default_factory=Limits)
+    spf: SPFConfig = field(default_factory=SPFConfig)
+    dns: DNSConfig = field(default_factory=DNSConfig)
+    aliases: AliasConfig = field(default_factory=AliasConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    # Loopback is not trusted by default: these networks may relay without AUTH.
+    relay_networks: tuple[str, ...] = ()
+    metrics_endpoint: str | None = None
+    log_json: Path | None = None
+    fsync: bool = True
+
+    def users_file(self, domain: str) -> Path:
+        return self.domains_dir / domain / "users"
+
+    def aliases_file(self, domain: str) -> Path:
+        return self.domains_dir / domain / "aliases"
+
+    def with_overrides(self, **changes: Any) -> Config:
+        return replace(self, **changes)
+
+
+# --- loading -----------------------------------------------------------------
+
+
+def _table(raw: dict[str, Any], key: str) -> dict[str, Any]:
+    value = raw.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(key, "must be a table")
+    return value
+
+
+def _check_keys(table: dict[str, Any], allowed: set[str], prefix: str) -> None:
+    for key in table:
+        if key not in allowed:
+            raise ConfigError(f"{prefix}{key}", "unknown key")
+
+
+def _get(table: dict[str, Any], key: str, kind: type | tuple[type, ...], prefix: str, default: Any) -> Any:
+    if key not in table:
+        return default
+    value = table[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(value, bool) and kind is not bool and (kind is int or kind is float):
+        raise ConfigError(prefix + key, f"must be a {kind.__name__}, not a boolean")
+    if not isinstance(value, kind):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise ConfigError(prefix + key, f"must be a {names}, got {type(value).__name__}")
+    return value
+
+
+def _positive(value: float, key: str) -> float:
+    if value <= 0:
+        raise ConfigError(key, "must be greater than zero")
+    return value
+
+
+def _dataclass_from(table: dict[str, Any], cls: type, prefix: str, types: dict[str, Any]) -> Any:
+    _check_keys(table, set(types), prefix)
+    defaults = cls()
+    values = {}
+    for key, kind in types.items():
+        values[key] = _get(table, key, kind, prefix, getattr(defaults, key))
+    return cls(**values)
+
+
+def _path(base: Path, value: str | None) -> Path | None:
+    if value is None:
+        return None
+    p = Path(value)
+    return p if p.is_absolute() else base / p
+
+
+def _host_port(value: str, key: str, default_port: int) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        return value, default_port
+    host = host.strip("[]")
+    try:
+        number = int(port)
+    except ValueError:
+        raise ConfigError(key, f"{value!r}: port must be a number") from None
+    if not 0 < number < 65536:
+        raise ConfigError(key, f"{value!r}: port out of range")
+    return host, number
+
+
+def _validate_endpoint(endpoint: str, key: str) -> None:
+    try:
+        _parseServer(endpoint, None)
+    except Exception as e:
+        raise ConfigError(key, f"bad endpoint description {endpoint!r}: {e}") from None
+
+
+def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read and validate the configuration file (or the embedded default)."""
+    if path is None:
+        from mta.defaults import DEFAULT_CONFIG, default_base
+
+        raw = tomllib.loads(DEFAULT_CONFIG)
+        base = default_base()
+    else:
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except OSError as e:
+            raise ConfigError(str(path), f"cannot read: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(str(path), f"not valid TOML: {e}") from None
+        base = path.resolve().parent
+    return config_from_dict(raw, base, overrides or {})
+
+
+def config_from_dict(raw: dict[str, Any], base: Path, overrides: dict[str, Any] | None = None) -> Config:
+    overrides = overrides or {}
+    top = {
+        "hostname", "local_domains", "data_dir", "queue_dir", "mail_dir", "domains_dir",
+        "control_socket", "relay_networks", "metrics", "log_json", "fsync",
+        "listeners", "tls", "limits", "spf", "dns", "aliases", "delivery",
+    }
+    _check_keys(raw, top, "")
+    hostname = _get(raw, "hostname", str, "", None) or socket.getfqdn()
+    data_dir = _path(base, _get(raw, "data_dir", str, "", "var"))
+    assert data_dir is not None
+    queue_dir = _path(base, overrides.get("queue_dir") or _get(raw, "queue_dir", str, "", None)) or data_dir / "queue"
+    mail_dir = _path(base, _get(raw, "mail_dir", str, "", None)) or data_dir / "mail"
+    domains_dir = _path(base, _get(raw, "domains_dir", str, "", None)) or base / "domains"
+    control_socket = _path(base, _get(raw, "control_socket", str, "", None)) or data_dir / "control.sock"
+
+    domains = _get(raw, "local_domains", list, "", [])
+    local_domains = []
+    for i, d in enumerate(domains):
+        if not isinstance(d, str) or not d:
+            raise ConfigError(f"local_domains[{i}]", "must be a non-empty string")
+        from mta.smtp.address import normalize_domain, AddressError
+
+        try:
+            local_domains.append(normalize_domain(d))
+        except AddressError as e:
+            raise ConfigError(f"local_domains[{i}]", str(e)) from None
+
+    listeners_raw = _table(raw, "listeners")
+    listeners = []
+    for name, spec in listeners_raw.items():
+        prefix = f"listeners.{name}."
+        if not isinstance(spec, dict):
+            raise ConfigError(f"listeners.{name}", "must be a table with endpoint and kind")
+        _check_keys(spec, {"endpoint", "kind"}, prefix)
+        endpoint = overrides.get("listen", {}).get(name) or _get(spec, "endpoint", str, prefix, None)
+        if endpoint is None:
+            raise ConfigError(prefix + "endpoint", "is required")
+        kind = _get(spec, "kind", str, prefix, name)
+        if kind not in LISTENER_KINDS:
+            raise ConfigError(prefix + "kind", f"must be one of {', '.join(LISTENER_KINDS)}")
+        _validate_endpoint(endpoint, prefix + "endpoint")
+        listeners.append(Listener(name, endpoint, kind))
+    for name in overrides.get("listen", {}):
+        if name not in listeners_raw:
+            raise ConfigError(f"--listen {name}", "no listener of that name in the configuration")
+
+    tls_raw = _table(raw, "tls")
+    _check_keys(tls_raw, {"cert_file", "key_file", "cert_dir"}, "tls.")
+    tls = TLSConfig(
+        cert_file=_path(base, _get(tls_raw, "cert_file", str, "tls.", None)),
+        key_file=_path(base, _get(tls_raw, "key_file", str, "tls.", None)),
+        cert_dir=_path(base, _get(tls_raw, "cert_dir", str, "tls.", None)),
+    )
+    if (tls.cert_file is None) != (tls.key_file is None):
+        raise ConfigError("tls.key_file" if tls.key_file is None else "tls.cert_file",
+                          "cert_file and key_file go together")
+    for lst in listeners:
+        if lst.kind == "submissions" and not tls.enabled:
+            raise ConfigError(f"listeners.{lst.name}.kind", "submissions (implicit TLS) needs tls.cert_file")
+
+    limits = _dataclass_from(_table(raw, "limits"), Limits, "limits.", {
+        "max_message_size": int, "max_recipients": int, "max_errors": int,
+        "max_line_length": int, "max_command_length": int, "command_timeout": float,
+        "session_timeout": float, "max_connections": int, "max_connections_per_ip": int,
+        "max_received_headers": int, "max_header_size": int, "auth_failure_delay": float,
+        "max_auth_failures": int,
+    })
+    for key in ("max_message_size", "max_recipients", "max_errors", "command_timeout",
+                "session_timeout", "max_connections", "max_connections_per_ip",
+                "max_received_headers", "max_auth_failures"):
+        _positive(getattr(limits, key), "limits." + key)
+    if limits.max_command_length < 512:
+        raise ConfigError("limits.max_command_length", "must be at least 512 (RFC 5321 §4.5.3.1.4)")
+    if limits.max_line_length < 998:
+        raise ConfigError("limits.max_line_length", "must be at least 998 (RFC 5322 §2.1.1)")
+
+    spf = _dataclass_from(_table(raw, "spf"), SPFConfig, "spf.",
+                          {"enabled": bool, "reject_fail": bool, "timeout": float})
+
+    dns_raw = _table(raw, "dns")
+    _check_keys(dns_raw, {"servers", "timeout"}, "dns.")
+    servers = []
+    for i, s in enumerate(overrides.get("dns_servers") or _get(dns_raw, "servers", list, "dns.", [])):
+        if not isinstance(s, str):
+            raise ConfigError(f"dns.servers[{i}]", "must be a string such as '127.0.0.1:53'")
+        servers.append(_host_port(s, f"dns.servers[{i}]", 53))
+    dns = DNSConfig(tuple(servers), _positive(_get(dns_raw, "timeout", float, "dns.", 5.0), "dns.timeout"))
+
+    aliases = _dataclass_from(_table(raw, "aliases"), AliasConfig, "aliases.",
+                              {"drop_characters": str, "suffix_separators": str, "max_depth": int})
+
+    dl = _table(raw, "delivery")
+    types = {
+        "smarthosts": list, "smarthost_username": str, "smarthost_password": str,
+        "smarthost_tls": str, "tls_policy": str, "retry_schedule": list, "retry_jitter": float,
+        "max_queue_lifetime": float, "delay_warning": float, "max_connections": int,
+        "max_connections_per_destination": int, "connect_timeout": float, "mx_port": int,
+        "mailbox_command": str, "lmtp": str, "pipe_timeout": float,
+    }
+    delivery = _dataclass_from(dl, DeliveryConfig, "delivery.", types)
+    smarthosts = overrides.get("smarthosts") or delivery.smarthosts
+    for i, s in enumerate(smarthosts):
+        if not isinstance(s, str):
+            raise ConfigError(f"delivery.smarthosts[{i}]", "must be a 'host:port' string")
+        _host_port(s, f"delivery.smarthosts[{i}]", 25)
+    schedule = tuple(float(_positive(x, "delivery.retry_schedule") if isinstance(x, int | float) and not isinstance(x, bool) else _bad("delivery.retry_schedule", "must be a list of seconds")) for x in delivery.retry_schedule)
+    if not schedule:
+        raise ConfigError("delivery.retry_schedule", "must not be empty")
+    if delivery.smarthost_tls not in ("none", "opportunistic", "require", "verify"):
+        raise ConfigError("delivery.smarthost_tls", "must be none, opportunistic, require or verify")
+    if delivery.tls_policy not in ("opportunistic", "verify"):
+        raise ConfigError("delivery.tls_policy", "must be opportunistic or verify")
+    mx_port = overrides.get("mx_port") or delivery.mx_port
+    delivery = replace(delivery, smarthosts=tuple(smarthosts), retry_schedule=schedule, mx_port=mx_port)
+
+    relay_networks = tuple(_get(raw, "relay_networks", list, "", []))
+    import ipaddress
+
+    for i, net in enumerate(relay_networks):
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except (ValueError, TypeError):
+            raise ConfigError(f"relay_networks[{i}]", f"{net!r} is not a network") from None
+
+    metrics = _get(raw, "metrics", str, "", None)
+    if metrics is not None:
+        _validate_endpoint(metrics, "metrics")
+
+    return Config(
+        hostname=hostname,
+        listeners=tuple(listeners),
+        local_domains=tuple(local_domains),
+        data_dir=data_dir,
+        queue_dir=queue_dir,
+        mail_dir=mail_dir,
+        domains_dir=domains_dir,
+        control_socket=control_socket,
+        tls=tls,
+        limits=limits,
+        spf=spf,
+        dns=dns,
+        aliases=aliases,
+        delivery=delivery,
+        relay_networks=relay_networks,
+        metrics_endpoint=metrics,
+        log_json=_path(base, _get(raw, "log_json", str, "", None)),
+        fsync=_get(raw, "fsync", bool, "", True),
+    )
+
+
+def _bad(key: str, problem: str) -> Any:
+    raise ConfigError(key, problem)

@@ -1,0 +1,42 @@
+"""The one small interface every courier (local Maildir, pipe, remote SMTP) offers.
+
+The queue runner hands a courier the envelope, the recipients due now and the
+path of the message data; the courier answers with one result per recipient.
+A courier never touches the envelope file: recording results is the runner's job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Protocol
+
+from twisted.internet.defer import Deferred
+
+from mta.queue.envelope import Envelope, Recipient
+
+
+class Outcome(StrEnum):
+    DELIVERED = "delivered"
+    DEFERRED = "deferred"  # temporary: try again later
+    FAILED = "failed"  # permanent: bounce
+
+
+@dataclass(frozen=True)
+class DeliveryResult:
+    recipient: Recipient
+    outcome: Outcome
+    # The reply that decided it, as text: "250 2.0.0 Ok queued as X" or our own reason.
+    reply: str
+    # The host that gave the reply, for the DSN's Remote-MTA field ("" if local).
+    remote_mta: str = ""
+    # RFC 3463 status for the DSN, e.g. "5.1.1"; derived from reply when empty.
+    status: str = ""
+
+
+class Courier(Protocol):
+    def deliver(self, envelope: Envelope, recipients: list[Recipient],
+                data_path: Path) -> Deferred[list[DeliveryResult]]:
+        """Deliver ``data_path`` to ``recipients``; one result per recipient, never errback."""
+        ...

@@ -1,0 +1,127 @@
+"""The envelope of a queued message: who sent it, to whom, and each recipient's state.
+
+It is kept as a human-readable JSON file beside the message data and is the
+single source of truth for the message's state (see :mod:`mta.queue.store`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any
+
+ENVELOPE_VERSION = 1
+
+
+class RecipientState(StrEnum):
+    PENDING = "pending"  # not tried yet, or due for a retry
+    DEFERRED = "deferred"  # temporary failure; next_attempt says when to retry
+    DELIVERED = "delivered"
+    FAILED = "failed"  # permanent failure (a bounce is owed, see dsn_sent)
+
+    @property
+    def final(self) -> bool:
+        return self in (RecipientState.DELIVERED, RecipientState.FAILED)
+
+
+class RecipientKind(StrEnum):
+    LOCAL = "local"  # a Maildir (or delivery agent) on this host
+    REMOTE = "remote"  # another host, via MX or smarthost
+    PIPE = "pipe"  # an alias target "| command"
+
+
+@dataclass
+class Recipient:
+    address: str  # where to deliver: user@domain, or the command for a pipe
+    kind: RecipientKind
+    original: str  # the RCPT TO address the client gave
+    state: RecipientState = RecipientState.PENDING
+    attempts: int = 0
+    next_attempt: float = 0.0
+    last_reply: str = ""
+    remote_mta: str = ""
+    updated: float = 0.0
+    dsn_sent: bool = False
+    # For local recipients: the mailbox owner "user@domain" (after alias expansion).
+    mailbox: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["kind"] = str(self.kind)
+        d["state"] = str(self.state)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Recipient:
+        return cls(
+            address=str(d["address"]),
+            kind=RecipientKind(d["kind"]),
+            original=str(d.get("original", d["address"])),
+            state=RecipientState(d.get("state", "pending")),
+            attempts=int(d.get("attempts", 0)),
+            next_attempt=float(d.get("next_attempt", 0.0)),
+            last_reply=str(d.get("last_reply", "")),
+            remote_mta=str(d.get("remote_mta", "")),
+            updated=float(d.get("updated", 0.0)),
+            dsn_sent=bool(d.get("dsn_sent", False)),
+            mailbox=str(d.get("mailbox", "")),
+        )
+
+
+@dataclass
+class Envelope:
+    id: str
+    sender: str  # "" is the null sender <>
+    recipients: list[Recipient]
+    created: float
+    size: int = 0
+    body_8bit: bool = False
+    smtputf8: bool = False
+    client_ip: str = ""
+    client_helo: str = ""
+    auth_user: str = ""
+    tls: str = ""
+    first_attempt: float = 0.0
+    delay_warned: bool = False
+    # The sender before SRS rewriting, when forwarding rewrote it.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def done(self) -> bool:
+        return all(r.state.final for r in self.recipients)
+
+    def pending(self, now: float) -> list[Recipient]:
+        """Recipients due for an attempt at ``now``."""
+        return [
+            r for r in self.recipients
+            if r.state in (RecipientState.PENDING, RecipientState.DEFERRED) and r.next_attempt <= now
+        ]
+
+    def to_bytes(self) -> bytes:
+        d = asdict(self)
+        d["version"] = ENVELOPE_VERSION
+        d["recipients"] = [r.to_json() for r in self.recipients]
+        return (json.dumps(d, indent=2, ensure_ascii=False, sort_keys=False) + "\n").encode("utf-8")
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Envelope:
+        d = json.loads(data.decode("utf-8"))
+        if not isinstance(d, dict) or d.get("version") != ENVELOPE_VERSION:
+            raise ValueError("not a version 1 envelope")
+        return cls(
+            id=str(d["id"]),
+            sender=str(d["sender"]),
+            recipients=[Recipient.from_json(r) for r in d["recipients"]],
+            created=float(d["created"]),
+            size=int(d.get("size", 0)),
+            body_8bit=bool(d.get("body_8bit", False)),
+            smtputf8=bool(d.get("smtputf8", False)),
+            client_ip=str(d.get("client_ip", "")),
+            client_helo=str(d.get("client_helo", "")),
+            auth_user=str(d.get("auth_user", "")),
+            tls=str(d.get("tls", "")),
+            first_attempt=float(d.get("first_attempt", 0.0)),
+            delay_warned=bool(d.get("delay_warned", False)),
+            extra=dict(d.get("extra", {})),
+        )

@@ -1,0 +1,232 @@
+"""The durable, maildir-style queue on disk.
+
+Layout under the queue root::
+
+    tmp/          files being written; anything here at start-up is left over
+    msg/ID.msg    the message as received, our Received header first (CRLF lines)
+    msg/ID.json   the envelope (:class:`mta.queue.envelope.Envelope`), human readable
+
+A message is committed by: writing both files in ``tmp/``, fsyncing each,
+renaming the data and then the envelope into ``msg/``, and fsyncing ``msg/``.
+Only after that does the SMTP server reply 250.  The envelope's presence in
+``msg/`` is what makes a message exist: a ``.msg`` without its ``.json`` is an
+uncommitted leftover and is removed by :meth:`QueueStore.recover`.
+
+Every later change to the envelope is an atomic rewrite (tmp, fsync, rename,
+directory fsync), so a crash leaves either the old or the new state, never a
+mixture.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from twisted.logger import Logger
+
+from mta.queue.envelope import Envelope, Recipient, RecipientState
+
+log = Logger()
+
+
+class QueueError(Exception):
+    """Writing to the queue failed; the message was not accepted."""
+
+
+def new_queue_id(now: float | None = None) -> str:
+    """A unique, sortable id: seconds since the epoch (hex) and 48 random bits."""
+    t = int(now if now is not None else time.time())
+    return f"{t:08x}{secrets.token_hex(6)}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class MessageWriter:
+    """A message being received: data goes to ``tmp/`` until :meth:`commit`."""
+
+    def __init__(self, store: QueueStore, queue_id: str) -> None:
+        self.store = store
+        self.id = queue_id
+        self.tmp_path = store.tmp_dir / f"{queue_id}.msg"
+        self._file: BinaryIO | None = open(self.tmp_path, "xb")  # noqa: SIM115
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        assert self._file is not None
+        self._file.write(data)
+        self.size += len(data)
+
+    def writelines(self, chunks: list[bytes]) -> None:
+        assert self._file is not None
+        self._file.writelines(chunks)
+        self.size += sum(map(len, chunks))
+
+    def commit(self, envelope: Envelope) -> None:
+        """Make the message durable. Raises :class:`QueueError`; then nothing is left."""
+        assert self._file is not None and envelope.id == self.id
+        envelope.size = self.size
+        env_tmp = self.store.tmp_dir / f"{self.id}.json"
+        try:
+            self._file.flush()
+            if self.store.fsync:
+                os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+            self.store._write_file(env_tmp, envelope.to_bytes())
+            os.rename(self.tmp_path, self.store.data_path(self.id))
+            os.rename(env_tmp, self.store.envelope_path(self.id))
+            if self.store.fsync:
+                _fsync_dir(self.store.msg_dir)
+        except OSError as e:
+            log.error("queue write failed for {id}: {err}", id=self.id, err=e)
+            for p in (self.tmp_path, env_tmp, self.store.envelope_path(self.id),
+                      self.store.data_path(self.id)):
+                _unlink_quietly(p)
+            raise QueueError(str(e)) from e
+        self.store._notify(envelope)
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        _unlink_quietly(self.tmp_path)
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log.warn("could not remove {path}: {err}", path=str(path), err=e)
+
+
+class QueueStore:
+    """The queue directory. All methods are synchronous and fsync as they go."""
+
+    def __init__(self, root: Path, fsync: bool = True, clock: Callable[[], float] = time.time) -> None:
+        self.root = root
+        self.tmp_dir = root / "tmp"
+        self.msg_dir = root / "msg"
+        self.fsync = fsync
+        self.clock = clock
+        self._listeners: list[Callable[[Envelope], None]] = []
+        for d in (self.root, self.tmp_dir, self.msg_dir):
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    # --- paths -------------------------------------------------------------
+
+    def data_path(self, queue_id: str) -> Path:
+        return self.msg_dir / f"{queue_id}.msg"
+
+    def envelope_path(self, queue_id: str) -> Path:
+        return self.msg_dir / f"{queue_id}.json"
+
+    # --- receiving -------------------------------------------------------------
+
+    def new_message(self) -> MessageWriter:
+        try:
+            return MessageWriter(self, new_queue_id(self.clock()))
+        except OSError as e:
+            raise QueueError(str(e)) from e
+
+    def subscribe(self, listener: Callable[[Envelope], None]) -> None:
+        """Call ``listener(envelope)`` after each message is committed."""
+        self._listeners.append(listener)
+
+    def _notify(self, envelope: Envelope) -> None:
+        for listener in self._listeners:
+            try:
+                listener(envelope)
+            except Exception:
+                log.failure("queue listener failed for {id}", id=envelope.id)
+
+    # --- the queue's contents ---------------------------------------------------
+
+    def ids(self) -> list[str]:
+        """Ids of committed messages, oldest first."""
+        return sorted(p.name[:-5] for p in self.msg_dir.iterdir() if p.name.endswith(".json"))
+
+    def load(self, queue_id: str) -> Envelope:
+        return Envelope.from_bytes(self.envelope_path(queue_id).read_bytes())
+
+    def envelopes(self) -> Iterator[Envelope]:
+        for queue_id in self.ids():
+            try:
+                yield self.load(queue_id)
+            except (OSError, ValueError, KeyError) as e:
+                log.error("cannot read envelope {id}: {err}", id=queue_id, err=e)
+
+    def save(self, envelope: Envelope) -> None:
+        """Atomically replace the envelope on disk (tmp, fsync, rename, dir fsync)."""
+        tmp = self.tmp_dir / f"{envelope.id}.json.{secrets.token_hex(4)}"
+        try:
+            self._write_file(tmp, envelope.to_bytes())
+            os.rename(tmp, self.envelope_path(envelope.id))
+            if self.fsync:
+                _fsync_dir(self.msg_dir)
+        except OSError:
+            _unlink_quietly(tmp)
+            raise
+
+    def update_recipient(self, envelope: Envelope, recipient: Recipient, state: RecipientState,
+                         reply: str = "", next_attempt: float = 0.0, remote_mta: str = "") -> None:
+        """Record one attempt's result for ``recipient`` and write the envelope."""
+        recipient.state = state
+        recipient.last_reply = reply
+        recipient.next_attempt = next_attempt
+        recipient.updated = self.clock()
+        if remote_mta:
+            recipient.remote_mta = remote_mta
+        self.save(envelope)
+
+    def remove(self, queue_id: str) -> None:
+        """Delete a finished message: the envelope first, so no half message remains."""
+        _unlink_quietly(self.envelope_path(queue_id))
+        _unlink_quietly(self.data_path(queue_id))
+        if self.fsync:
+            _fsync_dir(self.msg_dir)
+
+    def recover(self) -> list[str]:
+        """Clean up after a crash; returns the ids of the committed messages.
+
+        Files in ``tmp/`` were never acknowledged and are removed.  A data file
+        without an envelope was not committed either.  An envelope without data
+        is moved aside to ``corrupt/`` and logged: it cannot be delivered.
+        """
+        for p in self.tmp_dir.iterdir():
+            log.info("removing leftover {name} from queue tmp/", name=p.name)
+            _unlink_quietly(p)
+        names = {p.name for p in self.msg_dir.iterdir()}
+        for name in sorted(names):
+            if name.endswith(".msg") and name[:-4] + ".json" not in names:
+                log.info("removing uncommitted message {name}", name=name)
+                _unlink_quietly(self.msg_dir / name)
+            elif name.endswith(".json") and name[:-5] + ".msg" not in names:
+                corrupt = self.root / "corrupt"
+                corrupt.mkdir(exist_ok=True)
+                log.error("envelope {name} has no message data; moved to corrupt/", name=name)
+                os.rename(self.msg_dir / name, corrupt / name)
+        return self.ids()
+
+    def _write_file(self, path: Path, data: bytes) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            if self.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)

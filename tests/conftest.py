@@ -1,0 +1,54 @@
+"""Shared test fixtures: the leak check every test runs under, and temporary paths.
+
+The autouse fixture ``no_leaks`` fails a test that leaves delayed calls, open
+sockets or listening ports behind in the reactor, after giving the reactor a
+short, bounded time to finish closing what the test closed.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+
+
+def _snapshot() -> tuple[set, set]:
+    calls = {c for c in reactor.getDelayedCalls() if c.active()}
+    selectables = set(reactor.getReaders()) | set(reactor.getWriters())
+    return calls, selectables
+
+
+def _describe(calls: set, selectables: set) -> str:
+    lines = [f"delayed call: {c}" for c in calls]
+    lines += [f"open selectable: {s!r}" for s in selectables]
+    return "\n".join(lines)
+
+
+@pytest.fixture(autouse=True)
+def no_leaks():
+    """Fail the test if it leaves delayed calls or connections behind."""
+    calls_before, sel_before = _snapshot()
+    yield
+    deadline = time.monotonic() + 2.0
+    while True:
+        calls, sel = _snapshot()
+        new_calls = {c for c in calls - calls_before
+                     if "ThreadPool" not in repr(c) and "threadpool" not in repr(c)}
+        new_sel = sel - sel_before
+        # The reactor's own waker pipe is not a leak.
+        new_sel = {s for s in new_sel if "Waker" not in type(s).__name__}
+        if not new_calls and not new_sel:
+            return
+        if time.monotonic() > deadline:
+            for c in new_calls:
+                c.cancel()
+            for s in new_sel:
+                try:
+                    s.loseConnection() if hasattr(s, "loseConnection") else s.stopListening()
+                except Exception:
+                    pass
+            pytest.fail("test left the reactor dirty:\n" + _describe(new_calls, new_sel))
+        pytest_twisted.blockon(deferLater(reactor, 0.02, lambda: None))
