@@ -259,7 +259,7 @@ def config_from_dict(raw: dict[str, Any], base: Path, overrides: dict[str, Any] 
     for i, d in enumerate(domains):
         if not isinstance(d, str) or not d:
             raise ConfigError(f"local_domains[{i}]", "must be a non-empty string")
-        from mta.smtp.address import normalize_domain, AddressError
+        from mta.smtp.address import AddressError, normalize_domain
 
         try:
             local_domains.append(normalize_domain(d))

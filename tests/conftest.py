@@ -52,3 +52,18 @@ def no_leaks():
                     pass
             pytest.fail("test left the reactor dirty:\n" + _describe(new_calls, new_sel))
         pytest_twisted.blockon(deferLater(reactor, 0.02, lambda: None))
+
+
+@pytest.fixture
+def dns_server():
+    """A started :class:`tests.dnsserver.LoopbackDNS` with no names; stopped afterwards.
+
+    Fill it in the test with ``dns_server.load({...})`` / ``set`` / ``add``, and
+    point resolvers at it with ``dns_server.dns_config(timeout=...)``.
+    """
+    from tests.dnsserver import LoopbackDNS
+
+    server = LoopbackDNS()
+    pytest_twisted.blockon(server.start())
+    yield server
+    pytest_twisted.blockon(server.stop())

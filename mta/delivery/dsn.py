@@ -1,0 +1,250 @@
+"""Delivery status notifications: bounces and delay warnings (RFC 3464).
+
+:func:`build_dsn` writes the whole report as bytes with CRLF line endings, a
+``multipart/report; report-type=delivery-status`` message (RFC 6522) of three
+parts:
+
+1. ``text/plain``: what happened, for a person;
+2. ``message/delivery-status``: the machine-readable fields (RFC 3464 §2);
+3. ``text/rfc822-headers``: the original message's header only, read from the
+   queue file up to a size bound, never its body (RFC 3462 §2 allows this
+   instead of the whole message, and it avoids re-sending large attachments).
+
+Addresses that are not ASCII use the ``utf-8`` address type of RFC 6533 §3 in
+its ``utf-8-addr-xtext`` form (``\\x{HEX}`` escapes), so the report part stays
+ASCII; an original header with 8-bit octets is sent as
+``message/global-headers`` (RFC 6533 §6.3).
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from email.utils import format_datetime
+from pathlib import Path
+
+from mta.queue.envelope import Envelope, Recipient, RecipientKind
+
+MAX_HEADER_BYTES = 64 * 1024
+MAX_FIELD_TEXT = 900  # keeps every report line below RFC 5322's 998 octets
+
+# A failed recipient for the report: (recipient, RFC 3463 status, the reply that
+# decided it, the host that gave it or "").
+FailedRecipient = tuple[Recipient, str, str, str]
+
+_ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?![\d.])")
+_BASIC = re.compile(r"([245])\d\d(?:[ -]|\Z)")
+
+
+def enhanced_status(reply: str, default: str = "") -> str:
+    """The RFC 3463 status carried by ``reply``, or one derived from its basic code.
+
+    ``"550 5.1.1 no such user"`` → ``5.1.1``; ``"550 no such user"`` → ``5.0.0``;
+    ``"4.4.1 connection refused"`` → ``4.4.1``; text without either → ``default``.
+    An enhanced code whose class differs from the basic code's is ignored
+    (RFC 3463 §2: the class must agree with the reply code).
+    """
+    text = reply.strip()
+    basic = _BASIC.match(text)
+    rest = text[basic.end():].lstrip() if basic else text
+    enhanced = _ENHANCED.match(rest)
+    if enhanced and (basic is None or basic.group(1) == enhanced.group(1)):
+        return enhanced.group(0)
+    if basic:
+        return f"{basic.group(1)}.0.0"
+    return default
+
+
+def is_smtp_reply(reply: str) -> bool:
+    return _BASIC.match(reply.strip()) is not None
+
+
+def _one_line(text: str, limit: int = MAX_FIELD_TEXT) -> str:
+    """Text for a header-like field: one line, printable, bounded."""
+    text = " ".join(text.split())
+    text = "".join(c if c.isprintable() else "?" for c in text)
+    return text[:limit]
+
+
+def _ascii_line(text: str, limit: int = MAX_FIELD_TEXT) -> str:
+    """Like :func:`_one_line`, with anything non-ASCII as a backslash escape."""
+    return _one_line(text, limit).encode("ascii", "backslashreplace").decode("ascii")[:limit]
+
+
+def _xtext_utf8(address: str) -> str:
+    """RFC 6533 §3 utf-8-addr-xtext: non-ASCII, controls, '+', '=' and '\\' as \\x{HEX}."""
+    out = []
+    for c in address:
+        o = ord(c)
+        if 0x21 <= o <= 0x7E and c not in "+=\\":
+            out.append(c)
+        else:
+            out.append(f"\\x{{{o:X}}}")
+    return "".join(out)
+
+
+def typed_address(address: str) -> str:
+    """``rfc822;addr`` for ASCII, ``utf-8;addr`` (xtext form) otherwise."""
+    address = _one_line(address)
+    if address.isascii():
+        return f"rfc822;{address}"
+    return f"utf-8;{_xtext_utf8(address)}"
+
+
+def _date(t: float) -> str:
+    return format_datetime(datetime.fromtimestamp(t, UTC))
+
+
+def final_recipient(rcpt: Recipient) -> str:
+    """The address the report names as the final recipient (RFC 3464 §2.3.2)."""
+    if rcpt.kind is RecipientKind.PIPE:
+        return rcpt.original  # the address is a command; name the alias instead
+    if rcpt.kind is RecipientKind.LOCAL and rcpt.mailbox:
+        return rcpt.mailbox
+    return rcpt.address
+
+
+def read_headers(data_path: Path, limit: int = MAX_HEADER_BYTES) -> bytes:
+    """The header section of the queued message, CRLF-terminated lines, at most ``limit`` bytes.
+
+    Reads line by line and stops at the empty line; a header longer than the
+    limit is cut at a line boundary.  A missing file gives an empty result.
+    """
+    out: list[bytes] = []
+    size = 0
+    try:
+        with open(data_path, "rb") as f:
+            while size < limit:
+                line = f.readline(limit - size + 2)
+                if not line or line in (b"\r\n", b"\n"):
+                    break
+                if not line.endswith(b"\n"):
+                    break  # a line longer than what is left: stop before it
+                line = line.rstrip(b"\r\n") + b"\r\n"
+                out.append(line)
+                size += len(line)
+    except OSError:
+        return b""
+    return b"".join(out)
+
+
+def _human_part(envelope: Envelope, failed: Sequence[FailedRecipient], hostname: str,
+                action: str, retry_until: float | None) -> str:
+    lines = [f"This is the mail system at host {hostname}.", ""]
+    if action == "delayed":
+        lines += [
+            "Your message could not be delivered yet to the recipients below.",
+            "It is still in the queue and delivery will be retried"
+            + (f" until {_date(retry_until)}." if retry_until else "."),
+            "You do not need to send it again.",
+        ]
+    else:
+        lines += [
+            "I'm sorry to have to inform you that your message could not",
+            "be delivered to one or more recipients. The details are below.",
+        ]
+    lines += ["", f"Queue id: {envelope.id}", ""]
+    for rcpt, status, reply, remote in failed:
+        what = rcpt.original if rcpt.original == final_recipient(rcpt) else (
+            f"{final_recipient(rcpt)} (from {rcpt.original})")
+        lines.append(f"<{_one_line(what, 300)}>:")
+        if status.endswith(".4.7") and action == "failed":
+            lines.append("    the message expired in the queue before it could be delivered.")
+        if remote:
+            lines.append(f"    host {_one_line(remote, 255)} said:")
+        if reply:
+            lines.append(f"    {_one_line(reply)}")
+        lines.append("")
+    return "\r\n".join(lines) + "\r\n"
+
+
+def _status_part(envelope: Envelope, failed: Sequence[FailedRecipient], hostname: str,
+                 action: str, now: float, retry_until: float | None) -> str:
+    # Per-message fields, RFC 3464 §2.2.
+    fields = [f"Reporting-MTA: dns; {_ascii_line(hostname, 255)}"]
+    envid = envelope.extra.get("envid")
+    if isinstance(envid, str) and envid:
+        fields.append(f"Original-Envelope-Id: {_ascii_line(envid, 100)}")
+    fields.append(f"X-Queue-ID: {envelope.id}")
+    fields.append(f"Arrival-Date: {_date(envelope.created)}")
+    blocks = ["\r\n".join(fields)]
+    # Per-recipient fields, RFC 3464 §2.3.
+    for rcpt, status, reply, remote in failed:
+        f = [
+            f"Original-Recipient: {typed_address(rcpt.original)}",
+            f"Final-Recipient: {typed_address(final_recipient(rcpt))}",
+            f"Action: {action}",
+            f"Status: {status}",
+        ]
+        if remote:
+            f.append(f"Remote-MTA: dns; {_ascii_line(remote, 255)}")
+        if reply:
+            kind = "smtp" if is_smtp_reply(reply) else "X-MTA"
+            f.append(f"Diagnostic-Code: {kind}; {_ascii_line(reply)}")
+        f.append(f"Last-Attempt-Date: {_date(rcpt.updated or now)}")
+        if action == "delayed" and retry_until is not None:
+            f.append(f"Will-Retry-Until: {_date(retry_until)}")
+        blocks.append("\r\n".join(f))
+    return "\r\n\r\n".join(blocks) + "\r\n"
+
+
+def build_dsn(envelope: Envelope, failed: Sequence[FailedRecipient], hostname: str,
+              data_path: Path, action: str = "failed", now: float | None = None, *,
+              retry_until: float | None = None, max_header_bytes: int = MAX_HEADER_BYTES) -> bytes:
+    """The complete report for ``failed`` recipients of ``envelope`` as bytes (CRLF lines).
+
+    ``action`` is ``failed`` (a bounce) or ``delayed`` (a warning; give
+    ``retry_until``, the time the queue gives up, for Will-Retry-Until).
+    The caller must not build one for the null sender (RFC 5321 §4.5.5).
+    """
+    if action not in ("failed", "delayed"):
+        raise ValueError(f"unknown DSN action {action!r}")
+    if not failed:
+        raise ValueError("a DSN needs at least one recipient")
+    if envelope.sender == "":
+        raise ValueError("never a DSN for the null sender (RFC 5321 §4.5.5)")
+    now = time.time() if now is None else now
+    boundary = f"=_{secrets.token_hex(12)}"
+    subject = ("Delayed Mail (still being retried)" if action == "delayed"
+               else "Undelivered Mail Returned to Sender")
+    human = _human_part(envelope, failed, hostname, action, retry_until)
+    report = _status_part(envelope, failed, hostname, action, now, retry_until)
+    headers = read_headers(data_path, max_header_bytes)
+
+    top = [
+        f"From: Mail Delivery System <MAILER-DAEMON@{hostname}>",
+        f"To: <{_one_line(envelope.sender, 300)}>",
+        f"Subject: {subject}",
+        f"Date: {_date(now)}",
+        f"Message-ID: <{int(now)}.{secrets.token_hex(8)}@{hostname}>",
+        "Auto-Submitted: auto-replied",  # RFC 3834 §5
+        "MIME-Version: 1.0",
+        f'Content-Type: multipart/report; report-type=delivery-status;\r\n boundary="{boundary}"',
+        "",
+        "This is a MIME-encapsulated message.",
+        "",
+    ]
+    charset, cte = ("us-ascii", "7bit") if human.isascii() else ("utf-8", "8bit")
+    if headers.isascii():
+        headers_type, headers_cte = "text/rfc822-headers", "7bit"
+    else:
+        headers_type, headers_cte = "message/global-headers", "8bit"  # RFC 6533 §6.3
+    out = [
+        "\r\n".join(top).encode("utf-8") + b"\r\n",
+        f"--{boundary}\r\n".encode(),
+        f"Content-Description: Notification\r\nContent-Type: text/plain; charset={charset}\r\n"
+        f"Content-Transfer-Encoding: {cte}\r\n\r\n".encode(),
+        human.encode("utf-8"),
+        f"\r\n--{boundary}\r\n".encode(),
+        b"Content-Description: Delivery report\r\nContent-Type: message/delivery-status\r\n\r\n",
+        report.encode("ascii"),
+        f"\r\n--{boundary}\r\n".encode(),
+        f"Content-Description: Undelivered message headers\r\nContent-Type: {headers_type}\r\n"
+        f"Content-Transfer-Encoding: {headers_cte}\r\n\r\n".encode(),
+        headers,
+        f"\r\n--{boundary}--\r\n".encode(),
+    ]
+    return b"".join(out)

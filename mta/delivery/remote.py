@@ -1,0 +1,179 @@
+"""The remote courier: routes recipients to a smarthost or to their domain's MX hosts.
+
+It implements :class:`mta.delivery.base.Courier`.  For each destination (all
+recipients for a smarthost; one domain for MX delivery) it tries the servers in
+order -- each address of each MX host, or each configured smarthost -- with
+:func:`mta.delivery.client.send`, and stops at the first server that gives
+every recipient a final answer (RFC 5321 §5.1: "try the next address on a
+temporary failure").  Recipients still without an answer after the last server
+are DEFERRED with the last error.  A permanent DNS error (no such domain, null
+MX) fails the domain's recipients; a temporary one defers them.
+
+With the "opportunistic" TLS policy a server whose TLS handshake fails is tried
+once more on the same address in plaintext (as Postfix does at security level
+"may"); "require" and "verify" never fall back.
+
+``deliver`` never errbacks: an unexpected exception becomes a DEFERRED result
+with the reason, so the queue retries later.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.logger import Logger
+
+from mta.config import Config
+from mta.delivery.base import DeliveryResult, Outcome
+from mta.delivery.client import ClientOptions, SessionResult, Timeouts, Transaction, send
+from mta.delivery.mx import DNSError
+from mta.queue.envelope import Envelope, Recipient
+
+log = Logger()
+
+
+@dataclass(frozen=True)
+class Route:
+    """One server to try: where to connect and how to talk to it."""
+
+    host: str  # what to connect to: an IP address (MX) or a host name (smarthost)
+    port: int
+    name: str  # the server's name: TLS verification, logs, Remote-MTA
+    tls_policy: str
+    username: str | None = None
+    password: str | None = None
+
+    @property
+    def display(self) -> str:
+        return self.name if self.name == self.host else f"{self.name}[{self.host}]"
+
+
+def parse_smarthost(text: str, default_port: int = 25) -> tuple[str, int]:
+    """``host``, ``host:port``, ``[v6]:port`` → (host, port)."""
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        return host, int(rest[1:]) if rest.startswith(":") else default_port
+    host, sep, port = text.rpartition(":")
+    if not sep or ":" in host:
+        return text, default_port
+    return host, int(port)
+
+
+def _domain(address: str) -> str:
+    return address.rpartition("@")[2].lower()
+
+
+class RemoteCourier:
+    def __init__(self, config: Config, mx_resolver: Any, reactor: Any, trust_root: Any = None, *,
+                 timeouts: Timeouts | None = None, clock: Any = None) -> None:
+        self.delivery = config.delivery
+        self.helo_name = config.hostname
+        self.resolver = mx_resolver
+        self.reactor = reactor
+        self.clock = clock or reactor
+        self.trust_root = trust_root
+        self.timeouts = timeouts or Timeouts(connect=config.delivery.connect_timeout)
+
+    def deliver(self, envelope: Envelope, recipients: list[Recipient],
+                data_path: Path) -> Deferred[list[DeliveryResult]]:
+        async def guarded() -> list[DeliveryResult]:
+            try:
+                return await self._deliver(envelope, recipients, data_path)
+            except Exception as e:
+                log.failure("remote delivery of {id} failed unexpectedly", id=envelope.id)
+                reason = f"451 4.3.0 internal error during delivery: {type(e).__name__}: {e}"
+                return [DeliveryResult(r, Outcome.DEFERRED, reason, "", "4.3.0") for r in recipients]
+
+        return Deferred.fromCoroutine(guarded())
+
+    async def _deliver(self, envelope: Envelope, recipients: list[Recipient],
+                       data_path: Path) -> list[DeliveryResult]:
+        groups: dict[str, list[Recipient]] = {}
+        for r in recipients:
+            key = "" if self.delivery.smarthosts else _domain(r.address)
+            groups.setdefault(key, []).append(r)
+        size = envelope.size or os.stat(data_path).st_size
+        lists = await gatherResults([
+            Deferred.fromCoroutine(self._deliver_group(envelope, domain, group, data_path, size))
+            for domain, group in groups.items()
+        ])
+        by_id = {id(res.recipient): res for results in lists for res in results}
+        return [by_id[id(r)] for r in recipients]
+
+    async def _routes(self, domain: str) -> list[Route]:
+        d = self.delivery
+        if d.smarthosts:
+            routes = []
+            for text in d.smarthosts:
+                host, port = parse_smarthost(text)
+                routes.append(Route(host, port, host, d.smarthost_tls, d.smarthost_username,
+                                    d.smarthost_password))
+            return routes
+        answer = self.resolver.resolve(domain)
+        hosts = await answer if inspect.isawaitable(answer) else answer
+        return [Route(address, d.mx_port, mx.name, d.tls_policy)
+                for mx in hosts for address in mx.addresses]
+
+    async def _deliver_group(self, envelope: Envelope, domain: str, recipients: list[Recipient],
+                             data_path: Path, size: int) -> list[DeliveryResult]:
+        try:
+            routes = await self._routes(domain)
+        except DNSError as e:
+            outcome = Outcome.FAILED if e.permanent else Outcome.DEFERRED
+            return [DeliveryResult(r, outcome, e.reply, "", e.status) for r in recipients]
+        waiting: dict[str, list[Recipient]] = {}
+        for r in recipients:
+            waiting.setdefault(r.address, []).append(r)
+        results: list[DeliveryResult] = []
+        last_error, last_status, last_server = f"no mail server found for {domain}", "4.4.4", ""
+        for route in routes:
+            if not waiting:
+                break
+            tx = Transaction(sender=envelope.sender, recipients=list(waiting), data_path=data_path,
+                             size=size, body_8bit=envelope.body_8bit, smtputf8=envelope.smtputf8)
+            session = await self._attempt(route, tx)
+            for address, reply in session.transactions[0].replies.items():
+                for r in waiting.pop(address, []):
+                    results.append(DeliveryResult(r, reply.outcome, str(reply), route.name,
+                                                  reply.enhanced))
+            if session.connection_error is not None:
+                last_error = f"{route.display}: {session.connection_error}"
+                last_status, last_server = session.error_status or "4.4.2", route.name
+        for group in waiting.values():
+            for r in group:
+                results.append(DeliveryResult(r, Outcome.DEFERRED, last_error, last_server,
+                                              last_status))
+        return results
+
+    def _options(self, route: Route, policy: str | None = None) -> ClientOptions:
+        return ClientOptions(
+            helo_name=self.helo_name,
+            tls_policy=policy or route.tls_policy,
+            tls_hostname=route.name,
+            trust_root=self.trust_root,
+            username=route.username,
+            password=route.password,
+            timeouts=self.timeouts,
+        )
+
+    async def _attempt(self, route: Route, tx: Transaction) -> SessionResult:
+        session = await send(self.reactor, (route.host, route.port), [tx], self._options(route),
+                             clock=self.clock, server=route.display)
+        if session.tls_failed and route.tls_policy == "opportunistic":
+            unanswered = session.transactions[0].unanswered()
+            if unanswered:
+                log.info("TLS with {server} failed ({error}); trying again in plaintext",
+                         server=route.display, error=session.connection_error)
+                retry = replace(tx, recipients=unanswered)
+                again = await send(self.reactor, (route.host, route.port), [retry],
+                                   self._options(route, "none"), clock=self.clock,
+                                   server=route.display)
+                again.transactions[0].replies = {**session.transactions[0].replies,
+                                                 **again.transactions[0].replies}
+                return again
+        return session

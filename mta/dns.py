@@ -1,0 +1,81 @@
+"""The MTA's DNS resolver: built once from :class:`mta.config.DNSConfig`.
+
+Everything that asks DNS questions from the reactor thread (MX lookups for
+delivery, address lookups) uses the ``twisted.names`` resolver made here, so
+the configured servers and timeout apply everywhere and tests can point the
+whole MTA at a loopback DNS server.  The SPF check, which runs pyspf in a
+worker thread, uses :func:`nameservers` to talk to the same servers.
+
+When no servers are configured, ``/etc/resolv.conf`` is read once, here, when
+the resolver is made (twisted's own resolv.conf support re-reads the file on a
+60 s timer, which we do not want in a long-running daemon's test suite).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from twisted.logger import Logger
+from twisted.names import client
+
+from mta.config import DNSConfig
+
+log = Logger()
+
+RESOLV_CONF = Path("/etc/resolv.conf")
+DNS_PORT = 53
+
+
+def nameservers(dns: DNSConfig, resolv_conf: Path = RESOLV_CONF) -> list[tuple[str, int]]:
+    """The ``(host, port)`` servers to ask: the configured ones, else resolv.conf's.
+
+    With neither, ``127.0.0.1:53`` (what the C resolver does, resolv.conf(5)).
+    """
+    if dns.servers:
+        return list(dns.servers)
+    servers = read_resolv_conf(resolv_conf)
+    if not servers:
+        log.warn("no nameserver in {path}; using 127.0.0.1", path=str(resolv_conf))
+        servers = [("127.0.0.1", DNS_PORT)]
+    return servers
+
+
+def read_resolv_conf(path: Path) -> list[tuple[str, int]]:
+    """The ``nameserver`` lines of a resolv.conf(5) file (missing file: none)."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return []
+    servers = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) >= 2 and fields[0] == "nameserver":
+            servers.append((fields[1], DNS_PORT))
+    return servers
+
+
+def attempt_timeouts(total: float, server_count: int) -> tuple[float, ...]:
+    """Split one lookup's time budget into twisted's per-attempt timeouts.
+
+    twisted.names asks every server with the first timeout, then every server
+    again with the next one, and so on; a lookup fails with
+    ``defer.TimeoutError`` after the last.  So ``sum(result) * server_count``
+    is the configured ``dns.timeout``: one short try to absorb a lost
+    datagram, then a longer one.
+    """
+    per_server = total / max(1, server_count)
+    return (per_server / 3, per_server * 2 / 3)
+
+
+def make_resolver(dns: DNSConfig, reactor: Any = None,
+                  resolv_conf: Path = RESOLV_CONF) -> client.Resolver:
+    """A ``twisted.names.client.Resolver`` asking the configured servers.
+
+    Its lookups (``lookupMailExchange``, ``lookupAddress``, ...) fail with
+    ``DNSNameError`` on NXDOMAIN, ``DNSServerError`` on SERVFAIL and
+    ``defer.TimeoutError`` once ``dns.timeout`` has passed without an answer.
+    """
+    servers = nameservers(dns, resolv_conf)
+    return client.Resolver(servers=servers, timeout=attempt_timeouts(dns.timeout, len(servers)),
+                           reactor=reactor)

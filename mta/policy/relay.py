@@ -1,0 +1,65 @@
+"""Who may send where: the recipient decision at RCPT time.
+
+Port 25 accepts mail for our local domains from anyone, and relays to other
+domains only for an authenticated user or a client in ``relay_networks``
+(empty by default: loopback is not trusted).  A local recipient must be a
+user, an alias, ``postmaster`` or caught by a catch-all; otherwise 550 5.1.1.
+Percent-hack (``user%other@local``), bang paths and quoted local parts holding
+an ``@`` are never interpreted as routes: they are just local parts, which
+match no user, so they cannot be used to relay.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Any
+
+from mta.smtp import replies as R
+from mta.smtp.address import Address
+from mta.smtp.replies import Reply
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a recipient goes: kind is 'local', 'remote' or 'pipe'."""
+
+    kind: str
+    address: str
+    mailbox: str = ""
+
+
+@dataclass(frozen=True)
+class RecipientDecision:
+    reply: Reply | None  # None: accepted
+    targets: tuple[Any, ...] = field(default_factory=tuple)
+
+
+def relay_allowed(auth_user: str | None, client_ip: str, relay_networks: tuple[str, ...]) -> bool:
+    if auth_user:
+        return True
+    if not relay_networks:
+        return False
+    try:
+        ip = ipaddress.ip_address(client_ip)
+    except ValueError:
+        return False
+    return any(ip in ipaddress.ip_network(net, strict=False) for net in relay_networks)
+
+
+def check_recipient(address: Address, local_domains: tuple[str, ...], aliases: Any,
+                    may_relay: bool) -> RecipientDecision:
+    """Accept or refuse one RCPT TO address; on acceptance, its expanded targets."""
+    from mta.policy.aliases import AliasLoopError
+
+    if address.domain in local_domains:
+        if not aliases.exists(address.local, address.domain):
+            return RecipientDecision(R.unknown_user(str(address)))
+        try:
+            targets = tuple(aliases.resolve(str(address)))
+        except AliasLoopError:
+            return RecipientDecision(R.ALIAS_LOOP)
+        return RecipientDecision(None, targets)
+    if may_relay:
+        return RecipientDecision(None, (Target("remote", str(address)),))
+    return RecipientDecision(R.relay_denied(str(address)))

@@ -1,0 +1,550 @@
+"""The queue runner: decides what is due, hands it to couriers, records every result.
+
+One *pass* over a message loads its envelope from disk (the single source of
+truth), fails what has outlived ``max_queue_lifetime``, sends the recipients
+that are due to their couriers (grouped by :class:`Router`, each group waiting
+for a destination slot and a global slot), and then:
+
+1. after each courier's results, rewrites the envelope atomically and fsyncs
+   it *before anything else happens*, so a crash never re-delivers a recipient
+   recorded as delivered and never forgets one (a crash *during* a delivery
+   means the delivery is repeated: at-least-once, as for every MTA);
+2. queues one bounce (DSN) for all recipients that failed in this pass, then
+   marks them ``dsn_sent`` and saves again.  The order is deliberate: a crash
+   between the two gives a duplicate bounce on restart, never a lost one;
+3. queues a delay warning once, if configured;
+4. removes the message when every recipient is final and no bounce is owed,
+   or sets a timer for the next retry.
+
+Only one pass per message runs at a time; a trigger that arrives during a
+pass (new commit, flush, timer) runs another pass right after it.
+
+Expired recipients are recorded as failed with a reply starting ``4.4.7``
+(RFC 3463 X.4.7, delivery time expired), and the bounce says
+``Action: failed`` / ``Status: 4.4.7`` as Postfix does.  For the null sender
+no bounce is ever built (RFC 5321 §4.5.5, RFC 3461 §6.2): its failures are
+logged and marked ``dsn_sent`` (meaning "the bounce question is settled").
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mta.config import DeliveryConfig
+from mta.delivery.base import Courier, DeliveryResult, Outcome
+from mta.delivery.dsn import FailedRecipient, build_dsn, enhanced_status
+from mta.queue.envelope import Envelope, Recipient, RecipientKind, RecipientState
+from mta.queue.store import QueueError, QueueStore
+from mta.smtp.address import AddressError, normalize_domain
+
+log = Logger()
+
+# Timers and float sums may land a hair before next_attempt; treat that as due.
+_DUE_SLACK = 1e-3
+
+
+# --- routing -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Route:
+    """Recipients of one message that go to one courier in one ``deliver`` call.
+
+    ``key`` names the destination; concurrency slots are counted per key.
+    """
+
+    key: str
+    courier: Courier
+    recipients: list[Recipient]
+
+
+class _NoCourier:
+    """Stands in when no courier is configured for a kind: keeps the mail queued."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def deliver(self, envelope: Envelope, recipients: list[Recipient],
+                data_path: Path) -> Deferred[list[DeliveryResult]]:
+        reply = f"451 4.3.5 no courier configured for {self.kind} recipients"
+        return succeed([DeliveryResult(r, Outcome.DEFERRED, reply, status="4.3.5")
+                        for r in recipients])
+
+
+class Router:
+    """Groups a message's due recipients by courier and destination.
+
+    ``couriers`` maps ``"local"``, ``"pipe"`` and ``"remote"`` to couriers.
+    Remote recipients are grouped by domain (one ``deliver`` call, and one
+    destination key ``remote:<domain>``, per domain), or all together under
+    ``remote:smarthost`` when ``smarthost`` is true.  Local recipients go
+    together (key ``local``); each pipe recipient is its own call (key ``pipe``).
+    """
+
+    def __init__(self, couriers: Mapping[str, Courier], smarthost: bool = False) -> None:
+        self.couriers = dict(couriers)
+        self.smarthost = smarthost
+
+    def _courier(self, kind: str) -> Courier:
+        return self.couriers.get(kind) or _NoCourier(kind)
+
+    def route(self, envelope: Envelope, recipients: Sequence[Recipient]) -> list[Route]:
+        groups: dict[str, list[Recipient]] = {}
+        routes: list[Route] = []
+        for r in recipients:
+            if r.kind is RecipientKind.PIPE:
+                routes.append(Route("pipe", self._courier("pipe"), [r]))
+            elif r.kind is RecipientKind.LOCAL:
+                groups.setdefault("local", []).append(r)
+            else:
+                domain = r.address.rpartition("@")[2].lower()
+                key = "remote:smarthost" if self.smarthost else f"remote:{domain}"
+                groups.setdefault(key, []).append(r)
+        for key, rcpts in groups.items():
+            kind = "local" if key == "local" else "remote"
+            routes.append(Route(key, self._courier(kind), rcpts))
+        return routes
+
+
+# --- small pure helpers -----------------------------------------------------------------
+
+
+def retry_delay(attempts: int, schedule: Sequence[float], jitter: float,
+                rng: random.Random) -> float:
+    """Seconds to wait after the ``attempts``-th attempt (1-based); the last value repeats.
+
+    ``jitter`` is a fraction: the delay is scaled by a factor in [1 - jitter, 1 + jitter],
+    so that messages deferred together do not all come back at the same instant.
+    """
+    base = schedule[min(max(attempts, 1), len(schedule)) - 1]
+    if jitter <= 0:
+        return base
+    return base * (1.0 + rng.uniform(-jitter, jitter))
+
+
+def dsn_status(rcpt: Recipient) -> str:
+    """The RFC 3463 status a bounce reports for a failed recipient."""
+    status = enhanced_status(rcpt.last_reply, "5.0.0")
+    return status if status[0] in "45" else "5.0.0"
+
+
+def _age_text(seconds: float) -> str:
+    if seconds >= 2 * 86400:
+        return f"{seconds / 86400:.1f} days"
+    if seconds >= 2 * 3600:
+        return f"{seconds / 3600:.1f} hours"
+    return f"{int(seconds)} seconds"
+
+
+def expired_reply(previous: str, age: float) -> str:
+    text = f"4.4.7 message expired after {_age_text(age)} in the queue"
+    return f"{text}; last reply: {previous}" if previous else text
+
+
+# --- the runner ----------------------------------------------------------------------
+
+
+class QueueRunner:
+    """Schedules and records deliveries for every message in ``store``.
+
+    ``router`` has ``route(envelope, recipients) -> list[Route]`` (see
+    :class:`Router`).  ``is_local(domain)`` says whether a bounce to the
+    sender is delivered locally (kind LOCAL, mailbox = sender) or remotely.
+    """
+
+    def __init__(self, store: QueueStore, router: Any, clock: IReactorTime,
+                 config: DeliveryConfig, hostname: str, rng: random.Random | None = None,
+                 is_local: Callable[[str], bool] = lambda domain: False,
+                 stop_timeout: float = 30.0) -> None:
+        self.store = store
+        self.router = router
+        self.clock = clock
+        self.config = config
+        self.hostname = hostname
+        self.rng = rng if rng is not None else random.Random()
+        self.is_local = is_local
+        self.stop_timeout = stop_timeout
+        self._global = DeferredSemaphore(config.max_connections)
+        self._slots: dict[str, DeferredSemaphore] = {}
+        self._timers: dict[str, IDelayedCall] = {}
+        self._in_flight: dict[str, Deferred[None] | None] = {}
+        self._again: set[str] = set()
+        self._forced: set[str] = set()
+        self._running = False
+        self._subscribed = False
+        self._stop_waiters: list[Deferred[None]] = []
+        self._stop_timer: IDelayedCall | None = None
+
+    # --- life cycle ---------------------------------------------------------------
+
+    def start(self) -> None:
+        """Recover the store and schedule every queued message per its envelope."""
+        self._running = True
+        self.store.recover()
+        if not self._subscribed:
+            self.store.subscribe(self._on_commit)
+            self._subscribed = True
+        now = self._now()
+        count = 0
+        for env in self.store.envelopes():
+            wake = self._next_wake(env, now)
+            warning = self._warning_due(env)
+            if wake is None or self._bounce_owed(env) or (warning is not None and warning <= now):
+                wake = now  # nothing left but removal, or a notice still owed
+            self._schedule_at(env.id, wake)
+            count += 1
+        log.info("queue runner started with {count} queued messages", count=count)
+
+    def stop(self) -> Deferred[None]:
+        """Cancel timers, start nothing new, and wait (at most ``stop_timeout``) for
+        the deliveries in flight to be recorded."""
+        self._running = False
+        for timer in self._timers.values():
+            if timer.active():
+                timer.cancel()
+        self._timers.clear()
+        if not self._in_flight:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._stop_waiters.append(d)
+        if self._stop_timer is None:
+            self._stop_timer = self.clock.callLater(self.stop_timeout, self._stop_timed_out)
+        return d
+
+    def flush(self, queue_id: str | None = None) -> int:
+        """Make deferred recipients due now (all messages, or one); returns how many messages."""
+        ids = [queue_id] if queue_id is not None else self.store.ids()
+        count = 0
+        for qid in ids:
+            if not self.store.envelope_path(qid).exists():
+                continue
+            self._forced.add(qid)
+            self._schedule_at(qid, self._now())
+            count += 1
+        return count
+
+    @property
+    def in_flight(self) -> int:
+        """Messages with a pass running (for metrics and tests)."""
+        return len(self._in_flight)
+
+    # --- scheduling ---------------------------------------------------------------
+
+    def _now(self) -> float:
+        return self.clock.seconds()
+
+    def _on_commit(self, envelope: Envelope) -> None:
+        # A new message: try it at once, but from a fresh reactor turn so the
+        # SMTP reply goes out first.
+        if self._running:
+            self._schedule_at(envelope.id, self._now())
+
+    def _schedule_at(self, queue_id: str, when: float) -> None:
+        """Make sure a pass for ``queue_id`` runs no later than ``when``."""
+        if not self._running:
+            return
+        now = self._now()
+        delay = max(0.0, when - now)
+        timer = self._timers.get(queue_id)
+        if timer is not None and timer.active():
+            if timer.getTime() <= now + delay:
+                return
+            timer.cancel()
+        self._timers[queue_id] = self.clock.callLater(delay, self._kick, queue_id)
+
+    def _kick(self, queue_id: str) -> None:
+        self._timers.pop(queue_id, None)
+        if not self._running:
+            return
+        if queue_id in self._in_flight:
+            self._again.add(queue_id)
+            return
+        self._in_flight[queue_id] = None  # before the coroutine runs: it may finish at once
+        d = Deferred.fromCoroutine(self._pass(queue_id))
+        self._in_flight[queue_id] = d
+        d.addBoth(self._pass_done, queue_id)
+
+    def _pass_done(self, result: object, queue_id: str) -> None:
+        if isinstance(result, Failure):
+            log.failure("queue pass for {queue_id} failed", result, queue_id=queue_id)
+        self._in_flight.pop(queue_id, None)
+        if queue_id in self._again:
+            self._again.discard(queue_id)
+            self._schedule_at(queue_id, self._now())
+        if not self._in_flight and self._stop_waiters:
+            self._fire_stop_waiters()
+
+    def _stop_timed_out(self) -> None:
+        self._stop_timer = None
+        log.warn("queue runner stopped with {n} messages still in delivery",
+                 n=len(self._in_flight))
+        self._fire_stop_waiters()
+
+    def _fire_stop_waiters(self) -> None:
+        if self._stop_timer is not None and self._stop_timer.active():
+            self._stop_timer.cancel()
+        self._stop_timer = None
+        waiters, self._stop_waiters = self._stop_waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    def _expiry(self, env: Envelope) -> float:
+        return env.created + self.config.max_queue_lifetime
+
+    def _warning_due(self, env: Envelope) -> float | None:
+        """When a delay warning is owed for ``env``, or None."""
+        if (self.config.delay_warning is None or env.delay_warned or env.sender == ""
+                or not any(r.state is RecipientState.DEFERRED for r in env.recipients)):
+            return None
+        return env.created + self.config.delay_warning
+
+    def _next_wake(self, env: Envelope, now: float) -> float | None:
+        """When the next pass for ``env`` is needed; None when nothing is left to do."""
+        times = [r.next_attempt for r in env.recipients if not r.state.final]
+        retry_later = now + self.config.retry_schedule[0]
+        if self._bounce_owed(env):
+            times.append(retry_later)  # queueing the bounce failed: try again later
+        warning = self._warning_due(env)
+        if warning is not None:
+            times.append(warning if warning > now else retry_later)
+        return min(times) if times else None
+
+    @staticmethod
+    def _bounce_owed(env: Envelope) -> bool:
+        return any(r.state is RecipientState.FAILED and not r.dsn_sent for r in env.recipients)
+
+    def _finished(self, env: Envelope) -> bool:
+        return all(r.state.final for r in env.recipients) and not self._bounce_owed(env)
+
+    # --- one pass over one message ------------------------------------------------------
+
+    async def _pass(self, queue_id: str) -> None:
+        forced = queue_id in self._forced
+        self._forced.discard(queue_id)
+        try:
+            env = self.store.load(queue_id)
+        except FileNotFoundError:
+            return  # removed meanwhile
+        except (OSError, ValueError, KeyError) as e:
+            log.error("cannot read envelope {queue_id}: {err}", queue_id=queue_id, err=e)
+            return
+        data_path = self.store.data_path(queue_id)
+        try:
+            self._expire(env, self._now())
+            now = self._now()
+            due = [r for r in env.recipients
+                   if not r.state.final and (forced or r.next_attempt <= now + _DUE_SLACK)]
+            if due and self._running:
+                await self._deliver(env, due, data_path)
+            self._send_bounce(env, data_path)
+            self._send_delay_warning(env, data_path)
+        except Exception:
+            # Typically the envelope could not be saved (disk full): the state on
+            # disk is the last good one; try the whole pass again later.
+            log.failure("queue pass for {queue_id} stopped; retrying later", queue_id=queue_id)
+            self._schedule_at(queue_id, self._now() + self.config.retry_schedule[0])
+            return
+        if self._finished(env):
+            self.store.remove(queue_id)
+            log.info("message {queue_id} done and removed from the queue", queue_id=queue_id,
+                     log_event="removed")
+            return
+        wake = self._next_wake(env, self._now())
+        if wake is not None:
+            self._schedule_at(queue_id, wake)
+
+    def _expire(self, env: Envelope, now: float) -> None:
+        if now < self._expiry(env):
+            return
+        expired = [r for r in env.recipients if not r.state.final]
+        for r in expired:
+            self._mark_expired(env, r, now)
+        if expired:
+            self.store.save(env)
+
+    def _mark_expired(self, env: Envelope, r: Recipient, now: float) -> None:
+        r.state = RecipientState.FAILED
+        r.last_reply = expired_reply(r.last_reply, now - env.created)
+        r.next_attempt = 0.0
+        r.updated = now
+        log.info("message {queue_id} to {recipient} expired: {reply}", queue_id=env.id,
+                 recipient=r.original, reply=r.last_reply, log_event="expired")
+
+    async def _deliver(self, env: Envelope, due: list[Recipient], data_path: Path) -> None:
+        routes = self.router.route(env, due)
+        attempts = [Deferred.fromCoroutine(self._deliver_route(env, route, data_path))
+                    for route in routes]
+        outcomes = await DeferredList(attempts, consumeErrors=True)
+        for ok, value in outcomes:
+            if not ok:
+                value.raiseException()
+
+    def _slot(self, key: str) -> DeferredSemaphore:
+        slot = self._slots.get(key)
+        if slot is None:
+            slot = self._slots[key] = DeferredSemaphore(self.config.max_connections_per_destination)
+        return slot
+
+    def _release_slot(self, key: str, slot: DeferredSemaphore) -> None:
+        slot.release()
+        if slot.tokens == slot.limit and not slot.waiting and self._slots.get(key) is slot:
+            del self._slots[key]  # idle: keep the table as small as the traffic
+
+    async def _deliver_route(self, env: Envelope, route: Route, data_path: Path) -> None:
+        # The destination slot first: work for a busy destination waits without
+        # holding one of the global slots other destinations could use.
+        slot = self._slot(route.key)
+        await slot.acquire()
+        try:
+            await self._global.acquire()
+            try:
+                if self._running:
+                    await self._attempt(env, route, data_path)
+            finally:
+                self._global.release()
+        finally:
+            self._release_slot(route.key, slot)
+
+    async def _attempt(self, env: Envelope, route: Route, data_path: Path) -> None:
+        start = self._now()
+        if not env.first_attempt:
+            env.first_attempt = start
+        for r in route.recipients:
+            r.attempts += 1
+        try:
+            results = await route.courier.deliver(env, list(route.recipients), data_path)
+        except Exception:  # a courier must not errback; if one does, nothing is lost
+            log.failure("courier for {key} raised", key=route.key)
+            results = []
+        self._record(env, route, results, start)
+
+    def _record(self, env: Envelope, route: Route, results: list[DeliveryResult],
+                start: float) -> None:
+        """Apply one courier call's results and save the envelope before anything else."""
+        now = self._now()
+        by_identity = {id(res.recipient): res for res in results}
+        by_address = {(res.recipient.address, res.recipient.original): res for res in results}
+        applied: list[tuple[Recipient, Outcome, str]] = []
+        for r in route.recipients:
+            res = by_identity.get(id(r)) or by_address.get((r.address, r.original))
+            if res is None:
+                res = DeliveryResult(r, Outcome.DEFERRED, "451 4.3.0 courier gave no result",
+                                     status="4.3.0")
+            applied.append((r, res.outcome, self._apply(env, r, res, now)))
+        self.store.save(env)
+        for r, outcome, reply in applied:
+            log.info("delivery {queue_id} to {recipient} via {destination}: {outcome} "
+                     "in {duration:.3f}s: {reply}", log_event="delivery", queue_id=env.id,
+                     recipient=r.original, destination=route.key, outcome=str(outcome),
+                     state=str(r.state), reply=reply, attempt=r.attempts,
+                     duration=now - start, remote_mta=r.remote_mta)
+
+    def _apply(self, env: Envelope, r: Recipient, res: DeliveryResult, now: float) -> str:
+        reply = res.reply.strip()
+        if res.status and not enhanced_status(reply):
+            # Keep the courier's status with the reply so a later bounce (even
+            # after a restart) can report it.
+            reply = f"{res.status} {reply}"
+        r.last_reply = reply
+        r.updated = now
+        if res.remote_mta:
+            r.remote_mta = res.remote_mta
+        if res.outcome is Outcome.DELIVERED:
+            r.state, r.next_attempt = RecipientState.DELIVERED, 0.0
+        elif res.outcome is Outcome.FAILED:
+            r.state, r.next_attempt = RecipientState.FAILED, 0.0
+        elif now >= self._expiry(env):
+            self._mark_expired(env, r, now)
+        else:
+            delay = retry_delay(r.attempts, self.config.retry_schedule,
+                                self.config.retry_jitter, self.rng)
+            r.state = RecipientState.DEFERRED
+            # Never later than the expiry, so the message expires on time.
+            r.next_attempt = min(now + delay, self._expiry(env))
+        return reply
+
+    # --- bounces and warnings ------------------------------------------------------------
+
+    def _send_bounce(self, env: Envelope, data_path: Path) -> None:
+        owed = [r for r in env.recipients if r.state is RecipientState.FAILED and not r.dsn_sent]
+        if not owed:
+            return
+        if env.sender == "":
+            for r in owed:
+                log.warn("message {queue_id} to {recipient} failed ({reply}); the sender is "
+                         "null, so no bounce is sent", queue_id=env.id, recipient=r.original,
+                         reply=r.last_reply, log_event="bounce_dropped")
+                r.dsn_sent = True
+            self.store.save(env)
+            return
+        items: list[FailedRecipient] = [(r, dsn_status(r), r.last_reply, r.remote_mta)
+                                        for r in owed]
+        if not self._enqueue_dsn(env, items, data_path, "failed"):
+            return  # still owed: the next pass tries again
+        # The DSN is durable before it is recorded as sent: a crash in between
+        # gives a duplicate bounce, never a lost one.
+        for r in owed:
+            r.dsn_sent = True
+        self.store.save(env)
+
+    def _send_delay_warning(self, env: Envelope, data_path: Path) -> None:
+        due = self._warning_due(env)
+        if due is None or self._now() < due:
+            return
+        waiting = [r for r in env.recipients if r.state is RecipientState.DEFERRED]
+        items: list[FailedRecipient] = []
+        for r in waiting:
+            status = enhanced_status(r.last_reply, "4.0.0")
+            items.append((r, status if status[0] == "4" else "4.0.0", r.last_reply, r.remote_mta))
+        if self._enqueue_dsn(env, items, data_path, "delayed", retry_until=self._expiry(env)):
+            env.delay_warned = True
+            self.store.save(env)
+
+    def _bounce_recipient(self, sender: str) -> Recipient:
+        local, _, domain = sender.rpartition("@")
+        try:
+            domain = normalize_domain(domain)
+        except AddressError:
+            domain = domain.lower()
+        if self.is_local(domain):
+            mailbox = f"{local}@{domain}"
+            return Recipient(address=mailbox, kind=RecipientKind.LOCAL, original=sender,
+                             mailbox=mailbox)
+        return Recipient(address=sender, kind=RecipientKind.REMOTE, original=sender)
+
+    def _enqueue_dsn(self, env: Envelope, items: list[FailedRecipient], data_path: Path,
+                     action: str, retry_until: float | None = None) -> bool:
+        now = self._now()
+        try:
+            data = build_dsn(env, items, self.hostname, data_path, action, now,
+                             retry_until=retry_until)
+            writer = self.store.new_message()
+            try:
+                writer.write(data)
+            except OSError:
+                writer.abort()
+                raise
+            dsn_env = Envelope(
+                id=writer.id, sender="", recipients=[self._bounce_recipient(env.sender)],
+                created=now, smtputf8=not env.sender.isascii(), body_8bit=not data.isascii(),
+                extra={"dsn_for": env.id},
+            )
+            writer.commit(dsn_env)
+        except (OSError, QueueError) as e:
+            log.error("could not queue the {action} notice for {queue_id}: {err}",
+                      action=action, queue_id=env.id, err=e)
+            return False
+        log.info("queued {action} notice {dsn_id} for {queue_id} to <{sender}> about "
+                 "{recipients}", log_event="dsn", action=action, dsn_id=writer.id,
+                 queue_id=env.id, sender=env.sender,
+                 recipients=", ".join(r.original for r, *_ in items))
+        return True

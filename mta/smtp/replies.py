@@ -1,0 +1,164 @@
+"""Every reply the SMTP server can give, in one table.
+
+A reply is a basic code (RFC 5321 §4.2), an enhanced status code (RFC 3463,
+RFC 5248 registry) and a text.  ``close`` marks the replies after which the
+server closes the connection.  Reading this file shows every answer the server
+can give a client.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class Reply(NamedTuple):
+    code: int
+    enhanced: str
+    text: str
+    close: bool = False
+
+    def format(self) -> bytes:
+        """The wire form; multi-line when the text contains newlines (RFC 5321 §4.2.1)."""
+        lines = self.text.split("\n")
+        out = []
+        for i, line in enumerate(lines):
+            sep = " " if i == len(lines) - 1 else "-"
+            prefix = f"{self.code}{sep}"
+            if self.enhanced:
+                prefix += self.enhanced + " "
+            out.append(prefix + line + "\r\n")
+        return "".join(out).encode("utf-8")
+
+    @property
+    def is_error(self) -> bool:
+        return self.code >= 500
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.enhanced} {self.text}".replace("  ", " ")
+
+
+def multiline(code: int, lines: list[str]) -> bytes:
+    """EHLO-style reply without enhanced codes on each line (RFC 2034 §3 excludes EHLO)."""
+    out = [f"{code}-{line}\r\n" for line in lines[:-1]]
+    out.append(f"{code} {lines[-1]}\r\n")
+    return "".join(out).encode("utf-8")
+
+
+# --- connection ---------------------------------------------------------------
+def greeting(hostname: str) -> Reply:
+    return Reply(220, "", f"{hostname} ESMTP ready")
+
+
+def closing(hostname: str) -> Reply:
+    return Reply(221, "2.0.0", f"{hostname} closing connection", close=True)
+
+
+TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later", close=True)
+TOO_MANY_FROM_IP = Reply(421, "4.7.0", "Too many connections from your address, try again later", close=True)
+TIMEOUT = Reply(421, "4.4.2", "Timeout waiting for a command, closing connection", close=True)
+SESSION_TOO_LONG = Reply(421, "4.4.2", "Session lasted too long, closing connection", close=True)
+TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection", close=True)
+SHUTTING_DOWN = Reply(421, "4.3.2", "Server shutting down, try again later", close=True)
+HTTP_REFUSED = Reply(554, "5.5.1", "This is an SMTP server; HTTP is not spoken here", close=True)
+
+# --- generic ------------------------------------------------------------------
+OK = Reply(250, "2.0.0", "Ok")
+SENDER_OK = Reply(250, "2.1.0", "Sender ok")
+RECIPIENT_OK = Reply(250, "2.1.5", "Recipient ok")
+NOOP_OK = Reply(250, "2.0.0", "Ok")
+RSET_OK = Reply(250, "2.0.0", "Ok, transaction reset")
+HELP = Reply(214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT HELP VRFY STARTTLS AUTH\n"
+                         "See RFC 5321 and https://www.rfc-editor.org/rfc/rfc5321")
+VRFY = Reply(252, "2.0.0", "Cannot VRFY user, but will accept message and attempt delivery")
+EXPN = Reply(502, "5.5.1", "EXPN not available")
+UNKNOWN_COMMAND = Reply(500, "5.5.1", "Command not recognized")
+LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long")
+BAD_LINE_ENDING = Reply(500, "5.5.2", "Bare CR or LF in command; lines must end in CRLF (RFC 5321 §2.3.8)")
+BAD_UTF8 = Reply(500, "5.5.2", "Command is not valid UTF-8")
+NUL_IN_COMMAND = Reply(500, "5.5.2", "NUL character in command")
+NO_ARGUMENTS = Reply(501, "5.5.4", "This command takes no arguments")
+
+# --- HELO/EHLO ----------------------------------------------------------------
+HELO_SYNTAX = Reply(501, "5.5.4", "Syntax: EHLO hostname")
+
+
+def helo_ok(hostname: str, ip: str) -> Reply:
+    return Reply(250, "", f"{hostname} Hello [{ip}]")
+
+
+# --- MAIL ---------------------------------------------------------------------
+NEED_HELO = Reply(503, "5.5.1", "Send EHLO or HELO first")
+NESTED_MAIL = Reply(503, "5.5.1", "Sender already given; use RSET to start over")
+MAIL_SYNTAX = Reply(501, "5.5.4", "Syntax: MAIL FROM:<address> [parameters]")
+BAD_SENDER = Reply(501, "5.1.7", "Bad sender address syntax")
+BAD_SENDER_DOMAIN = Reply(501, "5.1.8", "Bad sender address domain")
+PARAM_UNKNOWN = Reply(555, "5.5.4", "Unsupported parameter")
+PARAM_NEEDS_EHLO = Reply(555, "5.5.4", "Parameters need EHLO, not HELO")
+BAD_SIZE = Reply(501, "5.5.4", "SIZE parameter must be a number")
+BAD_BODY = Reply(501, "5.5.4", "BODY must be 7BIT or 8BITMIME")
+BAD_SMTPUTF8 = Reply(501, "5.5.4", "SMTPUTF8 takes no value")
+TOO_BIG_DECLARED = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+NEED_STARTTLS = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
+NEED_AUTH = Reply(530, "5.7.0", "Authentication required")
+SPF_TEMPFAIL = Reply(451, "4.4.3", "SPF check could not be completed, try again later")
+
+
+def spf_fail(explanation: str) -> Reply:
+    # RFC 7372 §3.2: 5.7.23 "SPF validation failed".
+    return Reply(550, "5.7.23", f"SPF check failed: {explanation}")
+
+
+def sender_not_owned(sender: str) -> Reply:
+    return Reply(553, "5.7.1", f"<{sender}>: Sender address not owned by authenticated user")
+
+
+# --- RCPT ---------------------------------------------------------------------
+NEED_MAIL = Reply(503, "5.5.1", "Send MAIL FROM first")
+RCPT_SYNTAX = Reply(501, "5.5.4", "Syntax: RCPT TO:<address>")
+BAD_RECIPIENT = Reply(501, "5.1.3", "Bad recipient address syntax")
+BAD_RECIPIENT_DOMAIN = Reply(501, "5.1.2", "Bad recipient address domain")
+TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
+ALIAS_LOOP = Reply(550, "5.4.6", "Alias expansion loop")
+TEMP_LOOKUP_FAILURE = Reply(451, "4.3.0", "Temporary failure looking up recipient, try again later")
+
+
+def unknown_user(address: str) -> Reply:
+    return Reply(550, "5.1.1", f"<{address}>: Recipient address rejected: User unknown")
+
+
+def relay_denied(address: str) -> Reply:
+    return Reply(554, "5.7.1", f"<{address}>: Relay access denied")
+
+
+# --- DATA ---------------------------------------------------------------------
+NO_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")
+START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
+QUEUE_WRITE_FAILED = Reply(451, "4.3.0", "Error writing message to the queue, try again later")
+TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+HEADER_TOO_BIG = Reply(552, "5.3.4", "Header section too large")
+BARE_LINE_ENDING = Reply(550, "5.6.0", "Message contains a bare CR or LF; lines must end in CRLF (RFC 5321 §2.3.8)")
+DATA_LINE_TOO_LONG = Reply(550, "5.6.0", "Message has a line longer than 998 octets (RFC 5322 §2.1.1)")
+LOOP_DETECTED = Reply(554, "5.4.6", "Too many Received headers: mail loop detected")
+EIGHTBIT_WITHOUT_8BITMIME = Reply(554, "5.6.1", "8-bit data in a message not declared BODY=8BITMIME")
+
+
+def queued(queue_id: str) -> Reply:
+    return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
+
+
+# --- STARTTLS -----------------------------------------------------------------
+TLS_NOT_AVAILABLE = Reply(502, "5.5.1", "STARTTLS not available")
+TLS_ALREADY = Reply(503, "5.5.1", "TLS already active")
+TLS_READY = Reply(220, "2.0.0", "Ready to start TLS")
+
+# --- AUTH (RFC 4954) ----------------------------------------------------------
+AUTH_NEEDS_TLS = Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
+AUTH_ALREADY = Reply(503, "5.5.1", "Already authenticated")
+AUTH_IN_TRANSACTION = Reply(503, "5.5.1", "AUTH not allowed during a mail transaction")
+AUTH_UNKNOWN_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication type")
+AUTH_SYNTAX = Reply(501, "5.5.2", "Cannot decode the authentication data")
+AUTH_CANCELLED = Reply(501, "5.0.0", "Authentication cancelled")
+AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
+AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
+AUTH_TOO_MANY = Reply(421, "4.7.0", "Too many authentication failures, closing connection", close=True)
+AUTH_NOT_AVAILABLE = Reply(503, "5.5.1", "AUTH not available")

@@ -1,0 +1,767 @@
+"""The SMTP server session (RFC 5321 with ESMTP extensions), one per connection.
+
+One method per verb (``smtp_EHLO``, ``smtp_MAIL`` ...) takes the argument text
+and returns a :class:`~mta.smtp.replies.Reply`, or a Deferred that fires with
+one when the answer needs I/O (SPF, password checks).  While such a Deferred is
+pending the session stops reading and processes no further pipelined input,
+so replies always go out in command order (RFC 2920 §3).
+
+Input handling is strict and bounded:
+
+* command lines end only at CRLF; a bare CR or LF in a command is refused;
+* an over-long command line is discarded as it arrives (memory and CPU stay
+  linear) and answered with 500 once its CRLF comes;
+* after STARTTLS, everything the client sent before the handshake is thrown
+  away and the session starts over (RFC 3207 §4.2);
+* the DATA phase is handled by :class:`mta.smtp.data.DataReader`.
+
+Decisions (who may relay, which recipients exist, SPF) come from the policy
+objects in :class:`ServerContext`; the session only asks and replies.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from email.utils import format_datetime, make_msgid
+from enum import Enum
+from typing import Any
+
+from twisted.internet import interfaces
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mta.config import Config, Listener
+from mta.policy.received import TraceInfo, count_received, received_header
+from mta.policy.relay import RecipientDecision, check_recipient, relay_allowed
+from mta.queue.envelope import Envelope, Recipient, RecipientKind
+from mta.queue.store import MessageWriter, QueueError, QueueStore
+from mta.smtp import replies as R
+from mta.smtp.address import Address, AddressError, parse_path, split_path_and_params
+from mta.smtp.data import DataError, DataReader, unfold_headers
+from mta.smtp.replies import Reply
+
+log = Logger()
+
+HTTP_VERBS = frozenset({"GET", "POST", "HEAD", "PUT", "DELETE", "CONNECT", "OPTIONS", "PATCH", "TRACE"})
+# RFC 4954 §4: an AUTH response line may be up to 12288 octets.
+MAX_AUTH_LINE = 12288
+
+
+class Phase(Enum):
+    COMMAND = "command"
+    AUTH = "auth"  # waiting for a SASL response line
+    DATA = "data"
+    CLOSED = "closed"
+
+
+@dataclass
+class ServerContext:
+    """What every session of the process shares: configuration and policy objects.
+
+    ``users``, ``aliases`` and ``tls`` may be replaced on reload; a session reads
+    them when it needs them.
+    """
+
+    config: Config
+    store: QueueStore
+    users: Any  # mta.policy.auth.UserDB
+    aliases: Any  # mta.policy.aliases.AliasResolver
+    clock: interfaces.IReactorTime
+    tls: Any = None  # a server context factory, or None
+    spf: Any = None  # mta.policy.spf.SPFChecker, or None
+    connections: dict[str, int] = field(default_factory=dict)
+    sessions: set[SMTPSession] = field(default_factory=set)
+    accepting: bool = True
+    # Called with (session, reply) for metrics; optional.
+    observer: Any = None
+
+    @property
+    def total_connections(self) -> int:
+        return len(self.sessions)
+
+
+@dataclass
+class Transaction:
+    """One mail transaction: MAIL FROM to the end of DATA (RFC 5321 §3.3)."""
+
+    sender: Address | None
+    body_8bit: bool = False
+    smtputf8: bool = False
+    declared_size: int | None = None
+    recipients: list[Recipient] = field(default_factory=list)
+    rcpt_addresses: list[str] = field(default_factory=list)
+    spf_headers: list[bytes] = field(default_factory=list)
+
+    @property
+    def sender_text(self) -> str:
+        return "" if self.sender is None else str(self.sender)
+
+
+@implementer(interfaces.IHandshakeListener)
+class SMTPSession(Protocol):
+    def __init__(self, context: ServerContext, listener: Listener) -> None:
+        self.ctx = context
+        self.config = context.config
+        self.limits = context.config.limits
+        self.listener = listener
+        self.phase = Phase.COMMAND
+        self._buf = b""
+        self._pos = 0
+        self._scan = 0  # where to resume looking for CRLF in _buf
+        self._discarding = False  # inside an over-long command line
+        self._busy = False
+        self._idle_timer: Any = None
+        self._life_timer: Any = None
+        self.client_ip = ""
+        self.helo: str | None = None
+        self.esmtp = False
+        self.tls_version = ""
+        self.tls_cipher = ""
+        self.tls_active = False
+        self.auth_user: str | None = None
+        self.auth_failures = 0
+        self.errors = 0
+        self.txn: Transaction | None = None
+        self._auth_step: Any = None
+        self._data: DataReader | None = None
+        self._writer: MessageWriter | None = None
+        self._queue_id = ""
+        self._loop_detected = False
+        self.started = 0.0
+        self.accepted = 0
+
+    # --- connection -------------------------------------------------------------
+
+    def connectionMade(self) -> None:  # noqa: N802
+        peer = self.transport.getPeer()
+        self.client_ip = getattr(peer, "host", "") or "unknown"
+        self.started = self.ctx.clock.seconds()
+        count = self.ctx.connections.get(self.client_ip, 0)
+        if not self.ctx.accepting:
+            self._send(R.SHUTTING_DOWN)
+            return
+        if self.ctx.total_connections >= self.limits.max_connections:
+            self._send(R.TOO_MANY_CONNECTIONS)
+            return
+        if count >= self.limits.max_connections_per_ip:
+            self._send(R.TOO_MANY_FROM_IP)
+            return
+        self.ctx.connections[self.client_ip] = count + 1
+        self.ctx.sessions.add(self)
+        self._life_timer = self.ctx.clock.callLater(self.limits.session_timeout, self._session_expired)
+        self._reset_idle_timer()
+        if self.listener.kind == "submissions":
+            # Implicit TLS (RFC 8314 §3.3): the greeting goes out inside TLS.
+            self.transport.startTLS(self.ctx.tls)
+        self._send(R.greeting(self.config.hostname))
+
+    def connectionLost(self, reason: Failure = None) -> None:  # noqa: N802
+        if self in self.ctx.sessions:
+            self.ctx.sessions.discard(self)
+            n = self.ctx.connections.get(self.client_ip, 1) - 1
+            if n > 0:
+                self.ctx.connections[self.client_ip] = n
+            else:
+                self.ctx.connections.pop(self.client_ip, None)
+        self.phase = Phase.CLOSED
+        for timer in (self._idle_timer, self._life_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._abort_message()
+        if self.started:
+            log.info(
+                "session {client_ip} helo={helo} tls={tls} auth={auth} accepted={accepted} "
+                "errors={errors} duration={duration:.3f}s",
+                client_ip=self.client_ip, helo=self.helo, tls=self.tls_version or "no",
+                auth=self.auth_user or "-", accepted=self.accepted, errors=self.errors,
+                duration=self.ctx.clock.seconds() - self.started, event="session",
+            )
+
+    def handshakeCompleted(self) -> None:  # noqa: N802
+        from mta.tls import describe_tls
+
+        self.tls_active = True
+        self.tls_version, self.tls_cipher = describe_tls(self.transport)
+
+    def _reset_idle_timer(self) -> None:
+        if self._idle_timer is not None and self._idle_timer.active():
+            self._idle_timer.reset(self.limits.command_timeout)
+        else:
+            self._idle_timer = self.ctx.clock.callLater(self.limits.command_timeout, self._idle_expired)
+
+    def _idle_expired(self) -> None:
+        self._send(R.TIMEOUT)
+
+    def _session_expired(self) -> None:
+        self._send(R.SESSION_TOO_LONG)
+
+    def shutdown(self) -> None:
+        """Graceful stop: a session between commands is told 421 and closed."""
+        if self.phase is Phase.COMMAND and not self._busy:
+            self._send(R.SHUTTING_DOWN)
+
+    # --- output -----------------------------------------------------------------
+
+    def _send(self, reply: Reply) -> None:
+        if self.phase is Phase.CLOSED:
+            return
+        self.transport.write(reply.format())
+        if self.ctx.observer is not None:
+            self.ctx.observer(self, reply)
+        if reply.close:
+            self.phase = Phase.CLOSED
+            self.transport.loseConnection()
+
+    def _reply(self, reply: Reply) -> None:
+        """Send a reply to a client command, counting client errors (RFC 5321 §4.3.2)."""
+        if reply.is_error and reply.code != 552:
+            self.errors += 1
+            if self.errors >= self.limits.max_errors and not reply.close:
+                self._send(reply)
+                self._send(R.TOO_MANY_ERRORS)
+                return
+        self._send(reply)
+
+    # --- input ------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        if self.phase is Phase.CLOSED:
+            return
+        self._reset_idle_timer()
+        if self._pos:
+            self._buf = self._buf[self._pos :]
+            self._scan -= self._pos
+            self._pos = 0
+        self._buf = self._buf + data if self._buf else data
+        self._process()
+
+    def _process(self) -> None:
+        while not self._busy and self.phase is not Phase.CLOSED and self._pos < len(self._buf):
+            if self.phase is Phase.DATA:
+                assert self._data is not None
+                chunk = self._buf[self._pos :] if self._pos else self._buf
+                self._buf, self._pos, self._scan = b"", 0, 0
+                rest = self._data.feed(chunk)
+                if rest is None:
+                    return
+                self._buf = rest
+                self._run(self._end_of_data)
+                continue
+            line = self._next_line()
+            if line is None:
+                return
+            if isinstance(line, Reply):
+                self.phase = Phase.COMMAND  # a bad line also ends a SASL exchange
+                self._reply(line)
+                continue
+            if self.phase is Phase.AUTH:
+                self._run(self._auth_step, line)
+            else:
+                self._run(self._command, line)
+
+    def _next_line(self) -> str | Reply | None:
+        limit = MAX_AUTH_LINE if self.phase is Phase.AUTH else self.limits.max_command_length
+        end = self._buf.find(b"\r\n", max(self._scan, self._pos))
+        if end < 0:
+            if len(self._buf) - self._pos > limit:
+                # Bounded memory: drop what we have of this line, keep its last
+                # octet in case it is the CR of the CRLF.
+                self._discarding = True
+                self._buf = self._buf[-1:]
+                self._pos = 0
+            self._scan = max(self._pos, len(self._buf) - 1)
+            return None
+        raw = self._buf[self._pos : end]
+        self._pos = end + 2
+        self._scan = self._pos
+        if self._discarding:
+            self._discarding = False
+            return R.LINE_TOO_LONG
+        if len(raw) > limit:
+            return R.LINE_TOO_LONG
+        if b"\n" in raw or b"\r" in raw:
+            return R.BAD_LINE_ENDING
+        if b"\x00" in raw:
+            return R.NUL_IN_COMMAND
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return R.BAD_UTF8
+
+    def _run(self, handler: Any, *args: Any) -> None:
+        try:
+            result = handler(*args)
+        except Exception:
+            log.failure("internal error handling input from {ip}", ip=self.client_ip)
+            result = Reply(451, "4.3.0", "Internal server error, transaction aborted")
+            self._reset_transaction()
+        if isinstance(result, Deferred):
+            self._busy = True
+            self.transport.pauseProducing()
+            result.addErrback(self._internal_error)
+            result.addCallback(self._async_done)
+        elif result is not None:
+            self._reply(result)
+
+    def _internal_error(self, failure: Failure) -> Reply:
+        log.failure("internal error in asynchronous check for {ip}", failure, ip=self.client_ip)
+        self._reset_transaction()
+        return Reply(451, "4.3.0", "Internal server error, try again later")
+
+    def _async_done(self, reply: Reply | None) -> None:
+        self._busy = False
+        if self.phase is Phase.CLOSED:
+            return
+        if reply is not None:
+            self._reply(reply)
+        if self.phase is not Phase.CLOSED:
+            self.transport.resumeProducing()
+            self._process()
+
+    # --- commands -----------------------------------------------------------------
+
+    def _command(self, line: str) -> Reply | Deferred[Reply] | None:
+        verb, _, arg = line.partition(" ")
+        verb = verb.upper()
+        if verb in HTTP_VERBS:
+            return R.HTTP_REFUSED
+        handler = getattr(self, "smtp_" + verb, None) if verb.isalpha() else None
+        if handler is None:
+            return R.UNKNOWN_COMMAND
+        return handler(arg)
+
+    def smtp_HELO(self, arg: str) -> Reply:  # noqa: N802
+        return self._hello(arg, esmtp=False)
+
+    def smtp_EHLO(self, arg: str) -> Reply | None:  # noqa: N802
+        reply = self._hello(arg, esmtp=True)
+        if reply.code != 250:
+            return reply
+        lines = [reply.text] + self._extensions()
+        self.transport.write(R.multiline(250, lines))
+        return None
+
+    def _hello(self, arg: str, esmtp: bool) -> Reply:
+        name = arg.strip()
+        if not name or " " in name or not name.isprintable():
+            return R.HELO_SYNTAX
+        self.helo = name
+        self.esmtp = esmtp
+        self._reset_transaction()  # RFC 5321 §4.1.4: EHLO resets the state
+        return R.helo_ok(self.config.hostname, self.client_ip)
+
+    def _extensions(self) -> list[str]:
+        ext = [
+            "PIPELINING",
+            f"SIZE {self.limits.max_message_size}",
+            "8BITMIME",
+            "SMTPUTF8",
+            "ENHANCEDSTATUSCODES",
+        ]
+        if self.ctx.tls is not None and not self.tls_active:
+            ext.append("STARTTLS")
+        if self.tls_active and self.auth_user is None:
+            ext.append("AUTH PLAIN LOGIN")
+        ext.append("HELP")
+        return ext
+
+    def smtp_NOOP(self, arg: str) -> Reply:  # noqa: N802
+        return R.NOOP_OK
+
+    def smtp_HELP(self, arg: str) -> Reply:  # noqa: N802
+        return R.HELP
+
+    def smtp_VRFY(self, arg: str) -> Reply:  # noqa: N802
+        # RFC 5321 §3.5.3: 252 says nothing about whether the user exists.
+        return R.VRFY
+
+    def smtp_EXPN(self, arg: str) -> Reply:  # noqa: N802
+        return R.EXPN
+
+    def smtp_QUIT(self, arg: str) -> Reply:  # noqa: N802
+        return R.closing(self.config.hostname)
+
+    def smtp_RSET(self, arg: str) -> Reply:  # noqa: N802
+        if arg.strip():
+            return R.NO_ARGUMENTS
+        self._reset_transaction()
+        return R.RSET_OK
+
+    def _reset_transaction(self) -> None:
+        self.txn = None
+        self._abort_message()
+
+    # --- STARTTLS (RFC 3207) ---------------------------------------------------------
+
+    def smtp_STARTTLS(self, arg: str) -> Reply | None:  # noqa: N802
+        if self.tls_active:
+            return R.TLS_ALREADY
+        if self.ctx.tls is None:
+            return R.TLS_NOT_AVAILABLE
+        if arg.strip():
+            return R.NO_ARGUMENTS
+        if self.helo is None:
+            return R.NEED_HELO
+        self._send(R.TLS_READY)
+        # RFC 3207 §4.2 and the "STARTTLS injection" attacks: nothing the client
+        # sent after the command, before the handshake, may be acted upon.
+        self._buf, self._pos, self._scan = b"", 0, 0
+        self._discarding = False
+        self.transport.startTLS(self.ctx.tls)
+        # RFC 3207 §4.2: forget everything learnt before TLS.
+        self.helo = None
+        self.esmtp = False
+        self.auth_user = None
+        self._reset_transaction()
+        self.tls_active = True
+        return None
+
+    # --- AUTH (RFC 4954) -----------------------------------------------------------
+
+    def smtp_AUTH(self, arg: str) -> Reply | Deferred[Reply] | None:  # noqa: N802
+        if self.helo is None or not self.esmtp:
+            return R.NEED_HELO
+        if not self.tls_active:
+            return R.AUTH_NEEDS_TLS
+        if self.auth_user is not None:
+            return R.AUTH_ALREADY
+        if self.txn is not None:
+            return R.AUTH_IN_TRANSACTION
+        words = arg.split()
+        if not words or len(words) > 2:
+            return R.AUTH_UNKNOWN_MECHANISM
+        mechanism = words[0].upper()
+        initial = words[1] if len(words) == 2 else None
+        if mechanism == "PLAIN":
+            if initial is None:
+                return self._ask(b"334 \r\n", self._auth_plain)
+            return self._auth_plain(initial)
+        if mechanism == "LOGIN":
+            if initial is None:
+                return self._ask(b"334 VXNlcm5hbWU6\r\n", self._auth_login_user)
+            return self._auth_login_user(initial)
+        return R.AUTH_UNKNOWN_MECHANISM
+
+    def _ask(self, challenge: bytes, step: Any) -> None:
+        self.transport.write(challenge)
+        self.phase = Phase.AUTH
+        self._auth_step = step
+        return None
+
+    def _sasl_text(self, line: str) -> str:
+        from mta.policy.auth import SASLCancelled, decode_b64_line
+
+        if line.strip() == "*":
+            raise SASLCancelled()
+        return decode_b64_line(line.strip())
+
+    def _auth_plain(self, line: str) -> Reply | Deferred[Reply]:
+        from mta.policy.auth import SASLCancelled, SASLError, decode_plain
+
+        self.phase = Phase.COMMAND
+        line = line.strip()
+        if line == "*":
+            return R.AUTH_CANCELLED
+        try:
+            _authzid, authcid, password = decode_plain("" if line == "=" else line)
+        except SASLCancelled:
+            return R.AUTH_CANCELLED
+        except SASLError:
+            return self._auth_failed()
+        return self._check_password(authcid, password)
+
+    def _auth_login_user(self, line: str) -> Reply | None:
+        from mta.policy.auth import SASLCancelled, SASLError
+
+        try:
+            user = self._sasl_text(line)
+        except SASLCancelled:
+            self.phase = Phase.COMMAND
+            return R.AUTH_CANCELLED
+        except SASLError:
+            self.phase = Phase.COMMAND
+            return R.AUTH_SYNTAX
+        return self._ask(b"334 UGFzc3dvcmQ6\r\n", lambda ln: self._auth_login_password(user, ln))
+
+    def _auth_login_password(self, user: str, line: str) -> Reply | Deferred[Reply]:
+        from mta.policy.auth import SASLCancelled, SASLError
+
+        self.phase = Phase.COMMAND
+        try:
+            password = self._sasl_text(line)
+        except SASLCancelled:
+            return R.AUTH_CANCELLED
+        except SASLError:
+            return R.AUTH_SYNTAX
+        return self._check_password(user, password)
+
+    def _check_password(self, user: str, password: str) -> Deferred[Reply]:
+        d = maybeDeferred(self.ctx.users.authenticate, user, password)
+
+        def checked(canonical: str | None) -> Reply | Deferred[Reply]:
+            if canonical:
+                self.auth_user = canonical
+                log.info("auth ok for {user} from {ip}", user=canonical, ip=self.client_ip,
+                         event="auth", result="ok")
+                return R.AUTH_OK
+            log.info("auth failed for {user} from {ip}", user=user[:64], ip=self.client_ip,
+                     event="auth", result="failed")
+            return self._auth_failed()
+
+        return d.addCallback(checked)
+
+    def _auth_failed(self) -> Deferred[Reply]:
+        """535 after a constant delay; too many failures close the session."""
+        self.auth_failures += 1
+        reply = R.AUTH_TOO_MANY if self.auth_failures >= self.limits.max_auth_failures else R.AUTH_FAILED
+        return deferLater(self.ctx.clock, self.limits.auth_failure_delay, lambda: reply)
+
+    # --- the mail transaction ------------------------------------------------------
+
+    def smtp_MAIL(self, arg: str) -> Reply | Deferred[Reply]:  # noqa: N802
+        if self.helo is None:
+            return R.NEED_HELO
+        if self.txn is not None:
+            return R.NESTED_MAIL
+        if self.listener.kind in ("submission", "submissions") and self.auth_user is None:
+            return R.NEED_AUTH if self.tls_active else R.NEED_STARTTLS
+        if arg[:5].upper() != "FROM:":
+            return R.MAIL_SYNTAX
+        try:
+            path, params = split_path_and_params(arg[5:])
+        except AddressError:
+            return R.MAIL_SYNTAX
+        if params and not self.esmtp:
+            return R.PARAM_NEEDS_EHLO
+        txn = Transaction(sender=None)
+        for key, value in params.items():
+            if key == "SIZE":
+                if value is None or not value.isdigit() or len(value) > 20:
+                    return R.BAD_SIZE
+                txn.declared_size = int(value)
+                if txn.declared_size > self.limits.max_message_size:
+                    return R.TOO_BIG_DECLARED
+            elif key == "BODY":
+                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                    return R.BAD_BODY
+                txn.body_8bit = value.upper() == "8BITMIME"
+            elif key == "SMTPUTF8":
+                if value is not None:
+                    return R.BAD_SMTPUTF8
+                txn.smtputf8 = True
+            elif key == "AUTH":
+                pass  # RFC 4954 §5: we may ignore it.
+            else:
+                return R.PARAM_UNKNOWN
+        try:
+            txn.sender = parse_path(path, smtputf8=txn.smtputf8, allow_null=True)
+        except AddressError as e:
+            return R.BAD_SENDER_DOMAIN if e.bad_domain else R.BAD_SENDER
+        if self.auth_user is None and self.ctx.spf is not None and self.config.spf.enabled:
+            return self._check_spf(txn)
+        self.txn = txn
+        return R.SENDER_OK
+
+    def _check_spf(self, txn: Transaction) -> Deferred[Reply]:
+        from mta.policy import spf as spf_policy
+
+        d = self.ctx.spf.check(self.client_ip, txn.sender_text, self.helo or "")
+
+        def decided(result: Any) -> Reply:
+            log.info("spf {result} for {sender} from {ip}", result=result.result,
+                     sender=txn.sender_text, ip=self.client_ip, event="spf")
+            if result.result == "fail" and self.config.spf.reject_fail:
+                return R.spf_fail(result.explanation or "not permitted")
+            txn.spf_headers = spf_policy.trace_headers(
+                result, self.client_ip, txn.sender_text, self.helo or "", self.config.hostname
+            )
+            self.txn = txn
+            return R.SENDER_OK
+
+        return d.addCallback(decided)
+
+    def smtp_RCPT(self, arg: str) -> Reply:  # noqa: N802
+        if self.txn is None:
+            return R.NEED_MAIL
+        if arg[:3].upper() != "TO:":
+            return R.RCPT_SYNTAX
+        try:
+            path, params = split_path_and_params(arg[3:])
+        except AddressError:
+            return R.RCPT_SYNTAX
+        if params:
+            return R.PARAM_UNKNOWN
+        if len(self.txn.rcpt_addresses) >= self.limits.max_recipients:
+            return R.TOO_MANY_RECIPIENTS
+        if path.lower() == "<postmaster>" and self.config.local_domains:
+            # RFC 5321 §4.1.1.3: "Postmaster" without a domain must be accepted.
+            path = f"<postmaster@{self.config.local_domains[0]}>"
+        try:
+            address = parse_path(path, smtputf8=self.txn.smtputf8)
+        except AddressError as e:
+            return R.BAD_RECIPIENT_DOMAIN if e.bad_domain else R.BAD_RECIPIENT
+        assert address is not None
+        decision: RecipientDecision = check_recipient(
+            address,
+            local_domains=self.config.local_domains,
+            aliases=self.ctx.aliases,
+            may_relay=relay_allowed(self.auth_user, self.client_ip, self.config.relay_networks),
+        )
+        if decision.reply is not None:
+            return decision.reply
+        original = str(address)
+        if original not in self.txn.rcpt_addresses:
+            self.txn.rcpt_addresses.append(original)
+        known = {(r.kind, r.address) for r in self.txn.recipients}
+        for target in decision.targets:
+            kind = RecipientKind(target.kind)
+            if (kind, target.address) in known:
+                continue
+            known.add((kind, target.address))
+            self.txn.recipients.append(
+                Recipient(address=target.address, kind=kind, original=original, mailbox=target.mailbox)
+            )
+        return R.RECIPIENT_OK
+
+    def smtp_DATA(self, arg: str) -> Reply | None:  # noqa: N802
+        if self.txn is None:
+            return R.NEED_MAIL
+        if not self.txn.rcpt_addresses:
+            return R.NO_RECIPIENTS
+        if arg.strip():
+            return R.NO_ARGUMENTS
+        try:
+            self._writer = self.ctx.store.new_message()
+        except QueueError:
+            return R.QUEUE_WRITE_FAILED
+        self._queue_id = self._writer.id
+        self._loop_detected = False
+        trace = TraceInfo(
+            helo=self.helo or "", client_ip=self.client_ip, client_name="",
+            hostname=self.config.hostname, queue_id=self._queue_id, esmtp=self.esmtp,
+            tls_version=self.tls_version, tls_cipher=self.tls_cipher,
+            authenticated=self.auth_user is not None, smtputf8=self.txn.smtputf8,
+            recipients=tuple(self.txn.rcpt_addresses),
+        )
+        prefix = [received_header(trace)] + self.txn.spf_headers
+        try:
+            self._writer.write(b"\r\n".join(prefix) + b"\r\n")
+        except OSError:
+            self._abort_message()
+            return R.QUEUE_WRITE_FAILED
+        self._data = DataReader(
+            sink=self._write_data,
+            on_headers=self._on_headers,
+            max_size=self.limits.max_message_size,
+            max_line_length=self.limits.max_line_length,
+            max_header_size=self.limits.max_header_size,
+        )
+        self.phase = Phase.DATA
+        return R.START_DATA
+
+    def _write_data(self, block: bytes) -> None:
+        if self._writer is None:
+            return
+        try:
+            self._writer.write(block)
+        except OSError as e:
+            log.error("queue write failed: {err}", err=e)
+            self._writer.abort()
+            self._writer = None
+
+    def _on_headers(self, lines: list[bytes]) -> list[bytes]:
+        fields = unfold_headers(lines)
+        names = [name for name, _ in fields]
+        if count_received(names) > self.limits.max_received_headers:
+            self._loop_detected = True
+        if self.auth_user is None:
+            return lines
+        # Submission (RFC 6409 §8): complete the message, and never pass Bcc on.
+        out = [line for name, group in fields if name != b"bcc" for line in group]
+        if b"date" not in names:
+            out.append(b"Date: " + format_datetime_now().encode())
+        if b"message-id" not in names:
+            out.append(b"Message-ID: " + make_msgid(domain=self.config.hostname).encode())
+        return out
+
+    def _end_of_data(self) -> Reply:
+        reader, writer, txn = self._data, self._writer, self.txn
+        assert reader is not None and txn is not None
+        self._data = None
+        self.phase = Phase.COMMAND
+        error = reader.error
+        reply: Reply | None = None
+        if error is DataError.TOO_BIG:
+            reply = R.TOO_BIG
+        elif error is DataError.HEADER_TOO_BIG:
+            reply = R.HEADER_TOO_BIG
+        elif error is DataError.BARE_LINE_ENDING:
+            reply = R.BARE_LINE_ENDING
+        elif error is DataError.LINE_TOO_LONG:
+            reply = R.DATA_LINE_TOO_LONG
+        elif self._loop_detected:
+            reply = R.LOOP_DETECTED
+        elif writer is None:
+            reply = R.QUEUE_WRITE_FAILED
+        if reply is not None:
+            log.info("message from {sender} rejected: {reply}", sender=txn.sender_text,
+                     reply=str(reply), ip=self.client_ip, event="rejected")
+            self._reset_transaction()
+            return reply
+        assert writer is not None
+        envelope = Envelope(
+            id=writer.id,
+            sender=txn.sender_text,
+            recipients=txn.recipients,
+            created=time.time(),
+            body_8bit=txn.body_8bit or reader.eight_bit,
+            smtputf8=txn.smtputf8,
+            client_ip=self.client_ip,
+            client_helo=self.helo or "",
+            auth_user=self.auth_user or "",
+            tls=f"{self.tls_version} {self.tls_cipher}".strip(),
+        )
+        self._writer = None
+        try:
+            writer.commit(envelope)
+        except QueueError:
+            self.txn = None
+            return R.QUEUE_WRITE_FAILED
+        self.txn = None
+        self.accepted += 1
+        log.info(
+            "queued {id} from=<{sender}> to={rcpts} size={size} client={ip}",
+            id=envelope.id, sender=envelope.sender, rcpts=",".join(txn.rcpt_addresses),
+            size=envelope.size, ip=self.client_ip, event="queued",
+        )
+        return R.queued(envelope.id)
+
+    def _abort_message(self) -> None:
+        self._data = None
+        if self._writer is not None:
+            self._writer.abort()
+            self._writer = None
+        if self.phase is Phase.DATA:
+            self.phase = Phase.COMMAND
+
+
+def format_datetime_now() -> str:
+    from datetime import UTC, datetime
+
+    return format_datetime(datetime.now(UTC))
+
+
+class SMTPFactory(Factory):
+    """Builds one :class:`SMTPSession` per connection on one listener."""
+
+    def __init__(self, context: ServerContext, listener: Listener) -> None:
+        self.context = context
+        self.listener = listener
+
+    def buildProtocol(self, addr: Any) -> SMTPSession:  # noqa: N802
+        return SMTPSession(self.context, self.listener)

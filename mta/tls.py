@@ -1,0 +1,105 @@
+"""TLS for the server side: certificates from files, TLS 1.2 or newer, SNI.
+
+``server_tls(tls_config)`` returns a context factory for ``startTLS`` (STARTTLS
+on 25/587) and for implicit TLS (465).  Twisted's ``CertificateOptions`` gives
+its own secure cipher list; we only raise the minimum version to TLS 1.2.
+
+With ``cert_dir`` set, a directory of ``<hostname>/fullchain.pem`` and
+``<hostname>/privkey.pem`` (the certbot layout) is read at start-up and the
+certificate is chosen by the name the client asks for (SNI, RFC 6066 §3).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from OpenSSL import SSL, crypto
+from twisted.internet import ssl
+from twisted.logger import Logger
+
+from mta.config import TLSConfig
+
+log = Logger()
+
+
+class TLSConfigError(Exception):
+    pass
+
+
+def _options(cert_file: Path, key_file: Path) -> ssl.CertificateOptions:
+    try:
+        chain_pem = cert_file.read_bytes()
+        key_pem = key_file.read_bytes()
+    except OSError as e:
+        raise TLSConfigError(f"{e.filename}: {e.strerror}") from None
+    try:
+        certs = ssl.Certificate.loadPEM(chain_pem)
+        key = ssl.KeyPair.load(key_pem, crypto.FILETYPE_PEM)
+        extra = _extra_chain(chain_pem)
+        return ssl.CertificateOptions(
+            privateKey=key.original,
+            certificate=certs.original,
+            extraCertChain=extra,
+            raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+        )
+    except Exception as e:
+        raise TLSConfigError(f"{cert_file}: cannot load certificate or key: {e}") from None
+
+
+def _extra_chain(pem: bytes) -> list:
+    marker = b"-----BEGIN CERTIFICATE-----"
+    parts = [marker + p for p in pem.split(marker)[1:]]
+    return [crypto.load_certificate(crypto.FILETYPE_PEM, p) for p in parts[1:]]
+
+
+class SNIContextFactory:
+    """A server context factory that picks a certificate by SNI name."""
+
+    def __init__(self, default: ssl.CertificateOptions, by_name: dict[str, ssl.CertificateOptions]):
+        self.default = default
+        self.by_name = {name.lower(): opts.getContext() for name, opts in by_name.items()}
+        self._context = default.getContext()
+        self._context.set_tlsext_servername_callback(self._pick)
+
+    def _pick(self, connection: SSL.Connection) -> None:
+        name = connection.get_servername()
+        if name:
+            ctx = self.by_name.get(name.decode("ascii", "replace").lower())
+            if ctx is not None:
+                connection.set_context(ctx)
+
+    def getContext(self) -> SSL.Context:  # noqa: N802 (Twisted interface)
+        return self._context
+
+
+def server_tls(config: TLSConfig) -> SNIContextFactory | ssl.CertificateOptions | None:
+    if not config.enabled:
+        return None
+    assert config.cert_file is not None and config.key_file is not None
+    default = _options(config.cert_file, config.key_file)
+    if config.cert_dir is None:
+        return default
+    by_name = {}
+    try:
+        entries = sorted(config.cert_dir.iterdir())
+    except OSError as e:
+        raise TLSConfigError(f"{config.cert_dir}: {e.strerror}") from None
+    for d in entries:
+        if (d / "fullchain.pem").exists() and (d / "privkey.pem").exists():
+            by_name[d.name] = _options(d / "fullchain.pem", d / "privkey.pem")
+    return SNIContextFactory(default, by_name)
+
+
+def describe_tls(transport: object) -> tuple[str, str]:
+    """(protocol version, cipher name) of an established TLS transport, or ("", "")."""
+    conn = None
+    for getter in ("getHandle",):
+        try:
+            handle = getattr(transport, getter)()
+        except Exception:
+            handle = None
+        if isinstance(handle, SSL.Connection):
+            conn = handle
+    if conn is None:
+        return "", ""
+    return conn.get_protocol_version_name() or "", conn.get_cipher_name() or ""
