@@ -18,7 +18,8 @@ Scripting, all optional:
 * extensions: ``pipelining``, ``size`` (None: not offered; 0: no limit),
   ``eightbitmime``, ``smtputf8``, ``enhancedstatuscodes``; ``tls`` (a
   ``trustme.LeafCert``) offers STARTTLS; ``auth={"user": "password"}`` offers
-  AUTH PLAIN LOGIN (only under TLS unless ``auth_requires_tls=False``);
+  AUTH (``auth_mechanisms``, default PLAIN LOGIN; only under TLS unless
+  ``auth_requires_tls=False``);
   ``auth_required`` refuses MAIL before AUTH; ``esmtp=False`` refuses EHLO.
 * ``max_recipients=N`` -- 452 4.5.3 for RCPTs past N in a transaction.
 * ``starttls_inject=b"..."`` -- bytes written right after the 220 to STARTTLS,
@@ -89,6 +90,7 @@ class SinkOptions:
     enhancedstatuscodes: bool = True
     tls: Any = None  # trustme.LeafCert
     auth: dict[str, str] | None = None
+    auth_mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
     auth_requires_tls: bool = True
     auth_required: bool = False
     max_recipients: int | None = None
@@ -189,7 +191,7 @@ class SinkProtocol(Protocol):
         text = self.opts.replies.get(key or "", self.opts.replies.get(stage, default))
         lines = text.split("\n")
         self.transport.write(b"".join(x.encode("utf-8") + b"\r\n" for x in lines) + extra)
-        code = int(lines[-1][:3])
+        code = int(lines[-1][:3]) if lines[-1][:3].isdigit() else 0
         if code == 421:
             self.transport.loseConnection()
         return code
@@ -224,7 +226,7 @@ class SinkProtocol(Protocol):
         if o.tls is not None and not self.session.tls:
             ext.append("STARTTLS")
         if o.auth is not None and (self.session.tls or not o.auth_requires_tls):
-            ext.append("AUTH PLAIN LOGIN")
+            ext.append(" ".join(["AUTH", *o.auth_mechanisms]))
         return ext
 
     def _do_EHLO(self, arg: str) -> None:
@@ -264,7 +266,9 @@ class SinkProtocol(Protocol):
             return
         mech, _, initial = arg.partition(" ")
         mech = mech.upper()
-        if mech == "PLAIN":
+        if mech not in o.auth_mechanisms:
+            self._write(["504 5.5.4 unrecognized authentication type"])
+        elif mech == "PLAIN":
             if initial:
                 self._auth_plain(initial)
             else:

@@ -487,7 +487,7 @@ class SMTPClientProtocol(Protocol):
     # what the session uses
 
     @property
-    def connected(self) -> bool:
+    def alive(self) -> bool:
         return not self._lost and self._failure is None
 
     def _while(self) -> str:
@@ -706,7 +706,7 @@ class _Session:
             self.result.error_status = e.status
             if self.state is State.TLS_HANDSHAKE:
                 self.result.tls_failed = True
-            if e.polite and self.proto.connected:
+            if e.polite and self.proto.alive:
                 await self._quit()
             else:
                 self.proto.fail(e)
@@ -963,7 +963,7 @@ class _Session:
         return await self._read(self.t.data_end, "end of data")
 
     async def _quit(self) -> None:
-        if not self.proto.connected:
+        if not self.proto.alive:
             return
         self._enter(State.QUIT)
         try:

@@ -59,7 +59,7 @@ MAX_WORK = 2**21  # n * r * p: 16 times the default, a couple of seconds per che
 SALT_RANGE = (8, 64)
 KEY_RANGE = (16, 64)
 
-_HASH = re.compile(r"\$scrypt\$n=(\d{1,8}),r=(\d{1,3}),p=(\d{1,3})\$([A-Za-z0-9+/]+={0,2})\$([A-Za-z0-9+/]+={0,2})\Z")
+_HASH = re.compile(r"\$scrypt\$n=(\d{1,12}),r=(\d{1,6}),p=(\d{1,6})\$([A-Za-z0-9+/]+={0,2})\$([A-Za-z0-9+/]+={0,2})\Z")
 
 
 class HashFormatError(ValueError):
@@ -411,10 +411,16 @@ class SASLCancelled(SASLError):
     """The client sent ``*`` to cancel the exchange (RFC 4954 §4)."""
 
 
+# RFC 4648 §4 base64 with its padding, as RFC 4954 §4 requires.
+_BASE64 = re.compile(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?\Z")
+
+
 def _b64_text(text: str) -> str:
     text = text.strip()
     if text == "*":
         raise SASLCancelled()
+    if not _BASE64.match(text):
+        raise SASLError("invalid base64")
     try:
         raw = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):

@@ -1,0 +1,86 @@
+"""SPF on MAIL FROM through the real server and a real DNS server on loopback."""
+
+from __future__ import annotations
+
+import pytest
+import pytest_twisted
+from twisted.internet.defer import Deferred
+
+from tests.harness import RawClient, in_thread, start_mta
+
+ZONE = {
+    "pass.test": {"TXT": ["v=spf1 ip4:127.0.0.0/8 -all"]},
+    "fail.test": {"TXT": ["v=spf1 ip4:192.0.2.1 -all"]},
+    "softfail.test": {"TXT": ["v=spf1 ~all"]},
+    "none.test": {"A": ["192.0.2.10"]},
+    "broken.test": "SERVFAIL",
+}
+
+
+@pytest.fixture
+def spf_mta(tmp_path, dns_server):
+    dns_server.load(ZONE)
+    host, port = dns_server.address
+    running = pytest_twisted.blockon(Deferred.fromCoroutine(start_mta(
+        tmp_path,
+        extra={"spf": {"enabled": True, "timeout": 3.0},
+               "dns": {"servers": [f"{host}:{port}"], "timeout": 1.0}},
+    )))
+    yield running
+    pytest_twisted.blockon(Deferred.fromCoroutine(running.stop()))
+
+
+def send_from(port: int, sender: str) -> tuple[tuple[int, str], tuple[int, str] | None]:
+    c = RawClient(port)
+    c.read_reply()
+    c.cmd("EHLO client.pass.test")
+    mail = c.cmd(f"MAIL FROM:<{sender}>")
+    data = None
+    if mail[0] == 250:
+        c.cmd("RCPT TO:<alice@example.test>")
+        c.cmd("DATA")
+        c.send(b"Subject: spf\r\n\r\nbody\r\n.\r\n")
+        data = c.read_reply()
+    c.close()
+    return mail, data
+
+
+@pytest_twisted.ensureDeferred
+async def test_spf_fail_rejected(spf_mta):
+    mail, _ = await in_thread(send_from, spf_mta.port(), "user@fail.test")
+    assert mail[0] == 550 and "5.7.23" in mail[1]
+    assert spf_mta.queued() == []
+
+
+@pytest.mark.parametrize("domain,result", [
+    ("pass.test", "pass"),
+    ("softfail.test", "softfail"),
+    ("none.test", "none"),
+    ("broken.test", "temperror"),
+])
+@pytest_twisted.ensureDeferred
+async def test_spf_other_results_accepted_and_recorded(spf_mta, domain, result):
+    mail, data = await in_thread(send_from, spf_mta.port(), f"user@{domain}")
+    assert mail[0] == 250 and data is not None and data[0] == 250
+    (env,) = spf_mta.queued()
+    message = spf_mta.message_bytes(env.id)
+    headers = message.split(b"\r\n\r\n")[0].decode()
+    assert f"Received-SPF: {result}" in headers
+    assert f"spf={result}" in headers
+    assert "Authentication-Results: mx.example.test;" in headers
+
+
+@pytest_twisted.ensureDeferred
+async def test_pipelined_mail_waits_for_spf(spf_mta):
+    """Replies stay in order while the SPF check (in a thread) is pending."""
+    def run():
+        c = RawClient(spf_mta.port())
+        c.read_reply()
+        c.cmd("EHLO client.pass.test")
+        c.send(b"MAIL FROM:<user@fail.test>\r\nRCPT TO:<alice@example.test>\r\n"
+               b"MAIL FROM:<user@pass.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
+        replies = [c.read_reply()[0] for _ in range(5)]
+        c.close()
+        return replies
+
+    assert await in_thread(run) == [550, 503, 250, 250, 354]
