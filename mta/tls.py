@@ -15,7 +15,9 @@ from pathlib import Path
 
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
+from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from mta.config import TLSConfig
 
@@ -52,6 +54,7 @@ def _extra_chain(pem: bytes) -> list:
     return [crypto.load_certificate(crypto.FILETYPE_PEM, p) for p in parts[1:]]
 
 
+@implementer(IOpenSSLContextFactory)
 class SNIContextFactory:
     """A server context factory that picks a certificate by SNI name."""
 

@@ -3,10 +3,16 @@
 Each local domain may have ``<domains_dir>/<domain>/aliases`` (the format of
 chasquid and Postfix)::
 
-    # comments and blank lines are allowed
-    info: alice, bob@other.example     # a target without @ is in this domain
-    list: | /usr/local/bin/archive --list   (the rest of the line is one command)
-    *: alice                           # catch-all, only when nothing else matches
+    # whole-line comments and blank lines are allowed
+    # a target without @ is in this domain:
+    info: alice, bob@other.example
+    # everything after | is one command, run by /bin/sh -c:
+    list: | /usr/local/bin/archive --list
+    # the catch-all, used only when nothing else matches:
+    *: alice
+
+There are no comments at the end of a line (``#`` is a valid local-part
+character) and a pipe cannot share its line with other targets.
 
 Matching a local part tries, in order: the local part only case-folded (so a
 name literally holding ``.`` or ``+`` matches), then with the suffix after a
