@@ -138,7 +138,7 @@ async def test_delivers_with_pipelining(tmp_path: Path) -> None:
     assert msg.raw == BODY.replace(b"\r\n.", b"\r\n..") + b".\r\n"
     assert msg.mail_params == [f"SIZE={len(BODY)}"]
     # RFC 2920: MAIL, both RCPTs and DATA left in one write.
-    assert ["MAIL FROM:<a@src.test> SIZE=%d" % len(BODY), "RCPT TO:<b@dst.test>",
+    assert [f"MAIL FROM:<a@src.test> SIZE={len(BODY)}", "RCPT TO:<b@dst.test>",
             "RCPT TO:<c@dst.test>", "DATA"] in sink.sessions[0].command_batches
     assert verbs(sink) == ["EHLO", "MAIL", "RCPT", "RCPT", "DATA", "QUIT"]
 
@@ -478,21 +478,24 @@ async def test_auth_rejected_fails_the_server(tmp_path: Path) -> None:
 # --- the message body ---------------------------------------------------------------------
 
 
+def pad_to(data: bytearray, offset: int) -> None:
+    """Append CRLF-ended filler lines so that the next line starts at ``offset``."""
+    while offset - len(data) > 1000:
+        data += b"y" * 998 + b"\r\n"
+    assert offset - len(data) >= 2
+    data += b"y" * (offset - len(data) - 2) + b"\r\n"
+
+
 @pytest_twisted.ensureDeferred
 async def test_dots_at_chunk_boundaries_arrive_byte_exact(tmp_path: Path) -> None:
     data = bytearray()
     for boundary in (16 * 1024, 64 * 1024, 2 * 64 * 1024, 3 * 64 * 1024):
-        filler = boundary - len(data) - 2
-        data += b"x" * (filler % 997) + b"\r\n"  # short lines first
-        while len(data) < boundary - 2:
-            line = min(998, boundary - 2 - len(data))
-            data += b"y" * line + b"\r\n" if len(data) + line + 2 <= boundary else b""
-            if len(data) + 2 > boundary:
-                break
-        assert len(data) == boundary, (len(data), boundary)
+        pad_to(data, boundary)
         data += b".dot at offset %d\r\n" % boundary
-    # A CRLF split by the 4th chunk boundary, with a dot line after it.
-    data += b"z" * (4 * 64 * 1024 - 1 - len(data)) + b"\r\n.after split crlf\r\n"
+    # The 4th chunk boundary falls between CR and LF, and a dot line follows.
+    pad_to(data, 4 * 64 * 1024 - 10)
+    data += b"z" * 9 + b"\r\n.after a split CRLF\r\n"
+    assert data[4 * 64 * 1024 - 1 : 4 * 64 * 1024 + 2] == b"\r\n."
     path = message(tmp_path, bytes(data))
     async with running() as sink:
         result = await deliver(sink, [tx(path)])

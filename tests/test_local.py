@@ -322,3 +322,15 @@ async def test_command_courier_exit_codes_and_errors(tmp_path: Path,
     missing = CommandCourier("/nonexistent/deliver -d %u", 10.0, reactor)
     [r] = await missing.deliver(envelope(rcpt), [rcpt], data)
     assert r.outcome is Outcome.DEFERRED and r.reply.startswith("451 4.3.5")
+
+
+@pytest_twisted.ensureDeferred
+async def test_maildir_alias_target_without_user_fails(tmp_path: Path) -> None:
+    """An alias naming a local address that is no user: 5.1.1, no Maildir created."""
+    data = message(tmp_path / "q.msg", MESSAGE)
+    courier = MaildirCourier(tmp_path / "mail", "mx.example.com", fsync=False)
+    rcpt = Recipient(address="ghost@example.com", kind=RecipientKind.LOCAL,
+                     original="list@example.com", mailbox="")
+    [result] = await courier.deliver(envelope(rcpt), [rcpt], data)
+    assert result.outcome is Outcome.FAILED and result.status == "5.1.1"
+    assert not (tmp_path / "mail").exists()

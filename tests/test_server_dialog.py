@@ -585,3 +585,23 @@ async def test_alias_drop_characters_and_suffix(mta):
         ("RCPT TO:<alice+tag@example.test>", 250),
         ("RCPT TO:<nobody+tag@example.test>", 550),
     ])
+
+
+@pytest_twisted.ensureDeferred
+async def test_same_mailbox_through_suffix_and_alias_gets_one_copy(mta):
+    def run():
+        c = RawClient(mta.port())
+        c.read_reply()
+        c.cmd("EHLO client.test")
+        c.cmd("MAIL FROM:<s@remote.test>")
+        for rcpt in ("bob+x@example.test", "bob@example.test", "team@example.test"):
+            assert c.cmd(f"RCPT TO:<{rcpt}>")[0] == 250
+        c.cmd("DATA")
+        c.send(b"Subject: a\r\n\r\nb\r\n.\r\n")
+        reply = c.read_reply()
+        c.close()
+        return reply
+
+    assert (await in_thread(run))[0] == 250
+    (env,) = mta.queued()
+    assert sorted(r.mailbox for r in env.recipients) == ["alice@example.test", "bob@example.test"]

@@ -186,7 +186,11 @@ class MaildirCourier:
         return self.mail_dir / domain / user
 
     def _deliver_one(self, envelope: Envelope, rcpt: Recipient, data_path: Path) -> DeliveryResult:
-        mailbox = rcpt.mailbox or rcpt.address
+        mailbox = rcpt.mailbox
+        if not mailbox:
+            # An alias named a local address that is neither user nor alias.
+            return DeliveryResult(rcpt, Outcome.FAILED,
+                                  f"550 5.1.1 <{rcpt.address}>: no such user here", status="5.1.1")
         try:
             maildir = self.maildir_for(mailbox)
         except ValueError as e:

@@ -617,12 +617,14 @@ class SMTPSession(Protocol):
         original = str(address)
         if original not in self.txn.rcpt_addresses:
             self.txn.rcpt_addresses.append(original)
-        known = {(r.kind, r.address) for r in self.txn.recipients}
+        # One copy per mailbox: bob+x@ and bob@ are the same local recipient.
+        known = {(r.kind, r.mailbox or r.address) for r in self.txn.recipients}
         for target in decision.targets:
             kind = RecipientKind(target.kind)
-            if (kind, target.address) in known:
+            key = (kind, target.mailbox or target.address)
+            if key in known:
                 continue
-            known.add((kind, target.address))
+            known.add(key)
             self.txn.recipients.append(
                 Recipient(address=target.address, kind=kind, original=original, mailbox=target.mailbox)
             )
