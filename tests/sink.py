@@ -17,7 +17,8 @@ Scripting, all optional:
 * ``stall={"DATA_END"}`` -- never answer at that stage (``session.stalled_at``).
 * extensions: ``pipelining``, ``size`` (None: not offered; 0: no limit),
   ``eightbitmime``, ``smtputf8``, ``enhancedstatuscodes``; ``tls`` (a
-  ``trustme.LeafCert``) offers STARTTLS; ``auth={"user": "password"}`` offers
+  ``trustme.LeafCert``) offers STARTTLS (``tls_broken``: a handshake that
+  always fails); ``auth={"user": "password"}`` offers
   AUTH (``auth_mechanisms``, default PLAIN LOGIN; only under TLS unless
   ``auth_requires_tls=False``);
   ``auth_required`` refuses MAIL before AUTH; ``esmtp=False`` refuses EHLO.
@@ -39,7 +40,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol, connectionDone
-from twisted.internet.ssl import PrivateCertificate
+from twisted.internet.ssl import CertificateOptions, PrivateCertificate, TLSVersion
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -89,6 +90,7 @@ class SinkOptions:
     smtputf8: bool = True
     enhancedstatuscodes: bool = True
     tls: Any = None  # trustme.LeafCert
+    tls_broken: bool = False  # the server only speaks TLS <= 1.1: every handshake fails
     auth: dict[str, str] | None = None
     auth_mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
     auth_requires_tls: bool = True
@@ -249,12 +251,19 @@ class SinkProtocol(Protocol):
             return
         if self._reply("STARTTLS", "220 2.0.0 Ready to start TLS", extra=self.opts.starttls_inject) != 220:
             return
-        pem = self.opts.tls.private_key_and_cert_chain_pem.bytes()
         self._buffer.clear()  # anything pipelined after STARTTLS is not to be trusted
-        self.transport.startTLS(PrivateCertificate.loadPEM(pem).options())
+        self.transport.startTLS(self._tls_options())
         self.session.tls = True
         self._greeted = False  # RFC 3207 §4.2: start over
         self._reset()
+
+    def _tls_options(self) -> CertificateOptions:
+        cert = PrivateCertificate.loadPEM(self.opts.tls.private_key_and_cert_chain_pem.bytes())
+        if not self.opts.tls_broken:
+            return cert.options()
+        return CertificateOptions(privateKey=cert.privateKey.original, certificate=cert.original,
+                                  insecurelyLowerMinimumTo=TLSVersion.TLSv1_0,
+                                  lowerMaximumSecurityTo=TLSVersion.TLSv1_1)
 
     def _do_AUTH(self, arg: str) -> None:
         o = self.opts
@@ -443,9 +452,11 @@ class Sink:
         await gatherResults(waits)
 
 
-async def start_sink(**options: Any) -> Sink:
+async def start_sink(interface: str = "127.0.0.1", port: int = 0, **options: Any) -> Sink:
+    """Listen on ``interface:port`` (another 127.x address and a fixed port let several
+    sinks share one port, as MX hosts do)."""
     sink = Sink(SinkOptions(**options))
-    sink._port = reactor.listenTCP(0, _SinkFactory(sink), interface="127.0.0.1")
+    sink._port = reactor.listenTCP(port, _SinkFactory(sink), interface=interface)
     sink.port = sink._port.getHost().port
     return sink
 

@@ -73,13 +73,15 @@ def test_unknown_key_and_bad_toml(tmp_path):
 
 def test_message_survives_sigkill_right_after_250(tmp_path):
     port = free_port()
-    daemon = Daemon(tmp_path, write_config(tmp_path, port), port)
+    # A relayed recipient whose smarthost is down: the message must stay queued.
+    config = write_config(tmp_path, port, extra='relay_networks = ["127.0.0.0/8"]')
+    daemon = Daemon(tmp_path, config, port)
     daemon.start()
     try:
         with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
             s.ehlo("client.test")
             s.mail("sender@remote.test")
-            s.rcpt("alice@example.test")
+            s.rcpt("friend@remote.test")
             code, text = s.data(b"Subject: durable\r\n\r\nkeep me\r\n")
             # SIGKILL the moment the 250 is read: no chance to flush anything.
             daemon.kill()

@@ -1,0 +1,40 @@
+"""Builds the queue runner and its couriers from the configuration.
+
+Routing by recipient kind: ``local`` → Maildir (or the configured delivery
+agent command), ``pipe`` → pipe alias commands, ``remote`` → SMTP via MX or
+the smarthosts.  Kept apart from :mod:`mta.service` so tests can build the
+same runner around their own store and reactor.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mta.config import Config
+from mta.delivery.local import CommandCourier, MaildirCourier, PipeCourier
+from mta.delivery.mx import MXResolver
+from mta.delivery.remote import RemoteCourier
+from mta.dns import make_resolver
+from mta.queue.runner import QueueRunner, Router
+from mta.queue.store import QueueStore
+
+
+def build_couriers(config: Config, reactor: Any, trust_root: Any = None) -> dict[str, Any]:
+    d = config.delivery
+    if d.mailbox_command:
+        local: Any = CommandCourier(d.mailbox_command, d.pipe_timeout, reactor)
+    else:
+        local = MaildirCourier(config.mail_dir, config.hostname, fsync=config.fsync)
+    mx = MXResolver(make_resolver(config.dns, reactor), own_names=(config.hostname,))
+    return {
+        "local": local,
+        "pipe": PipeCourier(d.pipe_timeout, reactor),
+        "remote": RemoteCourier(config, mx, reactor, trust_root=trust_root),
+    }
+
+
+def build_runner(config: Config, store: QueueStore, reactor: Any, trust_root: Any = None) -> QueueRunner:
+    router = Router(build_couriers(config, reactor, trust_root), smarthost=bool(config.delivery.smarthosts))
+    local_domains = frozenset(config.local_domains)
+    return QueueRunner(store, router, reactor, config.delivery, config.hostname,
+                       is_local=local_domains.__contains__)
