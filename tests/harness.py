@@ -29,7 +29,7 @@ DOMAIN = "example.test"
 _CA: trustme.CA | None = None
 
 
-def test_ca() -> trustme.CA:
+def shared_ca() -> trustme.CA:
     global _CA
     if _CA is None:
         _CA = trustme.CA()
@@ -38,7 +38,7 @@ def test_ca() -> trustme.CA:
 
 def client_tls_context() -> ssl.SSLContext:
     ctx = ssl.create_default_context()
-    test_ca().configure_trust(ctx)
+    shared_ca().configure_trust(ctx)
     return ctx
 
 
@@ -117,7 +117,7 @@ def make_config(tmp_path: Path, tls: bool = True, extra: dict[str, Any] | None =
         "limits": {"auth_failure_delay": 0.05, "command_timeout": 30.0},
     }
     if tls:
-        cert = test_ca().issue_cert("mx.example.test", "localhost", "127.0.0.1")
+        cert = shared_ca().issue_cert("mx.example.test", "localhost", "127.0.0.1")
         cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
         for extra_pem in cert.cert_chain_pems[1:]:
             extra_pem.write_to_path(str(tmp_path / "cert.pem"), append=True)

@@ -40,7 +40,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol, connectionDone
-from twisted.internet.ssl import CertificateOptions, PrivateCertificate, TLSVersion
+from twisted.internet.ssl import PrivateCertificate
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -90,7 +90,7 @@ class SinkOptions:
     smtputf8: bool = True
     enhancedstatuscodes: bool = True
     tls: Any = None  # trustme.LeafCert
-    tls_broken: bool = False  # the server only speaks TLS <= 1.1: every handshake fails
+    tls_broken: bool = False  # answers the ClientHello with plain text: the handshake fails
     auth: dict[str, str] | None = None
     auth_mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
     auth_requires_tls: bool = True
@@ -116,6 +116,7 @@ class SinkProtocol(Protocol):
         self._auth_step: str | None = None
         self._auth_login_user = ""
         self._stalled = False
+        self._broken_tls = False
 
     # connection
 
@@ -137,6 +138,10 @@ class SinkProtocol(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         if self._stalled:
+            return
+        if self._broken_tls:  # the client's ClientHello: answer with something that is not TLS
+            self.transport.write(b"this is not TLS\r\n")
+            self.transport.loseConnection()
             return
         self._buffer += data
         batch: list[str] = []
@@ -252,18 +257,14 @@ class SinkProtocol(Protocol):
         if self._reply("STARTTLS", "220 2.0.0 Ready to start TLS", extra=self.opts.starttls_inject) != 220:
             return
         self._buffer.clear()  # anything pipelined after STARTTLS is not to be trusted
-        self.transport.startTLS(self._tls_options())
+        if self.opts.tls_broken:
+            self._broken_tls = True
+            return
+        pem = self.opts.tls.private_key_and_cert_chain_pem.bytes()
+        self.transport.startTLS(PrivateCertificate.loadPEM(pem).options())
         self.session.tls = True
         self._greeted = False  # RFC 3207 §4.2: start over
         self._reset()
-
-    def _tls_options(self) -> CertificateOptions:
-        cert = PrivateCertificate.loadPEM(self.opts.tls.private_key_and_cert_chain_pem.bytes())
-        if not self.opts.tls_broken:
-            return cert.options()
-        return CertificateOptions(privateKey=cert.privateKey.original, certificate=cert.original,
-                                  insecurelyLowerMinimumTo=TLSVersion.TLSv1_0,
-                                  lowerMaximumSecurityTo=TLSVersion.TLSv1_1)
 
     def _do_AUTH(self, arg: str) -> None:
         o = self.opts

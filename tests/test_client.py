@@ -25,6 +25,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate
 from twisted.internet.task import Clock, deferLater
+from twisted.logger import formatEvent, globalLogPublisher
 
 from mta.delivery import client
 from mta.delivery.base import Outcome
@@ -245,6 +246,34 @@ async def test_several_transactions_on_one_connection(tmp_path: Path) -> None:
     assert len(sink.sessions) == 1
     assert [(m.recipients, m.data) for m in sink.messages] == [(["x@dst.test"], b"one\r\n"),
                                                                (["y@dst.test"], b"two\r\n")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_log_event_per_transaction_and_tcp_nodelay(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    events: list[dict[str, Any]] = []
+    nodelay: list[bool] = []
+    made = client.SMTPClientProtocol.connectionMade
+
+    def spy(self: client.SMTPClientProtocol) -> None:
+        made(self)
+        nodelay.append(bool(self.transport.getTcpNoDelay()))
+
+    monkeypatch.setattr(client.SMTPClientProtocol, "connectionMade", spy)
+    globalLogPublisher.addObserver(events.append)
+    try:
+        first, second = message(tmp_path, b"one\r\n", "one"), message(tmp_path, b"two\r\n", "two")
+        async with running(tls=CERT, replies={"RCPT:no@dst.test": "550 5.1.1 unknown"}) as sink:
+            await deliver(sink, [tx(first, ("x@dst.test", "no@dst.test")), tx(second, ("y@dst.test",))])
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert nodelay == [True]
+    mine = [e for e in events if e.get("log_namespace") == "mta.delivery.client"]
+    assert len(mine) == 2
+    assert mine[0]["server"] == "127.0.0.1" and mine[0]["tls"].startswith("TLSv1.")
+    assert mine[0]["replies"] == {"x@dst.test": "250 2.0.0 Ok: queued as M1",
+                                  "no@dst.test": "550 5.1.1 unknown"}
+    assert "x@dst.test=delivered, no@dst.test=failed" in formatEvent(mine[0])
 
 
 # --- the server fails ---------------------------------------------------------------------

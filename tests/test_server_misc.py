@@ -14,7 +14,7 @@ import pytest_twisted
 from twisted.internet.defer import Deferred
 from twisted.logger import globalLogPublisher
 
-from tests.harness import PASSWORD, RawClient, in_thread, start_mta, test_ca
+from tests.harness import PASSWORD, RawClient, in_thread, shared_ca, start_mta
 
 
 @pytest.fixture
@@ -39,7 +39,7 @@ async def test_swaks_delivers_to_mx_port(mta):
 @pytest_twisted.ensureDeferred
 async def test_swaks_submission_with_starttls_and_auth(mta, tmp_path):
     ca_file = tmp_path / "ca.pem"
-    test_ca().cert_pem.write_to_path(str(ca_file))
+    shared_ca().cert_pem.write_to_path(str(ca_file))
     result = await in_thread(subprocess.run, [
         "swaks", "--server", f"127.0.0.1:{mta.port('submission')}", "--helo", "client.test",
         "--tls", "--tls-ca-path", str(ca_file), "--auth", "LOGIN",
@@ -163,7 +163,7 @@ async def test_total_connection_limit(tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_certificate_chosen_by_sni(tmp_path):
-    other = test_ca().issue_cert("mail.other.test")
+    other = shared_ca().issue_cert("mail.other.test")
     d = tmp_path / "certs" / "mail.other.test"
     d.mkdir(parents=True)
     other.cert_chain_pems[0].write_to_path(str(d / "fullchain.pem"))
@@ -172,7 +172,7 @@ async def test_certificate_chosen_by_sni(tmp_path):
     try:
         def subject_for(name):
             ctx = ssl.create_default_context()
-            test_ca().configure_trust(ctx)
+            shared_ca().configure_trust(ctx)
             c = RawClient(mta.port())
             c.read_reply()
             c.cmd("EHLO client.test")
@@ -197,7 +197,7 @@ def test_tls_below_1_2_refused(tmp_path):
     from mta.config import TLSConfig
     from mta.tls import server_tls
 
-    cert = test_ca().issue_cert("mx.example.test")
+    cert = shared_ca().issue_cert("mx.example.test")
     cert.cert_chain_pems[0].write_to_path(str(tmp_path / "c.pem"))
     cert.private_key_pem.write_to_path(str(tmp_path / "k.pem"))
     factory = server_tls(TLSConfig(tmp_path / "c.pem", tmp_path / "k.pem"))

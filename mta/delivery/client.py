@@ -564,7 +564,13 @@ class SMTPClientProtocol(Protocol):
             return d
         self._closed_waiters.append(d)
         timer = self.clock.callLater(timeout, self.transport.abortConnection)
-        d.addBoth(lambda r: (timer.cancel() if timer.active() else None, r)[1])
+
+        def closed(result: None) -> None:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        d.addBoth(closed)
         self.transport.loseConnection()
         return d
 

@@ -121,6 +121,17 @@ class RemoteCourier:
 
     async def _deliver_group(self, envelope: Envelope, domain: str, recipients: list[Recipient],
                              data_path: Path, size: int) -> list[DeliveryResult]:
+        """One destination; an unexpected error defers this group only."""
+        try:
+            return await self._deliver_to(envelope, domain, recipients, data_path, size)
+        except Exception as e:
+            log.failure("remote delivery of {id} to {domain} failed unexpectedly", id=envelope.id,
+                        domain=domain or "smarthost")
+            reason = f"451 4.3.0 internal error during delivery: {type(e).__name__}: {e}"
+            return [DeliveryResult(r, Outcome.DEFERRED, reason, "", "4.3.0") for r in recipients]
+
+    async def _deliver_to(self, envelope: Envelope, domain: str, recipients: list[Recipient],
+                          data_path: Path, size: int) -> list[DeliveryResult]:
         try:
             routes = await self._routes(domain)
         except DNSError as e:
