@@ -67,8 +67,22 @@ class Limits:
     max_connections_per_ip: int = 20
     max_received_headers: int = 50
     max_header_size: int = 1024 * 1024
-    auth_failure_delay: float = 1.0
-    max_auth_failures: int = 3
+    auth_failure_delay: float = 1.0  # before each 535; grows with each failure in a session
+    max_auth_failures: int = 3  # per session, then 421 and close
+    # Per client IP and per account: this many AUTH failures within auth_block_window
+    # seconds block AUTH from that IP / for that account for auth_block_time seconds.
+    auth_block_failures: int = 10
+    auth_block_window: float = 600.0
+    auth_block_time: float = 900.0
+    # New connections per client IP per minute (0: no limit).
+    connection_rate_per_ip: int = 120
+    # Messages per authenticated user per hour (0: no limit).
+    messages_per_user_per_hour: int = 1000
+    # Seconds to wait before the greeting; a client that talks first is refused
+    # (the "early talker" check). 0 turns the check off.
+    greeting_delay: float = 0.0
+    # On SIGTERM, how long a transaction in DATA may take to finish.
+    shutdown_timeout: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -132,6 +146,9 @@ class Config:
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     # Loopback is not trusted by default: these networks may relay without AUTH.
     relay_networks: tuple[str, ...] = ()
+    # Authenticated users may only use their own address (and +suffixes) or the
+    # identities listed in domains/<domain>/identities as envelope sender.
+    sender_binding: bool = True
     metrics_endpoint: str | None = None
     log_json: Path | None = None
     fsync: bool = True
@@ -141,6 +158,9 @@ class Config:
 
     def aliases_file(self, domain: str) -> Path:
         return self.domains_dir / domain / "aliases"
+
+    def identities_file(self, domain: str) -> Path:
+        return self.domains_dir / domain / "identities"
 
     def with_overrides(self, **changes: Any) -> Config:
         return replace(self, **changes)
@@ -242,7 +262,7 @@ def config_from_dict(raw: dict[str, Any], base: Path, overrides: dict[str, Any] 
     overrides = overrides or {}
     top = {
         "hostname", "local_domains", "data_dir", "queue_dir", "mail_dir", "domains_dir",
-        "control_socket", "relay_networks", "metrics", "log_json", "fsync",
+        "control_socket", "relay_networks", "metrics", "log_json", "fsync", "sender_binding",
         "listeners", "tls", "limits", "spf", "dns", "aliases", "delivery",
     }
     _check_keys(raw, top, "")
@@ -304,12 +324,18 @@ def config_from_dict(raw: dict[str, Any], base: Path, overrides: dict[str, Any] 
         "max_line_length": int, "max_command_length": int, "command_timeout": float,
         "session_timeout": float, "max_connections": int, "max_connections_per_ip": int,
         "max_received_headers": int, "max_header_size": int, "auth_failure_delay": float,
-        "max_auth_failures": int,
+        "max_auth_failures": int, "auth_block_failures": int, "auth_block_window": float,
+        "auth_block_time": float, "connection_rate_per_ip": int, "messages_per_user_per_hour": int,
+        "greeting_delay": float, "shutdown_timeout": float,
     })
     for key in ("max_message_size", "max_recipients", "max_errors", "command_timeout",
                 "session_timeout", "max_connections", "max_connections_per_ip",
                 "max_received_headers", "max_auth_failures"):
         _positive(getattr(limits, key), "limits." + key)
+    for key in ("connection_rate_per_ip", "messages_per_user_per_hour", "greeting_delay",
+                "auth_failure_delay", "shutdown_timeout", "auth_block_failures"):
+        if getattr(limits, key) < 0:
+            raise ConfigError("limits." + key, "must not be negative")
     if limits.max_command_length < 512:
         raise ConfigError("limits.max_command_length", "must be at least 512 (RFC 5321 §4.5.3.1.4)")
     if limits.max_line_length < 998:
@@ -386,6 +412,7 @@ def config_from_dict(raw: dict[str, Any], base: Path, overrides: dict[str, Any] 
         metrics_endpoint=metrics,
         log_json=_path(base, _get(raw, "log_json", str, "", None)),
         fsync=_get(raw, "fsync", bool, "", True),
+        sender_binding=_get(raw, "sender_binding", bool, "", True),
     )
 
 

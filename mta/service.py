@@ -8,14 +8,18 @@ built from the configuration and handed what it needs.
 
 from __future__ import annotations
 
+import signal
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from mta.config import Config
+from mta.config import Config, ConfigError, load_config
 from mta.queue.store import QueueStore
 from mta.smtp.server import ServerContext, SMTPFactory
 
@@ -26,39 +30,60 @@ class StartupError(Exception):
     """Something named in the configuration cannot be used (file, certificate...)."""
 
 
-def load_policies(config: Config) -> tuple[Any, Any]:
-    """Read the users and aliases files. Raises a clear error naming the file."""
-    from mta.policy.aliases import AliasResolver
-    from mta.policy.auth import UserDB
+@dataclass(frozen=True)
+class Policies:
+    """Everything a reload replaces at once: read from files, validated, then swapped in."""
 
-    users = UserDB.load(config.domains_dir, config.local_domains)
-    aliases = AliasResolver.load(config.domains_dir, config.local_domains, users, config.aliases)
-    return users, aliases
+    users: Any
+    aliases: Any
+    identities: Any
+    tls: Any
+    spf: Any
 
 
-def build_context(config: Config, reactor: Any) -> ServerContext:
+def load_policies(config: Config) -> Policies:
+    """Read users, aliases, identities and certificates. Raises StartupError naming the file."""
+    from mta.policy.aliases import AliasFileError, AliasResolver
+    from mta.policy.auth import UserDB, UsersFileError
+    from mta.policy.identities import Identities, IdentitiesFileError
     from mta.tls import TLSConfigError, server_tls
 
     try:
         tls = server_tls(config.tls)
-    except TLSConfigError as e:
-        raise StartupError(f"tls: {e}") from None
-    users, aliases = load_policies(config)
-    store = QueueStore(config.queue_dir, fsync=config.fsync)
+        users = UserDB.load(config.domains_dir, config.local_domains)
+        aliases = AliasResolver.load(config.domains_dir, config.local_domains, users, config.aliases)
+        identities = Identities.load(config.domains_dir, config.local_domains,
+                                     config.aliases.suffix_separators)
+    except (TLSConfigError, UsersFileError, AliasFileError, IdentitiesFileError, OSError) as e:
+        raise StartupError(str(e)) from None
     spf = None
     if config.spf.enabled:
         from mta.policy.spf import SPFChecker
 
         spf = SPFChecker(config.spf, config.dns, config.hostname)
-    return ServerContext(config=config, store=store, users=users, aliases=aliases,
-                         clock=reactor, tls=tls, spf=spf)
+    return Policies(users, aliases, identities, tls, spf)
+
+
+def build_context(config: Config, reactor: Any) -> ServerContext:
+    from mta.policy.limits import AbuseLimits
+
+    p = load_policies(config)
+    store = QueueStore(config.queue_dir, fsync=config.fsync)
+    return ServerContext(config=config, store=store, users=p.users, aliases=p.aliases,
+                         identities=p.identities, clock=reactor, tls=p.tls, spf=p.spf,
+                         abuse=AbuseLimits(config.limits, reactor))
 
 
 class MTAService(MultiService):
     """The whole MTA as one Twisted service: listeners plus the queue runner."""
 
-    def __init__(self, config: Config, reactor: Any = None, runner: Any = None) -> None:
+    def __init__(self, config: Config, reactor: Any = None, runner: Any = None,
+                 config_path: Path | None = None, overrides: dict[str, Any] | None = None,
+                 install_signals: bool = False) -> None:
         super().__init__()
+        self.config_path = config_path
+        self.overrides = overrides or {}
+        self.install_signals = install_signals
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -77,6 +102,43 @@ class MTAService(MultiService):
         else:
             self.context.store.recover()
         self.listening = self._listen()
+        if self.install_signals:
+            signal.signal(signal.SIGHUP, self._sighup)
+
+    def _sighup(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(self._reload_logged)
+
+    def _reload_logged(self) -> None:
+        try:
+            self.reload()
+        except StartupError:
+            pass  # already logged; the old configuration stays
+
+    def reload(self) -> Config:
+        """Re-read the configuration and every policy file; swap them in only if all load.
+
+        Sessions in progress finish with what they started with; new sessions
+        see the new users, aliases, identities, certificates and limits.
+        Listeners and the queue location are not changed by a reload.
+        """
+        try:
+            config = load_config(self.config_path, self.overrides)
+            policies = load_policies(config)
+        except (ConfigError, StartupError) as e:
+            log.error("reload failed, keeping the running configuration: {err}", err=e,
+                      event="reload", result="failed")
+            raise StartupError(str(e)) from None
+        if config.listeners != self.config.listeners or config.queue_dir != self.config.queue_dir:
+            log.warn("listeners and queue_dir changes need a restart; they were not applied")
+            config = config.with_overrides(listeners=self.config.listeners, queue_dir=self.config.queue_dir)
+        ctx = self.context
+        ctx.config = config
+        ctx.users, ctx.aliases, ctx.identities = policies.users, policies.aliases, policies.identities
+        ctx.tls, ctx.spf = policies.tls, policies.spf
+        ctx.abuse.reconfigure(config.limits) if hasattr(ctx.abuse, "reconfigure") else None
+        self.config = config
+        log.info("configuration reloaded", event="reload", result="ok")
+        return config
 
     @inlineCallbacks
     def _listen(self):
@@ -97,11 +159,19 @@ class MTAService(MultiService):
 
     @inlineCallbacks
     def stopService(self):  # noqa: N802
+        """Graceful stop: no new connections; idle sessions get 421 at once, a
+        transaction in DATA may finish (bounded by limits.shutdown_timeout) and
+        then gets 421; deliveries in flight are waited for (bounded) by the runner."""
         self.context.accepting = False
         yield DeferredList([p.stopListening() for p in self.ports])
         self.ports = []
         for session in list(self.context.sessions):
             session.shutdown()
+        deadline = self.reactor.seconds() + self.config.limits.shutdown_timeout
+        while self.context.sessions and self.reactor.seconds() < deadline:
+            yield deferLater(self.reactor, 0.05, lambda: None)
+        for session in list(self.context.sessions):
+            session.force_close()
         if self.runner is not None:
             yield self.runner.stop()
         yield super().stopService()

@@ -32,11 +32,9 @@ def make_service(config_path: Path | None, overrides: dict[str, Any]) -> Any:
         config.data_dir.mkdir(parents=True, exist_ok=True)
         notes = prepare_demo(config)
     try:
-        service = MTAService(config)
+        service = MTAService(config, config_path=config_path, overrides=overrides,
+                             install_signals=True)
     except StartupError as e:
-        fail(str(e))
-    except (OSError, ValueError) as e:
-        # Unreadable or malformed users/aliases files and the like.
         fail(str(e))
     for note in notes:
         sys.stderr.write(f"mta: {note}\n")

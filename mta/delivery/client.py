@@ -441,7 +441,8 @@ class SMTPClientProtocol(Protocol):
         self._parser = ReplyParser()
         self._replies: deque[Reply] = deque()
         self._waiter: Deferred[Any] | None = None
-        self._waiting_for = ""
+        self._waiting_for = ""  # "reply", "tls" or "" (nothing awaited)
+        self._waiting_for_text = ""
         self._timer: interfaces.IDelayedCall | None = None
         self._failure: SessionError | None = None
         self._lost = False
@@ -582,8 +583,6 @@ class SMTPClientProtocol(Protocol):
         self._waiter, self._waiting_for, self._waiting_for_text = d, kind, what
         self._timer = self.clock.callLater(timeout, self._timed_out, timeout, what)
         return d
-
-    _waiting_for_text = ""
 
     def _timed_out(self, timeout: float, what: str) -> None:
         self._timer = None

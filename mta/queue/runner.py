@@ -51,6 +51,13 @@ log = Logger()
 # Timers and float sums may land a hair before next_attempt; treat that as due.
 _DUE_SLACK = 1e-3
 
+# The recorded reply, and the bounce's Status, for ``mta queue bounce`` (RFC 3463 X.0.0).
+ADMIN_BOUNCE_REPLY = "5.0.0 delivery cancelled by the mail administrator"
+
+
+class MessageBusy(Exception):
+    """A message cannot be changed by the administrator while a pass for it runs."""
+
 
 # --- routing -------------------------------------------------------------------------
 
@@ -236,6 +243,64 @@ class QueueRunner:
     def in_flight(self) -> int:
         """Messages with a pass running (for metrics and tests)."""
         return len(self._in_flight)
+
+    # --- administration (``mta queue delete|bounce`` via the control channel) ------------
+
+    def busy(self, queue_id: str) -> bool:
+        """True while a pass for ``queue_id`` runs (delivering, or waiting for a slot)."""
+        return queue_id in self._in_flight
+
+    def delete(self, queue_id: str) -> None:
+        """Remove a message without delivering or bouncing it, and forget its timer.
+
+        MessageBusy while a pass for it runs (the pass would write its results
+        back into the deleted envelope); FileNotFoundError if it is not queued.
+        """
+        self._refuse_busy(queue_id)
+        if not self.store.envelope_path(queue_id).exists():
+            raise FileNotFoundError(f"no message {queue_id} in the queue")
+        self._forget(queue_id)
+        self.store.remove(queue_id)
+        log.info("message {queue_id} deleted by the administrator", queue_id=queue_id,
+                 log_event="deleted")
+
+    def bounce(self, queue_id: str, reason: str = ADMIN_BOUNCE_REPLY) -> int:
+        """Fail every recipient not yet final with ``reason`` and bounce them now.
+
+        The bounce (DSN) is queued at once and the message removed when nothing
+        is left; returns how many recipients were failed.  MessageBusy while a
+        pass for it runs; FileNotFoundError if it is not queued.
+        """
+        self._refuse_busy(queue_id)
+        env = self.store.load(queue_id)
+        now = self._now()
+        failed = [r for r in env.recipients if not r.state.final]
+        for r in failed:
+            r.state, r.last_reply, r.next_attempt, r.updated = RecipientState.FAILED, reason, 0.0, now
+            log.info("message {queue_id} to {recipient} failed by the administrator",
+                     queue_id=queue_id, recipient=r.original, log_event="admin_bounce")
+        self.store.save(env)
+        self._send_bounce(env, self.store.data_path(queue_id))
+        if self._finished(env):
+            self._forget(queue_id)
+            self.store.remove(queue_id)
+        else:  # the bounce could not be queued: a later pass tries again
+            wake = self._next_wake(env, now)
+            if wake is not None:
+                self._schedule_at(queue_id, wake)
+        return len(failed)
+
+    def _refuse_busy(self, queue_id: str) -> None:
+        if queue_id in self._in_flight:
+            raise MessageBusy(f"message {queue_id} is being delivered right now; "
+                              "try again when this attempt has ended")
+
+    def _forget(self, queue_id: str) -> None:
+        timer = self._timers.pop(queue_id, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        self._forced.discard(queue_id)
+        self._again.discard(queue_id)
 
     # --- scheduling ---------------------------------------------------------------
 

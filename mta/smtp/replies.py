@@ -59,6 +59,9 @@ TIMEOUT = Reply(421, "4.4.2", "Timeout waiting for a command, closing connection
 SESSION_TOO_LONG = Reply(421, "4.4.2", "Session lasted too long, closing connection", close=True)
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection", close=True)
 SHUTTING_DOWN = Reply(421, "4.3.2", "Server shutting down, try again later", close=True)
+EARLY_TALKER = Reply(554, "5.5.1", "Protocol error: client sent data before the greeting", close=True)
+CONNECTION_RATE = Reply(421, "4.7.0", "Too many connections from your address recently, try again later",
+                        close=True)
 HTTP_REFUSED = Reply(554, "5.5.1", "This is an SMTP server; HTTP is not spoken here", close=True)
 
 # --- generic ------------------------------------------------------------------
@@ -106,6 +109,9 @@ SPF_TEMPFAIL = Reply(451, "4.4.3", "SPF check could not be completed, try again 
 def spf_fail(explanation: str) -> Reply:
     # RFC 7372 §3.2: 5.7.23 "SPF validation failed".
     return Reply(550, "5.7.23", f"SPF check failed: {explanation}")
+
+
+USER_RATE_LIMIT = Reply(450, "4.7.1", "Message rate limit exceeded, try again later")
 
 
 def sender_not_owned(sender: str) -> Reply:
@@ -161,4 +167,5 @@ AUTH_CANCELLED = Reply(501, "5.0.0", "Authentication cancelled")
 AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
 AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
 AUTH_TOO_MANY = Reply(421, "4.7.0", "Too many authentication failures, closing connection", close=True)
+AUTH_BLOCKED = Reply(454, "4.7.0", "Too many authentication failures, try again later")
 AUTH_NOT_AVAILABLE = Reply(503, "5.5.1", "AUTH not available")

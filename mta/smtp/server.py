@@ -74,6 +74,8 @@ class ServerContext:
     clock: interfaces.IReactorTime
     tls: Any = None  # a server context factory, or None
     spf: Any = None  # mta.policy.spf.SPFChecker, or None
+    abuse: Any = None  # mta.policy.limits.AbuseLimits
+    identities: Any = None  # mta.policy.identities.Identities
     connections: dict[str, int] = field(default_factory=dict)
     sessions: set[SMTPSession] = field(default_factory=set)
     accepting: bool = True
@@ -134,6 +136,9 @@ class SMTPSession(Protocol):
         self._loop_detected = False
         self.started = 0.0
         self.accepted = 0
+        self._greeted = False
+        self._greeting_timer: Any = None
+        self._closing_after_reply = False
 
     # --- connection -------------------------------------------------------------
 
@@ -151,6 +156,11 @@ class SMTPSession(Protocol):
         if count >= self.limits.max_connections_per_ip:
             self._send(R.TOO_MANY_FROM_IP)
             return
+        if self.ctx.abuse is not None and not self.ctx.abuse.connection_allowed(self.client_ip):
+            log.info("connection rate limit for {ip}", ip=self.client_ip, event="limit",
+                     limit="connection_rate")
+            self._send(R.CONNECTION_RATE)
+            return
         self.ctx.connections[self.client_ip] = count + 1
         self.ctx.sessions.add(self)
         self._life_timer = self.ctx.clock.callLater(self.limits.session_timeout, self._session_expired)
@@ -158,6 +168,15 @@ class SMTPSession(Protocol):
         if self.listener.kind == "submissions":
             # Implicit TLS (RFC 8314 §3.3): the greeting goes out inside TLS.
             self.transport.startTLS(self.ctx.tls)
+        elif self.limits.greeting_delay > 0:
+            # Early-talker check: an honest client waits for the greeting (RFC 5321 §4.3.1).
+            self._greeting_timer = self.ctx.clock.callLater(self.limits.greeting_delay, self._greet)
+            return
+        self._greet()
+
+    def _greet(self) -> None:
+        self._greeting_timer = None
+        self._greeted = True
         self._send(R.greeting(self.config.hostname))
 
     def connectionLost(self, reason: Failure = None) -> None:  # noqa: N802
@@ -169,7 +188,7 @@ class SMTPSession(Protocol):
             else:
                 self.ctx.connections.pop(self.client_ip, None)
         self.phase = Phase.CLOSED
-        for timer in (self._idle_timer, self._life_timer):
+        for timer in (self._idle_timer, self._life_timer, self._greeting_timer):
             if timer is not None and timer.active():
                 timer.cancel()
         self._abort_message()
@@ -201,9 +220,17 @@ class SMTPSession(Protocol):
         self._send(R.SESSION_TOO_LONG)
 
     def shutdown(self) -> None:
-        """Graceful stop: a session between commands is told 421 and closed."""
-        if self.phase is Phase.COMMAND and not self._busy:
+        """Graceful stop: a session between commands is told 421 and closed at once;
+        one in DATA or waiting for a check gets its reply first, then the 421."""
+        if self.phase in (Phase.COMMAND, Phase.AUTH) and not self._busy:
             self._send(R.SHUTTING_DOWN)
+        else:
+            self._closing_after_reply = True
+
+    def force_close(self) -> None:
+        """The shutdown grace time is over: abandon any message in progress."""
+        self._abort_message()
+        self._send(R.SHUTTING_DOWN)
 
     # --- output -----------------------------------------------------------------
 
@@ -219,18 +246,22 @@ class SMTPSession(Protocol):
 
     def _reply(self, reply: Reply) -> None:
         """Send a reply to a client command, counting client errors (RFC 5321 §4.3.2)."""
+        self._send(reply)
         if reply.is_error and reply.code != 552:
             self.errors += 1
-            if self.errors >= self.limits.max_errors and not reply.close:
-                self._send(reply)
+            if self.errors >= self.limits.max_errors:
                 self._send(R.TOO_MANY_ERRORS)
-                return
-        self._send(reply)
+        if self._closing_after_reply and self.phase is Phase.COMMAND:
+            self._send(R.SHUTTING_DOWN)
 
     # --- input ------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
         if self.phase is Phase.CLOSED:
+            return
+        if not self._greeted and self.listener.kind != "submissions":
+            log.info("early talker {ip}", ip=self.client_ip, event="limit", limit="early_talker")
+            self._send(R.EARLY_TALKER)
             return
         self._reset_idle_timer()
         if self._pos:
@@ -432,6 +463,8 @@ class SMTPSession(Protocol):
             return R.AUTH_ALREADY
         if self.txn is not None:
             return R.AUTH_IN_TRANSACTION
+        if self.ctx.abuse is not None and self.ctx.abuse.auth_blocked(self.client_ip):
+            return R.AUTH_BLOCKED
         words = arg.split()
         if not words or len(words) > 2:
             return R.AUTH_UNKNOWN_MECHANISM
@@ -500,7 +533,10 @@ class SMTPSession(Protocol):
             return R.AUTH_SYNTAX
         return self._check_password(user, password)
 
-    def _check_password(self, user: str, password: str) -> Deferred[Reply]:
+    def _check_password(self, user: str, password: str) -> Deferred[Reply] | Reply:
+        if self.ctx.abuse is not None and self.ctx.abuse.auth_blocked(self.client_ip, user.lower()):
+            # Even a right password is refused while the account is under attack.
+            return self._auth_failed(user)
         d = maybeDeferred(self.ctx.users.authenticate, user, password)
 
         def checked(canonical: str | None) -> Reply | Deferred[Reply]:
@@ -511,15 +547,19 @@ class SMTPSession(Protocol):
                 return R.AUTH_OK
             log.info("auth failed for {user} from {ip}", user=user[:64], ip=self.client_ip,
                      event="auth", result="failed")
-            return self._auth_failed()
+            return self._auth_failed(user)
 
         return d.addCallback(checked)
 
-    def _auth_failed(self) -> Deferred[Reply]:
-        """535 after a constant delay; too many failures close the session."""
+    def _auth_failed(self, user: str | None = None) -> Deferred[Reply]:
+        """535 after a delay that grows with each failure; too many close the session,
+        and failures across sessions block the client address and the account."""
         self.auth_failures += 1
+        if self.ctx.abuse is not None:
+            self.ctx.abuse.auth_failed(self.client_ip, user.lower() if user else None)
         reply = R.AUTH_TOO_MANY if self.auth_failures >= self.limits.max_auth_failures else R.AUTH_FAILED
-        return deferLater(self.ctx.clock, self.limits.auth_failure_delay, lambda: reply)
+        delay = self.limits.auth_failure_delay * self.auth_failures
+        return deferLater(self.ctx.clock, delay, lambda: reply)
 
     # --- the mail transaction ------------------------------------------------------
 
@@ -562,6 +602,16 @@ class SMTPSession(Protocol):
             txn.sender = parse_path(path, smtputf8=txn.smtputf8, allow_null=True)
         except AddressError as e:
             return R.BAD_SENDER_DOMAIN if e.bad_domain else R.BAD_SENDER
+        if self.auth_user is not None:
+            if (self.config.sender_binding and self.ctx.identities is not None
+                    and not self.ctx.identities.may_send_as(self.auth_user, txn.sender_text)):
+                log.info("{user} may not send as <{sender}>", user=self.auth_user,
+                         sender=txn.sender_text, event="rejected", reason="sender_binding")
+                return R.sender_not_owned(txn.sender_text)
+            if self.ctx.abuse is not None and not self.ctx.abuse.message_allowed(self.auth_user):
+                log.info("message rate limit for {user}", user=self.auth_user, event="limit",
+                         limit="user_messages")
+                return R.USER_RATE_LIMIT
         if self.auth_user is None and self.ctx.spf is not None and self.config.spf.enabled:
             return self._check_spf(txn)
         self.txn = txn
