@@ -9,17 +9,18 @@ built from the configuration and handed what it needs.
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from mta.config import Config, ConfigError, load_config
+from mta.proxy import listening_endpoint
 from mta.queue.store import QueueStore
 from mta.smtp.server import ServerContext, SMTPFactory
 
@@ -79,10 +80,11 @@ class MTAService(MultiService):
 
     def __init__(self, config: Config, reactor: Any = None, runner: Any = None,
                  config_path: Path | None = None, overrides: dict[str, Any] | None = None,
-                 install_signals: bool = False) -> None:
+                 install_signals: bool = False, loader: Callable[[], Config] | None = None) -> None:
         super().__init__()
-        self.config_path = config_path
-        self.overrides = overrides or {}
+        overrides = overrides or {}
+        # How a reload reads the configuration again (tests give their own).
+        self.loader = loader or (lambda: load_config(config_path, overrides))
         self.install_signals = install_signals
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -122,7 +124,7 @@ class MTAService(MultiService):
         Listeners and the queue location are not changed by a reload.
         """
         try:
-            config = load_config(self.config_path, self.overrides)
+            config = self.loader()
             policies = load_policies(config)
         except (ConfigError, StartupError) as e:
             log.error("reload failed, keeping the running configuration: {err}", err=e,
@@ -143,7 +145,7 @@ class MTAService(MultiService):
     @inlineCallbacks
     def _listen(self):
         for listener in self.config.listeners:
-            endpoint = serverFromString(self.reactor, listener.endpoint)
+            endpoint = listening_endpoint(self.reactor, listener.endpoint)
             factory = SMTPFactory(self.context, listener)
             try:
                 port = yield endpoint.listen(factory)

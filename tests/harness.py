@@ -99,8 +99,13 @@ loop2: loop1
 """
 
 
-def make_config(tmp_path: Path, tls: bool = True, extra: dict[str, Any] | None = None,
-                aliases: str = DEFAULT_ALIASES, users: dict[str, str] | None = None) -> Config:
+def make_config(tmp_path: Path, **kwargs: Any) -> Config:
+    return config_from_dict(make_raw_config(tmp_path, **kwargs), tmp_path)
+
+
+def make_raw_config(tmp_path: Path, tls: bool = True, extra: dict[str, Any] | None = None,
+                    aliases: str = DEFAULT_ALIASES, users: dict[str, str] | None = None) -> dict[str, Any]:
+    """Write the domain files and certificate; return the configuration as a dict."""
     domains = tmp_path / "domains"
     users = users if users is not None else {"alice": PASSWORD, "bob": PASSWORD}
     write_domain(domains, DOMAIN, users, aliases)
@@ -129,13 +134,15 @@ def make_config(tmp_path: Path, tls: bool = True, extra: dict[str, Any] | None =
             raw[key] = {**raw[key], **value}
         else:
             raw[key] = value
-    return config_from_dict(raw, tmp_path)
+    return raw
 
 
 async def start_mta(tmp_path: Path, runner: Any = False, **kwargs: Any) -> RunningMTA:
     """Start the MTA in this process. ``runner=False`` keeps delivery off (queue only)."""
-    config = make_config(tmp_path, **kwargs)
-    service = MTAService(config, reactor=reactor, runner=None if runner is False else runner)
+    raw = make_raw_config(tmp_path, **kwargs)
+    config = config_from_dict(raw, tmp_path)
+    service = MTAService(config, reactor=reactor, runner=None if runner is False else runner,
+                         loader=lambda: config_from_dict(raw, tmp_path))
     if runner is False:
         service.runner = None
     service.startService()

@@ -87,7 +87,10 @@ class AbuseLimits:
     def auth_failed(self, ip: str, account: str | None) -> None:
         """Count a failure; past the limit, block the IP (and the account) for a while."""
         for key in (f"ip:{ip}", f"user:{account.lower()}" if account else None):
-            if key is not None and not self.auth_failures.hit(key):
+            if key is None:
+                continue
+            self.auth_failures.hit(key)
+            if self.auth_failures.limit > 0 and self.auth_failures.count(key) >= self.auth_failures.limit:
                 if len(self._blocked_until) > MAX_KEYS:
                     self._blocked_until.clear()
                 self._blocked_until[key] = self.clock.seconds() + self.block_time
