@@ -17,6 +17,8 @@ from typing import Any
 from twisted.internet.endpoints import _parseServer  # type: ignore[attr-defined]
 
 LISTENER_KINDS = ("mx", "submission", "submissions")
+# Outbound SMTP stages with their own timeout (mta.delivery.client.Timeouts).
+STAGES = ("greeting", "ehlo", "tls", "mail", "rcpt", "data_init", "data_block", "data_end", "quit")
 
 
 class ConfigError(Exception):
@@ -126,6 +128,9 @@ class DeliveryConfig:
     mailbox_command: str | None = None
     lmtp: str | None = None
     pipe_timeout: float = 300.0
+    # Per-stage client timeouts ([delivery.timeouts]: greeting, ehlo, tls, mail, rcpt,
+    # data_init, data_block, data_end, quit); unset stages keep RFC 5321 §4.5.3.2 values.
+    stage_timeouts: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -149,6 +154,8 @@ class Config:
     # Authenticated users may only use their own address (and +suffixes) or the
     # identities listed in domains/<domain>/identities as envelope sender.
     sender_binding: bool = True
+    # Secret for SRS (forwarded mail); unset: generated once in data_dir/srs-secret.
+    srs_secret: str | None = None
     metrics_endpoint: str | None = None
     log_json: Path | None = None
     fsync: bool = True
@@ -263,6 +270,7 @@ def config_from_dict(raw: dict[str, Any], base: Path, overrides: dict[str, Any] 
     top = {
         "hostname", "local_domains", "data_dir", "queue_dir", "mail_dir", "domains_dir",
         "control_socket", "relay_networks", "metrics", "log_json", "fsync", "sender_binding",
+        "srs_secret",
         "listeners", "tls", "limits", "spf", "dns", "aliases", "delivery",
     }
     _check_keys(raw, top, "")
@@ -356,7 +364,17 @@ def config_from_dict(raw: dict[str, Any], base: Path, overrides: dict[str, Any] 
     aliases = _dataclass_from(_table(raw, "aliases"), AliasConfig, "aliases.",
                               {"drop_characters": str, "suffix_separators": str, "max_depth": int})
 
-    dl = _table(raw, "delivery")
+    dl = dict(_table(raw, "delivery"))
+    stage_raw = dl.pop("timeouts", {})
+    if not isinstance(stage_raw, dict):
+        raise ConfigError("delivery.timeouts", "must be a table")
+    stages = []
+    for key, value in stage_raw.items():
+        if key not in STAGES:
+            raise ConfigError(f"delivery.timeouts.{key}", f"unknown stage; one of {', '.join(STAGES)}")
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise ConfigError(f"delivery.timeouts.{key}", "must be a number of seconds > 0")
+        stages.append((key, float(value)))
     types = {
         "smarthosts": list, "smarthost_username": str, "smarthost_password": str,
         "smarthost_tls": str, "tls_policy": str, "retry_schedule": list, "retry_jitter": float,
@@ -378,7 +396,8 @@ def config_from_dict(raw: dict[str, Any], base: Path, overrides: dict[str, Any] 
     if delivery.tls_policy not in ("opportunistic", "verify"):
         raise ConfigError("delivery.tls_policy", "must be opportunistic or verify")
     mx_port = overrides.get("mx_port") or delivery.mx_port
-    delivery = replace(delivery, smarthosts=tuple(smarthosts), retry_schedule=schedule, mx_port=mx_port)
+    delivery = replace(delivery, smarthosts=tuple(smarthosts), retry_schedule=schedule, mx_port=mx_port,
+                       stage_timeouts=tuple(stages))
 
     relay_networks = tuple(_get(raw, "relay_networks", list, "", []))
     import ipaddress
@@ -413,6 +432,7 @@ def config_from_dict(raw: dict[str, Any], base: Path, overrides: dict[str, Any] 
         log_json=_path(base, _get(raw, "log_json", str, "", None)),
         fsync=_get(raw, "fsync", bool, "", True),
         sender_binding=_get(raw, "sender_binding", bool, "", True),
+        srs_secret=_get(raw, "srs_secret", str, "", None),
     )
 
 

@@ -67,12 +67,14 @@ def load_policies(config: Config) -> Policies:
 
 def build_context(config: Config, reactor: Any) -> ServerContext:
     from mta.policy.limits import AbuseLimits
+    from mta.policy.srs import SRSRewriter, load_or_create_secret
 
     p = load_policies(config)
     store = QueueStore(config.queue_dir, fsync=config.fsync)
+    secret = config.srs_secret or load_or_create_secret(config.data_dir / "srs-secret")
     return ServerContext(config=config, store=store, users=p.users, aliases=p.aliases,
                          identities=p.identities, clock=reactor, tls=p.tls, spf=p.spf,
-                         abuse=AbuseLimits(config.limits, reactor))
+                         abuse=AbuseLimits(config.limits, reactor), srs=SRSRewriter(secret))
 
 
 class MTAService(MultiService):

@@ -77,7 +77,8 @@ class RemoteCourier:
         self.reactor = reactor
         self.clock = clock or reactor
         self.trust_root = trust_root
-        self.timeouts = timeouts or Timeouts(connect=config.delivery.connect_timeout)
+        self.timeouts = timeouts or Timeouts(connect=config.delivery.connect_timeout,
+                                             **dict(config.delivery.stage_timeouts))
 
     def deliver(self, envelope: Envelope, recipients: list[Recipient],
                 data_path: Path) -> Deferred[list[DeliveryResult]]:
@@ -93,14 +94,19 @@ class RemoteCourier:
 
     async def _deliver(self, envelope: Envelope, recipients: list[Recipient],
                        data_path: Path) -> list[DeliveryResult]:
-        groups: dict[str, list[Recipient]] = {}
+        # One transaction per destination and envelope sender: forwarded recipients
+        # carry the SRS-rewritten sender the server recorded (mta.policy.srs).
+        srs_sender = envelope.extra.get("srs_sender", "")
+        srs_recipients = set(envelope.extra.get("srs_recipients", ()))
+        groups: dict[tuple[str, str], list[Recipient]] = {}
         for r in recipients:
-            key = "" if self.delivery.smarthosts else _domain(r.address)
-            groups.setdefault(key, []).append(r)
+            domain = "" if self.delivery.smarthosts else _domain(r.address)
+            sender = srs_sender if srs_sender and r.address in srs_recipients else envelope.sender
+            groups.setdefault((domain, sender), []).append(r)
         size = envelope.size or os.stat(data_path).st_size
         lists = await gatherResults([
-            Deferred.fromCoroutine(self._deliver_group(envelope, domain, group, data_path, size))
-            for domain, group in groups.items()
+            Deferred.fromCoroutine(self._deliver_group(envelope, domain, group, data_path, size, sender))
+            for (domain, sender), group in groups.items()
         ])
         by_id = {id(res.recipient): res for results in lists for res in results}
         return [by_id[id(r)] for r in recipients]
@@ -120,10 +126,10 @@ class RemoteCourier:
                 for mx in hosts for address in mx.addresses]
 
     async def _deliver_group(self, envelope: Envelope, domain: str, recipients: list[Recipient],
-                             data_path: Path, size: int) -> list[DeliveryResult]:
+                             data_path: Path, size: int, sender: str) -> list[DeliveryResult]:
         """One destination; an unexpected error defers this group only."""
         try:
-            return await self._deliver_to(envelope, domain, recipients, data_path, size)
+            return await self._deliver_to(envelope, domain, recipients, data_path, size, sender)
         except Exception as e:
             log.failure("remote delivery of {id} to {domain} failed unexpectedly", id=envelope.id,
                         domain=domain or "smarthost")
@@ -131,7 +137,7 @@ class RemoteCourier:
             return [DeliveryResult(r, Outcome.DEFERRED, reason, "", "4.3.0") for r in recipients]
 
     async def _deliver_to(self, envelope: Envelope, domain: str, recipients: list[Recipient],
-                          data_path: Path, size: int) -> list[DeliveryResult]:
+                          data_path: Path, size: int, sender: str) -> list[DeliveryResult]:
         try:
             routes = await self._routes(domain)
         except DNSError as e:
@@ -145,7 +151,7 @@ class RemoteCourier:
         for route in routes:
             if not waiting:
                 break
-            tx = Transaction(sender=envelope.sender, recipients=list(waiting), data_path=data_path,
+            tx = Transaction(sender=sender, recipients=list(waiting), data_path=data_path,
                              size=size, body_8bit=envelope.body_8bit, smtputf8=envelope.smtputf8)
             session = await self._attempt(route, tx)
             for address, reply in session.transactions[0].replies.items():

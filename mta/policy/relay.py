@@ -48,10 +48,19 @@ def relay_allowed(auth_user: str | None, client_ip: str, relay_networks: tuple[s
 
 
 def check_recipient(address: Address, local_domains: tuple[str, ...], aliases: Any,
-                    may_relay: bool) -> RecipientDecision:
+                    may_relay: bool, srs: Any = None) -> RecipientDecision:
     """Accept or refuse one RCPT TO address; on acceptance, its expanded targets."""
     from mta.policy.aliases import AliasLoopError
+    from mta.policy.srs import SRSError, is_srs_local
 
+    if address.domain in local_domains and srs is not None and is_srs_local(address.local):
+        # A bounce to an address we rewrote when forwarding: back to the original
+        # sender, but only if our HMAC and timestamp verify (no relay by forgery).
+        try:
+            original = srs.reverse(str(address))
+        except SRSError:
+            return RecipientDecision(R.unknown_user(str(address)))
+        return RecipientDecision(None, (Target("remote", original),))
     if address.domain in local_domains:
         if not aliases.exists(address.local, address.domain):
             return RecipientDecision(R.unknown_user(str(address)))

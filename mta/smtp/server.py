@@ -75,6 +75,7 @@ class ServerContext:
     tls: Any = None  # a server context factory, or None
     spf: Any = None  # mta.policy.spf.SPFChecker, or None
     abuse: Any = None  # mta.policy.limits.AbuseLimits
+    srs: Any = None  # mta.policy.srs.SRSRewriter
     identities: Any = None  # mta.policy.identities.Identities
     connections: dict[str, int] = field(default_factory=dict)
     sessions: set[SMTPSession] = field(default_factory=set)
@@ -661,6 +662,7 @@ class SMTPSession(Protocol):
             local_domains=self.config.local_domains,
             aliases=self.ctx.aliases,
             may_relay=relay_allowed(self.auth_user, self.client_ip, self.config.relay_networks),
+            srs=self.ctx.srs,
         )
         if decision.reply is not None:
             return decision.reply
@@ -778,6 +780,7 @@ class SMTPSession(Protocol):
             auth_user=self.auth_user or "",
             tls=f"{self.tls_version} {self.tls_cipher}".strip(),
         )
+        self._add_srs(envelope)
         self._writer = None
         try:
             writer.commit(envelope)
@@ -792,6 +795,21 @@ class SMTPSession(Protocol):
             size=envelope.size, ip=self.client_ip, event="queued",
         )
         return R.queued(envelope.id)
+
+    def _add_srs(self, envelope: Envelope) -> None:
+        """Forwarded recipients (a local alias expanding to a remote address) get an
+        SRS-rewritten sender, so SPF at the destination checks our domain."""
+        if self.ctx.srs is None or not envelope.sender:
+            return
+        sender_domain = envelope.sender.rpartition("@")[2]
+        if sender_domain in self.config.local_domains:
+            return
+        forwarded = [r for r in envelope.recipients if r.kind is RecipientKind.REMOTE
+                     and r.original.rpartition("@")[2] in self.config.local_domains]
+        if forwarded:
+            alias_domain = forwarded[0].original.rpartition("@")[2]
+            envelope.extra["srs_sender"] = self.ctx.srs.forward(envelope.sender, alias_domain)
+            envelope.extra["srs_recipients"] = [r.address for r in forwarded]
 
     def _abort_message(self) -> None:
         self._data = None

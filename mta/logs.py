@@ -1,0 +1,352 @@
+"""Structured logging: the event schema, a JSON-lines log file, and the secret filter.
+
+Every outcome an operator cares about is one ``twisted.logger`` event whose
+``event`` field names it (the queue runner and the control socket still spell
+the key ``log_event``; both spellings are read the same way here).  The format
+string of each event makes one readable line in the normal twistd log; the
+fields below are what the JSON log (``log_json`` in the configuration) and
+:mod:`mta.metrics` read.
+
+Event schema (``event`` key: fields)
+------------------------------------
+
+SMTP server (namespace ``mta.smtp.server``):
+
+``session``     one per connection, when it closes: ``client_ip``, ``listener``
+                (listener name), ``kind`` (``mx``/``submission``/``submissions``),
+                ``helo`` (or ``-``), ``tls`` (protocol version such as ``TLSv1.3``,
+                or ``no``), ``auth`` (user or ``-``), ``accepted`` (messages
+                queued), ``errors`` (error replies), ``duration`` (seconds).
+``auth``        each AUTH outcome: ``user``, ``ip``, ``result`` (``ok``/``failed``),
+                ``reason`` on failure (``bad_credentials``/``blocked``/``malformed``).
+``spf``         each SPF check: ``result`` (RFC 7208 §2.6 name: ``pass``, ``fail``,
+                ``softfail``, ``neutral``, ``none``, ``temperror``, ``permerror``),
+                ``sender``, ``ip``.
+``rejected``    each refused step of a mail transaction: ``stage``
+                (``connect``/``mail``/``rcpt``/``data``), ``reply`` (full reply
+                text), ``code``, ``enhanced`` (RFC 3463 code), ``reason`` (short
+                name, optional), ``ip``, ``sender``, ``recipient`` (at RCPT).
+``queued``      each accepted message: ``queue_id`` (older code: ``id``),
+                ``sender``, ``rcpts`` (comma-separated), ``size`` (octets), ``ip``.
+``limit``       an abuse limit hit: ``limit`` (``connection_rate``,
+                ``early_talker``, ``user_messages``), ``ip`` or ``user``.
+
+Queue runner (namespace ``mta.queue.runner``):
+
+``delivery``    each attempt for each recipient: ``queue_id``, ``recipient``,
+                ``destination`` (``local``, ``pipe``, ``remote:<domain>``,
+                ``remote:smarthost``; the courier kind is the part before ``:``),
+                ``outcome`` (``delivered``/``deferred``/``failed``), ``state``,
+                ``reply``, ``attempt`` (number), ``duration`` (seconds of this
+                attempt), ``remote_mta`` (host that answered, or empty), ``tls``
+                (outbound TLS version and cipher, empty for none), ``age``
+                (seconds since the message was queued).
+``expired``     ``queue_id``, ``recipient``, ``reply``.
+``dsn``         a bounce or delay notice queued: ``action`` (``failed``/``delayed``),
+                ``dsn_id``, ``queue_id``, ``sender``, ``recipients``.
+``bounce_dropped``  a failure for a null-sender message: ``queue_id``, ``recipient``, ``reply``.
+``removed``     ``queue_id``.
+
+Elsewhere: ``reload`` (``result``, ``err``), ``control`` (``command``, ``uid``),
+``deleted`` and ``admin_bounce`` (``queue_id``).
+
+JSON lines
+----------
+
+:func:`json_file_observer` writes one JSON object per line (not Twisted's
+``jsonFileLogObserver``, which writes RFC 7464 record-separated text with
+Twisted's internal keys).  Each object has ``time`` (ISO 8601, UTC),
+``level``, ``event`` (when the event has one), ``namespace``, ``message``
+(the formatted text), ``traceback`` (for failures), then every field of the
+event whose value is JSON data (str, number, bool, None, and lists and
+string-keyed dicts of those; exceptions, paths and enums are written as
+text; other values are left out).  A field whose name clashes with one of
+those keys is written with a ``_`` prefix.
+
+Secrets
+-------
+
+No field whose name contains ``password``, ``passwd``, ``secret`` or ``token``
+(any case; also inside dict values) is ever written: the JSON observer drops
+them itself, and :func:`install_scrubber` puts an observer on the log
+publisher that removes them from each event in place.  Installed before
+twistd begins logging (from the service maker), it runs ahead of twistd's own
+text observer, so the text log never sees them either; an event whose format
+string names such a field then prints as Twisted's "Unable to format event"
+line, without the secret.  Secrets pasted into the format string itself, or
+carried inside an exception's message, cannot be recognised by name.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+from collections.abc import Mapping
+from datetime import UTC, date, datetime
+from enum import Enum
+from pathlib import Path, PurePath
+from typing import IO, Any
+
+from twisted.application.service import Service
+from twisted.logger import (
+    ILogObserver,
+    LogEvent,
+    LogPublisher,
+    formatEvent,
+    globalLogPublisher,
+)
+from zope.interface import implementer
+
+SECRET_WORDS = ("password", "passwd", "secret", "token")
+# Keys of a JSON line that event fields may not overwrite.
+RESERVED_KEYS = frozenset({"time", "level", "event", "namespace", "message", "traceback"})
+_MAX_DEPTH = 6
+
+
+# --- the event key ---------------------------------------------------------------------
+
+
+def event_name(event: Mapping[str, Any]) -> str | None:
+    """The event's ``event`` key (or the ``log_event`` spelling), or None."""
+    name = event.get("event")
+    if name is None:
+        name = event.get("log_event")
+    return name if isinstance(name, str) else None
+
+
+# --- secrets -----------------------------------------------------------------------------
+
+
+def is_secret(key: object) -> bool:
+    """True for a field name that may hold a credential."""
+    if not isinstance(key, str):
+        return False
+    lowered = key.lower()
+    return any(word in lowered for word in SECRET_WORDS)
+
+
+def _has_secret(value: Any, depth: int = 0) -> bool:
+    if depth > _MAX_DEPTH:
+        return False
+    if isinstance(value, Mapping):
+        return any(is_secret(k) or _has_secret(v, depth + 1) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_has_secret(v, depth + 1) for v in value)
+    return False
+
+
+def _without_secrets(value: Any, depth: int = 0) -> Any:
+    """A copy of ``value`` with secret keys removed from every dict inside it."""
+    if depth > _MAX_DEPTH:
+        return value
+    if isinstance(value, Mapping):
+        return {k: _without_secrets(v, depth + 1) for k, v in value.items() if not is_secret(k)}
+    if isinstance(value, list):
+        return [_without_secrets(v, depth + 1) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_without_secrets(v, depth + 1) for v in value)
+    return value
+
+
+def scrub(event: LogEvent) -> LogEvent:
+    """Remove secret fields from ``event`` in place and return it.
+
+    Nested dicts holding secrets are replaced by cleaned copies, never
+    changed in place: they may belong to the code that logged them.
+    """
+    for key in [k for k in event if is_secret(k)]:
+        del event[key]
+    for key, value in list(event.items()):
+        if not key.startswith("log_") and _has_secret(value):
+            event[key] = _without_secrets(value)
+    return event
+
+
+def scrubbed(event: LogEvent) -> LogEvent:
+    """A copy of ``event`` without secret fields; ``event`` is left as it is."""
+    return scrub(dict(event))
+
+
+@implementer(ILogObserver)
+class SecretScrubber:
+    """A log observer that removes secret fields from each event in place.
+
+    Observers registered on the same publisher *after* it never see them.
+    """
+
+    def __call__(self, event: LogEvent) -> None:
+        scrub(event)
+
+
+_SCRUBBER = SecretScrubber()
+
+
+def install_scrubber(publisher: LogPublisher = globalLogPublisher) -> SecretScrubber:
+    """Register the in-place secret filter on ``publisher`` (idempotent).
+
+    Call it before ``globalLogBeginner.beginLoggingTo`` runs (twistd calls that
+    after the service maker returns), so it comes before twistd's observer.
+    """
+    publisher.addObserver(_SCRUBBER)
+    return _SCRUBBER
+
+
+def remove_scrubber(publisher: LogPublisher = globalLogPublisher) -> None:
+    publisher.removeObserver(_SCRUBBER)
+
+
+@implementer(ILogObserver)
+class Scrubbing:
+    """Wraps an observer so that it only ever sees events without secrets."""
+
+    def __init__(self, observer: ILogObserver) -> None:
+        self.observer = observer
+
+    def __call__(self, event: LogEvent) -> None:
+        self.observer(scrubbed(event))
+
+
+# --- JSON lines ----------------------------------------------------------------------------
+
+
+class _Skip(Exception):
+    """A value that is not JSON data."""
+
+
+def _jsonable(value: Any, depth: int = 0) -> Any:
+    if depth > _MAX_DEPTH:
+        raise _Skip()
+    if value is None or isinstance(value, bool | int | str):
+        return value.value if isinstance(value, Enum) else value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, Enum):
+        return _jsonable(value.value, depth + 1)
+    if isinstance(value, PurePath | BaseException):
+        return str(value)
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, list | tuple | set | frozenset):
+        items = sorted(value, key=str) if isinstance(value, set | frozenset) else value
+        return [_jsonable(v, depth + 1) for v in items]
+    if isinstance(value, Mapping):
+        return {k: _jsonable(v, depth + 1) for k, v in value.items()
+                if isinstance(k, str) and not is_secret(k)}
+    raise _Skip()
+
+
+def _iso_time(seconds: Any) -> str | None:
+    if not isinstance(seconds, int | float):
+        return None
+    moment = datetime.fromtimestamp(seconds, UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def event_as_json(event: LogEvent) -> str:
+    """One line of JSON (no newline) for ``event``; secret fields are left out."""
+    event = scrubbed(event)
+    level = event.get("log_level")
+    out: dict[str, Any] = {
+        "time": _iso_time(event.get("log_time")),
+        "level": getattr(level, "name", None),
+    }
+    name = event_name(event)
+    if name is not None:
+        out["event"] = name
+    out["namespace"] = event.get("log_namespace")
+    out["message"] = formatEvent(event)
+    failure = event.get("log_failure")
+    if failure is not None:
+        try:
+            out["traceback"] = failure.getTraceback()
+        except Exception:
+            out["traceback"] = repr(failure)
+    for key, value in event.items():
+        if not isinstance(key, str) or key.startswith("log_") or key == "event":
+            continue
+        try:
+            data = _jsonable(value)
+        except _Skip:
+            continue
+        out["_" + key if key in RESERVED_KEYS else key] = data
+    return json.dumps(out, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+@implementer(ILogObserver)
+class JSONLinesObserver:
+    """Writes each event as one JSON object on its own line, then flushes.
+
+    Safe to call from several threads (events logged by thread-pool work).
+    """
+
+    def __init__(self, stream: IO[str], path: Path | None = None) -> None:
+        self.stream: IO[str] | None = stream
+        self.path = path
+        self._lock = threading.Lock()
+
+    def __call__(self, event: LogEvent) -> None:
+        line = event_as_json(event) + "\n"
+        with self._lock:
+            if self.stream is None:
+                return
+            self.stream.write(line)
+            self.stream.flush()
+
+    def reopen(self) -> None:
+        """Close and open the file again (after logrotate moved it away)."""
+        if self.path is None:
+            return
+        stream = _open_log(self.path)
+        with self._lock:
+            old, self.stream = self.stream, stream
+        if old is not None:
+            old.close()
+
+    def close(self) -> None:
+        with self._lock:
+            stream, self.stream = self.stream, None
+        if stream is not None:
+            stream.close()
+
+
+def _open_log(path: Path) -> IO[str]:
+    # Logs name people's addresses: not world-readable.
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+    return open(fd, "a", encoding="utf-8", errors="replace")  # noqa: SIM115
+
+
+def json_file_observer(path: Path) -> JSONLinesObserver:
+    """An observer appending JSON lines to ``path`` (created if missing). Raises OSError."""
+    return JSONLinesObserver(_open_log(path), path)
+
+
+class JSONLogService(Service):
+    """Writes the JSON log while running: registers the observer on start, closes on stop."""
+
+    def __init__(self, path: Path, publisher: LogPublisher = globalLogPublisher) -> None:
+        self.path = path
+        self.publisher = publisher
+        self.observer: JSONLinesObserver | None = None
+
+    def startService(self) -> None:  # noqa: N802
+        self.observer = json_file_observer(self.path)
+        self.publisher.addObserver(self.observer)
+        super().startService()
+
+    def stopService(self) -> None:  # noqa: N802
+        super().stopService()
+        if self.observer is not None:
+            self.publisher.removeObserver(self.observer)
+            self.observer.close()
+            self.observer = None
+
+    def reopen(self) -> None:
+        if self.observer is not None:
+            self.observer.reopen()
+
+
+def json_log_service(path: Path, publisher: LogPublisher = globalLogPublisher) -> JSONLogService:
+    """The JSON log as a child service of the MTA (see :class:`JSONLogService`)."""
+    return JSONLogService(path, publisher)
