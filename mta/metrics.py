@@ -12,9 +12,9 @@ The queue's size and the age of its oldest message are read at scrape time
 from the queue directory's listing: queue ids begin with the creation time
 in hex seconds (:func:`mta.queue.store.new_queue_id`), so no envelope is read.
 
-Label values that come from events are checked against the known sets
-(anything else is counted as ``other``), so a label can never grow without
-bound.
+Label values that come from events are checked against the known sets (a
+missing value is counted as ``unknown``, anything else as ``other``), so a
+label can never grow without bound.
 
 Metrics (all in one dedicated :class:`CollectorRegistry`)::
 
@@ -87,6 +87,9 @@ LATENCY_BUCKETS = (0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 1800, 3600, 4 * 3600,
 
 
 def _label(value: Any, allowed: frozenset[str]) -> str:
+    """``value`` if it is one of ``allowed``; "unknown" when missing, else "other"."""
+    if value is None or value == "":
+        return "unknown"
     return value if isinstance(value, str) and value in allowed else "other"
 
 
@@ -272,9 +275,7 @@ class Metrics:
 
     def _on_rejected(self, event: Mapping[str, Any]) -> None:
         enhanced = _enhanced(event)
-        stage = event.get("stage")
-        self.rejections.labels(stage=_label(stage, STAGES) if stage else "unknown",
-                               enhanced=enhanced).inc()
+        self.rejections.labels(stage=_label(event.get("stage"), STAGES), enhanced=enhanced).inc()
         if enhanced[1:] == ".4.6":  # RFC 3463: X.4.6 routing loop detected
             self.loops.inc()
 

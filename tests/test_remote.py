@@ -371,3 +371,18 @@ async def test_connect_timeout_comes_from_the_config(tmp_path: Path) -> None:
     config = make_config(tmp_path, connect_timeout=7.0)
     courier = RemoteCourier(config, FakeResolver({}), reactor)
     assert courier.timeouts == replace(Timeouts(), connect=7.0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_ipv6_mx_address(tmp_path: Path) -> None:
+    """An MX host with only an AAAA address (::1) is reached over IPv6."""
+    sink = await start_sink(interface="::1")
+    try:
+        courier = RemoteCourier(make_config(tmp_path, mx_port=sink.port),
+                                FakeResolver({"dst.test": [MXHost(MX1, 10, ("::1",))]}), reactor)
+        env, path = envelope(tmp_path, ["a@dst.test"])
+        (result,) = await run(courier, env, path)
+        assert result.outcome is Outcome.DELIVERED
+        assert sink.messages[0].recipients == ["a@dst.test"]
+    finally:
+        await sink.stop()
