@@ -279,6 +279,8 @@ class ControlCommands:
             data = base64.b64decode(message, validate=True)
         except (binascii.Error, ValueError):
             raise CommandError("message is not valid base64", "usage") from None
+        if not getattr(self.context, "accepting", True):
+            raise CommandError("the daemon is shutting down; try again later", "temporary")
         submitter = Submitter(uid=peer.get("uid"), pid=peer.get("pid"))
         try:
             queue_id = submit_message(self.context.store, self.config, self.context.aliases,

@@ -1,7 +1,8 @@
-"""A scriptable SMTP sink for tests: a small Twisted server on 127.0.0.1, port 0.
+"""A scriptable SMTP (or LMTP) sink for tests: a small Twisted server on 127.0.0.1, port 0.
 
 ``sink = await start_sink(**options)`` starts it; ``sink.port`` is where it
-listens; ``sink.messages`` lists the accepted messages (sender, recipients, the
+listens (``start_sink(unix_path=...)`` listens on a UNIX socket instead;
+``sink.endpoint`` is a client endpoint string for either); ``sink.messages`` lists the accepted messages (sender, recipients, the
 DATA bytes as they came over the wire and un-stuffed); ``sink.sessions``
 records every connection (commands, how they were grouped in reads, TLS, AUTH,
 where it stalled); ``await sink.stop()`` closes the port and every connection.
@@ -25,6 +26,11 @@ Scripting, all optional:
 * ``max_recipients=N`` -- 452 4.5.3 for RCPTs past N in a transaction.
 * ``starttls_inject=b"..."`` -- bytes written right after the 220 to STARTTLS,
   in the same write, before the handshake (a response-injection attacker).
+* ``lmtp=True`` -- speak LMTP (RFC 2033): LHLO is answered (stage "LHLO"),
+  EHLO and HELO get 500, and after DATA there is one reply per accepted
+  recipient in RCPT order, each scriptable as ``"DATA_END:<address>"`` (falling
+  back to ``"DATA_END"``; ``stall``/``drop`` take the same keys).  A message
+  records the recipients that got a 2xx in ``delivered_to``.
 """
 
 from __future__ import annotations
@@ -59,6 +65,7 @@ class SinkMessage:
     auth_user: str | None
     helo: str
     accepted: bool = True
+    delivered_to: list[str] = field(default_factory=list)  # recipients given a 2xx after DATA
 
 
 @dataclass
@@ -97,6 +104,7 @@ class SinkOptions:
     auth_required: bool = False
     max_recipients: int | None = None
     starttls_inject: bytes = b""
+    lmtp: bool = False
 
 
 @implementer(IHandshakeListener)
@@ -122,7 +130,8 @@ class SinkProtocol(Protocol):
 
     def connectionMade(self) -> None:
         self.sink.sessions.append(self.session)
-        self._reply("greeting", f"220 {self.opts.hostname} ESMTP sink")
+        kind = "LMTP" if self.opts.lmtp else "ESMTP"
+        self._reply("greeting", f"220 {self.opts.hostname} {kind} sink")
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.session.closed = True
@@ -236,7 +245,24 @@ class SinkProtocol(Protocol):
             ext.append(" ".join(["AUTH", *o.auth_mechanisms]))
         return ext
 
+    def _hello_refused_by_lmtp(self) -> bool:
+        if self.opts.lmtp:  # RFC 2033 §4.1: an LMTP server only knows LHLO
+            self._write(["500 5.5.1 this is an LMTP server: use LHLO"])
+        return self.opts.lmtp
+
+    def _do_LHLO(self, arg: str) -> None:
+        if not self.opts.lmtp:
+            self._write(["502 5.5.1 command not implemented"])
+            return
+        lines = [self.opts.hostname, *self._extensions()]
+        default = "\n".join([*(f"250-{x}" for x in lines[:-1]), f"250 {lines[-1]}"])
+        if self._reply("LHLO", default) == 250:
+            self._greeted, self.session.helo = True, arg
+            self._reset()
+
     def _do_EHLO(self, arg: str) -> None:
+        if self._hello_refused_by_lmtp():
+            return
         lines = [self.opts.hostname, *self._extensions()]
         default = "\n".join([*(f"250-{x}" for x in lines[:-1]), f"250 {lines[-1]}"])
         if not self.opts.esmtp:
@@ -246,6 +272,8 @@ class SinkProtocol(Protocol):
             self._reset()
 
     def _do_HELO(self, arg: str) -> None:
+        if self._hello_refused_by_lmtp():
+            return
         if self._reply("HELO", f"250 {self.opts.hostname}") == 250:
             self._greeted, self.session.helo = True, arg
             self._reset()
@@ -393,9 +421,24 @@ class SinkProtocol(Protocol):
         )
         self.session.messages.append(message)
         number = sum(len(s.messages) for s in self.sink.sessions)
-        code = self._reply("DATA_END", f"250 2.0.0 Ok: queued as M{number}")
-        message.accepted = code // 100 == 2
+        if self.opts.lmtp:
+            self._lmtp_replies(message, number)
+        else:
+            code = self._reply("DATA_END", f"250 2.0.0 Ok: queued as M{number}")
+            message.accepted = code // 100 == 2
+            message.delivered_to = list(message.recipients) if message.accepted else []
         self._reset()
+
+    def _lmtp_replies(self, message: SinkMessage, number: int) -> None:
+        """RFC 2033 §4.2: one reply per accepted recipient, in RCPT order."""
+        for address in message.recipients:
+            if self._stalled or self.transport.disconnecting:
+                break
+            code = self._reply("DATA_END", f"250 2.0.0 <{address}> Ok: delivered as M{number}",
+                               key=f"DATA_END:{address}")
+            if code // 100 == 2:
+                message.delivered_to.append(address)
+        message.accepted = bool(message.delivered_to)
 
     def _do_RSET(self, arg: str) -> None:
         self._reply("RSET", "250 2.0.0 Ok")
@@ -436,6 +479,14 @@ class Sink:
         self._connections: set[SinkProtocol] = set()
         self._port: Any = None
         self.port = 0
+        self.unix_path: str | None = None
+
+    @property
+    def endpoint(self) -> str:
+        """A client endpoint description that reaches this sink."""
+        if self.unix_path is not None:
+            return f"unix:{self.unix_path}"
+        return f"tcp:{self._port.getHost().host}:{self.port}"
 
     @property
     def messages(self) -> list[SinkMessage]:
@@ -453,10 +504,15 @@ class Sink:
         await gatherResults(waits)
 
 
-async def start_sink(interface: str = "127.0.0.1", port: int = 0, **options: Any) -> Sink:
+async def start_sink(interface: str = "127.0.0.1", port: int = 0, unix_path: str | None = None,
+                     **options: Any) -> Sink:
     """Listen on ``interface:port`` (another 127.x address and a fixed port let several
-    sinks share one port, as MX hosts do)."""
+    sinks share one port, as MX hosts do), or on the UNIX socket ``unix_path``."""
     sink = Sink(SinkOptions(**options))
+    if unix_path is not None:
+        sink._port = reactor.listenUNIX(unix_path, _SinkFactory(sink))
+        sink.unix_path = unix_path
+        return sink
     sink._port = reactor.listenTCP(port, _SinkFactory(sink), interface=interface)
     sink.port = sink._port.getHost().port
     return sink

@@ -33,6 +33,14 @@ Deliberate choices:
   follow directly.
 * Credentials are only ever sent under TLS (RFC 4954 §4 and RFC 8314 spirit);
   configured credentials on a plaintext connection fail that server.
+
+LMTP (RFC 2033, ``ClientOptions.lmtp``) is the same dialogue with three
+differences: ``LHLO`` instead of EHLO, with no HELO fallback (§4.1); no
+STARTTLS unless the TLS policy is "require" or "verify" (an LMTP server is
+usually a local socket, so "opportunistic" does not try it); and after the end
+of DATA one reply per accepted RCPT, in RCPT order, each deciding that
+recipient alone (§4.2).  A connection failure in the middle of those replies
+leaves the remaining recipients unanswered.
 """
 
 from __future__ import annotations
@@ -113,6 +121,8 @@ class ClientOptions:
     username: str | None = None
     password: str | None = None
     timeouts: Timeouts = field(default_factory=Timeouts)
+    # Speak LMTP (RFC 2033) instead of SMTP: LHLO, and one reply per recipient after DATA.
+    lmtp: bool = False
 
     def __post_init__(self) -> None:
         if self.tls_policy not in TLS_POLICIES:
@@ -454,7 +464,10 @@ class SMTPClientProtocol(Protocol):
 
     def connectionMade(self) -> None:
         if interfaces.ITCPTransport.providedBy(self.transport):
-            self.transport.setTcpNoDelay(True)
+            try:
+                self.transport.setTcpNoDelay(True)
+            except OSError:
+                pass  # a UNIX socket (LMTP) says ITCPTransport but has no Nagle to turn off
 
     def dataReceived(self, data: bytes) -> None:
         if self._failure is not None:
@@ -645,9 +658,11 @@ class State(Enum):
     GREETING = "greeting"
     EHLO = "EHLO"
     HELO = "HELO"
+    LHLO = "LHLO"  # RFC 2033 §4.1, instead of EHLO
     STARTTLS = "STARTTLS"
     TLS_HANDSHAKE = "TLS handshake"
     EHLO_AFTER_TLS = "EHLO after STARTTLS"
+    LHLO_AFTER_TLS = "LHLO after STARTTLS"
     AUTH = "AUTH"
     MAIL = "MAIL FROM"
     RCPT = "RCPT TO"
@@ -664,12 +679,14 @@ S = State
 # nothing and leaves the state as it was.  Any state may go to CLOSED.
 _TRANSITIONS: dict[State, frozenset[State]] = {
     S.CONNECTING: frozenset({S.GREETING}),
-    S.GREETING: frozenset({S.EHLO, S.QUIT}),
+    S.GREETING: frozenset({S.EHLO, S.LHLO, S.QUIT}),
     S.EHLO: frozenset({S.HELO, S.STARTTLS, S.AUTH, S.MAIL, S.QUIT}),
     S.HELO: frozenset({S.AUTH, S.MAIL, S.QUIT}),
+    S.LHLO: frozenset({S.STARTTLS, S.AUTH, S.MAIL, S.QUIT}),  # no HELO fallback
     S.STARTTLS: frozenset({S.TLS_HANDSHAKE, S.AUTH, S.MAIL, S.QUIT}),  # plaintext if refused
-    S.TLS_HANDSHAKE: frozenset({S.EHLO_AFTER_TLS}),
+    S.TLS_HANDSHAKE: frozenset({S.EHLO_AFTER_TLS, S.LHLO_AFTER_TLS}),
     S.EHLO_AFTER_TLS: frozenset({S.AUTH, S.MAIL, S.QUIT}),
+    S.LHLO_AFTER_TLS: frozenset({S.AUTH, S.MAIL, S.QUIT}),
     S.AUTH: frozenset({S.MAIL, S.QUIT}),
     S.MAIL: frozenset({S.RCPT, S.RSET, S.QUIT}),
     S.RCPT: frozenset({S.DATA, S.RSET, S.QUIT}),
@@ -738,7 +755,7 @@ class _Session:
         greeting = await self._read(self.t.greeting, "the greeting")
         if greeting.code != 220:  # RFC 5321 §3.1: 554 means no service here
             raise _refused(greeting, "the greeting")
-        self.caps = await self._hello(State.EHLO)
+        self.caps = await self._hello(State.LHLO if self.options.lmtp else State.EHLO)
         if self._want_tls():
             await self._starttls()
         if self.options.username is not None:
@@ -746,7 +763,8 @@ class _Session:
 
     async def _hello(self, state: State) -> Capabilities:
         self._enter(state)
-        reply = await self._command(f"EHLO {self.options.helo_name}", self.t.ehlo)
+        verb = "LHLO" if self.options.lmtp else "EHLO"
+        reply = await self._command(f"{verb} {self.options.helo_name}", self.t.ehlo)
         if reply.code == 250:
             return Capabilities.from_ehlo(reply)
         if reply.kind == 5 and state is State.EHLO:  # RFC 5321 §4.1.4: fall back to HELO
@@ -758,8 +776,8 @@ class _Session:
 
     def _want_tls(self) -> bool:
         policy = self.options.tls_policy
-        if policy == "none":
-            return False
+        if policy == "none" or (self.options.lmtp and policy == "opportunistic"):
+            return False  # LMTP: only when asked for (RFC 2033 §5: usually a local socket)
         if self.caps.has("STARTTLS"):
             return True
         if policy == "opportunistic":
@@ -783,7 +801,8 @@ class _Session:
         self.result.tls = self.proto.tls_description()
         self.result.tls_verified = self.options.tls_policy == "verify"
         # RFC 3207 §4.2: forget everything learned before TLS and ask again.
-        self.caps = await self._hello(State.EHLO_AFTER_TLS)
+        self.caps = await self._hello(State.LHLO_AFTER_TLS if self.options.lmtp
+                                      else State.EHLO_AFTER_TLS)
 
     def _check_nothing_after_starttls(self) -> None:
         try:
@@ -907,8 +926,13 @@ class _Session:
             return False, retry
 
         self._enter(State.DATA_BODY)
-        final = await self._send_body(tx)
-        self._final(tr, accepted, final, "end of data")
+        early = await self._send_body(tx)
+        if early is not None:  # the server answered the message as a whole, before its end
+            self._final(tr, accepted, early, "end of data")
+        elif self.options.lmtp:
+            await self._lmtp_replies(tr, accepted)
+        else:
+            self._final(tr, accepted, await self._read(self.t.data_end, "end of data"), "end of data")
         return True, retry
 
     def _sort_rcpt_replies(self, tr: TransactionResult, recipients: list[str],
@@ -951,7 +975,18 @@ class _Session:
         for r in accepted:
             tr.replies[r] = reply.as_recipient_reply(outcome)
 
-    async def _send_body(self, tx: Transaction) -> Reply:
+    async def _lmtp_replies(self, tr: TransactionResult, accepted: list[str]) -> None:
+        """RFC 2033 §4.2: one reply per accepted RCPT, in RCPT order, each for that recipient.
+
+        A failure on the way (lost connection, timeout, 421) ends the session:
+        the recipients not answered yet stay unanswered.
+        """
+        for r in accepted:
+            reply = await self._read(self.t.data_end, f"end of data for <{r}>")
+            self._final(tr, [r], reply, f"end of data for <{r}>")
+
+    async def _send_body(self, tx: Transaction) -> Reply | None:
+        """Stream the message and its end; a reply only if the server answered before the end."""
         try:
             await self.proto.send_body(tx.data_path, self.t.data_block)
         except SessionError:
@@ -965,7 +1000,7 @@ class _Session:
         except OSError as e:  # the queue file could not be read: not the server's fault
             raise SessionError(f"cannot read the message file: {e.strerror}", "4.3.0") from None
         self._enter(State.DATA_DONE)
-        return await self._read(self.t.data_end, "end of data")
+        return None
 
     async def _quit(self) -> None:
         if not self.proto.alive:
@@ -1025,7 +1060,7 @@ async def send(reactor: Any, destination: interfaces.IStreamClientEndpoint | tup
     if await _connect(clock, endpoint, proto, options.timeouts.connect, result):
         session = _Session(proto, options, result, _tls_creator(options, server))
         await session.run(result.transactions)
-    _log_result(result)
+    _log_result(result, "LMTP" if options.lmtp else "SMTP")
     return result
 
 
@@ -1048,13 +1083,14 @@ async def _connect(clock: interfaces.IReactorTime, endpoint: interfaces.IStreamC
     return False
 
 
-def _log_result(result: SessionResult) -> None:
+def _log_result(result: SessionResult, protocol: str) -> None:
     for tr in result.transactions:
         tx = tr.transaction
         outcomes = ", ".join(f"{r}={tr.replies[r].outcome}" if r in tr.replies else f"{r}=unanswered"
                              for r in dict.fromkeys(tx.recipients))
         log.info(
-            "SMTP to {server} ({tls}): from=<{sender}> {outcomes}{error}",
+            "{protocol} to {server} ({tls}): from=<{sender}> {outcomes}{error}",
+            protocol=protocol,
             server=result.server,
             tls=result.tls or "no TLS",
             sender=tx.sender,

@@ -1,0 +1,235 @@
+"""Structured logs: JSON lines that parse back, secrets never written, the server's events.
+
+Unit tests log through a private publisher; the end-to-end test runs a real
+MTA with the JSON log service on the global publisher and stops it (which
+removes the observer) before reading the file.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from datetime import datetime
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import pytest_twisted
+from twisted.logger import (
+    LogBeginner,
+    Logger,
+    LogLevel,
+    LogPublisher,
+    formatEvent,
+    textFileLogObserver,
+)
+
+from mta.logs import (
+    JSONLinesObserver,
+    Scrubbing,
+    install_scrubber,
+    json_file_observer,
+    json_log_service,
+    remove_scrubber,
+    scrub,
+)
+from tests.harness import PASSWORD, RawClient, in_thread, start_mta
+
+pytestmark = pytest.mark.timeout(60)
+
+SECRETS = ("hunter2-the-secret", "smarthost-s3cret", "bearer-tok-123", "api-key-xyz")
+
+
+def read_lines(path: Path) -> list[dict]:
+    text = path.read_text(encoding="utf-8")
+    assert text.endswith("\n")
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def log_everything(log: Logger) -> None:
+    log.info(
+        "queued {queue_id} size={size} to={rcpts}",
+        event="queued", queue_id="65536000abcdefabcdef", size=1234, rcpts="a@x.test,b@y.test",
+        recipients=["a@x.test", "b@y.test"], ratio=0.5, ok=True, nothing=None,
+        password=SECRETS[0], smarthost_password=SECRETS[1],
+        options={"port": 25, "auth": {"Token": SECRETS[2]}}, api_secret_key=SECRETS[3],
+        err=ValueError("boom"), where=Path("/var/queue"), obj=object(), message="collide",
+        raw=b"\x00bytes", nan=float("nan"),
+    )
+    try:
+        1 / 0  # noqa: B018
+    except ZeroDivisionError:
+        log.failure("queue pass for {queue_id} failed", queue_id="q1", log_event="pass")
+    log.warn("plain message without an event key")
+
+
+def test_json_lines_parse_back_without_secrets(tmp_path):
+    path = tmp_path / "mta.jsonl"
+    observer = json_file_observer(path)
+    log_everything(Logger(namespace="mta.test", observer=observer))
+    observer.close()
+    raw = path.read_text(encoding="utf-8")
+    for secret in SECRETS:
+        assert secret not in raw
+    queued, failure, plain = read_lines(path)
+
+    assert datetime.fromisoformat(queued["time"]).utcoffset().total_seconds() == 0
+    assert queued["level"] == "info" and queued["namespace"] == "mta.test"
+    assert queued["event"] == "queued"
+    assert queued["message"] == "queued 65536000abcdefabcdef size=1234 to=a@x.test,b@y.test"
+    assert queued["queue_id"] == "65536000abcdefabcdef" and queued["size"] == 1234
+    assert queued["recipients"] == ["a@x.test", "b@y.test"]
+    assert queued["ratio"] == 0.5 and queued["ok"] is True and queued["nothing"] is None
+    assert queued["options"] == {"port": 25, "auth": {}}
+    assert queued["err"] == "boom" and queued["where"] == "/var/queue"
+    assert queued["_message"] == "collide" and queued["nan"] == "nan"
+    for dropped in ("password", "smarthost_password", "api_secret_key", "obj", "raw"):
+        assert dropped not in queued
+    assert not any(key.startswith("log_") for key in queued)
+
+    assert failure["level"] == "critical" and failure["event"] == "pass"
+    assert failure["message"] == "queue pass for q1 failed"
+    assert "ZeroDivisionError" in failure["traceback"]
+
+    assert plain["level"] == "warn" and "event" not in plain
+    assert plain["message"] == "plain message without an event key"
+
+
+def test_json_observer_reopens_after_rotation(tmp_path):
+    path = tmp_path / "mta.jsonl"
+    observer = json_file_observer(path)
+    log = Logger(observer=observer)
+    log.info("first", event="one")
+    path.rename(tmp_path / "mta.jsonl.1")
+    observer.reopen()
+    log.info("second", event="two")
+    observer.close()
+    log.info("after close is ignored", event="three")
+    assert [e["event"] for e in read_lines(tmp_path / "mta.jsonl.1")] == ["one"]
+    assert [e["event"] for e in read_lines(path)] == ["two"]
+
+
+def test_scrubber_ahead_of_the_twistd_text_log():
+    """As under twistd: the scrubber is installed before logging begins, so it
+    runs before the text observer; buffered early events are replayed scrubbed."""
+    publisher = LogPublisher()
+    beginner = LogBeginner(publisher, io.StringIO(), SimpleNamespace(stdout=None, stderr=None),
+                           SimpleNamespace(showwarning=None))
+    out = io.StringIO()
+    install_scrubber(publisher)
+    try:
+        log = Logger(namespace="mta.test", observer=publisher)
+        log.info("early event for {user}", user="alice", password=SECRETS[0])
+        beginner.beginLoggingTo([textFileLogObserver(out)], redirectStandardIO=False)
+        log.info("later event for {user}", user="bob", passwd=SECRETS[1])
+        # A format that names the secret cannot format any more, and says so without it.
+        log.info("login {user} with {password}", user="carol", password=SECRETS[2])
+        log.info("broken format {", token=SECRETS[3])
+    finally:
+        remove_scrubber(publisher)
+    text = out.getvalue()
+    for secret in SECRETS:
+        assert secret not in text
+    assert "early event for alice" in text and "later event for bob" in text
+    assert "Unable to format event" in text
+
+
+def test_scrub_wrapper_leaves_the_callers_data_alone():
+    seen: list[dict] = []
+    options = {"host": "relay.test", "password": SECRETS[0]}
+    Logger(observer=Scrubbing(seen.append)).info("relay {options}", options=options,
+                                                  secret=SECRETS[1])
+    (event,) = seen
+    assert event["options"] == {"host": "relay.test"} and "secret" not in event
+    assert options["password"] == SECRETS[0]  # a copy was cleaned, not the caller's dict
+    assert formatEvent(event) == "relay {'host': 'relay.test'}"
+    assert scrub({"Token": 1, "n": 2, "log_level": LogLevel.info}) == {"n": 2,
+                                                                         "log_level": LogLevel.info}
+
+
+# --- the server's events, end to end --------------------------------------------------------
+
+
+def plain_auth(user: str, password: str) -> str:
+    return base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+
+
+def submission_session(port: int) -> str:
+    c = RawClient(port)
+    try:
+        c.read_reply()
+        assert c.cmd("EHLO client.test")[0] == 250
+        assert c.cmd("STARTTLS")[0] == 220
+        c.starttls()
+        assert c.cmd("EHLO client.test")[0] == 250
+        assert c.cmd("AUTH PLAIN " + plain_auth("alice@example.test", "wrong-" + SECRETS[0]))[0] == 535
+        assert c.cmd("AUTH PLAIN " + plain_auth("alice@example.test", PASSWORD))[0] == 235
+        assert c.cmd("MAIL FROM:<alice@example.test>")[0] == 250
+        assert c.cmd("RCPT TO:<bob@example.test>")[0] == 250
+        assert c.cmd("RCPT TO:<info@example.test>")[0] == 250
+        assert c.cmd("DATA")[0] == 354
+        c.send(b"Subject: json\r\n\r\nhello\r\n.\r\n")
+        code, text = c.read_reply()
+        assert code == 250, text
+        assert c.cmd("QUIT")[0] == 221
+        return text.split()[-1]
+    finally:
+        c.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_server_events_in_the_json_log(tmp_path):
+    path = tmp_path / "mta.jsonl"
+    service = json_log_service(path)
+    service.startService()
+    running = None
+    try:
+        running = await start_mta(tmp_path)
+        queue_id = await in_thread(submission_session, running.port("submission"))
+        await running.stop()
+        running = None
+    finally:
+        if running is not None:
+            await running.stop()
+        service.stopService()
+    Logger().info("after the service stopped", event="late")
+
+    raw = path.read_text(encoding="utf-8")
+    assert PASSWORD not in raw and SECRETS[0] not in raw
+    lines = read_lines(path)
+    by_event: dict[str, list[dict]] = {}
+    for line in lines:
+        by_event.setdefault(line.get("event", ""), []).append(line)
+        # One readable line per event in the text log too: the format always fills in.
+        assert "Unable to format" not in line["message"] and "{" not in line["message"]
+    assert "late" not in by_event
+
+    auth = by_event["auth"]
+    assert [(a["result"], a["user"], a["ip"]) for a in auth] == [
+        ("failed", "alice@example.test", "127.0.0.1"), ("ok", "alice@example.test", "127.0.0.1")]
+    (queued,) = by_event["queued"]
+    queued_id = queued.get("queue_id", queued.get("id"))
+    assert queued_id == queue_id
+    assert queued["sender"] == "alice@example.test" and queued["ip"] == "127.0.0.1"
+    assert queued["rcpts"] == "bob@example.test,info@example.test"
+    assert queued["size"] == running_size(tmp_path, queue_id)
+    (session,) = by_event["session"]
+    assert session["client_ip"] == "127.0.0.1" and session["helo"] == "client.test"
+    assert session["tls"].startswith("TLSv1") and session["auth"] == "alice@example.test"
+    assert session["accepted"] == 1 and session["errors"] == 1
+    assert 0 <= session["duration"] < 30
+    assert session["message"].startswith("session 127.0.0.1 helo=client.test tls=TLSv1")
+
+
+def running_size(tmp_path: Path, queue_id: str) -> int:
+    envelope = json.loads((tmp_path / "var" / "queue" / "msg" / f"{queue_id}.json").read_text())
+    return envelope["size"]
+
+
+def test_observer_is_plain_callable_on_a_stream():
+    stream = io.StringIO()
+    observer = JSONLinesObserver(stream)
+    Logger(observer=observer).info("x {n}", n=1, event="e")
+    (line,) = stream.getvalue().splitlines()
+    assert json.loads(line)["n"] == 1
