@@ -162,6 +162,7 @@ def read_queue(queue_dir: Path, stderr: TextIO | None = None) -> list[Envelope]:
         except (OSError, ValueError, KeyError) as e:
             stderr.write(f"mta: cannot read {msg_dir / name}: {e}\n")
     progress.finish()
+    envelopes.sort(key=lambda env: (env.created, env.id))
     return envelopes
 
 
