@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.endpoints import _parseServer  # type: ignore[attr-defined]
+from twisted.internet.endpoints import _parseServer, clientFromString  # type: ignore[attr-defined]
 
 LISTENER_KINDS = ("mx", "submission", "submissions")
 # Outbound SMTP stages with their own timeout (mta.delivery.client.Timeouts).
@@ -246,6 +246,14 @@ def _validate_endpoint(endpoint: str, key: str) -> None:
         raise ConfigError(key, f"bad endpoint description {endpoint!r}: {e}") from None
 
 
+def _validate_client_endpoint(endpoint: str, key: str) -> None:
+    """A Twisted client endpoint description (``unix:/path``, ``tcp:host:port``)."""
+    try:
+        clientFromString(None, endpoint)  # parses only; nothing connects without a reactor
+    except Exception as e:
+        raise ConfigError(key, f"bad client endpoint description {endpoint!r}: {e}") from None
+
+
 def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> Config:
     """Read and validate the configuration file (or the embedded default)."""
     if path is None:
@@ -395,6 +403,11 @@ def config_from_dict(raw: dict[str, Any], base: Path, overrides: dict[str, Any] 
         raise ConfigError("delivery.smarthost_tls", "must be none, opportunistic, require or verify")
     if delivery.tls_policy not in ("opportunistic", "verify"):
         raise ConfigError("delivery.tls_policy", "must be opportunistic or verify")
+    if delivery.lmtp is not None:
+        if delivery.mailbox_command is not None:
+            raise ConfigError("delivery.lmtp", "cannot be combined with delivery.mailbox_command: "
+                              "local mail goes to one of them")
+        _validate_client_endpoint(delivery.lmtp, "delivery.lmtp")
     mx_port = overrides.get("mx_port") or delivery.mx_port
     delivery = replace(delivery, smarthosts=tuple(smarthosts), retry_schedule=schedule, mx_port=mx_port,
                        stage_timeouts=tuple(stages))

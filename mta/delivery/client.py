@@ -777,7 +777,7 @@ class _Session:
     def _want_tls(self) -> bool:
         policy = self.options.tls_policy
         if policy == "none" or (self.options.lmtp and policy == "opportunistic"):
-            return False  # LMTP: only when asked for (RFC 2033 §5: usually a local socket)
+            return False  # LMTP: only when asked for (RFC 2033: a local, trusted link)
         if self.caps.has("STARTTLS"):
             return True
         if policy == "opportunistic":

@@ -1,7 +1,7 @@
 """Builds the queue runner and its couriers from the configuration.
 
-Routing by recipient kind: ``local`` → Maildir (or the configured delivery
-agent command), ``pipe`` → pipe alias commands, ``remote`` → SMTP via MX or
+Routing by recipient kind: ``local`` → Maildir (or the configured LMTP
+server, or the configured delivery agent command), ``pipe`` → pipe alias commands, ``remote`` → SMTP via MX or
 the smarthosts.  Kept apart from :mod:`mta.service` so tests can build the
 same runner around their own store and reactor.
 """
@@ -11,6 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from mta.config import Config
+from mta.delivery.client import Timeouts
+from mta.delivery.lmtp import LMTPCourier
 from mta.delivery.local import CommandCourier, MaildirCourier, PipeCourier
 from mta.delivery.mx import MXResolver
 from mta.delivery.remote import RemoteCourier
@@ -21,8 +23,11 @@ from mta.queue.store import QueueStore
 
 def build_couriers(config: Config, reactor: Any, trust_root: Any = None) -> dict[str, Any]:
     d = config.delivery
-    if d.mailbox_command:
-        local: Any = CommandCourier(d.mailbox_command, d.pipe_timeout, reactor)
+    if d.lmtp:
+        local: Any = LMTPCourier(d.lmtp, reactor, config.hostname,
+                                 Timeouts(connect=d.connect_timeout))
+    elif d.mailbox_command:
+        local = CommandCourier(d.mailbox_command, d.pipe_timeout, reactor)
     else:
         local = MaildirCourier(config.mail_dir, config.hostname, fsync=config.fsync)
     mx = MXResolver(make_resolver(config.dns, reactor), own_names=(config.hostname,))
