@@ -348,7 +348,7 @@ class MetricsResource(Resource):
         return body
 
 
-class _QuietSite(Site):
+class MetricsSite(Site):
     """No access-log line for every scrape."""
 
     noisy = False
@@ -360,7 +360,7 @@ class _QuietSite(Site):
 def metrics_site(registry: CollectorRegistry) -> Site:
     root = Resource()
     root.putChild(b"metrics", MetricsResource(registry))
-    return _QuietSite(root)
+    return MetricsSite(root)
 
 
 class MetricsService(Service):

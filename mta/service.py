@@ -98,6 +98,18 @@ class MTAService(MultiService):
         self.runner = runner if runner is not None else build_runner(config, self.context.store, reactor)
         self.ports: list[Any] = []
         self.listening: Deferred[None] | None = None
+        if config.log_json is not None:
+            from mta.logs import json_log_service
+
+            json_log = json_log_service(config.log_json)
+            json_log.setName("json-log")
+            json_log.setServiceParent(self)
+        if config.metrics_endpoint is not None:
+            from mta.metrics import metrics_service
+
+            metrics = metrics_service(self, config.metrics_endpoint)
+            metrics.setName("metrics")
+            metrics.setServiceParent(self)
 
     def startService(self) -> None:  # noqa: N802
         super().startService()
@@ -113,6 +125,8 @@ class MTAService(MultiService):
         self.reactor.callFromThread(self._reload_logged)
 
     def _reload_logged(self) -> None:
+        if "json-log" in self.namedServices:
+            self.getServiceNamed("json-log").reopen()  # SIGHUP after logrotate
         try:
             self.reload()
         except StartupError:

@@ -19,7 +19,11 @@ def fail(message: str) -> None:
 
 
 def make_service(config_path: Path | None, overrides: dict[str, Any]) -> Any:
+    from mta.logs import install_scrubber
     from mta.service import MTAService, StartupError
+
+    # Before twistd begins logging, so the secret filter runs ahead of its observer.
+    install_scrubber()
 
     try:
         config = load_config(config_path, overrides)

@@ -208,14 +208,17 @@ async def test_server_events_in_the_json_log(tmp_path):
     auth = by_event["auth"]
     assert [(a["result"], a["user"], a["ip"]) for a in auth] == [
         ("failed", "alice@example.test", "127.0.0.1"), ("ok", "alice@example.test", "127.0.0.1")]
+    assert auth[0]["reason"] == "bad_credentials"
     (queued,) = by_event["queued"]
-    queued_id = queued.get("queue_id", queued.get("id"))
+    queued_id = queued["queue_id"]
+    assert queued["auth"] == "alice@example.test" and queued["tls"].startswith("TLSv1")
     assert queued_id == queue_id
     assert queued["sender"] == "alice@example.test" and queued["ip"] == "127.0.0.1"
     assert queued["rcpts"] == "bob@example.test,info@example.test"
     assert queued["size"] == running_size(tmp_path, queue_id)
     (session,) = by_event["session"]
     assert session["client_ip"] == "127.0.0.1" and session["helo"] == "client.test"
+    assert session["listener"] == "submission" and session["kind"] == "submission"
     assert session["tls"].startswith("TLSv1") and session["auth"] == "alice@example.test"
     assert session["accepted"] == 1 and session["errors"] == 1
     assert 0 <= session["duration"] < 30

@@ -186,6 +186,11 @@ async def test_smtp_counters_after_message_rejections_and_failed_auth(mta_metric
     assert value(s, "mta_queue_messages") == 1
     assert 0 <= value(s, "mta_queue_oldest_age_seconds") < 60
     assert value(s, "mta_metrics_event_errors_total") == 0
+    # Labels that come from the session and rejected events' fields.
+    assert value(s, "mta_smtp_sessions_total", kind="mx", tls="no") == 2
+    assert value(s, "mta_smtp_sessions_total", kind="submission", tls="yes") == 1
+    assert value(s, "mta_smtp_rejections_total", stage="rcpt", enhanced="5.1.1") == 1
+    assert value(s, "mta_smtp_rejections_total", stage="data", enhanced="5.4.6") == 1
 
 
 @pytest_twisted.ensureDeferred
@@ -204,6 +209,30 @@ async def test_stopping_removes_the_observers_and_closes_the_port(tmp_path):
             await in_thread(scrape, port)
     finally:
         await running.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_busy_metrics_port_is_logged_and_mail_goes_on(tmp_path):
+    from twisted.internet.protocol import Factory
+    from twisted.logger import globalLogPublisher
+
+    busy = reactor.listenTCP(0, Factory(), interface="127.0.0.1")
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    running = await start_mta(tmp_path)
+    service = metrics_service(running.service, f"tcp:{busy.getHost().port}:interface=127.0.0.1")
+    try:
+        service.startService()
+        await service.listening
+        assert service.port is None
+        assert any(e.get("log_format", "").startswith("cannot serve metrics") for e in events)
+        queue_id = await in_thread(send_with_rejected_recipient, running.port("mx"))
+        assert [e.id for e in running.queued()] == [queue_id]
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        await service.stopService()
+        await running.stop()
+        await busy.stopListening()
 
 
 @pytest_twisted.ensureDeferred
@@ -287,3 +316,25 @@ def test_events_map_to_bounded_labels():
     assert get("mta_smtp_session_duration_seconds_count") == 0  # "n/a" is not a number
     assert get("mta_limits_total", {"limit": "early_talker"}) == 1
     assert get("mta_metrics_event_errors_total") == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_mta_service_installs_metrics_and_json_log_from_config(tmp_path):
+    import json
+
+    log_path = tmp_path / "mta.jsonl"
+    running = await start_mta(tmp_path, extra={"metrics": "tcp:0:interface=127.0.0.1",
+                                               "log_json": str(log_path)})
+    try:
+        metrics = running.service.getServiceNamed("metrics")
+        await metrics.listening
+        await in_thread(send_with_rejected_recipient, running.port("mx"))
+        _, s = await scrape_until(metrics.port.getHost().port,
+                                  lambda s: total(s, "mta_smtp_sessions_total") >= 1)
+    finally:
+        await running.stop()
+    assert value(s, "mta_smtp_sessions_total", kind="mx", tls="no") == 1
+    assert value(s, "mta_messages_accepted_total") == 1
+    events = [json.loads(line).get("event") for line in log_path.read_text().splitlines()]
+    assert {"queued", "session", "rejected"} <= set(events)
+    assert running.context.observer is None  # the reply hook went with the service

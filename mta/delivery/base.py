@@ -33,6 +33,8 @@ class DeliveryResult:
     remote_mta: str = ""
     # RFC 3463 status for the DSN, e.g. "5.1.1"; derived from reply when empty.
     status: str = ""
+    # Outbound TLS of the connection that gave the reply ("TLSv1.3 <cipher>"; "" = none).
+    tls: str = ""
 
 
 class Courier(Protocol):

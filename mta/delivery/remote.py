@@ -157,7 +157,7 @@ class RemoteCourier:
             for address, reply in session.transactions[0].replies.items():
                 for r in waiting.pop(address, []):
                     results.append(DeliveryResult(r, reply.outcome, str(reply), route.name,
-                                                  reply.enhanced))
+                                                  reply.enhanced, tls=session.tls))
             if session.connection_error is not None:
                 last_error = f"{route.display}: {session.connection_error}"
                 last_status, last_server = session.error_status or "4.4.2", route.name

@@ -106,6 +106,14 @@ class Envelope:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Envelope:
+        """Parse an envelope file; any defect is a ValueError, KeyError or TypeError."""
+        try:
+            return cls._from_bytes(data)
+        except (OverflowError, RecursionError) as e:
+            raise ValueError(f"malformed envelope: {type(e).__name__}") from None
+
+    @classmethod
+    def _from_bytes(cls, data: bytes) -> Envelope:
         d = json.loads(data.decode("utf-8"))
         if not isinstance(d, dict) or d.get("version") != ENVELOPE_VERSION:
             raise ValueError("not a version 1 envelope")

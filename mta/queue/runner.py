@@ -498,20 +498,21 @@ class QueueRunner:
         now = self._now()
         by_identity = {id(res.recipient): res for res in results}
         by_address = {(res.recipient.address, res.recipient.original): res for res in results}
-        applied: list[tuple[Recipient, Outcome, str]] = []
+        applied: list[tuple[Recipient, DeliveryResult, str]] = []
         for r in route.recipients:
             res = by_identity.get(id(r)) or by_address.get((r.address, r.original))
             if res is None:
                 res = DeliveryResult(r, Outcome.DEFERRED, "451 4.3.0 courier gave no result",
                                      status="4.3.0")
-            applied.append((r, res.outcome, self._apply(env, r, res, now)))
+            applied.append((r, res, self._apply(env, r, res, now)))
         self.store.save(env)
-        for r, outcome, reply in applied:
+        for r, res, reply in applied:
             log.info("delivery {queue_id} to {recipient} via {destination}: {outcome} "
                      "in {duration:.3f}s: {reply}", log_event="delivery", queue_id=env.id,
-                     recipient=r.original, destination=route.key, outcome=str(outcome),
+                     recipient=r.original, destination=route.key, outcome=str(res.outcome),
                      state=str(r.state), reply=reply, attempt=r.attempts,
-                     duration=now - start, remote_mta=r.remote_mta)
+                     duration=now - start, remote_mta=r.remote_mta, tls=res.tls,
+                     age=now - env.created)
 
     def _apply(self, env: Envelope, r: Recipient, res: DeliveryResult, now: float) -> str:
         reply = res.reply.strip()

@@ -124,7 +124,11 @@ def parse_mailbox(text: str, smtputf8: bool = False) -> Address:
         raise AddressError("local part too long")
     if not smtputf8 and not local.isascii():
         raise AddressError("non-ASCII local part without SMTPUTF8")
-    return Address(local, normalize_domain(domain))
+    address = Address(local, normalize_domain(domain))
+    # The limit holds for the form we store and send on, too (A-labels are longer).
+    if len(str(address).encode("utf-8")) > MAX_PATH_OCTETS:
+        raise AddressError("address too long")
+    return address
 
 
 def parse_path(text: str, smtputf8: bool = False, allow_null: bool = False) -> Address | None:

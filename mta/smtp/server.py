@@ -152,10 +152,12 @@ class SMTPSession(Protocol):
             self._send(R.SHUTTING_DOWN)
             return
         if self.ctx.total_connections >= self.limits.max_connections:
-            self._send(R.TOO_MANY_CONNECTIONS)
+            self._send(self._rejected("connect", R.TOO_MANY_CONNECTIONS,
+                                      reason="max_connections"))
             return
         if count >= self.limits.max_connections_per_ip:
-            self._send(R.TOO_MANY_FROM_IP)
+            self._send(self._rejected("connect", R.TOO_MANY_FROM_IP,
+                                      reason="max_connections_per_ip"))
             return
         if self.ctx.abuse is not None and not self.ctx.abuse.connection_allowed(self.client_ip):
             log.info("connection rate limit for {ip}", ip=self.client_ip, event="limit",
@@ -197,9 +199,10 @@ class SMTPSession(Protocol):
             log.info(
                 "session {client_ip} helo={helo} tls={tls} auth={auth} accepted={accepted} "
                 "errors={errors} duration={duration:.3f}s",
-                client_ip=self.client_ip, helo=self.helo, tls=self.tls_version or "no",
+                client_ip=self.client_ip, helo=self.helo or "-", tls=self.tls_version or "no",
                 auth=self.auth_user or "-", accepted=self.accepted, errors=self.errors,
                 duration=self.ctx.clock.seconds() - self.started, event="session",
+                listener=self.listener.name, kind=self.listener.kind,
             )
 
     def handshakeCompleted(self) -> None:  # noqa: N802
@@ -244,6 +247,13 @@ class SMTPSession(Protocol):
         if reply.close:
             self.phase = Phase.CLOSED
             self.transport.loseConnection()
+
+    def _rejected(self, stage: str, reply: Reply, **fields: Any) -> Reply:
+        """Log a refused step of a mail transaction (event "rejected"); returns ``reply``."""
+        log.info("{stage} rejected for {ip} auth={auth}: {reply}", stage=stage, reply=str(reply),
+                 code=reply.code, enhanced=reply.enhanced, ip=self.client_ip,
+                 helo=self.helo or "-", auth=self.auth_user or "-", event="rejected", **fields)
+        return reply
 
     def _reply(self, reply: Reply) -> None:
         """Send a reply to a client command, counting client errors (RFC 5321 §4.3.2)."""
@@ -537,7 +547,7 @@ class SMTPSession(Protocol):
     def _check_password(self, user: str, password: str) -> Deferred[Reply] | Reply:
         if self.ctx.abuse is not None and self.ctx.abuse.auth_blocked(self.client_ip, user.lower()):
             # Even a right password is refused while the account is under attack.
-            return self._auth_failed(user)
+            return self._auth_failed(user, "blocked")
         d = maybeDeferred(self.ctx.users.authenticate, user, password)
 
         def checked(canonical: str | None) -> Reply | Deferred[Reply]:
@@ -546,15 +556,15 @@ class SMTPSession(Protocol):
                 log.info("auth ok for {user} from {ip}", user=canonical, ip=self.client_ip,
                          event="auth", result="ok")
                 return R.AUTH_OK
-            log.info("auth failed for {user} from {ip}", user=user[:64], ip=self.client_ip,
-                     event="auth", result="failed")
-            return self._auth_failed(user)
+            return self._auth_failed(user, "bad_credentials")
 
         return d.addCallback(checked)
 
-    def _auth_failed(self, user: str | None = None) -> Deferred[Reply]:
+    def _auth_failed(self, user: str | None = None, reason: str = "malformed") -> Deferred[Reply]:
         """535 after a delay that grows with each failure; too many close the session,
         and failures across sessions block the client address and the account."""
+        log.info("auth failed ({reason}) for {user} from {ip}", reason=reason,
+                 user=(user or "-")[:64], ip=self.client_ip, event="auth", result="failed")
         self.auth_failures += 1
         if self.ctx.abuse is not None:
             self.ctx.abuse.auth_failed(self.client_ip, user.lower() if user else None)
@@ -606,9 +616,8 @@ class SMTPSession(Protocol):
         if self.auth_user is not None:
             if (self.config.sender_binding and self.ctx.identities is not None
                     and not self.ctx.identities.may_send_as(self.auth_user, txn.sender_text)):
-                log.info("{user} may not send as <{sender}>", user=self.auth_user,
-                         sender=txn.sender_text, event="rejected", reason="sender_binding")
-                return R.sender_not_owned(txn.sender_text)
+                return self._rejected("mail", R.sender_not_owned(txn.sender_text),
+                                      sender=txn.sender_text, reason="sender_binding")
             if self.ctx.abuse is not None and not self.ctx.abuse.message_allowed(self.auth_user):
                 log.info("message rate limit for {user}", user=self.auth_user, event="limit",
                          limit="user_messages")
@@ -627,7 +636,8 @@ class SMTPSession(Protocol):
             log.info("spf {result} for {sender} from {ip}", result=result.result,
                      sender=txn.sender_text, ip=self.client_ip, event="spf")
             if result.result == "fail" and self.config.spf.reject_fail:
-                return R.spf_fail(result.explanation or "not permitted")
+                return self._rejected("mail", R.spf_fail(result.explanation or "not permitted"),
+                                      sender=txn.sender_text, reason="spf")
             txn.spf_headers = spf_policy.trace_headers(
                 result, self.client_ip, txn.sender_text, self.helo or "", self.config.hostname
             )
@@ -648,7 +658,8 @@ class SMTPSession(Protocol):
         if params:
             return R.PARAM_UNKNOWN
         if len(self.txn.rcpt_addresses) >= self.limits.max_recipients:
-            return R.TOO_MANY_RECIPIENTS
+            return self._rejected("rcpt", R.TOO_MANY_RECIPIENTS, sender=self.txn.sender_text,
+                                  reason="max_recipients")
         if path.lower() == "<postmaster>" and self.config.local_domains:
             # RFC 5321 §4.1.1.3: "Postmaster" without a domain must be accepted.
             path = f"<postmaster@{self.config.local_domains[0]}>"
@@ -665,7 +676,8 @@ class SMTPSession(Protocol):
             srs=self.ctx.srs,
         )
         if decision.reply is not None:
-            return decision.reply
+            return self._rejected("rcpt", decision.reply, sender=self.txn.sender_text,
+                                  recipient=str(address))
         original = str(address)
         if original not in self.txn.rcpt_addresses:
             self.txn.rcpt_addresses.append(original)
@@ -763,8 +775,8 @@ class SMTPSession(Protocol):
         elif writer is None:
             reply = R.QUEUE_WRITE_FAILED
         if reply is not None:
-            log.info("message from {sender} rejected: {reply}", sender=txn.sender_text,
-                     reply=str(reply), ip=self.client_ip, event="rejected")
+            self._rejected("data", reply, sender=txn.sender_text,
+                           rcpts=",".join(txn.rcpt_addresses))
             self._reset_transaction()
             return reply
         assert writer is not None
@@ -790,9 +802,10 @@ class SMTPSession(Protocol):
         self.txn = None
         self.accepted += 1
         log.info(
-            "queued {id} from=<{sender}> to={rcpts} size={size} client={ip}",
-            id=envelope.id, sender=envelope.sender, rcpts=",".join(txn.rcpt_addresses),
+            "queued {queue_id} from=<{sender}> to={rcpts} size={size} client={ip}",
+            queue_id=envelope.id, sender=envelope.sender, rcpts=",".join(txn.rcpt_addresses),
             size=envelope.size, ip=self.client_ip, event="queued",
+            auth=self.auth_user or "-", tls=self.tls_version or "no", kind=self.listener.kind,
         )
         return R.queued(envelope.id)
 
