@@ -43,6 +43,7 @@ from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
 
 from mta.delivery.base import DeliveryResult, Outcome
+from mta.fsutil import fsync_dir
 from mta.queue.envelope import Envelope, Recipient
 
 log = Logger()
@@ -134,13 +135,6 @@ def _reply_text(data: bytes, limit: int = 200) -> str:
     return ""
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 # --- Maildir --------------------------------------------------------------------
 
@@ -219,7 +213,7 @@ class MaildirCourier:
                 pass
         if self.fsync:
             for parent in {d.parent for d in created}:
-                _fsync_dir(parent)
+                fsync_dir(parent)
 
     def _write(self, maildir: Path, sender: str, mailbox: str, data_path: Path) -> str:
         self._ensure_maildir(maildir)
@@ -249,7 +243,7 @@ class MaildirCourier:
                     pass
                 raise
         if self.fsync:
-            _fsync_dir(maildir / "new")
+            fsync_dir(maildir / "new")
         return name
 
 

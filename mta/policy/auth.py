@@ -36,6 +36,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 
+from mta.fsutil import fsync_dir
 from mta.smtp.address import AddressError, fold_local, normalize_domain, parse_mailbox
 
 log = Logger()
@@ -330,13 +331,6 @@ class UserDB:
 # --- editing a users file (for the admin command) ---------------------------------
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def _write_atomically(path: Path, lines: list[str]) -> None:
     """Replace ``path`` with ``lines``: tmp file in the same directory, fsync, rename."""
@@ -355,7 +349,7 @@ def _write_atomically(path: Path, lines: list[str]) -> None:
         except FileNotFoundError:
             pass
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _find(lines: list[str], path: Path, folded: str) -> int | None:

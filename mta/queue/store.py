@@ -28,6 +28,7 @@ from typing import BinaryIO
 
 from twisted.logger import Logger
 
+from mta.fsutil import fsync_dir
 from mta.queue.envelope import Envelope, Recipient, RecipientState
 
 log = Logger()
@@ -42,13 +43,6 @@ def new_queue_id(now: float | None = None) -> str:
     t = int(now if now is not None else time.time())
     return f"{t:08x}{secrets.token_hex(6)}"
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class MessageWriter:
@@ -86,7 +80,7 @@ class MessageWriter:
             os.rename(self.tmp_path, self.store.data_path(self.id))
             os.rename(env_tmp, self.store.envelope_path(self.id))
             if self.store.fsync:
-                _fsync_dir(self.store.msg_dir)
+                fsync_dir(self.store.msg_dir)
         except OSError as e:
             log.error("queue write failed for {id}: {err}", id=self.id, err=e)
             for p in (self.tmp_path, env_tmp, self.store.envelope_path(self.id),
@@ -174,7 +168,7 @@ class QueueStore:
             self._write_file(tmp, envelope.to_bytes())
             os.rename(tmp, self.envelope_path(envelope.id))
             if self.fsync:
-                _fsync_dir(self.msg_dir)
+                fsync_dir(self.msg_dir)
         except OSError:
             _unlink_quietly(tmp)
             raise
@@ -195,7 +189,7 @@ class QueueStore:
         _unlink_quietly(self.envelope_path(queue_id))
         _unlink_quietly(self.data_path(queue_id))
         if self.fsync:
-            _fsync_dir(self.msg_dir)
+            fsync_dir(self.msg_dir)
 
     def recover(self) -> list[str]:
         """Clean up after a crash; returns the ids of the committed messages.
