@@ -19,8 +19,9 @@ Signing (:class:`DKIMSigner`)
 
     Signing is CPU work in the calling thread: run it with ``deferToThread``.
     Measured on this project's 2-core machine: one RSA-2048 signature of a
-    small message takes about 8 ms (dkimpy's RSA is pure Python), Ed25519
-    about 0.5 ms; relaxed body canonicalisation adds about 0.1 s per MB.
+    3 KB message takes 8-12 ms (dkimpy's RSA arithmetic is pure Python),
+    Ed25519 about 0.4 ms; relaxed body canonicalisation adds about 0.12 s per
+    MB of body, for signing and for verifying alike.
 
 Verification (:func:`verify`)
     Every DKIM-Signature field is evaluated (up to ``max_signatures``).  The
@@ -518,6 +519,9 @@ def _check_one(verifier: Any, sig: _Signature, keys: dict[str, _KeyAnswer],
         return sig.result("neutral", str(e))
     except _PARSE_ERRORS as e:
         return sig.result("neutral", str(e))
+    except Exception:  # dkimpy on hostile input: log it, never fail the whole message
+        log.failure("dkimpy crashed verifying a signature from {d}", d=sig.domain)
+        return sig.result("neutral", "signature could not be processed")
     if ok:
         return sig.result("pass", "")
     return sig.result("fail", "signature did not verify")

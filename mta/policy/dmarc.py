@@ -68,7 +68,12 @@ def organizational_domain(domain: str) -> str:
     psl = _psl()
     if psl is not None:
         return psl.privatesuffix(domain) or domain
-    labels = domain.split(".")
+    return approximate_organizational_domain(domain)
+
+
+def approximate_organizational_domain(domain: str) -> str:
+    """Without the Public Suffix List: two labels, three under a known two-level suffix."""
+    labels = domain.lower().rstrip(".").split(".")
     keep = 3 if ".".join(labels[-2:]) in TWO_LEVEL_SUFFIXES else 2
     return ".".join(labels[-keep:])
 
