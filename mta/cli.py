@@ -493,6 +493,22 @@ def cmd_user_list(config: Config, args: argparse.Namespace) -> int:
 # --- aliases -----------------------------------------------------------------------------
 
 
+def _srs_rewriter(config: Config) -> Any:
+    """The daemon's SRS rewriter (to follow SRS0= bounce addresses), if its secret is readable.
+
+    Never creates the secret file: that is the daemon's job.
+    """
+    from mta.policy.srs import SRSRewriter
+
+    secret = config.srs_secret
+    if secret is None:
+        try:
+            secret = (config.data_dir / "srs-secret").read_text().strip()
+        except OSError:
+            return None
+    return SRSRewriter(secret)
+
+
 def cmd_alias_resolve(config: Config, args: argparse.Namespace) -> int:
     from mta.policy.aliases import AliasFileError, AliasResolver
     from mta.policy.auth import UserDB, UsersFileError
@@ -510,7 +526,8 @@ def cmd_alias_resolve(config: Config, args: argparse.Namespace) -> int:
     except AddressError as e:
         raise CLIError(f"{args.address!r} is not an address: {e}") from None
     # may_relay: show where an authenticated sender's mail would go.
-    decision = check_recipient(address, config.local_domains, aliases, may_relay=True)
+    decision = check_recipient(address, config.local_domains, aliases, may_relay=True,
+                               srs=_srs_rewriter(config))
     if decision.reply is not None:
         raise CLIError(f"{address}: refused with {decision.reply}")
     targets = [{"kind": t.kind, "address": t.address, "mailbox": t.mailbox}

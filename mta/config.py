@@ -95,6 +95,22 @@ class SPFConfig:
 
 
 @dataclass(frozen=True)
+class DKIMConfig:
+    verify: bool = True  # inbound mail from unauthenticated clients
+    # Messages up to this size are held in memory at the end of DATA to be
+    # verified or signed; larger ones are streamed to disk and neither.
+    max_message_size: int = 1024 * 1024
+    # (domain, selector, key file) for signing mail from our users.
+    keys: tuple[tuple[str, str, Path], ...] = ()
+
+
+@dataclass(frozen=True)
+class DMARCConfig:
+    enabled: bool = True
+    reject: bool = False  # reject p=reject failures (off by default: record only)
+
+
+@dataclass(frozen=True)
 class DNSConfig:
     # Empty: use /etc/resolv.conf.
     servers: tuple[tuple[str, int], ...] = ()
@@ -147,6 +163,8 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     spf: SPFConfig = field(default_factory=SPFConfig)
     dns: DNSConfig = field(default_factory=DNSConfig)
+    dkim: DKIMConfig = field(default_factory=DKIMConfig)
+    dmarc: DMARCConfig = field(default_factory=DMARCConfig)
     aliases: AliasConfig = field(default_factory=AliasConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     # Loopback is not trusted by default: these networks may relay without AUTH.
@@ -279,7 +297,7 @@ def config_from_dict(raw: dict[str, Any], base: Path, overrides: dict[str, Any] 
         "hostname", "local_domains", "data_dir", "queue_dir", "mail_dir", "domains_dir",
         "control_socket", "relay_networks", "metrics", "log_json", "fsync", "sender_binding",
         "srs_secret",
-        "listeners", "tls", "limits", "spf", "dns", "aliases", "delivery",
+        "listeners", "tls", "limits", "spf", "dns", "aliases", "delivery", "dkim", "dmarc",
     }
     _check_keys(raw, top, "")
     hostname = _get(raw, "hostname", str, "", None) or socket.getfqdn()
@@ -369,6 +387,28 @@ def config_from_dict(raw: dict[str, Any], base: Path, overrides: dict[str, Any] 
         servers.append(_host_port(s, f"dns.servers[{i}]", 53))
     dns = DNSConfig(tuple(servers), _positive(_get(dns_raw, "timeout", float, "dns.", 5.0), "dns.timeout"))
 
+    dkim_raw = dict(_table(raw, "dkim"))
+    keys_raw = dkim_raw.pop("keys", [])
+    dkim_cfg = _dataclass_from(dkim_raw, DKIMConfig, "dkim.", {"verify": bool, "max_message_size": int})
+    if not isinstance(keys_raw, list):
+        raise ConfigError("dkim.keys", "must be a list of tables with domain, selector, key_file")
+    keys = []
+    for i, entry in enumerate(keys_raw):
+        prefix = f"dkim.keys[{i}]."
+        if not isinstance(entry, dict):
+            raise ConfigError(f"dkim.keys[{i}]", "must be a table with domain, selector, key_file")
+        _check_keys(entry, {"domain", "selector", "key_file"}, prefix)
+        values = [_get(entry, k, str, prefix, None) for k in ("domain", "selector", "key_file")]
+        for k, v in zip(("domain", "selector", "key_file"), values, strict=True):
+            if not v:
+                raise ConfigError(prefix + k, "is required")
+        key_path = _path(base, values[2])
+        assert key_path is not None
+        keys.append((values[0].lower(), values[1], key_path))
+    dkim_cfg = replace(dkim_cfg, keys=tuple(keys))
+    dmarc_cfg = _dataclass_from(_table(raw, "dmarc"), DMARCConfig, "dmarc.",
+                                {"enabled": bool, "reject": bool})
+
     aliases = _dataclass_from(_table(raw, "aliases"), AliasConfig, "aliases.",
                               {"drop_characters": str, "suffix_separators": str, "max_depth": int})
 
@@ -438,6 +478,8 @@ def config_from_dict(raw: dict[str, Any], base: Path, overrides: dict[str, Any] 
         limits=limits,
         spf=spf,
         dns=dns,
+        dkim=dkim_cfg,
+        dmarc=dmarc_cfg,
         aliases=aliases,
         delivery=delivery,
         relay_networks=relay_networks,

@@ -11,7 +11,7 @@ protocol is one JSON object per line each way::
 Commands: ``status``; ``flush`` [id]; ``delete`` id; ``bounce`` id;
 ``submit`` sender, recipients, message (base64); ``reload``.  Requests on one
 connection are answered in order.  ``code`` in an error names its kind for
-scripts: usage, not_found, busy, unavailable, internal, or one of
+scripts: usage, not_found, busy, unavailable, reload, internal, or one of
 :mod:`mta.submit`'s kinds (recipient, data, temporary).
 
 The server side (:class:`ControlService`, :func:`control_service`) runs in
@@ -284,7 +284,8 @@ class ControlCommands:
         submitter = Submitter(uid=peer.get("uid"), pid=peer.get("pid"))
         try:
             queue_id = submit_message(self.context.store, self.config, self.context.aliases,
-                                      sender, recipients, data, submitter, self.wall_clock)
+                                      sender, recipients, data, submitter, self.wall_clock,
+                                      srs=getattr(self.context, "srs", None))
         except SubmitError as e:
             raise CommandError(str(e), e.kind) from None
         return {"id": queue_id}

@@ -34,8 +34,14 @@ kind = "submissions"
 cert_file = "var/tls/cert.pem"
 key_file = "var/tls/key.pem"
 
+# The demo usually runs without outside DNS; a real server keeps these on.
 [spf]
-# The demo usually runs without outside DNS; a real server keeps this on.
+enabled = false
+
+[dkim]
+verify = false
+
+[dmarc]
 enabled = false
 """
 

@@ -40,6 +40,7 @@ class Policies:
     identities: Any
     tls: Any
     spf: Any
+    authenticator: Any
 
 
 def load_policies(config: Config) -> Policies:
@@ -62,7 +63,14 @@ def load_policies(config: Config) -> Policies:
         from mta.policy.spf import SPFChecker
 
         spf = SPFChecker(config.spf, config.dns, config.hostname)
-    return Policies(users, aliases, identities, tls, spf)
+    from mta.policy.dkim import DKIMKeyError
+    from mta.policy.msgauth import build_authenticator
+
+    try:
+        authenticator = build_authenticator(config)
+    except DKIMKeyError as e:
+        raise StartupError(f"dkim: {e}") from None
+    return Policies(users, aliases, identities, tls, spf, authenticator)
 
 
 def build_context(config: Config, reactor: Any) -> ServerContext:
@@ -74,6 +82,7 @@ def build_context(config: Config, reactor: Any) -> ServerContext:
     secret = config.srs_secret or load_or_create_secret(config.data_dir / "srs-secret")
     return ServerContext(config=config, store=store, users=p.users, aliases=p.aliases,
                          identities=p.identities, clock=reactor, tls=p.tls, spf=p.spf,
+                         authenticator=p.authenticator,
                          abuse=AbuseLimits(config.limits, reactor), srs=SRSRewriter(secret))
 
 
@@ -152,7 +161,7 @@ class MTAService(MultiService):
         ctx = self.context
         ctx.config = config
         ctx.users, ctx.aliases, ctx.identities = policies.users, policies.aliases, policies.identities
-        ctx.tls, ctx.spf = policies.tls, policies.spf
+        ctx.tls, ctx.spf, ctx.authenticator = policies.tls, policies.spf, policies.authenticator
         ctx.abuse.reconfigure(config.limits) if hasattr(ctx.abuse, "reconfigure") else None
         self.config = config
         log.info("configuration reloaded", event="reload", result="ok")

@@ -99,8 +99,8 @@ def _parse_sender(sender: str) -> str:
         raise SubmitError(f"bad sender address {sender!r}: {e}", USAGE) from None
 
 
-def resolve_recipients(addresses: Sequence[str], config: Config,
-                       aliases: Any) -> tuple[list[Recipient], list[str]]:
+def resolve_recipients(addresses: Sequence[str], config: Config, aliases: Any,
+                       srs: Any = None) -> tuple[list[Recipient], list[str]]:
     """The envelope recipients for ``addresses`` and their canonical texts.
 
     SubmitError listing every refused address if any is refused.
@@ -120,7 +120,8 @@ def resolve_recipients(addresses: Sequence[str], config: Config,
         except AddressError as e:
             refused.append(f"{text}: {e}")
             continue
-        decision = check_recipient(address, config.local_domains, aliases, may_relay=True)
+        decision = check_recipient(address, config.local_domains, aliases, may_relay=True,
+                                   srs=srs)
         if decision.reply is not None:
             refused.append(f"{address}: {decision.reply}")
             continue
@@ -143,15 +144,16 @@ def resolve_recipients(addresses: Sequence[str], config: Config,
 def submit_message(store: QueueStore, config: Config, aliases: Any, sender: str,
                    recipients: Sequence[str], message: bytes,
                    submitter: Submitter | None = None,
-                   clock: Callable[[], float] = time.time) -> str:
+                   clock: Callable[[], float] = time.time, *, srs: Any = None) -> str:
     """Queue ``message`` (CRLF lines, not dot-stuffed) and return its queue id.
 
-    ``aliases`` is the daemon's current :class:`~mta.policy.aliases.AliasResolver`.
+    ``aliases`` is the daemon's current :class:`~mta.policy.aliases.AliasResolver`,
+    ``srs`` its :class:`~mta.policy.srs.SRSRewriter` (or None).
     Raises :class:`SubmitError`; then nothing is left in the queue.
     """
     submitter = submitter or Submitter()
     sender_text = _parse_sender(sender)
-    rcpts, originals = resolve_recipients(recipients, config, aliases)
+    rcpts, originals = resolve_recipients(recipients, config, aliases, srs)
     smtputf8 = not (sender_text.isascii() and all(o.isascii() for o in originals))
     try:
         writer = store.new_message()
@@ -159,12 +161,14 @@ def submit_message(store: QueueStore, config: Config, aliases: Any, sender: str,
         raise SubmitError(f"cannot write to the queue: {e}", TEMPORARY) from None
     try:
         written = _write(writer, config, originals, smtputf8, submitter, message, clock)
+        envelope = Envelope(
+            id=writer.id, sender=sender_text, recipients=rcpts, created=clock(),
+            body_8bit=written.eight_bit, smtputf8=smtputf8, client_helo="localhost",
+            extra={"local_uid": submitter.uid} if submitter.uid is not None else {})
+        add_srs(envelope, srs, config.local_domains)
     except BaseException:
         writer.abort()
         raise
-    envelope = Envelope(id=writer.id, sender=sender_text, recipients=rcpts, created=clock(),
-                        body_8bit=written.eight_bit, smtputf8=smtputf8, client_helo="localhost",
-                        extra={"local_uid": submitter.uid} if submitter.uid is not None else {})
     try:
         writer.commit(envelope)
     except QueueError as e:
@@ -173,6 +177,24 @@ def submit_message(store: QueueStore, config: Config, aliases: Any, sender: str,
              id=envelope.id, sender=sender_text, rcpts=",".join(originals),
              size=envelope.size, uid=submitter.uid, event="queued")
     return envelope.id
+
+
+def add_srs(envelope: Envelope, srs: Any, local_domains: Sequence[str]) -> None:
+    """Forwarded recipients (a local alias expanding to a remote address) get an
+    SRS-rewritten sender, so SPF at the destination checks our domain.
+
+    The same rule as :meth:`mta.smtp.server.SMTPSession._add_srs`.
+    """
+    if srs is None or not envelope.sender:
+        return
+    if envelope.sender.rpartition("@")[2] in local_domains:
+        return
+    forwarded = [r for r in envelope.recipients if r.kind is RecipientKind.REMOTE
+                 and r.original.rpartition("@")[2] in local_domains]
+    if forwarded:
+        alias_domain = forwarded[0].original.rpartition("@")[2]
+        envelope.extra["srs_sender"] = srs.forward(envelope.sender, alias_domain)
+        envelope.extra["srs_recipients"] = [r.address for r in forwarded]
 
 
 @dataclass

@@ -119,6 +119,11 @@ def make_raw_config(tmp_path: Path, tls: bool = True, extra: dict[str, Any] | No
             "submission": {"endpoint": "tcp:0:interface=127.0.0.1", "kind": "submission"},
         },
         "spf": {"enabled": False},
+        # Tests never query the machine's resolver: DNS goes to a dead loopback port
+        # unless a test starts its own loopback DNS server.
+        "dns": {"servers": ["127.0.0.1:9"], "timeout": 1.0},
+        "dkim": {"verify": False},
+        "dmarc": {"enabled": False},
         "limits": {"auth_failure_delay": 0.05, "command_timeout": 30.0},
     }
     if tls:

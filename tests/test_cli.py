@@ -65,6 +65,16 @@ kind = "mx"
 [spf]
 enabled = false
 
+[dns]
+servers = ["127.0.0.1:9"]   # tests never use the machine's resolver
+timeout = 1
+
+[dkim]
+verify = false
+
+[dmarc]
+enabled = false
+
 [limits]
 max_message_size = 20000
 max_received_headers = 5
@@ -273,6 +283,17 @@ async def test_submit_queues_like_smtp_submission(running):
     # The runner was told: alice's copy arrives in her Maildir.
     await until(lambda: running.maildir("alice"))
     assert b"Subject: hello" in running.maildir("alice")[0]
+
+
+@pytest_twisted.ensureDeferred
+async def test_submit_forwarding_gets_an_srs_sender_as_over_smtp(running):
+    queue_id = (await submit(running, ["team@example.test"], sender="someone@else.test"))["id"]
+    env = running.store.load(queue_id)
+    assert env.sender == "someone@else.test"
+    assert env.extra["srs_recipients"] == ["friend@remote.test"]
+    srs_sender = env.extra["srs_sender"]
+    assert srs_sender.startswith("SRS0=") and srs_sender.endswith("@example.test")
+    assert running.service.context.srs.reverse(srs_sender) == "someone@else.test"
 
 
 @pytest_twisted.ensureDeferred
@@ -571,6 +592,18 @@ def test_alias_resolve(tmp_path, sock_dir, capsys):
     assert "else.test is not local" in capsys.readouterr().out
     assert cli.main(["alias", "resolve", "ghost@example.test", "--config", config]) == 1
     assert "ghost@example.test: refused with 550 5.1.1" in capsys.readouterr().err
+    # A bounce to an address the daemon SRS-rewrote goes back to the original sender.
+    from mta.policy.srs import SRSRewriter
+
+    (tmp_path / "var").mkdir()
+    (tmp_path / "var" / "srs-secret").write_text("s3cret\n")
+    bounce = SRSRewriter("s3cret").forward("someone@else.test", "example.test")
+    assert cli.main(["alias", "resolve", bounce, "--json", "--config", config]) == 0
+    assert json.loads(capsys.readouterr().out) == [
+        {"kind": "remote", "address": "someone@else.test", "mailbox": ""}]
+    forged = bounce.replace("SRS0=", "SRS0=x")
+    assert cli.main(["alias", "resolve", forged, "--config", config]) == 1
+    assert "refused with 550 5.1.1" in capsys.readouterr().err
 
 
 def test_check_config(tmp_path, sock_dir, capsys):

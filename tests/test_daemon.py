@@ -28,6 +28,16 @@ kind = "mx"
 [spf]
 enabled = false
 
+[dns]
+servers = ["127.0.0.1:9"]   # tests never use the machine's resolver
+timeout = 1
+
+[dkim]
+verify = false
+
+[dmarc]
+enabled = false
+
 [delivery]
 # Nothing listens here: remote delivery stays deferred in these tests.
 smarthosts = ["127.0.0.1:{dead_port}"]

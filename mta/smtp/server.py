@@ -22,7 +22,7 @@ objects in :class:`ServerContext`; the session only asks and replies.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from email.utils import format_datetime, make_msgid
 from enum import Enum
 from typing import Any
@@ -76,6 +76,7 @@ class ServerContext:
     spf: Any = None  # mta.policy.spf.SPFChecker, or None
     abuse: Any = None  # mta.policy.limits.AbuseLimits
     srs: Any = None  # mta.policy.srs.SRSRewriter
+    authenticator: Any = None  # mta.policy.msgauth.MessageAuthenticator, or None
     identities: Any = None  # mta.policy.identities.Identities
     connections: dict[str, int] = field(default_factory=dict)
     sessions: set[SMTPSession] = field(default_factory=set)
@@ -99,6 +100,8 @@ class Transaction:
     recipients: list[Recipient] = field(default_factory=list)
     rcpt_addresses: list[str] = field(default_factory=list)
     spf_headers: list[bytes] = field(default_factory=list)
+    spf: Any = None  # mta.policy.spf.SPFResult when SPF ran
+    header_lines: list[bytes] = field(default_factory=list)  # the message's header section
 
     @property
     def sender_text(self) -> str:
@@ -140,6 +143,9 @@ class SMTPSession(Protocol):
         self._greeted = False
         self._greeting_timer: Any = None
         self._closing_after_reply = False
+        self._chunks: list[bytes] | None = []  # the message held in memory during DATA
+        self._held = 0
+        self._trace: TraceInfo | None = None
 
     # --- connection -------------------------------------------------------------
 
@@ -622,7 +628,8 @@ class SMTPSession(Protocol):
                 log.info("message rate limit for {user}", user=self.auth_user, event="limit",
                          limit="user_messages")
                 return R.USER_RATE_LIMIT
-        if self.auth_user is None and self.ctx.spf is not None and self.config.spf.enabled:
+        if (self.auth_user is None and not self._trusted and self.ctx.spf is not None
+                and self.config.spf.enabled):
             return self._check_spf(txn)
         self.txn = txn
         return R.SENDER_OK
@@ -638,9 +645,10 @@ class SMTPSession(Protocol):
             if result.result == "fail" and self.config.spf.reject_fail:
                 return self._rejected("mail", R.spf_fail(result.explanation or "not permitted"),
                                       sender=txn.sender_text, reason="spf")
-            txn.spf_headers = spf_policy.trace_headers(
+            txn.spf = result
+            txn.spf_headers = [spf_policy.fold_header(spf_policy.received_spf_header(
                 result, self.client_ip, txn.sender_text, self.helo or "", self.config.hostname
-            )
+            )).encode("utf-8")]
             self.txn = txn
             return R.SENDER_OK
 
@@ -701,27 +709,21 @@ class SMTPSession(Protocol):
             return R.NO_RECIPIENTS
         if arg.strip():
             return R.NO_ARGUMENTS
-        try:
-            self._writer = self.ctx.store.new_message()
-        except QueueError:
-            return R.QUEUE_WRITE_FAILED
-        self._queue_id = self._writer.id
+        # The message is held in memory up to dkim.max_message_size (one write at
+        # the end, and room to add DKIM/Authentication-Results headers on top);
+        # past that it spills to the queue file and streams (see _collect).
+        self._chunks = []
+        self._held = 0
         self._loop_detected = False
-        trace = TraceInfo(
+        self._trace = TraceInfo(
             helo=self.helo or "", client_ip=self.client_ip, client_name="",
-            hostname=self.config.hostname, queue_id=self._queue_id, esmtp=self.esmtp,
+            hostname=self.config.hostname, queue_id="", esmtp=self.esmtp,
             tls_version=self.tls_version, tls_cipher=self.tls_cipher,
             authenticated=self.auth_user is not None, smtputf8=self.txn.smtputf8,
             recipients=tuple(self.txn.rcpt_addresses),
         )
-        prefix = [received_header(trace)] + self.txn.spf_headers
-        try:
-            self._writer.write(b"\r\n".join(prefix) + b"\r\n")
-        except OSError:
-            self._abort_message()
-            return R.QUEUE_WRITE_FAILED
         self._data = DataReader(
-            sink=self._write_data,
+            sink=self._collect,
             on_headers=self._on_headers,
             max_size=self.limits.max_message_size,
             max_line_length=self.limits.max_line_length,
@@ -730,30 +732,79 @@ class SMTPSession(Protocol):
         self.phase = Phase.DATA
         return R.START_DATA
 
-    def _write_data(self, block: bytes) -> None:
-        if self._writer is None:
+    @property
+    def _trusted(self) -> bool:
+        """A client in relay_networks: our own systems, neither checked nor given A-R."""
+        return relay_allowed(None, self.client_ip, self.config.relay_networks)
+
+    def _open_writer(self, extra_headers: list[bytes]) -> MessageWriter:
+        """Create the queue file and write the trace headers that go first in it."""
+        writer = self.ctx.store.new_message()
+        # The queue id goes into the Received header (RFC 5321 §4.4 "id").
+        received = received_header(replace(self._trace, queue_id=writer.id))
+        assert self.txn is not None
+        prefix = [received] + self.txn.spf_headers + extra_headers
+        writer.write(b"\r\n".join(prefix) + b"\r\n")
+        return writer
+
+    def _collect(self, block: bytes) -> None:
+        """The DataReader's sink: hold the message, or spill it to disk past the limit.
+
+        ``self._chunks`` is None once writing failed: the rest is only scanned
+        for the terminator and the message is refused with 451."""
+        if self._chunks is None:
             return
+        if self._writer is None:
+            if self._held + len(block) <= self.config.dkim.max_message_size:
+                self._chunks.append(block)
+                self._held += len(block)
+                return
+            txn = self.txn
+            assert txn is not None
+            extra = [] if self._skip_authentication or self.ctx.authenticator is None else (
+                self.ctx.authenticator.spf_only(txn.spf, txn.sender_text, self.helo or ""))
+            try:
+                self._writer = self._open_writer(extra)
+                self._writer.writelines(self._chunks)
+            except (QueueError, OSError) as e:
+                self._write_failed(e)
+                return
+            self._chunks = []
         try:
             self._writer.write(block)
         except OSError as e:
-            log.error("queue write failed: {err}", err=e)
+            self._write_failed(e)
+
+    def _write_failed(self, error: Exception) -> None:
+        log.error("queue write failed: {err}", err=error)
+        if self._writer is not None:
             self._writer.abort()
             self._writer = None
+        self._chunks = None
+
+    @property
+    def _skip_authentication(self) -> bool:
+        return self.auth_user is not None or self._trusted
 
     def _on_headers(self, lines: list[bytes]) -> list[bytes]:
+        from mta.policy.authresults import strip_forged
+
+        # RFC 8601 §5: an Authentication-Results field claiming to be ours is forged.
+        lines = strip_forged(lines, self.config.hostname)
         fields = unfold_headers(lines)
         names = [name for name, _ in fields]
         if count_received(names) > self.limits.max_received_headers:
             self._loop_detected = True
-        if self.auth_user is None:
-            return lines
-        # Submission (RFC 6409 §8): complete the message, and never pass Bcc on.
-        out = [line for name, group in fields if name != b"bcc" for line in group]
-        if b"date" not in names:
-            out.append(b"Date: " + format_datetime_now().encode())
-        if b"message-id" not in names:
-            out.append(b"Message-ID: " + make_msgid(domain=self.config.hostname).encode())
-        return out
+        if self.auth_user is not None:
+            # Submission (RFC 6409 §8): complete the message, and never pass Bcc on.
+            lines = [line for name, group in fields if name != b"bcc" for line in group]
+            if b"date" not in names:
+                lines.append(b"Date: " + format_datetime_now().encode())
+            if b"message-id" not in names:
+                lines.append(b"Message-ID: " + make_msgid(domain=self.config.hostname).encode())
+        if self.txn is not None:
+            self.txn.header_lines = lines
+        return lines
 
     def _end_of_data(self) -> Reply:
         reader, writer, txn = self._data, self._writer, self.txn
@@ -772,16 +823,15 @@ class SMTPSession(Protocol):
             reply = R.DATA_LINE_TOO_LONG
         elif self._loop_detected:
             reply = R.LOOP_DETECTED
-        elif writer is None:
+        elif self._chunks is None:
             reply = R.QUEUE_WRITE_FAILED
         if reply is not None:
             self._rejected("data", reply, sender=txn.sender_text,
                            rcpts=",".join(txn.rcpt_addresses))
             self._reset_transaction()
             return reply
-        assert writer is not None
         envelope = Envelope(
-            id=writer.id,
+            id="",
             sender=txn.sender_text,
             recipients=txn.recipients,
             created=time.time(),
@@ -793,6 +843,49 @@ class SMTPSession(Protocol):
             tls=f"{self.tls_version} {self.tls_cipher}".strip(),
         )
         self._add_srs(envelope)
+        if writer is not None:
+            return self._commit(writer, envelope, txn)  # spilled: streamed to disk already
+        message = b"".join(self._chunks)
+        self._chunks = []
+        auth = self.ctx.authenticator
+        if auth is not None:
+            if not self._skip_authentication:
+                return Deferred.fromCoroutine(self._verify_then_store(message, envelope, txn))
+            domain = auth.signing_domain(txn.header_lines)
+            if domain:
+                return Deferred.fromCoroutine(self._sign_then_store(message, domain, envelope, txn))
+        return self._store(message, [], envelope, txn)
+
+    async def _verify_then_store(self, message: bytes, envelope: Envelope, txn: Transaction) -> Reply:
+        verdict = await self.ctx.authenticator.inbound(
+            message, txn.header_lines, txn.spf, txn.sender_text, self.helo or "")
+        if verdict.reject is not None:
+            self.txn = None
+            return self._rejected("data", verdict.reject, sender=txn.sender_text, reason="dmarc")
+        return self._store(message, verdict.headers, envelope, txn)
+
+    async def _sign_then_store(self, message: bytes, domain: str, envelope: Envelope,
+                               txn: Transaction) -> Reply:
+        signatures = await self.ctx.authenticator.sign(message, domain)
+        return self._store(message, signatures, envelope, txn)
+
+    def _store(self, message: bytes, extra_headers: list[bytes], envelope: Envelope,
+               txn: Transaction) -> Reply:
+        try:
+            writer = self._open_writer(extra_headers)
+        except (QueueError, OSError):
+            self.txn = None
+            return R.QUEUE_WRITE_FAILED
+        try:
+            writer.write(message)
+        except OSError:
+            writer.abort()
+            self.txn = None
+            return R.QUEUE_WRITE_FAILED
+        return self._commit(writer, envelope, txn)
+
+    def _commit(self, writer: MessageWriter, envelope: Envelope, txn: Transaction) -> Reply:
+        envelope.id = writer.id
         self._writer = None
         try:
             writer.commit(envelope)
@@ -826,6 +919,7 @@ class SMTPSession(Protocol):
 
     def _abort_message(self) -> None:
         self._data = None
+        self._chunks, self._held = [], 0
         if self._writer is not None:
             self._writer.abort()
             self._writer = None

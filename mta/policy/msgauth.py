@@ -1,0 +1,107 @@
+"""The message-authentication stage at the end of DATA: DKIM, DMARC, and signing.
+
+For inbound mail (not authenticated, not from ``relay_networks``) it verifies
+every DKIM signature, evaluates DMARC with the SPF result from MAIL FROM, and
+returns one Authentication-Results header (RFC 8601) to prepend, plus a
+rejection when DMARC says reject and the configuration allows rejecting.
+For mail from our own users it returns the DKIM-Signature headers to prepend.
+
+It works on the whole message held in memory (dkimpy needs it whole), so the
+session only calls it for messages up to ``dkim.max_message_size``; larger
+ones get an Authentication-Results header with SPF only.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
+
+from mta.config import Config
+from mta.policy import dkim, dmarc
+from mta.policy.authresults import authentication_results
+from mta.smtp.replies import Reply
+
+log = Logger()
+
+
+@dataclass(frozen=True)
+class Verdict:
+    headers: list[bytes]  # to prepend, folded, without the final CRLF
+    reject: Reply | None = None
+
+
+def dmarc_reject(domain: str) -> Reply:
+    # RFC 7489 §6.6.3 suggests 550 5.7.1 for p=reject.
+    return Reply(550, "5.7.1", f"Message rejected by the DMARC policy of {domain}")
+
+
+class MessageAuthenticator:
+    def __init__(self, config: Config, dns_txt: Any = None, signer: Any = None,
+                 rng: random.Random | None = None, defer_to_thread: Any = deferToThread) -> None:
+        self.config = config
+        self.dns_txt = dns_txt if dns_txt is not None else dkim.make_dns_txt(config.dns)
+        self.signer = signer
+        self.rng = rng or random.Random()
+        self.defer_to_thread = defer_to_thread
+
+    def spf_only(self, spf: Any, sender: str, helo: str) -> list[bytes]:
+        """For messages too large to verify: the SPF result alone."""
+        if spf is None:
+            return []
+        return [authentication_results(self.config.hostname, spf=spf, sender=sender, helo=helo)]
+
+    async def inbound(self, message: bytes, header_lines: list[bytes], spf: Any,
+                      sender: str, helo: str) -> Verdict:
+        dkim_results = None
+        if self.config.dkim.verify:
+            dkim_results = await dkim.verify(message, self.dns_txt, defer_to_thread=self.defer_to_thread)
+        dmarc_result = None
+        if self.config.dmarc.enabled:
+            dmarc_result = await dmarc.check(
+                header_lines, spf.result if spf is not None else "none",
+                spf.domain if spf is not None else "", dkim_results or [], self.dns_txt,
+                sample=self.rng.random())
+        header = authentication_results(self.config.hostname, spf=spf, sender=sender, helo=helo,
+                                        dkim=dkim_results, dmarc=dmarc_result)
+        log.info("message authentication: {header}", header=header.decode("utf-8", "replace"),
+                 event="msgauth", dmarc=dmarc_result.result if dmarc_result else "none")
+        reject = None
+        if (dmarc_result is not None and dmarc_result.disposition == "reject"
+                and self.config.dmarc.reject):
+            reject = dmarc_reject(dmarc_result.from_domain)
+        return Verdict([header], reject)
+
+    def signing_domain(self, header_lines: list[bytes]) -> str | None:
+        if self.signer is None:
+            return None
+        author = dmarc.header_from_domain(header_lines)
+        return self.signer.signing_domain(author) if author else None
+
+    async def sign(self, message: bytes, domain: str) -> list[bytes]:
+        try:
+            return await self.defer_to_thread(self.signer.sign, message, domain)
+        except dkim.DKIMSignError as e:
+            log.warn("not signing for {domain}: {err}", domain=domain, err=e)
+            return []
+
+
+def build_authenticator(config: Config) -> MessageAuthenticator | None:
+    """From the configuration; None when DKIM, DMARC and signing are all off."""
+    signer = None
+    if config.dkim.keys:
+        table: dict[str, list[tuple[str, Any]]] = {}
+        for domain, selector, key_file in config.dkim.keys:
+            table.setdefault(domain, []).append((selector, key_file))
+        signer = dkim.DKIMSigner(table)
+    if not (config.dkim.verify or config.dmarc.enabled or signer):
+        return None
+    return MessageAuthenticator(config, signer=signer)
+
+
+def as_deferred(coro: Any) -> Deferred:
+    return Deferred.fromCoroutine(coro)
