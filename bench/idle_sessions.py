@@ -9,9 +9,10 @@ Steps, each bounded in time:
 1. raise RLIMIT_NOFILE for this process (the MTA needs its own ``ulimit -n``);
 2. start smtp-sink on the MTA's relay address (the sink of start_mta.py);
 3. open --sessions TCP connections to the MTA, at most --in-flight handshakes at
-   a time (so the listen backlog does not overflow), spread over --sources
-   loopback source addresses (127.0.0.2, 127.0.0.3, ...), and read each 220
-   greeting; then leave them idle for --hold seconds;
+   a time (so the listen backlog does not overflow; an attempt left without a
+   greeting is made again), spread over --sources loopback source addresses
+   (127.0.0.2, 127.0.0.3, ...), and read each 220 greeting; then leave them
+   idle for --hold seconds;
 4. send one normal message with smtplib through a fresh connection and check
    that DATA gets 250 and that the message reaches the sink;
 5. send NOOP on every idle session and count the 250 replies (they are still
@@ -97,18 +98,40 @@ def complete_reply(buf: bytes) -> bytes | None:
     return None
 
 
-def open_sessions(a: argparse.Namespace, host: str, port: int) -> tuple[list[Session], Counter, float]:
-    """Connect and read greetings, at most a.in_flight handshakes at a time."""
+def listen_overflows() -> int:
+    """TcpExt ListenOverflows: SYNs/ACKs dropped because an accept queue was full."""
+    try:
+        with open("/proc/net/netstat") as f:
+            rows = [line.split() for line in f if line.startswith("TcpExt:")]
+        return int(dict(zip(rows[0], rows[1], strict=False)).get("ListenOverflows", 0))
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def open_sessions(a: argparse.Namespace, host: str, port: int) -> tuple[list[Session], Counter, float, int]:
+    """Connect and read greetings, at most a.in_flight handshakes at a time.
+
+    An attempt without a greeting after --greeting-timeout is closed and made
+    again: when the MTA's accept queue overflows, the kernel drops the client's
+    ACK, and after its SYN-ACK retries the server forgets a connection that the
+    client still believes open (it would wait for a greeting for ever).
+    """
     sel = selectors.DefaultSelector()
     sessions: list[Session] = []
     errors: Counter = Counter()
-    pending = 0
-    started = 0
+    pending: dict[Session, float] = {}  # attempts in progress -> when they started
+    wanted = a.sessions
+    started = retries = 0
     t0 = time.monotonic()
     deadline = t0 + a.open_timeout
     sources = [f"127.0.0.{2 + i}" for i in range(a.sources)] if a.sources else [None]
+
+    def finish(sess: Session) -> None:
+        sel.unregister(sess.sock)
+        del pending[sess]
+
     while time.monotonic() < deadline:
-        while started < a.sessions and pending < a.in_flight:
+        while started < wanted and len(pending) < a.in_flight:
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             s.setblocking(False)
             src = sources[started % len(sources)]
@@ -124,11 +147,21 @@ def open_sessions(a: argparse.Namespace, host: str, port: int) -> tuple[list[Ses
                 continue
             sessions.append(sess)
             sel.register(s, selectors.EVENT_WRITE, sess)
-            pending += 1
-        if pending == 0 and started >= a.sessions:
+            pending[sess] = time.monotonic()
+        if not pending and started >= wanted:
             break
+        now = time.monotonic()
+        for sess, since in list(pending.items()):
+            if now - since > a.greeting_timeout and retries < a.sessions:
+                finish(sess)
+                sess.state, sess.error = "retried", ""
+                sess.sock.close()
+                retries += 1
+                wanted += 1
         for key, _mask in sel.select(timeout=0.5):
             sess = key.data
+            if sess not in pending:
+                continue
             if sess.state == "connecting":
                 err = sess.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 if err:
@@ -155,16 +188,16 @@ def open_sessions(a: argparse.Namespace, host: str, port: int) -> tuple[list[Ses
                 else:
                     sess.state = "failed"
                     sess.error = sess.error or "closed before the greeting"
-            sel.unregister(sess.sock)
-            pending -= 1
+            finish(sess)
+    for sess in list(pending):
+        sess.state, sess.error = "failed", "timed out waiting for the greeting"
+        finish(sess)
+    sessions = [s for s in sessions if s.state != "retried"]
     for sess in sessions:
-        if sess.state in ("connecting", "greeting"):
-            sess.state, sess.error = "failed", "timed out waiting for the greeting"
-            sel.unregister(sess.sock)
         if sess.state == "failed":
             errors[sess.error] += 1
     sel.close()
-    return sessions, errors, time.monotonic() - t0
+    return sessions, errors, time.monotonic() - t0, retries
 
 
 def noop_all(sessions: list[Session], timeout: float) -> tuple[int, Counter]:
@@ -250,7 +283,10 @@ def main() -> None:
     ap.add_argument("--sessions", type=int, default=10000)
     ap.add_argument("--sources", type=int, default=4,
                     help="source addresses 127.0.0.2 .. (0: let the kernel choose 127.0.0.1)")
-    ap.add_argument("--in-flight", type=int, default=200, help="handshakes in progress at a time")
+    ap.add_argument("--in-flight", type=int, default=32,
+                    help="handshakes in progress at a time (Twisted's default listen backlog is 50)")
+    ap.add_argument("--greeting-timeout", type=float, default=10.0,
+                    help="seconds before an attempt without a greeting is made again")
     ap.add_argument("--hold", type=float, default=10.0, help="seconds to keep the sessions idle")
     ap.add_argument("--open-timeout", type=float, default=180.0)
     ap.add_argument("--message-timeout", type=float, default=60.0)
@@ -285,7 +321,9 @@ def main() -> None:
     sessions: list[Session] = []
     try:
         before = mta_memory(cgroup, a.pid)
-        sessions, errors, open_s = open_sessions(a, host, port)
+        overflows0 = listen_overflows()
+        sessions, errors, open_s, retries = open_sessions(a, host, port)
+        overflows = listen_overflows() - overflows0
         greeted = sum(1 for s in sessions if s.state == "idle")
         opened = sum(1 for s in sessions if s.connected)
         time.sleep(a.hold)
@@ -301,7 +339,7 @@ def main() -> None:
         alive = benchlib.wait_banner(host, port, 30)
         per_session = (loaded["rss_kb"] - before["rss_kb"]) / greeted if greeted else 0.0
         rec.update(
-            opened=opened, greeted=greeted, open_errors=dict(errors.most_common(5)), open_s=round(open_s, 2),
+            opened=opened, greeted=greeted, retried=retries, listen_overflows=overflows, open_errors=dict(errors.most_common(5)), open_s=round(open_s, 2),
             hold_s=a.hold, noop_ok=noop_ok, noop_errors=dict(noop_errors.most_common(5)),
             message_reply=reply[:80], message_delivered=delivered, message_s=round(msg_s, 3),
             rss_kb_before=before["rss_kb"], rss_kb_loaded=loaded["rss_kb"],

@@ -41,7 +41,6 @@ import resource
 import shutil
 import signal
 import smtplib
-import socket
 import statistics
 import subprocess
 import sys
@@ -242,6 +241,7 @@ def throughput_run(a, sink, cg, n, run_no):
         sys_busy_pct_e2e=benchlib.system_busy_pct(sys0, sys_e2e),
         source_cpu_s=round(children_cpu() - ch0, 3),
         sink_cpu_s=round(sink1 - sink0, 3) if sink0 is not None and sink1 is not None else None,
+        loadavg_1m=round(os.getloadavg()[0], 2),  # others' work on the machine shows here
         **memory,
     )
     if src.returncode != 0 or accepted != n:

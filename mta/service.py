@@ -107,6 +107,9 @@ class MTAService(MultiService):
         self.runner = runner if runner is not None else build_runner(config, self.context.store, reactor)
         self.ports: list[Any] = []
         self.listening: Deferred[None] | None = None
+        from mta.control import control_service
+
+        self.addService(control_service(self))
         if config.log_json is not None:
             from mta.logs import json_log_service
 
@@ -126,9 +129,23 @@ class MTAService(MultiService):
             self.runner.start()
         else:
             self.context.store.recover()
-        self.listening = self._listen()
+        if not self.ports:  # not bound by privilegedStartService (no twistd --uid)
+            self.listening = self._listen()
         if self.install_signals:
             signal.signal(signal.SIGHUP, self._sighup)
+
+    def privilegedStartService(self) -> None:  # noqa: N802
+        """Bind the listening ports while still root.
+
+        ``twistd --uid mta --gid mta`` calls this, then drops privileges, then
+        calls startService: ports below 1024 can only be bound here.
+        """
+        super().privilegedStartService()
+        failed: list[Any] = []
+        self.listening = self._listen()
+        self.listening.addErrback(failed.append)
+        if failed:  # endpoint.listen is synchronous for tcp: we know now
+            raise SystemExit(f"mta: {failed[0].getErrorMessage()}")
 
     def _sighup(self, signum: int, frame: Any) -> None:
         self.reactor.callFromThread(self._reload_logged)

@@ -1,4 +1,4 @@
-"""The message-authentication stage at the end of DATA: DKIM, DMARC, and signing.
+"""The message-authentication stage at the end of DATA: SPF, DKIM, DMARC, and signing.
 
 For inbound mail (not authenticated, not from ``relay_networks``) it verifies
 every DKIM signature, evaluates DMARC with the SPF result from MAIL FROM, and
@@ -66,6 +66,8 @@ class MessageAuthenticator:
                 header_lines, spf.result if spf is not None else "none",
                 spf.domain if spf is not None else "", dkim_results or [], self.dns_txt,
                 sample=self.rng.random())
+        if spf is None and dkim_results is None and dmarc_result is None:
+            return Verdict([])
         header = authentication_results(self.config.hostname, spf=spf, sender=sender, helo=helo,
                                         dkim=dkim_results, dmarc=dmarc_result)
         log.info("message authentication: {header}", header=header.decode("utf-8", "replace"),
@@ -98,7 +100,7 @@ def build_authenticator(config: Config) -> MessageAuthenticator | None:
         for domain, selector, key_file in config.dkim.keys:
             table.setdefault(domain, []).append((selector, key_file))
         signer = dkim.DKIMSigner(table)
-    if not (config.dkim.verify or config.dmarc.enabled or signer):
+    if not (config.spf.enabled or config.dkim.verify or config.dmarc.enabled or signer):
         return None
     return MessageAuthenticator(config, signer=signer)
 

@@ -24,11 +24,14 @@ import secrets
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mta.fsutil import fsync_dir
+from mta.queue.commit import GroupCommitter
 from mta.queue.envelope import Envelope, Recipient, RecipientState
 
 log = Logger()
@@ -66,28 +69,66 @@ class MessageWriter:
         self.size += sum(map(len, chunks))
 
     def commit(self, envelope: Envelope) -> None:
-        """Make the message durable. Raises :class:`QueueError`; then nothing is left."""
-        assert self._file is not None and envelope.id == self.id
-        envelope.size = self.size
-        env_tmp = self.store.tmp_dir / f"{self.id}.json"
+        """Make the message durable now. Raises :class:`QueueError`; then nothing is left."""
+        self._prepare(envelope)
         try:
-            self._file.flush()
-            if self.store.fsync:
-                os.fsync(self._file.fileno())
-            self._file.close()
-            self._file = None
-            self.store._write_file(env_tmp, envelope.to_bytes())
-            os.rename(self.tmp_path, self.store.data_path(self.id))
-            os.rename(env_tmp, self.store.envelope_path(self.id))
+            self._durable(envelope.to_bytes())
             if self.store.fsync:
                 fsync_dir(self.store.msg_dir)
         except OSError as e:
-            log.error("queue write failed for {id}: {err}", id=self.id, err=e)
-            for p in (self.tmp_path, env_tmp, self.store.envelope_path(self.id),
-                      self.store.data_path(self.id)):
-                _unlink_quietly(p)
-            raise QueueError(str(e)) from e
+            self._undo(e)
         self.store._notify(envelope)
+
+    def commit_async(self, envelope: Envelope) -> Deferred[None]:
+        """Like :meth:`commit`, with the disk work on the group-commit thread.
+
+        The Deferred fires once the message, its envelope and the directory
+        entries are on disk (then listeners are told), or fails with QueueError.
+        """
+        self._prepare(envelope)
+        data = envelope.to_bytes()
+        d = self.store.committer.submit(lambda: self._durable(data))
+
+        def failed(failure: Failure) -> None:
+            self._undo(failure.value)
+
+        def done(_: None) -> None:
+            self.store._notify(envelope)
+
+        return d.addCallbacks(done, failed)
+
+    def _prepare(self, envelope: Envelope) -> None:
+        assert self._file is not None and envelope.id == self.id
+        envelope.size = self.size
+        try:
+            self._file.flush()
+        except OSError as e:
+            self._undo(e)
+
+    def _durable(self, envelope_bytes: bytes) -> None:
+        """fsync the data, write and fsync the envelope, rename both into msg/."""
+        assert self._file is not None
+        if self.store.fsync:
+            os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+        env_tmp = self.store.tmp_dir / f"{self.id}.json"
+        self.store._write_file(env_tmp, envelope_bytes)
+        os.rename(self.tmp_path, self.store.data_path(self.id))
+        os.rename(env_tmp, self.store.envelope_path(self.id))
+
+    def _undo(self, error: BaseException) -> None:
+        log.error("queue write failed for {id}: {err}", id=self.id, err=error)
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError:
+                pass
+            self._file = None
+        for p in (self.tmp_path, self.store.tmp_dir / f"{self.id}.json",
+                  self.store.envelope_path(self.id), self.store.data_path(self.id)):
+            _unlink_quietly(p)
+        raise QueueError(str(error)) from error
 
     def abort(self) -> None:
         if self._file is not None:
@@ -108,12 +149,18 @@ def _unlink_quietly(path: Path) -> None:
 class QueueStore:
     """The queue directory. All methods are synchronous and fsync as they go."""
 
-    def __init__(self, root: Path, fsync: bool = True, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, root: Path, fsync: bool = True, clock: Callable[[], float] = time.time,
+                 reactor: Any = None) -> None:
         self.root = root
         self.tmp_dir = root / "tmp"
         self.msg_dir = root / "msg"
         self.fsync = fsync
         self.clock = clock
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.committer = GroupCommitter(reactor, self.msg_dir, fsync)
         self._listeners: list[Callable[[Envelope], None]] = []
         for d in (self.root, self.tmp_dir, self.msg_dir):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -172,6 +219,32 @@ class QueueStore:
         except OSError:
             _unlink_quietly(tmp)
             raise
+
+    def save_async(self, envelope: Envelope) -> Deferred[None]:
+        """:meth:`save` on the group-commit thread; fires once the new state is on disk."""
+        data = envelope.to_bytes()
+        tmp = self.tmp_dir / f"{envelope.id}.json.{secrets.token_hex(4)}"
+        path = self.envelope_path(envelope.id)
+
+        def operation() -> None:
+            try:
+                self._write_file(tmp, data)
+                os.rename(tmp, path)
+            except OSError:
+                _unlink_quietly(tmp)
+                raise
+
+        return self.committer.submit(operation)
+
+    def remove_async(self, queue_id: str) -> Deferred[None]:
+        """:meth:`remove` on the group-commit thread."""
+        env, data = self.envelope_path(queue_id), self.data_path(queue_id)
+
+        def operation() -> None:
+            _unlink_quietly(env)
+            _unlink_quietly(data)
+
+        return self.committer.submit(operation)
 
     def update_recipient(self, envelope: Envelope, recipient: Recipient, state: RecipientState,
                          reply: str = "", next_attempt: float = 0.0, remote_mta: str = "") -> None:

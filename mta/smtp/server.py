@@ -28,7 +28,7 @@ from enum import Enum
 from typing import Any
 
 from twisted.internet import interfaces
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -806,7 +806,7 @@ class SMTPSession(Protocol):
             self.txn.header_lines = lines
         return lines
 
-    def _end_of_data(self) -> Reply:
+    def _end_of_data(self) -> Reply | Deferred[Reply]:
         reader, writer, txn = self._data, self._writer, self.txn
         assert reader is not None and txn is not None
         self._data = None
@@ -862,37 +862,42 @@ class SMTPSession(Protocol):
         if verdict.reject is not None:
             self.txn = None
             return self._rejected("data", verdict.reject, sender=txn.sender_text, reason="dmarc")
-        return self._store(message, verdict.headers, envelope, txn)
+        return await self._store(message, verdict.headers, envelope, txn)
 
     async def _sign_then_store(self, message: bytes, domain: str, envelope: Envelope,
                                txn: Transaction) -> Reply:
         signatures = await self.ctx.authenticator.sign(message, domain)
-        return self._store(message, signatures, envelope, txn)
+        return await self._store(message, signatures, envelope, txn)
 
     def _store(self, message: bytes, extra_headers: list[bytes], envelope: Envelope,
-               txn: Transaction) -> Reply:
+               txn: Transaction) -> Deferred[Reply]:
         try:
             writer = self._open_writer(extra_headers)
         except (QueueError, OSError):
             self.txn = None
-            return R.QUEUE_WRITE_FAILED
+            return succeed(R.QUEUE_WRITE_FAILED)
         try:
             writer.write(message)
         except OSError:
             writer.abort()
             self.txn = None
-            return R.QUEUE_WRITE_FAILED
+            return succeed(R.QUEUE_WRITE_FAILED)
         return self._commit(writer, envelope, txn)
 
-    def _commit(self, writer: MessageWriter, envelope: Envelope, txn: Transaction) -> Reply:
+    def _commit(self, writer: MessageWriter, envelope: Envelope, txn: Transaction) -> Deferred[Reply]:
+        """Hand the message to the group commit; reply 250 only once it is on disk."""
         envelope.id = writer.id
         self._writer = None
-        try:
-            writer.commit(envelope)
-        except QueueError:
-            self.txn = None
-            return R.QUEUE_WRITE_FAILED
         self.txn = None
+        d = writer.commit_async(envelope)
+
+        def failed(failure: Failure) -> Reply:
+            failure.trap(QueueError)
+            return R.QUEUE_WRITE_FAILED
+
+        return d.addCallbacks(lambda _: self._queued(envelope, txn), failed)
+
+    def _queued(self, envelope: Envelope, txn: Transaction) -> Reply:
         self.accepted += 1
         log.info(
             "queued {queue_id} from=<{sender}> to={rcpts} size={size} client={ip}",

@@ -1,0 +1,222 @@
+#!/bin/bash
+# The benchmark of our MTA against Postfix, in one command (`make bench`):
+#
+#   floor (smtp-source straight into smtp-sink), then Postfix, then our MTA:
+#   throughput at each size (smtp-source, a new connection per message),
+#   single-message latency, the fsync check (strace), CPU ms per message and
+#   peak memory of the MTA's processes; then, for our MTA, a py-spy profile of
+#   one more 4 KB throughput run and the idle sessions test on a fresh instance.
+#   Writes results.jsonl (one JSON line per run), fsync.jsonl, health.jsonl,
+#   idle.jsonl, profile-ours-4k.folded, profile.md, the MTAs' logs, and
+#   summary.md under $OUT, and prints summary.md.
+#
+# Settings (environment variables, all optional):
+#   MODE=smarthost | mx   smarthost: both MTAs relay to smtp-sink as a fixed
+#                         smarthost; mx: both look up "MX bench.test" in
+#                         dns_stub.py (-> sink.bench.test -> the sink address)
+#   MTAS="postfix ours"   targets after the floor (also: chasquid opensmtpd)
+#   FLOOR=1               0 skips the floor
+#   SIZES="4096 102400"  MESSAGES=2000  SESSIONS=20  RUNS=3
+#   LAT_SAMPLES=20  LAT_SIZE=4096
+#   CHECK_FSYNC=1         strace the MTA while it takes 50 messages
+#   PROFILE=1             py-spy on our MTA during one extra 4 KB run
+#   PROFILE_MESSAGES=$MESSAGES
+#   IDLE_SESSIONS=10000   0 skips the idle sessions test
+#   SPF=0                 1: our MTA checks SPF (answered by dns_stub.py)
+#   LISTEN=127.0.0.1:32525  SINK=127.0.0.1:32526 (mx: 127.0.0.2:32526)
+#   FLOOR_SINK=127.0.0.1:32527  RUN_TIMEOUT=600  KEEP=0  OUT=/tmp/bench-results-<time>
+#   TWISTD=...            default: ../.venv/bin/twistd if present, else twistd on PATH
+#   CONFIG=bench/mta-bench.toml
+# A quick check: RUNS=1 MESSAGES=500 IDLE_SESSIONS=1000 PROFILE=0 bash bench/run.sh
+#
+# Needs root (cgroups, mount namespaces, smtp-sink -u), Postfix's smtp-source
+# and smtp-sink, strace and py-spy. All traffic stays on loopback; every run and
+# every MTA has a time limit; each MTA is stopped by its pid, also on Ctrl-C.
+set -euo pipefail
+BENCH=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(dirname "$BENCH")
+cd "$BENCH"
+
+MODE=${MODE:-smarthost}
+MTAS=${MTAS-"postfix ours"}
+FLOOR=${FLOOR:-1}
+SIZES=${SIZES:-"4096 102400"}
+MESSAGES=${MESSAGES:-2000}
+SESSIONS=${SESSIONS:-20}
+RUNS=${RUNS:-3}
+LAT_SAMPLES=${LAT_SAMPLES:-20}
+LAT_SIZE=${LAT_SIZE:-4096}
+CHECK_FSYNC=${CHECK_FSYNC:-1}
+PROFILE=${PROFILE:-1}
+PROFILE_MESSAGES=${PROFILE_MESSAGES:-$MESSAGES}
+IDLE_SESSIONS=${IDLE_SESSIONS:-10000}
+SPF=${SPF:-0}
+LISTEN=${LISTEN:-127.0.0.1:32525}
+FLOOR_SINK=${FLOOR_SINK:-127.0.0.1:32527}
+RUN_TIMEOUT=${RUN_TIMEOUT:-600}
+KEEP=${KEEP:-0}
+CONFIG=${CONFIG:-$BENCH/mta-bench.toml}
+OUT=${OUT:-/tmp/bench-results-$(date +%Y%m%d-%H%M%S)}
+case $MODE in
+    smarthost) SINK=${SINK:-127.0.0.1:32526}; START_ARGS=() ;;
+    # Postfix refuses an MX on one of its own addresses: the sink gets another one.
+    mx) SINK=${SINK:-127.0.0.2:32526}; START_ARGS=(--mx-domain bench.test) ;;
+    *) echo "run.sh: MODE must be smarthost or mx" >&2; exit 2 ;;
+esac
+
+if [ "$(id -u)" != 0 ]; then echo "run.sh: needs root (cgroups, namespaces, smtp-sink -u)" >&2; exit 1; fi
+PATH=$PATH:/usr/sbin:/sbin
+for tool in smtp-source smtp-sink; do
+    command -v $tool >/dev/null || { echo "run.sh: $tool missing (apt-get install postfix)" >&2; exit 1; }
+done
+if [ -z "${TWISTD:-}" ]; then
+    if [ -x "$ROOT/.venv/bin/twistd" ]; then TWISTD=$ROOT/.venv/bin/twistd; else TWISTD=$(command -v twistd); fi
+fi
+if [ "$PROFILE" = 1 ] && ! command -v py-spy >/dev/null; then
+    echo "run.sh: py-spy not found; profile skipped" >&2; PROFILE=0
+fi
+# 10,000 idle sessions need as many descriptors in the MTA (inherited from here).
+# Without CAP_SYS_RESOURCE the hard limit cannot be raised: then take all of it.
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+if [ "$(ulimit -n)" -lt "$((IDLE_SESSIONS + 200))" ]; then
+    echo "run.sh: ulimit -n is $(ulimit -n), too low for IDLE_SESSIONS=$IDLE_SESSIONS" >&2; exit 1
+fi
+
+mkdir -p "$OUT"
+RES=$OUT/results.jsonl
+echo "results in $OUT" >&2
+
+# Our MTA's configuration: as is, or with SPF on.
+OURS_CONFIG=$CONFIG
+if [ "$SPF" = 1 ]; then
+    OURS_CONFIG=$OUT/mta-bench-spf.toml
+    sed '/^\[spf\]/,/^\[/ s/^enabled = false/enabled = true/' "$CONFIG" > "$OURS_CONFIG"
+fi
+OURS_CMD="PYTHONPATH=$(printf %q "$ROOT") $(printf %q "$TWISTD") -n --pidfile= mta"
+OURS_CMD+=" --config $(printf %q "$OURS_CONFIG") --listen mx=tcp:{listen_port}:interface={listen_host}"
+OURS_CMD+=" --queue {workdir}/queue"
+if [ "$MODE" = mx ]; then
+    OURS_CMD+=" --dns {dns_host}:{dns_port} --mx-port {sink_port}"
+else
+    OURS_CMD+=" --smarthost {sink_host}:{sink_port}"
+    if [ "$SPF" = 1 ]; then OURS_CMD+=" --dns {dns_host}:{dns_port}"; fi
+fi
+
+{
+    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "machine: $(nproc) CPUs, $(uname -sr), $(awk '/MemTotal/ {print int($2/1024) " MiB"}' /proc/meminfo)"
+    echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine skews every figure)"
+    echo "postfix: $(postconf -d -h mail_version 2>/dev/null || echo '?')"
+    echo "ours: $("$TWISTD" --version 2>/dev/null | head -1); project $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo '?')"
+    echo "mode=$MODE sizes=$SIZES messages=$MESSAGES sessions=$SESSIONS runs=$RUNS latency=$LAT_SAMPLES x $LAT_SIZE B spf=$SPF"
+    echo "our command: $OURS_CMD"
+} > "$OUT/env.txt"
+
+CURRENT=
+PYSPY=
+stop_current() {
+    if [ -n "$PYSPY" ]; then kill -INT "$PYSPY" 2>/dev/null || true; wait "$PYSPY" 2>/dev/null || true; PYSPY=; fi
+    if [ -n "$CURRENT" ]; then
+        if [ "$KEEP" = 1 ]; then keep=--keep; else keep=; fi
+        python3 start_mta.py stop "$CURRENT" $keep >&2 || true
+        CURRENT=
+    fi
+}
+trap stop_current EXIT
+trap 'stop_current; exit 130' INT TERM
+
+load() {  # label, then extra run_load.py arguments; one smtp-sink for all its runs
+    local label=$1; shift
+    python3 run_load.py --label "$label" --mode throughput,latency --size "${SIZES// /,}" \
+        --messages "$MESSAGES" --sessions "$SESSIONS" --runs "$RUNS" \
+        --latency-size "$LAT_SIZE" --samples "$LAT_SAMPLES" \
+        --timeout "$RUN_TIMEOUT" --out "$RES" "$@"
+}
+
+start() {  # kind [label]: starts one MTA, sets CURRENT to its workdir
+    local kind=$1 args=(start "$1" --listen "$LISTEN" --sink "$SINK" --lifetime 7200 "${START_ARGS[@]}")
+    if [ "$kind" = ours ]; then args=(start custom --cmd "$OURS_CMD" --cwd "$ROOT" --listen "$LISTEN"
+                                      --sink "$SINK" --lifetime 7200 "${START_ARGS[@]}"); fi
+    local state
+    state=$(python3 start_mta.py "${args[@]}")
+    CURRENT=$(printf '%s' "$state" | python3 -c 'import json,sys; print(json.load(sys.stdin)["workdir"])')
+    echo "   workdir $CURRENT" >&2
+}
+
+mta_pid() {  # the MTA process itself (not its timeout wrapper) in CURRENT's cgroup
+    python3 -c 'import sys; sys.path.insert(0, "."); sys.dont_write_bytecode = True
+import benchlib
+st = benchlib.load_state(sys.argv[1])
+for p in benchlib.cgroup_pids(st["cgroup"]):
+    m = benchlib.proc_memory_kb(p)
+    if m and m.get("name") not in benchlib.WRAPPERS:
+        print(p); break' "$CURRENT"
+}
+
+profile() {  # py-spy on our MTA during one extra 4 KB throughput run (not in results.jsonl)
+    local pid
+    pid=$(mta_pid)
+    echo "== profile: py-spy on pid $pid during $PROFILE_MESSAGES x 4 KB" >&2
+    timeout --signal=INT "$((RUN_TIMEOUT + 60))" py-spy record --pid "$pid" --rate 100 --idle \
+        --format raw -o "$OUT/profile-ours-4k.folded" >"$OUT/py-spy.log" 2>&1 &
+    PYSPY=$!
+    sleep 2
+    python3 run_load.py --label ours-profiled --state "$CURRENT" --mode throughput --size 4096 \
+        --messages "$PROFILE_MESSAGES" --sessions "$SESSIONS" --runs 1 --warmup 0 \
+        --timeout "$RUN_TIMEOUT" --out "$OUT/profile-load.jsonl" >&2
+    kill -INT "$PYSPY" 2>/dev/null || true
+    wait "$PYSPY" || true
+    PYSPY=
+    python3 profile_summary.py "$OUT/profile-ours-4k.folded" > "$OUT/profile.md" \
+        || echo "profile summary failed; see $OUT/py-spy.log" >&2
+}
+
+keep_logs() {  # label: copy the MTA's logs into OUT and count problems
+    local label=$1
+    for f in mta.log maillog; do
+        if [ -f "$CURRENT/$f" ]; then cp "$CURRENT/$f" "$OUT/$label-$f"; fi
+    done
+    python3 mta_health.py --state "$CURRENT" --label "$label" --out "$OUT/health.jsonl" >&2 || true
+}
+
+if [ "$FLOOR" = 1 ]; then
+    echo "== floor: smtp-source -> smtp-sink on $FLOOR_SINK" >&2
+    load floor --target "$FLOOR_SINK" --sink "$FLOOR_SINK"
+fi
+
+for kind in $MTAS; do
+    echo "== $kind ($MODE)" >&2
+    start "$kind"
+    load "$kind" --state "$CURRENT"
+    if [ "$CHECK_FSYNC" = 1 ] && command -v strace >/dev/null; then
+        python3 check_fsync.py --state "$CURRENT" --label "$kind" | tee -a "$OUT/fsync.jsonl"
+    fi
+    if [ "$kind" = ours ] && [ "$PROFILE" = 1 ]; then profile; fi
+    sleep 2  # let the last deliveries finish before counting what is left in the queue
+    keep_logs "$kind"
+    stop_current
+done
+
+if [ "$IDLE_SESSIONS" -gt 0 ] && [[ " $MTAS " == *" ours "* ]]; then
+    echo "== ours: $IDLE_SESSIONS idle sessions (fresh instance)" >&2
+    start ours
+    python3 idle_sessions.py --state "$CURRENT" --sessions "$IDLE_SESSIONS" --label ours \
+        --out "$OUT/idle.jsonl" || echo "idle sessions test FAILED (see idle.jsonl)" >&2
+    keep_logs ours-idle
+    stop_current
+fi
+
+files=("$RES")
+for f in fsync.jsonl idle.jsonl health.jsonl; do
+    if [ -f "$OUT/$f" ]; then files+=("$OUT/$f"); fi
+done
+echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)" >> "$OUT/env.txt"
+{
+    echo "## Benchmark: our MTA vs Postfix ($MODE mode)"
+    echo
+    sed 's/^/    /' "$OUT/env.txt"
+    echo
+    python3 summarize.py "${files[@]}"
+    if [ -f "$OUT/profile.md" ]; then echo; cat "$OUT/profile.md"; fi
+} > "$OUT/summary.md"
+cat "$OUT/summary.md"
