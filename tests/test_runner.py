@@ -531,6 +531,14 @@ class CrashingStore(QueueStore):
         self.effect()
         super().remove(queue_id)
 
+    def save_async(self, envelope: Envelope) -> Deferred[None]:
+        self.effect()
+        return super().save_async(envelope)
+
+    def remove_async(self, queue_id: str) -> Deferred[None]:
+        self.effect()
+        return super().remove_async(queue_id)
+
     def new_message(self) -> MessageWriter:
         store = self
 
@@ -554,7 +562,7 @@ def _decide_crash_scenario(env: Envelope, r: Recipient, tries: dict[str, int]
     return Outcome.DELIVERED, "250 ok"
 
 
-@pytest.mark.parametrize("crash_at", range(1, 14))
+@pytest.mark.parametrize("crash_at", range(1, 10))
 def test_crash_at_any_point_gives_exactly_once(tmp_path: Path, crash_at: int) -> None:
     clock = Clock()
     clock.advance(T0)
@@ -619,5 +627,7 @@ def test_crash_at_any_point_gives_exactly_once(tmp_path: Path, crash_at: int) ->
     for dsn in remote1.dsns() + w2.remote.dsns():
         assert [b["Final-Recipient"] for b in dsn_recipients(dsn)] == ["rfc822;bob@x.example"]
     assert QueueStore(root, fsync=False).ids() == []
-    if crash_at <= 9:
+    # 7 durable effects: a message whose last recipient becomes final is removed
+    # without first rewriting its envelope (the removal is the durable record).
+    if crash_at <= 7:
         assert crashed  # the scenario really has this many effects

@@ -419,7 +419,14 @@ class QueueRunner:
             self._schedule_at(queue_id, self._now() + self.config.retry_schedule[0])
             return
         if self._finished(env):
-            self.store.remove(queue_id)
+            # Removing the files is the durable record that every recipient is done.
+            try:
+                await self.store.remove_async(queue_id)
+            except Exception:
+                log.failure("cannot remove finished message {queue_id}; saving its state",
+                            queue_id=queue_id)
+                await self.store.save_async(env)
+                return
             log.info("message {queue_id} done and removed from the queue", queue_id=queue_id,
                      log_event="removed")
             return
@@ -490,11 +497,16 @@ class QueueRunner:
         except Exception:  # a courier must not errback; if one does, nothing is lost
             log.failure("courier for {key} raised", key=route.key)
             results = []
-        self._record(env, route, results, start)
+        await self._record(env, route, results, start)
 
-    def _record(self, env: Envelope, route: Route, results: list[DeliveryResult],
-                start: float) -> None:
-        """Apply one courier call's results and save the envelope before anything else."""
+    async def _record(self, env: Envelope, route: Route, results: list[DeliveryResult],
+                      start: float) -> None:
+        """Apply one courier call's results and make them durable before anything else.
+
+        When every recipient is now final and no bounce is owed, the pass removes
+        the message next, and that removal is the durable record: the envelope
+        is not rewritten just to be deleted (the window between a server's 250
+        and our durable record is one group commit either way)."""
         now = self._now()
         by_identity = {id(res.recipient): res for res in results}
         by_address = {(res.recipient.address, res.recipient.original): res for res in results}
@@ -505,7 +517,8 @@ class QueueRunner:
                 res = DeliveryResult(r, Outcome.DEFERRED, "451 4.3.0 courier gave no result",
                                      status="4.3.0")
             applied.append((r, res, self._apply(env, r, res, now)))
-        self.store.save(env)
+        if not self._finished(env):  # finished: this was the last route; the pass removes it
+            await self.store.save_async(env)
         for r, res, reply in applied:
             log.info("delivery {queue_id} to {recipient} via {destination}: {outcome} "
                      "in {duration:.3f}s: {reply}", log_event="delivery", queue_id=env.id,
