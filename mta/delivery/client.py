@@ -620,6 +620,8 @@ class SMTPClientProtocol(Protocol):
 
 
 class _OneProtocolFactory(Factory):
+    noisy = False  # no "Starting factory" log line per outbound connection
+
     def __init__(self, proto: Protocol) -> None:
         self._proto = proto
 
