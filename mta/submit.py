@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from email.utils import format_datetime, make_msgid
+from email.utils import format_datetime
 from typing import Any
 
 from twisted.logger import Logger
@@ -29,6 +29,8 @@ from twisted.logger import Logger
 from mta.config import Config
 from mta.policy.received import TraceInfo, count_received, received_header
 from mta.policy.relay import check_recipient
+from mta.policy.srs import rewrite_forwarded
+from mta.policy.submission import complete_headers
 from mta.queue.envelope import Envelope, Recipient, RecipientKind
 from mta.queue.store import QueueError, QueueStore
 from mta.smtp.address import AddressError, parse_mailbox
@@ -76,18 +78,6 @@ def dot_stuff(message: bytes) -> bytes:
     if stuffed.startswith(b"."):
         stuffed = b"." + stuffed
     return stuffed + b".\r\n"
-
-
-def complete_headers(lines: list[bytes], hostname: str, now: Callable[[], str]) -> list[bytes]:
-    """Submission header fixes (RFC 6409 §8): drop Bcc, add Date and Message-ID if missing."""
-    fields = unfold_headers(lines)
-    names = {name for name, _ in fields}
-    out = [line for name, group in fields if name != b"bcc" for line in group]
-    if b"date" not in names:
-        out.append(b"Date: " + now().encode("ascii"))
-    if b"message-id" not in names:
-        out.append(b"Message-ID: " + make_msgid(domain=hostname).encode("ascii"))
-    return out
 
 
 def _parse_sender(sender: str) -> str:
@@ -165,7 +155,7 @@ def submit_message(store: QueueStore, config: Config, aliases: Any, sender: str,
             id=writer.id, sender=sender_text, recipients=rcpts, created=clock(),
             body_8bit=written.eight_bit, smtputf8=smtputf8, client_helo="localhost",
             extra={"local_uid": submitter.uid} if submitter.uid is not None else {})
-        add_srs(envelope, srs, config.local_domains)
+        rewrite_forwarded(envelope, srs, config.local_domains)
     except BaseException:
         writer.abort()
         raise
@@ -177,24 +167,6 @@ def submit_message(store: QueueStore, config: Config, aliases: Any, sender: str,
              id=envelope.id, sender=sender_text, rcpts=",".join(originals),
              size=envelope.size, uid=submitter.uid, event="queued")
     return envelope.id
-
-
-def add_srs(envelope: Envelope, srs: Any, local_domains: Sequence[str]) -> None:
-    """Forwarded recipients (a local alias expanding to a remote address) get an
-    SRS-rewritten sender, so SPF at the destination checks our domain.
-
-    The same rule as :meth:`mta.smtp.server.SMTPSession._add_srs`.
-    """
-    if srs is None or not envelope.sender:
-        return
-    if envelope.sender.rpartition("@")[2] in local_domains:
-        return
-    forwarded = [r for r in envelope.recipients if r.kind is RecipientKind.REMOTE
-                 and r.original.rpartition("@")[2] in local_domains]
-    if forwarded:
-        alias_domain = forwarded[0].original.rpartition("@")[2]
-        envelope.extra["srs_sender"] = srs.forward(envelope.sender, alias_domain)
-        envelope.extra["srs_recipients"] = [r.address for r in forwarded]
 
 
 @dataclass

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import srslib
 
+from mta.queue.envelope import Envelope, RecipientKind
+
 
 class SRSError(ValueError):
     """An SRS address whose hash or timestamp does not verify."""
@@ -57,3 +59,19 @@ class SRSRewriter:
             return self._srs.reverse(address)
         except srslib.Error as e:
             raise SRSError(str(e)) from None
+
+
+def rewrite_forwarded(envelope: Envelope, srs: SRSRewriter | None, local_domains: tuple[str, ...] | list[str]) -> None:
+    """Forwarded recipients (a local alias expanding to a remote address) get an
+    SRS-rewritten sender, recorded in the envelope, so SPF at the destination
+    checks our domain.  Mail from our own domains is not rewritten."""
+    if srs is None or not envelope.sender:
+        return
+    if envelope.sender.rpartition("@")[2] in local_domains:
+        return
+    forwarded = [r for r in envelope.recipients if r.kind is RecipientKind.REMOTE
+                 and r.original.rpartition("@")[2] in local_domains]
+    if forwarded:
+        alias_domain = forwarded[0].original.rpartition("@")[2]
+        envelope.extra["srs_sender"] = srs.forward(envelope.sender, alias_domain)
+        envelope.extra["srs_recipients"] = [r.address for r in forwarded]

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from email.utils import format_datetime, make_msgid
+from email.utils import format_datetime
 from enum import Enum
 from typing import Any
 
@@ -38,6 +38,8 @@ from zope.interface import implementer
 from mta.config import Config, Listener
 from mta.policy.received import TraceInfo, count_received, received_header
 from mta.policy.relay import RecipientDecision, check_recipient, relay_allowed
+from mta.policy.srs import rewrite_forwarded
+from mta.policy.submission import complete_headers
 from mta.queue.envelope import Envelope, Recipient, RecipientKind
 from mta.queue.store import MessageWriter, QueueError, QueueStore
 from mta.smtp import replies as R
@@ -796,12 +798,7 @@ class SMTPSession(Protocol):
         if count_received(names) > self.limits.max_received_headers:
             self._loop_detected = True
         if self.auth_user is not None:
-            # Submission (RFC 6409 §8): complete the message, and never pass Bcc on.
-            lines = [line for name, group in fields if name != b"bcc" for line in group]
-            if b"date" not in names:
-                lines.append(b"Date: " + format_datetime_now().encode())
-            if b"message-id" not in names:
-                lines.append(b"Message-ID: " + make_msgid(domain=self.config.hostname).encode())
+            lines = complete_headers(lines, self.config.hostname, format_datetime_now)
         if self.txn is not None:
             self.txn.header_lines = lines
         return lines
@@ -842,7 +839,7 @@ class SMTPSession(Protocol):
             auth_user=self.auth_user or "",
             tls=f"{self.tls_version} {self.tls_cipher}".strip(),
         )
-        self._add_srs(envelope)
+        rewrite_forwarded(envelope, self.ctx.srs, self.config.local_domains)
         if writer is not None:
             return self._commit(writer, envelope, txn)  # spilled: streamed to disk already
         message = b"".join(self._chunks)
@@ -906,21 +903,6 @@ class SMTPSession(Protocol):
             auth=self.auth_user or "-", tls=self.tls_version or "no", kind=self.listener.kind,
         )
         return R.queued(envelope.id)
-
-    def _add_srs(self, envelope: Envelope) -> None:
-        """Forwarded recipients (a local alias expanding to a remote address) get an
-        SRS-rewritten sender, so SPF at the destination checks our domain."""
-        if self.ctx.srs is None or not envelope.sender:
-            return
-        sender_domain = envelope.sender.rpartition("@")[2]
-        if sender_domain in self.config.local_domains:
-            return
-        forwarded = [r for r in envelope.recipients if r.kind is RecipientKind.REMOTE
-                     and r.original.rpartition("@")[2] in self.config.local_domains]
-        if forwarded:
-            alias_domain = forwarded[0].original.rpartition("@")[2]
-            envelope.extra["srs_sender"] = self.ctx.srs.forward(envelope.sender, alias_domain)
-            envelope.extra["srs_recipients"] = [r.address for r in forwarded]
 
     def _abort_message(self) -> None:
         self._data = None
