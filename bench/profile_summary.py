@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Summarise a py-spy profile (``py-spy record --format raw``) as Markdown tables.
 
-  profile_summary.py PROFILE.folded [--top 25]
+  profile_summary.py PROFILE.folded [--top 25] [--seconds S --rate 100]
 
 The input has one line per distinct stack: ``frame;frame;...;leaf COUNT`` where
 each frame is ``function (file:line)``. Line numbers are dropped, so a function
@@ -18,12 +18,14 @@ counts once however many of its lines were sampled. Printed:
   in the logging code; else the innermost frame that falls in one of the other
   named areas (queue store, our SMTP server, delivery client, Twisted, ...).
 
-With ``py-spy record --idle`` (as run.sh records it) the profile also holds
-the samples where a thread was waiting: the reactor in epoll_wait, worker
-threads on their queue. Those are counted as "idle" and left out of every
-table but the first, so the percentages are of the busy samples: time the
-reactor thread spent running Python or blocked in a system call such as fsync
-(py-spy counts a thread in fsync as active).
+run.sh records with ``py-spy record --threads`` and without ``--idle``: py-spy
+then leaves out the samples where a thread waits (the reactor in epoll_wait, a
+worker thread on its queue) but keeps those where a thread is blocked in a
+system call such as fsync. The percentages are of these busy samples. With
+``--threads`` each stack starts with ``thread (TID): NAME``; the first table
+gives each thread's share, and with --seconds (how long py-spy recorded) and
+--rate, how busy each thread was (100 % = it never waited). Samples recorded
+with ``--idle`` that are waits are recognised and counted apart.
 """
 
 from __future__ import annotations
@@ -79,7 +81,13 @@ def parse(path: str) -> list[tuple[list[Frame], int]]:
             except ValueError:
                 continue
             frames = []
-            for raw in stack.split(";"):
+            parts = stack.split(";")
+            if parts and parts[0].startswith("thread ("):
+                thread = parts.pop(0).partition(": ")[2] or parts[0]
+            else:
+                thread = "all threads"
+            frames.append((thread, "<thread>", 0))
+            for raw in parts:
                 m = FRAME.match(raw)
                 if m:
                     frames.append((m.group("func"), m.group("file"), int(m.group("line") or 0)))
@@ -118,8 +126,10 @@ def is_idle(frames: list[Frame], src: Source) -> bool:
     func, path, line = frames[-1]
     if path.endswith("epollreactor.py") and func.endswith("doPoll"):
         return ".poll(" in src.line(path, line) or not line
-    return path.endswith(("threading.py", "queue.py")) and func.rpartition(".")[2] in (
-        "wait", "get", "_wait_for_tstate_lock", "acquire")
+    text = src.line(path, line)
+    return (path.endswith(("threading.py", "queue.py")) and func.rpartition(".")[2] in (
+        "wait", "get", "_wait_for_tstate_lock", "acquire")) or bool(
+        re.search(r"\.(get|wait|acquire)\(\)", text))
 
 
 def area_of(frames: list[Frame], src: Source) -> str:
@@ -148,37 +158,52 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("profile")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--seconds", type=float, help="how long py-spy recorded (busy %% per thread)")
+    ap.add_argument("--rate", type=float, default=100.0, help="py-spy --rate")
     ap.add_argument("--src", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                     help="project root, where mta/... source lines are read (default: ..)")
     a = ap.parse_args()
     src = Source(a.src)
-    stacks = parse(a.profile)
-    everything = sum(n for _, n in stacks)
-    busy_stacks = [(f, n) for f, n in stacks if not is_idle(f, src)]
-    total = sum(n for _, n in busy_stacks)
+    # (thread, frames without the thread pseudo-frame, count); empty stacks dropped
+    stacks = [(f[0][0], f[1:], n) for f, n in parse(a.profile) if len(f) > 1]
+    everything = sum(n for _t, _f, n in stacks)
+    busy = [(t, f, n) for t, f, n in stacks if not is_idle(f, src)]
+    total = sum(n for _t, _f, n in busy)
     if not total:
         raise SystemExit("no busy samples in " + a.profile)
+    threads: Counter = Counter()
     own: Counter = Counter()
     incl: Counter = Counter()
-    areas: Counter = Counter()
+    areas: dict[str, Counter] = {}
     lines: Counter = Counter()
-    for frames, n in busy_stacks:
+    for thread, frames, n in busy:
+        threads[thread] += n
         own[short(frames[-1])] += n
         func, path, line = frames[-1]
         text = src.line(path, line)
         lines[f"{short(frames[-1])[:-1]}:{line}) `{text[:70]}`" if line else short(frames[-1])] += n
         for key in {short(fr) for fr in frames}:
             incl[key] += n
-        areas[area_of(frames, src)] += n
+        areas.setdefault(area_of(frames, src), Counter())[thread] += n
     idle = everything - total
-    print(f"### Profile: {everything} samples, {total} busy "
-          f"({100.0 * total / everything:.0f} %), {idle} idle ({a.profile})\n")
+    print(f"### Profile: {total} busy samples ({a.profile})\n")
+    print("#### Threads\n")
+    print("| thread | busy samples | % of busy samples | busy % of the recording |")
+    print("|---|---:|---:|---:|")
+    for name, n in threads.most_common():
+        wall = f"{100.0 * n / (a.seconds * a.rate):.0f}" if a.seconds else "-"
+        print(f"| {name} | {n} | {100.0 * n / total:.1f} | {wall} |")
+    print()
+    names = [t for t, _n in threads.most_common()]
     print("#### Where the busy time goes, by area (each sample counted once; see --help)\n")
-    print("| % of busy samples | samples | area |")
-    print("|---:|---:|---|")
-    for name, n in areas.most_common():
-        print(f"| {100.0 * n / total:.1f} | {n} | {name} |")
-    print(f"| ({100.0 * idle / everything:.1f} % of all samples) | {idle} | {IDLE} |")
+    print("| % of busy samples | samples | area | " + " | ".join(names) + " |")
+    print("|---:|---:|---|" + "---:|" * len(names))
+    for name, per in sorted(areas.items(), key=lambda kv: -sum(kv[1].values())):
+        n = sum(per.values())
+        print(f"| {100.0 * n / total:.1f} | {n} | {name} | "
+              + " | ".join(str(per.get(t, 0)) for t in names) + " |")
+    if idle:
+        print(f"| ({100.0 * idle / everything:.1f} % of all samples) | {idle} | {IDLE} |")
     print()
     table("Self time (leaf functions)", own, total, a.top)
     print("#### Self time by source line (a C call such as os.fsync shows as its Python line)\n")

@@ -108,6 +108,8 @@ fi
     echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine skews every figure)"
     echo "postfix: $(postconf -d -h mail_version 2>/dev/null || echo '?')"
     echo "ours: $("$TWISTD" --version 2>/dev/null | head -1); project $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo '?')"
+    echo "uncommitted changes: $(git -C "$ROOT" diff HEAD --stat -- mta twisted 2>/dev/null | tail -1 || true)" \
+         "(sha256 of the diff: $(git -C "$ROOT" diff HEAD -- mta twisted 2>/dev/null | sha256sum | cut -c1-12))"
     echo "mode=$MODE sizes=$SIZES messages=$MESSAGES sessions=$SESSIONS runs=$RUNS latency=$LAT_SAMPLES x $LAT_SIZE B spf=$SPF"
     echo "our command: $OURS_CMD"
 } > "$OUT/env.txt"
@@ -157,17 +159,23 @@ profile() {  # py-spy on our MTA during one extra 4 KB throughput run (not in re
     local pid
     pid=$(mta_pid)
     echo "== profile: py-spy on pid $pid during $PROFILE_MESSAGES x 4 KB" >&2
-    timeout --signal=INT "$((RUN_TIMEOUT + 60))" py-spy record --pid "$pid" --rate 100 --idle \
+    # --threads: one table per thread; no --idle: waits (epoll_wait, a worker's
+    # queue) are left out, time blocked in fsync is kept.
+    local t0 t1
+    t0=$(date +%s.%N)
+    timeout --signal=INT "$((RUN_TIMEOUT + 60))" py-spy record --pid "$pid" --rate 100 --threads \
         --format raw -o "$OUT/profile-ours-4k.folded" >"$OUT/py-spy.log" 2>&1 &
     PYSPY=$!
-    sleep 2
+    sleep 1
     python3 run_load.py --label ours-profiled --state "$CURRENT" --mode throughput --size 4096 \
         --messages "$PROFILE_MESSAGES" --sessions "$SESSIONS" --runs 1 --warmup 0 \
         --timeout "$RUN_TIMEOUT" --out "$OUT/profile-load.jsonl" >&2
     kill -INT "$PYSPY" 2>/dev/null || true
+    t1=$(date +%s.%N)
     wait "$PYSPY" || true
     PYSPY=
-    python3 profile_summary.py "$OUT/profile-ours-4k.folded" > "$OUT/profile.md" \
+    python3 profile_summary.py "$OUT/profile-ours-4k.folded" --rate 100 \
+        --seconds "$(python3 -c "print(round($t1 - $t0, 2))")" > "$OUT/profile.md" \
         || echo "profile summary failed; see $OUT/py-spy.log" >&2
 }
 
