@@ -657,6 +657,37 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dkim_keygen(config: Config, args: argparse.Namespace) -> int:
+    """Write a new DKIM key and print the DNS record to publish and the config to add."""
+    from mta.policy.dkim import dns_record_name, generate_key
+    from mta.smtp.address import AddressError, normalize_domain
+
+    try:
+        domain = normalize_domain(args.domain)
+    except AddressError as e:
+        raise CLIError(f"bad domain {args.domain!r}: {e}") from None
+    if not args.selector.replace("-", "").replace("_", "").isalnum():
+        raise CLIError(f"bad selector {args.selector!r}: letters, digits, - and _ only")
+    key_file = Path(args.key_file) if args.key_file else (
+        config.domains_dir / domain / f"dkim-{args.selector}.pem")
+    try:
+        key_file.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+        record = generate_key(args.type, key_file)
+    except FileExistsError:
+        raise CLIError(f"{key_file} exists already; choose another selector") from None
+    except OSError as e:
+        raise CLIError(f"cannot write {key_file}: {e.strerror}") from None
+    name = dns_record_name(args.selector, domain)
+    # TXT strings are at most 255 octets (RFC 1035 §3.3); split long keys.
+    chunks = [record[i:i + 250] for i in range(0, len(record), 250)]
+    _out(f"wrote {key_file}")
+    _out("publish this DNS record:")
+    _out(f'{name}. IN TXT ( {" ".join(chr(34) + c + chr(34) for c in chunks)} )')
+    _out("and add to the configuration, then reload:")
+    _out(f'[[dkim.keys]]\ndomain = "{domain}"\nselector = "{args.selector}"\nkey_file = "{key_file}"')
+    return 0
+
+
 # --- argument parsing --------------------------------------------------------------------
 
 
@@ -708,6 +739,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(asub, "resolve", cmd_alias_resolve, "show where mail to an address goes",
             json_flag=True)
     p.add_argument("address")
+
+    p = add(sub, "dkim-keygen", cmd_dkim_keygen,
+            "create a DKIM signing key and print its DNS record")
+    p.add_argument("domain")
+    p.add_argument("selector")
+    p.add_argument("--type", choices=("rsa", "ed25519"), default="rsa",
+                   help="rsa (2048 bits, default) or ed25519 (RFC 8463)")
+    p.add_argument("--key-file", help="where to write the key (default: "
+                                      "domains_dir/DOMAIN/dkim-SELECTOR.pem)")
 
     add(sub, "check-config", cmd_check_config,
         "check the configuration and every file it names")

@@ -709,3 +709,25 @@ def test_console_entry_against_the_real_daemon(tmp_path, sock_dir):
     result = run_entry("mta.cli", "queue", "flush", *config)
     assert result.returncode == 1
     assert b"the mta daemon is not running" in result.stderr
+
+
+def test_dkim_keygen_writes_key_and_prints_record(tmp_path, capsys):
+    import re
+
+    from mta.policy.dkim import DKIMSigner
+
+    config = tmp_path / "mta.toml"
+    config.write_text(f'hostname = "mx.example.test"\nlocal_domains = ["example.test"]\n'
+                      f'domains_dir = "{tmp_path / "domains"}"\n')
+    assert cli.main(["dkim-keygen", "Example.Test", "s2026", "--type", "ed25519", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    key = tmp_path / "domains" / "example.test" / "dkim-s2026.pem"
+    assert oct(key.stat().st_mode & 0o777) == "0o600"
+    assert "s2026._domainkey.example.test. IN TXT" in out
+    assert re.search(r'"v=DKIM1; k=ed25519; p=[A-Za-z0-9+/=]+"', out)
+    assert 'selector = "s2026"' in out
+    # The key signs, and a second run refuses to overwrite it.
+    signer = DKIMSigner({"example.test": [("s2026", key)]})
+    assert signer.sign(b"From: a@example.test\r\nSubject: x\r\n\r\nbody\r\n", "example.test")
+    assert cli.main(["dkim-keygen", "example.test", "s2026", "--config", str(config)]) == 1
+    assert "exists already" in capsys.readouterr().err
