@@ -172,6 +172,8 @@ class Config:
     # Authenticated users may only use their own address (and +suffixes) or the
     # identities listed in domains/<domain>/identities as envelope sender.
     sender_binding: bool = True
+    # Also check the From header's addresses of authenticated mail the same way.
+    sender_binding_from: bool = False
     # Secret for SRS (forwarded mail); unset: generated once in data_dir/srs-secret.
     srs_secret: str | None = None
     metrics_endpoint: str | None = None
@@ -295,7 +297,7 @@ def config_from_dict(raw: dict[str, Any], base: Path, overrides: dict[str, Any] 
     overrides = overrides or {}
     top = {
         "hostname", "local_domains", "data_dir", "queue_dir", "mail_dir", "domains_dir",
-        "control_socket", "relay_networks", "metrics", "log_json", "fsync", "sender_binding",
+        "control_socket", "relay_networks", "metrics", "log_json", "fsync", "sender_binding", "sender_binding_from",
         "srs_secret",
         "listeners", "tls", "limits", "spf", "dns", "aliases", "delivery", "dkim", "dmarc",
     }
@@ -487,6 +489,7 @@ def config_from_dict(raw: dict[str, Any], base: Path, overrides: dict[str, Any] 
         log_json=_path(base, _get(raw, "log_json", str, "", None)),
         fsync=_get(raw, "fsync", bool, "", True),
         sender_binding=_get(raw, "sender_binding", bool, "", True),
+        sender_binding_from=_get(raw, "sender_binding_from", bool, "", False),
         srs_secret=_get(raw, "srs_secret", str, "", None),
     )
 

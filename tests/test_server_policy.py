@@ -287,3 +287,33 @@ async def test_proxy_protocol_v2_and_garbage_header(tmp_path):
         assert closed
     finally:
         await mta.stop()
+
+
+@pytest.mark.parametrize("from_header,code", [
+    (b"From: Alice <alice@example.test>", 250),
+    (b"From: sales@example.test", 250),
+    (b"From: \"Bob\" <bob@example.test>", 553),
+    (b"From: alice@example.test, bob@example.test", 553),
+    (b"Subject: no from at all", 553),
+])
+@pytest_twisted.ensureDeferred
+async def test_sender_binding_of_from_header(tmp_path, from_header, code):
+    (tmp_path / "domains" / "example.test").mkdir(parents=True)
+    (tmp_path / "domains" / "example.test" / "identities").write_text("alice: sales@example.test\n")
+    mta = await start_mta(tmp_path, extra={"sender_binding_from": True})
+    try:
+        def run():
+            c, _ = login(mta.port("submission"))
+            c.cmd("MAIL FROM:<alice@example.test>")
+            c.cmd("RCPT TO:<bob@example.test>")
+            c.cmd("DATA")
+            c.send(from_header + b"\r\n\r\nbody\r\n.\r\n")
+            reply = c.read_reply()
+            c.close()
+            return reply
+
+        got, text = await in_thread(run)
+        assert got == code, text
+        assert len(mta.queued()) == (1 if code == 250 else 0)
+    finally:
+        await mta.stop()

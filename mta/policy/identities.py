@@ -89,3 +89,14 @@ class Identities:
         if wanted == user or wanted in allowed:
             return True
         return "@" + wanted.rpartition("@")[2] in allowed
+
+
+def header_from_addresses(header_lines: list[bytes]) -> list[str]:
+    """The addresses in the From header field(s) of a header section."""
+    from email.utils import getaddresses
+
+    from mta.smtp.data import unfold_headers
+
+    values = [b" ".join(x.strip() for x in group).split(b":", 1)[1].decode("utf-8", "replace")
+              for name, group in unfold_headers(header_lines) if name == b"from"]
+    return [addr for _, addr in getaddresses(values) if addr]

@@ -114,6 +114,9 @@ def spf_fail(explanation: str) -> Reply:
 USER_RATE_LIMIT = Reply(450, "4.7.1", "Message rate limit exceeded, try again later")
 
 
+FROM_NOT_OWNED = Reply(553, "5.7.1", "From header address not owned by authenticated user")
+
+
 def sender_not_owned(sender: str) -> Reply:
     return Reply(553, "5.7.1", f"<{sender}>: Sender address not owned by authenticated user")
 

@@ -822,6 +822,8 @@ class SMTPSession(Protocol):
             reply = R.LOOP_DETECTED
         elif self._chunks is None:
             reply = R.QUEUE_WRITE_FAILED
+        elif not self._from_header_allowed(txn):
+            reply = R.FROM_NOT_OWNED
         if reply is not None:
             self._rejected("data", reply, sender=txn.sender_text,
                            rcpts=",".join(txn.rcpt_addresses))
@@ -852,6 +854,17 @@ class SMTPSession(Protocol):
             if domain:
                 return Deferred.fromCoroutine(self._sign_then_store(message, domain, envelope, txn))
         return self._store(message, [], envelope, txn)
+
+    def _from_header_allowed(self, txn: Transaction) -> bool:
+        """With sender_binding_from: every From address must be one the user may use."""
+        if (self.auth_user is None or not self.config.sender_binding_from
+                or self.ctx.identities is None):
+            return True
+        from mta.policy.identities import header_from_addresses
+
+        addresses = header_from_addresses(txn.header_lines)
+        return bool(addresses) and all(
+            self.ctx.identities.may_send_as(self.auth_user, a) for a in addresses)
 
     async def _verify_then_store(self, message: bytes, envelope: Envelope, txn: Transaction) -> Reply:
         verdict = await self.ctx.authenticator.inbound(
