@@ -144,6 +144,9 @@ class DeliveryConfig:
     mailbox_command: str | None = None
     lmtp: str | None = None
     pipe_timeout: float = 300.0
+    # Per-relay settings, by the smarthost text ("host:port"): (text, tls, username, password);
+    # a relay without an entry uses smarthost_tls / smarthost_username / smarthost_password.
+    relays: tuple[tuple[str, str, str | None, str | None], ...] = ()
     # Per-stage client timeouts ([delivery.timeouts]: greeting, ehlo, tls, mail, rcpt,
     # data_init, data_block, data_end, quit); unset stages keep RFC 5321 §4.5.3.2 values.
     stage_timeouts: tuple[tuple[str, float], ...] = ()
@@ -415,6 +418,20 @@ def config_from_dict(raw: dict[str, Any], base: Path, overrides: dict[str, Any] 
                               {"drop_characters": str, "suffix_separators": str, "max_depth": int})
 
     dl = dict(_table(raw, "delivery"))
+    relay_raw = dl.pop("relay", {})
+    if not isinstance(relay_raw, dict):
+        raise ConfigError("delivery.relay", 'must be a table of tables: [delivery.relay."host:port"]')
+    relays = []
+    for name, entry in relay_raw.items():
+        prefix = f'delivery.relay."{name}".'
+        if not isinstance(entry, dict):
+            raise ConfigError(prefix[:-1], "must be a table with tls, username, password")
+        _check_keys(entry, {"tls", "username", "password"}, prefix)
+        tls = _get(entry, "tls", str, prefix, "opportunistic")
+        if tls not in ("none", "opportunistic", "require", "verify"):
+            raise ConfigError(prefix + "tls", "must be none, opportunistic, require or verify")
+        relays.append((name, tls, _get(entry, "username", str, prefix, None),
+                       _get(entry, "password", str, prefix, None)))
     stage_raw = dl.pop("timeouts", {})
     if not isinstance(stage_raw, dict):
         raise ConfigError("delivery.timeouts", "must be a table")
@@ -451,8 +468,11 @@ def config_from_dict(raw: dict[str, Any], base: Path, overrides: dict[str, Any] 
                               "local mail goes to one of them")
         _validate_client_endpoint(delivery.lmtp, "delivery.lmtp")
     mx_port = overrides.get("mx_port") or delivery.mx_port
+    for name, *_ in relays:
+        if name not in smarthosts:
+            raise ConfigError(f'delivery.relay."{name}"', "is not one of delivery.smarthosts")
     delivery = replace(delivery, smarthosts=tuple(smarthosts), retry_schedule=schedule, mx_port=mx_port,
-                       stage_timeouts=tuple(stages))
+                       stage_timeouts=tuple(stages), relays=tuple(relays))
 
     relay_networks = tuple(_get(raw, "relay_networks", list, "", []))
     import ipaddress

@@ -386,3 +386,34 @@ async def test_ipv6_mx_address(tmp_path: Path) -> None:
         assert sink.messages[0].recipients == ["a@dst.test"]
     finally:
         await sink.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_per_relay_tls_policy_and_credentials(tmp_path: Path) -> None:
+    """Two relays: the first needs a verified certificate it cannot show (skipped),
+    the second has its own credentials and gets the mail over TLS with AUTH."""
+    from mta.config import config_from_dict
+
+    env, path = envelope(tmp_path, ["a@one.test"])
+    options = {"tls": CERTS[MX1], "auth": {"second": "pw2"}, "auth_required": True}
+    async with sinks(options, options) as (first, second):
+        relay1, relay2 = f"127.0.0.1:{first.port}", f"127.0.0.2:{second.port}"
+        config = config_from_dict({"hostname": "out.example.test", "delivery": {
+            "smarthosts": [relay1, relay2],
+            "relay": {relay1: {"tls": "verify"},
+                      relay2: {"tls": "require", "username": "second", "password": "pw2"}},
+        }}, tmp_path)
+        # No trust root for our test CA: "verify" fails on the first relay.
+        results = await run(RemoteCourier(config, FakeResolver({}), reactor), env, path)
+    assert [r.outcome for r in results] == [Outcome.DELIVERED]
+    assert first.messages == []
+    [msg] = second.messages
+    assert msg.tls and msg.auth_user == "second"
+
+
+def test_relay_settings_must_name_a_smarthost(tmp_path: Path) -> None:
+    from mta.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError, match='delivery.relay."other:25"'):
+        config_from_dict({"hostname": "h.test", "delivery": {
+            "smarthosts": ["relay:25"], "relay": {"other:25": {"tls": "verify"}}}}, tmp_path)

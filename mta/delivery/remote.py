@@ -115,10 +115,12 @@ class RemoteCourier:
         d = self.delivery
         if d.smarthosts:
             routes = []
+            per_relay = {name: (tls, user, password) for name, tls, user, password in d.relays}
             for text in d.smarthosts:
                 host, port = parse_smarthost(text)
-                routes.append(Route(host, port, host, d.smarthost_tls, d.smarthost_username,
-                                    d.smarthost_password))
+                tls, user, password = per_relay.get(
+                    text, (d.smarthost_tls, d.smarthost_username, d.smarthost_password))
+                routes.append(Route(host, port, host, tls, user, password))
             return routes
         answer = self.resolver.resolve(domain)
         hosts = await answer if inspect.isawaitable(answer) else answer
