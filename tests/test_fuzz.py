@@ -544,3 +544,17 @@ async def test_smtp_pipelined_lines_get_replies_in_order(mta_port):
 async def test_smtp_dialog_helpers_on_known_lines(mta_port, lines):
     """The checker itself: a full transaction, an HTTP close, and error replies."""
     await deferToThread(run_sequential, mta_port, lines)
+
+
+def test_envelope_writes_every_field_and_round_trips():
+    """to_bytes lists fields by hand (speed): a new field must not be forgotten."""
+    import dataclasses
+
+    from mta.queue.envelope import Recipient, RecipientKind
+
+    r = Recipient("a@b.test", RecipientKind.REMOTE, "a@b.test", mailbox="")
+    env = Envelope("q1", "s@x.test", [r], 1.5, extra={"srs_sender": "x"})
+    doc = json.loads(env.to_bytes())
+    assert set(doc) - {"version"} == {f.name for f in dataclasses.fields(Envelope)}
+    assert set(doc["recipients"][0]) == {f.name for f in dataclasses.fields(Recipient)}
+    assert Envelope.from_bytes(env.to_bytes()) == env

@@ -7,7 +7,7 @@ single source of truth for the message's state (see :mod:`mta.queue.store`).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -47,10 +47,15 @@ class Recipient:
     mailbox: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["kind"] = str(self.kind)
-        d["state"] = str(self.state)
-        return d
+        # Written out field by field: dataclasses.asdict deep-copies and is slow
+        # on this hot path (every envelope save).
+        return {
+            "address": self.address, "kind": str(self.kind), "original": self.original,
+            "state": str(self.state), "attempts": self.attempts,
+            "next_attempt": self.next_attempt, "last_reply": self.last_reply,
+            "remote_mta": self.remote_mta, "updated": self.updated, "dsn_sent": self.dsn_sent,
+            "mailbox": self.mailbox,
+        }
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Recipient:
@@ -99,10 +104,16 @@ class Envelope:
         ]
 
     def to_bytes(self) -> bytes:
-        d = asdict(self)
-        d["version"] = ENVELOPE_VERSION
-        d["recipients"] = [r.to_json() for r in self.recipients]
-        return (json.dumps(d, indent=2, ensure_ascii=False, sort_keys=False) + "\n").encode("utf-8")
+        d = {
+            "id": self.id, "sender": self.sender,
+            "recipients": [r.to_json() for r in self.recipients],
+            "created": self.created, "size": self.size, "body_8bit": self.body_8bit,
+            "smtputf8": self.smtputf8, "client_ip": self.client_ip,
+            "client_helo": self.client_helo, "auth_user": self.auth_user, "tls": self.tls,
+            "first_attempt": self.first_attempt, "delay_warned": self.delay_warned,
+            "extra": self.extra, "version": ENVELOPE_VERSION,
+        }
+        return (json.dumps(d, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Envelope:
