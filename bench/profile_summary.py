@@ -16,7 +16,9 @@ counts once however many of its lines were sampled. Printed:
 * areas: each sample is charged to one area, so the shares add to 100 %:
   "fsync" when the sampled line calls fsync; else "logging" when any frame is
   in the logging code; else the innermost frame that falls in one of the other
-  named areas (queue store, our SMTP server, delivery client, Twisted, ...).
+  named areas (queue store, our SMTP server, delivery client, Twisted TCP, ...),
+  generic helpers taking their caller's area (a socket send() through
+  twisted.python.util.untilConcludes counts as Twisted TCP).
 
 run.sh records with ``py-spy record --threads`` and without ``--idle``: py-spy
 then leaves out the samples where a thread waits (the reactor in epoll_wait, a
@@ -138,11 +140,19 @@ def area_of(frames: list[Frame], src: Source) -> str:
         return FSYNC
     if any(is_logging(f, p) for f, p, _ in frames):
         return LOGGING
+    # The innermost frame in a named area wins; helpers that belong to no area
+    # themselves (twisted.python.util.untilConcludes around a socket send, a
+    # stdlib function) take the area of their caller.
+    generic = ("other Twisted", "stdlib / other")
+    fallback = None
     for func, path, _line in reversed(frames):
-        for name, pred in AREAS[:-1]:
+        for name, pred in AREAS:
             if pred(func, path):  # type: ignore[operator]
-                return name
-    return AREAS[-1][0]
+                if name not in generic:
+                    return name
+                fallback = fallback or name
+                break
+    return fallback or AREAS[-1][0]
 
 
 def table(title: str, counter: Counter, total: int, top: int) -> None:

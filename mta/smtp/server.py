@@ -282,7 +282,10 @@ class SMTPSession(Protocol):
             log.info("early talker {ip}", ip=self.client_ip, event="limit", limit="early_talker")
             self._send(R.EARLY_TALKER)
             return
-        self._reset_idle_timer()
+        if self.phase is Phase.DATA:
+            # Message content: any progress restarts the wait; session_timeout
+            # bounds a slow sender.  Commands restart it only when complete (_process).
+            self._reset_idle_timer()
         if self._pos:
             self._buf = self._buf[self._pos :]
             self._scan -= self._pos
@@ -305,6 +308,9 @@ class SMTPSession(Protocol):
             line = self._next_line()
             if line is None:
                 return
+            # RFC 5321 §4.5.3.2.7: command_timeout is the wait for the next *command*;
+            # octets trickled without their CRLF must not extend it (slowloris).
+            self._reset_idle_timer()
             if isinstance(line, Reply):
                 self.phase = Phase.COMMAND  # a bad line also ends a SASL exchange
                 self._reply(line)
@@ -370,6 +376,7 @@ class SMTPSession(Protocol):
         if reply is not None:
             self._reply(reply)
         if self.phase is not Phase.CLOSED:
+            self._reset_idle_timer()  # the wait for the next command starts with our reply
             self.transport.resumeProducing()
             self._process()
 
