@@ -78,7 +78,8 @@ def build_context(config: Config, reactor: Any) -> ServerContext:
     from mta.policy.srs import SRSRewriter, load_or_create_secret
 
     p = load_policies(config)
-    store = QueueStore(config.queue_dir, fsync=config.fsync)
+    store = QueueStore(config.queue_dir, fsync=config.fsync, reactor=reactor,
+                       syncfs=config.queue_sync == "syncfs")
     secret = config.srs_secret or load_or_create_secret(config.data_dir / "srs-secret")
     return ServerContext(config=config, store=store, users=p.users, aliases=p.aliases,
                          identities=p.identities, clock=reactor, tls=p.tls, spf=p.spf,

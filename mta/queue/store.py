@@ -87,7 +87,8 @@ class MessageWriter:
         """
         self._prepare(envelope)
         data = envelope.to_bytes()
-        d = self.store.committer.submit(lambda: self._durable(data))
+        per_file = not self.store.committer.whole_filesystem
+        d = self.store.committer.submit(lambda: self._durable(data, per_file))
 
         def failed(failure: Failure) -> None:
             self._undo(failure.value)
@@ -105,15 +106,17 @@ class MessageWriter:
         except OSError as e:
             self._undo(e)
 
-    def _durable(self, envelope_bytes: bytes) -> None:
-        """fsync the data, write and fsync the envelope, rename both into msg/."""
+    def _durable(self, envelope_bytes: bytes, per_file_sync: bool = True) -> None:
+        """fsync the data, write and fsync the envelope, rename both into msg/.
+
+        Without ``per_file_sync`` the caller makes it all durable at once (syncfs)."""
         assert self._file is not None
-        if self.store.fsync:
+        if self.store.fsync and per_file_sync:
             os.fsync(self._file.fileno())
         self._file.close()
         self._file = None
         env_tmp = self.store.tmp_dir / f"{self.id}.json"
-        self.store._write_file(env_tmp, envelope_bytes)
+        self.store._write_file(env_tmp, envelope_bytes, sync=per_file_sync)
         os.rename(self.tmp_path, self.store.data_path(self.id))
         os.rename(env_tmp, self.store.envelope_path(self.id))
 
@@ -150,7 +153,7 @@ class QueueStore:
     """The queue directory. All methods are synchronous and fsync as they go."""
 
     def __init__(self, root: Path, fsync: bool = True, clock: Callable[[], float] = time.time,
-                 reactor: Any = None) -> None:
+                 reactor: Any = None, syncfs: bool = False) -> None:
         self.root = root
         self.tmp_dir = root / "tmp"
         self.msg_dir = root / "msg"
@@ -160,7 +163,7 @@ class QueueStore:
             from twisted.internet import reactor as default_reactor
 
             reactor = default_reactor
-        self.committer = GroupCommitter(reactor, self.msg_dir, fsync)
+        self.committer = GroupCommitter(reactor, self.msg_dir, fsync, whole_filesystem=syncfs)
         self._listeners: list[Callable[[Envelope], None]] = []
         for d in (self.root, self.tmp_dir, self.msg_dir):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -225,10 +228,11 @@ class QueueStore:
         data = envelope.to_bytes()
         tmp = self.tmp_dir / f"{envelope.id}.json.{secrets.token_hex(4)}"
         path = self.envelope_path(envelope.id)
+        per_file = not self.committer.whole_filesystem
 
         def operation() -> None:
             try:
-                self._write_file(tmp, data)
+                self._write_file(tmp, data, sync=per_file)
                 os.rename(tmp, path)
             except OSError:
                 _unlink_quietly(tmp)
@@ -286,14 +290,14 @@ class QueueStore:
                 os.rename(self.msg_dir / name, corrupt / name)
         return self.ids()
 
-    def _write_file(self, path: Path, data: bytes) -> None:
+    def _write_file(self, path: Path, data: bytes, sync: bool = True) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             view = memoryview(data)
             while view:
                 n = os.write(fd, view)
                 view = view[n:]
-            if self.fsync:
+            if self.fsync and sync:
                 os.fsync(fd)
         finally:
             os.close(fd)

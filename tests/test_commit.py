@@ -1,0 +1,108 @@
+"""The group-commit thread: order, batching, durability calls, failures, syncfs mode."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import DeferredList
+
+from mta.config import ConfigError, config_from_dict
+from mta.queue import commit as commit_module
+from mta.queue.commit import GroupCommitter
+from mta.queue.envelope import Envelope, Recipient, RecipientKind
+from mta.queue.store import QueueError, QueueStore
+
+
+@pytest_twisted.ensureDeferred
+async def test_operations_run_in_order_and_share_directory_syncs(tmp_path, monkeypatch):
+    synced = []
+    monkeypatch.setattr(commit_module, "fsync_dir", lambda path: synced.append(path))
+    committer = GroupCommitter(reactor, tmp_path, fsync=True)
+    order = []
+
+    def slow_first():
+        time.sleep(0.05)  # while this runs, the others queue up behind it
+        order.append(0)
+
+    try:
+        ds = [committer.submit(slow_first)]
+        ds += [committer.submit(lambda i=i: order.append(i)) for i in range(1, 20)]
+        results = await DeferredList(ds, consumeErrors=True)
+    finally:
+        committer.stop()
+    assert all(ok for ok, _ in results)
+    assert order == list(range(20))
+    assert committer.operations == 20
+    assert committer.batches < 20 and len(synced) == committer.batches  # one sync per batch
+
+
+@pytest_twisted.ensureDeferred
+async def test_failed_directory_sync_fails_the_whole_batch(tmp_path, monkeypatch):
+    def broken(path):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(commit_module, "fsync_dir", broken)
+    committer = GroupCommitter(reactor, tmp_path, fsync=True)
+    try:
+        results = await DeferredList([committer.submit(lambda: None)], consumeErrors=True)
+    finally:
+        committer.stop()
+    (ok, failure), = results
+    assert not ok and failure.check(OSError)
+
+
+@pytest.mark.parametrize("syncfs", [False, True])
+@pytest_twisted.ensureDeferred
+async def test_store_commit_async_in_both_modes(tmp_path, syncfs, monkeypatch):
+    calls = []
+    real_syncfs = commit_module.syncfs
+    monkeypatch.setattr(commit_module, "syncfs", lambda p: (calls.append("syncfs"), real_syncfs(p)))
+    store = QueueStore(tmp_path / "q", fsync=True, syncfs=syncfs, reactor=reactor)
+    committed = []
+    store.subscribe(committed.append)
+    try:
+        writer = store.new_message()
+        writer.write(b"Subject: x\r\n\r\nbody\r\n")
+        env = Envelope(writer.id, "s@x.test", [Recipient("a@y.test", RecipientKind.REMOTE, "a@y.test")],
+                       time.time())
+        await writer.commit_async(env)
+        assert store.ids() == [env.id] and committed == [env]
+        assert store.data_path(env.id).read_bytes() == b"Subject: x\r\n\r\nbody\r\n"
+        env.recipients[0].attempts = 3
+        await store.save_async(env)
+        assert store.load(env.id).recipients[0].attempts == 3
+        await store.remove_async(env.id)
+        assert store.ids() == [] and list(store.tmp_dir.iterdir()) == []
+    finally:
+        store.committer.stop()
+    assert calls == (["syncfs"] * 3 if syncfs else [])
+
+
+@pytest_twisted.ensureDeferred
+async def test_commit_async_failure_leaves_nothing(tmp_path, monkeypatch):
+    store = QueueStore(tmp_path / "q", fsync=True, reactor=reactor)
+    writer = store.new_message()
+    writer.write(b"x\r\n")
+
+    def broken_fsync(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("os.fsync", broken_fsync)
+    try:
+        env = Envelope(writer.id, "", [], time.time())
+        with pytest.raises(QueueError):
+            await writer.commit_async(env)
+    finally:
+        store.committer.stop()
+    monkeypatch.undo()
+    assert list(store.msg_dir.iterdir()) == [] and list(store.tmp_dir.iterdir()) == []
+
+
+def test_queue_sync_setting(tmp_path):
+    assert config_from_dict({"hostname": "h.test"}, tmp_path).queue_sync == "fsync"
+    assert config_from_dict({"hostname": "h.test", "queue_sync": "syncfs"}, tmp_path).queue_sync == "syncfs"
+    with pytest.raises(ConfigError, match="queue_sync"):
+        config_from_dict({"hostname": "h.test", "queue_sync": "never"}, tmp_path)
