@@ -605,3 +605,16 @@ async def test_same_mailbox_through_suffix_and_alias_gets_one_copy(mta):
     assert (await in_thread(run))[0] == 250
     (env,) = mta.queued()
     assert sorted(r.mailbox for r in env.recipients) == ["alice@example.test", "bob@example.test"]
+
+
+def test_every_reply_in_the_table_is_ascii():
+    """Replies go to clients that did not ask for SMTPUTF8: ASCII only (RFC 5321 §4.2)."""
+    import mta.smtp.replies as R
+
+    replies = [v for v in vars(R).values() if isinstance(v, R.Reply)]
+    replies += [R.greeting("mx.test"), R.queued("abc"), R.unknown_user("a@b.test"),
+                R.relay_denied("a@b.test"), R.spf_fail("x"), R.sender_not_owned("a@b.test")]
+    assert len(replies) > 40
+    for reply in replies:
+        assert reply.format().isascii(), reply
+        assert reply.format().endswith(b"\r\n") and reply.format()[:3].isdigit()
