@@ -191,7 +191,9 @@ class SMTPSession(Protocol):
         self._send(R.greeting(self.config.hostname))
 
     def connectionLost(self, reason: Failure = None) -> None:  # noqa: N802
-        if self in self.ctx.sessions:
+        # A connection refused at once (limits) was logged as refused: no session line.
+        was_session = self in self.ctx.sessions
+        if was_session:
             self.ctx.sessions.discard(self)
             n = self.ctx.connections.get(self.client_ip, 1) - 1
             if n > 0:
@@ -203,7 +205,7 @@ class SMTPSession(Protocol):
             if timer is not None and timer.active():
                 timer.cancel()
         self._abort_message()
-        if self.started:
+        if was_session:
             log.info(
                 "session {client_ip} helo={helo} tls={tls} auth={auth} accepted={accepted} "
                 "errors={errors} duration={duration:.3f}s",
