@@ -15,6 +15,30 @@ import sys
 import time
 from pathlib import Path
 
+# The end of every daemon configuration the tests write: no SPF/DKIM/DMARC
+# lookups and DNS pointed at a dead loopback port (tests never use the
+# machine's resolver), and remote mail parked at a smarthost nobody listens on.
+# A format string: the caller fills {dead_port} (free_port()).
+QUIET_TAIL = """
+[spf]
+enabled = false
+
+[dns]
+servers = ["127.0.0.1:9"]
+timeout = 1
+
+[dkim]
+verify = false
+
+[dmarc]
+enabled = false
+
+[delivery]
+# Nothing listens here: remote mail stays queued.
+smarthosts = ["127.0.0.1:{dead_port}"]
+retry_schedule = [3600]
+"""
+
 
 def free_port() -> int:
     with socket.socket() as s:

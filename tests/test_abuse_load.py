@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from types import ModuleType
 
-from tests.daemon import Daemon, free_port
+from tests.daemon import QUIET_TAIL, Daemon, free_port
 from tests.harness import PASSWORD, write_domain
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,25 +58,7 @@ command_timeout = {command_timeout}
 max_connections_per_ip = {per_ip}
 connection_rate_per_ip = {rate}
 max_connections = {max_connections}
-
-[spf]
-enabled = false
-
-[dns]
-servers = ["127.0.0.1:9"]   # tests never use the machine's resolver
-timeout = 1
-
-[dkim]
-verify = false
-
-[dmarc]
-enabled = false
-
-[delivery]
-# Nothing listens here; only local mail is sent in this test.
-smarthosts = ["127.0.0.1:{dead_port}"]
-retry_schedule = [3600]
-"""
+""" + QUIET_TAIL
 
 
 def load_abuse_load() -> ModuleType:

@@ -46,7 +46,7 @@ from mta.delivery.base import DeliveryResult, Outcome
 from mta.policy.auth import add_user, read_users_file
 from mta.queue.envelope import Envelope, Recipient
 from mta.service import MTAService
-from tests.daemon import Daemon, free_port
+from tests.daemon import QUIET_TAIL, Daemon, free_port
 
 PASSWORD = "correct horse battery staple"
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,28 +62,10 @@ control_socket = "{socket}"
 endpoint = "tcp:{port}:interface=127.0.0.1"
 kind = "mx"
 
-[spf]
-enabled = false
-
-[dns]
-servers = ["127.0.0.1:9"]   # tests never use the machine's resolver
-timeout = 1
-
-[dkim]
-verify = false
-
-[dmarc]
-enabled = false
-
 [limits]
 max_message_size = 20000
 max_received_headers = 5
-
-[delivery]
-# Nothing listens here: remote mail stays deferred unless a test replaces the courier.
-smarthosts = ["127.0.0.1:{dead_port}"]
-retry_schedule = [3600]
-"""
+""" + QUIET_TAIL
 
 ALIASES = "info: alice\nteam: alice, bob, friend@remote.test\n"
 

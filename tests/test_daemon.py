@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.daemon import Daemon, free_port, twistd
+from tests.daemon import QUIET_TAIL, Daemon, free_port, twistd
 from tests.harness import PASSWORD, write_domain
 
 CONFIG = """
@@ -24,25 +24,7 @@ domains_dir = "domains"
 [listeners.mx]
 endpoint = "tcp:{port}:interface=127.0.0.1"
 kind = "mx"
-
-[spf]
-enabled = false
-
-[dns]
-servers = ["127.0.0.1:9"]   # tests never use the machine's resolver
-timeout = 1
-
-[dkim]
-verify = false
-
-[dmarc]
-enabled = false
-
-[delivery]
-# Nothing listens here: remote delivery stays deferred in these tests.
-smarthosts = ["127.0.0.1:{dead_port}"]
-retry_schedule = [3600]
-"""
+""" + QUIET_TAIL
 
 
 def write_config(root: Path, port: int, extra: str = "") -> Path:

@@ -21,7 +21,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from mta.policy.auth import add_user
-from tests.daemon import Daemon, free_port
+from tests.daemon import QUIET_TAIL, Daemon, free_port
 from tests.harness import PASSWORD, RawClient, write_domain
 
 CONFIG = """
@@ -39,25 +39,7 @@ kind = "mx"
 [limits]
 connection_rate_per_ip = 0   # the tests poll with many short connections
 {limits}
-
-[spf]
-enabled = false
-
-[dns]
-servers = ["127.0.0.1:9"]   # tests never use the machine's resolver
-timeout = 1
-
-[dkim]
-verify = false
-
-[dmarc]
-enabled = false
-
-[delivery]
-# Nothing listens here: relayed mail stays queued in these tests.
-smarthosts = ["127.0.0.1:{dead_port}"]
-retry_schedule = [3600]
-"""
+""" + QUIET_TAIL
 
 
 def start_daemon(root: Path, top: str = "", limits: str = "") -> Daemon:
