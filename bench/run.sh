@@ -22,11 +22,10 @@
 #   PROFILE=1             py-spy on our MTA during one extra 4 KB run
 #   PROFILE_MESSAGES=$MESSAGES
 #   IDLE_SESSIONS=10000   0 skips the idle sessions test
-#   SPF=0                 1: our MTA checks SPF (answered by dns_stub.py)
 #   LISTEN=127.0.0.1:32525  SINK=127.0.0.1:32526 (mx: 127.0.0.2:32526)
 #   FLOOR_SINK=127.0.0.1:32527  RUN_TIMEOUT=600  KEEP=0  OUT=/tmp/bench-results-<time>
 #   TWISTD=...            default: ../.venv/bin/twistd if present, else twistd on PATH
-#   CONFIG=bench/mta-bench.toml
+#   CONFIG=bench/mta-bench.toml  (copied to OUT with data_dir = OUT/mta-data)
 # A quick check: RUNS=1 MESSAGES=500 IDLE_SESSIONS=1000 PROFILE=0 bash bench/run.sh
 #
 # Needs root (cgroups, mount namespaces, smtp-sink -u), Postfix's smtp-source
@@ -50,7 +49,6 @@ CHECK_FSYNC=${CHECK_FSYNC:-1}
 PROFILE=${PROFILE:-1}
 PROFILE_MESSAGES=${PROFILE_MESSAGES:-$MESSAGES}
 IDLE_SESSIONS=${IDLE_SESSIONS:-10000}
-SPF=${SPF:-0}
 LISTEN=${LISTEN:-127.0.0.1:32525}
 FLOOR_SINK=${FLOOR_SINK:-127.0.0.1:32527}
 RUN_TIMEOUT=${RUN_TIMEOUT:-600}
@@ -86,11 +84,14 @@ mkdir -p "$OUT"
 RES=$OUT/results.jsonl
 echo "results in $OUT" >&2
 
-# Our MTA's configuration: as is, or with SPF on.
-OURS_CONFIG=$CONFIG
-if [ "$SPF" = 1 ]; then
-    OURS_CONFIG=$OUT/mta-bench-spf.toml
-    sed '/^\[spf\]/,/^\[/ s/^enabled = false/enabled = true/' "$CONFIG" > "$OURS_CONFIG"
+# Our MTA's configuration, copied into OUT with its own data_dir (control
+# socket, SRS secret), so that two benchmarks never share one.
+OURS_CONFIG=$OUT/mta-bench.toml
+mkdir -p "$OUT/mta-data/domains"
+sed -e "s|^data_dir = .*|data_dir = \"$OUT/mta-data\"|" \
+    -e "s|^domains_dir = .*|domains_dir = \"$OUT/mta-data/domains\"|" "$CONFIG" > "$OURS_CONFIG"
+if ! grep -q '^data_dir = ' "$OURS_CONFIG"; then
+    sed -i "1i data_dir = \"$OUT/mta-data\"" "$OURS_CONFIG"
 fi
 OURS_CMD="PYTHONPATH=$(printf %q "$ROOT") $(printf %q "$TWISTD") -n --pidfile= mta"
 OURS_CMD+=" --config $(printf %q "$OURS_CONFIG") --listen mx=tcp:{listen_port}:interface={listen_host}"
@@ -99,7 +100,6 @@ if [ "$MODE" = mx ]; then
     OURS_CMD+=" --dns {dns_host}:{dns_port} --mx-port {sink_port}"
 else
     OURS_CMD+=" --smarthost {sink_host}:{sink_port}"
-    if [ "$SPF" = 1 ]; then OURS_CMD+=" --dns {dns_host}:{dns_port}"; fi
 fi
 
 {
@@ -110,7 +110,7 @@ fi
     echo "ours: $("$TWISTD" --version 2>/dev/null | head -1); project $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo '?')"
     echo "uncommitted changes: $(git -C "$ROOT" diff HEAD --stat -- mta twisted 2>/dev/null | tail -1 || true)" \
          "(sha256 of the diff: $(git -C "$ROOT" diff HEAD -- mta twisted 2>/dev/null | sha256sum | cut -c1-12))"
-    echo "mode=$MODE sizes=$SIZES messages=$MESSAGES sessions=$SESSIONS runs=$RUNS latency=$LAT_SAMPLES x $LAT_SIZE B spf=$SPF"
+    echo "mode=$MODE sizes=$SIZES messages=$MESSAGES sessions=$SESSIONS runs=$RUNS latency=$LAT_SAMPLES x $LAT_SIZE B"
     echo "our command: $OURS_CMD"
 } > "$OUT/env.txt"
 
