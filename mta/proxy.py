@@ -81,9 +81,21 @@ class StartAfterHeaderFactory(HAProxyWrappingFactory):
     protocol = StartAfterHeaderWrapper
 
 
+# Twisted's default listen backlog is 50: a burst of new connections overflows
+# it and clients hang half-open.  Used unless the description sets backlog=.
+DEFAULT_BACKLOG = 1024
+
+
+def with_backlog(description: str) -> str:
+    if description.split(":", 1)[0] in ("tcp", "tcp6") and "backlog=" not in description:
+        return f"{description}:backlog={DEFAULT_BACKLOG}"
+    return description
+
+
 def listening_endpoint(reactor: Any, description: str) -> Any:
-    """``serverFromString``, with ``haproxy:`` handled by :class:`StartAfterHeaderWrapper`."""
+    """``serverFromString``, with ``haproxy:`` handled by :class:`StartAfterHeaderWrapper`
+    and a listen backlog of DEFAULT_BACKLOG unless one is given."""
     if description.startswith(PREFIX):
-        inner = serverFromString(reactor, description[len(PREFIX):])
+        inner = serverFromString(reactor, with_backlog(description[len(PREFIX):]))
         return _WrapperServerEndpoint(inner, StartAfterHeaderFactory)
-    return serverFromString(reactor, description)
+    return serverFromString(reactor, with_backlog(description))

@@ -317,3 +317,28 @@ async def test_sender_binding_of_from_header(tmp_path, from_header, code):
         assert len(mta.queued()) == (1 if code == 250 else 0)
     finally:
         await mta.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_relay_networks_exempt_from_per_address_limits(tmp_path):
+    mta = await start_mta(tmp_path, extra={"relay_networks": ["127.0.0.0/8"], "limits": {
+        "connection_rate_per_ip": 2, "max_connections_per_ip": 2}})
+    try:
+        def run():
+            clients = [RawClient(mta.port()) for _ in range(5)]
+            codes = [c.read_reply()[0] for c in clients]
+            for c in clients:
+                c.close()
+            return codes
+
+        assert await in_thread(run) == [220] * 5
+    finally:
+        await mta.stop()
+
+
+def test_listen_backlog_default():
+    from mta.proxy import with_backlog
+
+    assert with_backlog("tcp:25") == "tcp:25:backlog=1024"
+    assert with_backlog("tcp:25:interface=127.0.0.1:backlog=10") == "tcp:25:interface=127.0.0.1:backlog=10"
+    assert with_backlog("unix:/run/x.sock") == "unix:/run/x.sock"

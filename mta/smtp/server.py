@@ -163,11 +163,15 @@ class SMTPSession(Protocol):
             self._send(self._rejected("connect", R.TOO_MANY_CONNECTIONS,
                                       reason="max_connections"))
             return
-        if count >= self.limits.max_connections_per_ip:
+        # Our own networks (relay_networks) are exempt from the per-address limits,
+        # as Postfix exempts mynetworks; the total limit still holds.
+        trusted = self._trusted
+        if count >= self.limits.max_connections_per_ip and not trusted:
             self._send(self._rejected("connect", R.TOO_MANY_FROM_IP,
                                       reason="max_connections_per_ip"))
             return
-        if self.ctx.abuse is not None and not self.ctx.abuse.connection_allowed(self.client_ip):
+        if (not trusted and self.ctx.abuse is not None
+                and not self.ctx.abuse.connection_allowed(self.client_ip)):
             log.info("connection rate limit for {ip}", ip=self.client_ip, event="limit",
                      limit="connection_rate")
             self._send(R.CONNECTION_RATE)
