@@ -186,6 +186,8 @@ class QueueRunner:
         self._in_flight: dict[str, Deferred[None] | None] = {}
         self._again: set[str] = set()
         self._forced: set[str] = set()
+        # Envelopes just committed, handed to their first pass without a re-read.
+        self._fresh: dict[str, Envelope] = {}
         self._running = False
         self._subscribed = False
         self._stop_waiters: list[Deferred[None]] = []
@@ -215,6 +217,7 @@ class QueueRunner:
         """Cancel timers, start nothing new, and wait (at most ``stop_timeout``) for
         the deliveries in flight to be recorded."""
         self._running = False
+        self._fresh.clear()
         for timer in self._timers.values():
             if timer.active():
                 timer.cancel()
@@ -291,6 +294,9 @@ class QueueRunner:
         return len(failed)
 
     def _refuse_busy(self, queue_id: str) -> None:
+        # An administrator is about to change the message on disk: from now on
+        # its passes read the file, never the object kept from the commit.
+        self._fresh.pop(queue_id, None)
         if queue_id in self._in_flight:
             raise MessageBusy(f"message {queue_id} is being delivered right now; "
                               "try again when this attempt has ended")
@@ -311,6 +317,9 @@ class QueueRunner:
         # A new message: try it at once, but from a fresh reactor turn so the
         # SMTP reply goes out first.
         if self._running:
+            # The committed object is exactly what is on disk: the first pass uses
+            # it instead of reading the file back.
+            self._fresh[envelope.id] = envelope
             self._schedule_at(envelope.id, self._now())
 
     def _schedule_at(self, queue_id: str, when: float) -> None:
@@ -396,7 +405,7 @@ class QueueRunner:
         forced = queue_id in self._forced
         self._forced.discard(queue_id)
         try:
-            env = self.store.load(queue_id)
+            env = self._fresh.pop(queue_id, None) or self.store.load(queue_id)
         except FileNotFoundError:
             return  # removed meanwhile
         except (OSError, ValueError, KeyError) as e:
