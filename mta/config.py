@@ -186,6 +186,8 @@ class Config:
     # of queue changes is made durable by one syncfs(2) of the queue's filesystem
     # (cheaper; best when the queue has a filesystem of its own).
     queue_sync: str = "fsync"
+    # Processes accepting SMTP connections (mta.workers); the first one also delivers.
+    workers: int = 1
 
     def users_file(self, domain: str) -> Path:
         return self.domains_dir / domain / "users"
@@ -305,6 +307,7 @@ def config_from_dict(raw: dict[str, Any], base: Path, overrides: dict[str, Any] 
     top = {
         "hostname", "local_domains", "data_dir", "queue_dir", "mail_dir", "domains_dir",
         "control_socket", "relay_networks", "metrics", "log_json", "fsync", "sender_binding", "sender_binding_from", "queue_sync",
+        "workers",
         "srs_secret",
         "listeners", "tls", "limits", "spf", "dns", "aliases", "delivery", "dkim", "dmarc",
     }
@@ -513,10 +516,18 @@ def config_from_dict(raw: dict[str, Any], base: Path, overrides: dict[str, Any] 
         log_json=_path(base, _get(raw, "log_json", str, "", None)),
         fsync=_get(raw, "fsync", bool, "", True),
         queue_sync=_choice(raw, "queue_sync", ("fsync", "syncfs"), "fsync"),
+        workers=_workers(raw),
         sender_binding=_get(raw, "sender_binding", bool, "", True),
         sender_binding_from=_get(raw, "sender_binding_from", bool, "", False),
         srs_secret=_get(raw, "srs_secret", str, "", None),
     )
+
+
+def _workers(raw: dict[str, Any]) -> int:
+    workers = _get(raw, "workers", int, "", 1)
+    if not 1 <= workers <= 64:
+        raise ConfigError("workers", "must be from 1 to 64")
+    return workers
 
 
 def _choice(table: dict[str, Any], key: str, allowed: tuple[str, ...], default: str) -> str:

@@ -92,9 +92,12 @@ class MTAService(MultiService):
 
     def __init__(self, config: Config, reactor: Any = None, runner: Any = None,
                  config_path: Path | None = None, overrides: dict[str, Any] | None = None,
-                 install_signals: bool = False, loader: Callable[[], Config] | None = None) -> None:
+                 install_signals: bool = False, loader: Callable[[], Config] | None = None,
+                 worker_fds: list[tuple[str, int, int]] | None = None) -> None:
         super().__init__()
         overrides = overrides or {}
+        # In a worker process (mta.workers): the listening sockets to adopt.
+        self.worker_fds = worker_fds
         # How a reload reads the configuration again (tests give their own).
         self.loader = loader or (lambda: load_config(config_path, overrides))
         self.install_signals = install_signals
@@ -105,9 +108,18 @@ class MTAService(MultiService):
         self.config = config
         self.reactor = reactor
         self.context = build_context(config, reactor)
-        self.runner = runner if runner is not None else build_runner(config, self.context.store, reactor)
         self.ports: list[Any] = []
         self.listening: Deferred[None] | None = None
+        self.pool: Any = None
+        if worker_fds is not None:
+            self.runner = None  # only the main process delivers
+            return
+        self.runner = runner if runner is not None else build_runner(config, self.context.store, reactor)
+        if config.workers > 1:
+            from mta.workers import WorkerPool
+
+            self.pool = WorkerPool(self, config.workers, {
+                "config": str(config_path) if config_path else None, "overrides": overrides})
         from mta.control import control_service
 
         self.addService(control_service(self))
@@ -128,10 +140,12 @@ class MTAService(MultiService):
         super().startService()
         if self.runner is not None:
             self.runner.start()
-        else:
+        elif self.worker_fds is None:
             self.context.store.recover()
         if not self.ports:  # not bound by privilegedStartService (no twistd --uid)
             self.listening = self._listen()
+        if self.pool is not None and self.listening is not None:
+            self.listening.addCallback(lambda _: self.pool.spawn_all(self.ports))
         if self.install_signals:
             signal.signal(signal.SIGHUP, self._sighup)
 
@@ -149,6 +163,8 @@ class MTAService(MultiService):
             raise SystemExit(f"mta: {failed[0].getErrorMessage()}")
 
     def _sighup(self, signum: int, frame: Any) -> None:
+        if self.pool is not None:
+            self.pool.signal_all("HUP")
         self.reactor.callFromThread(self._reload_logged)
 
     def _reload_logged(self) -> None:
@@ -187,6 +203,9 @@ class MTAService(MultiService):
 
     @inlineCallbacks
     def _listen(self):
+        if self.worker_fds is not None:
+            self._adopt()
+            return
         for listener in self.config.listeners:
             endpoint = listening_endpoint(self.reactor, listener.endpoint)
             factory = SMTPFactory(self.context, listener)
@@ -202,6 +221,19 @@ class MTAService(MultiService):
             log.info("listening on {endpoint} for {kind}", endpoint=listener.endpoint,
                      kind=listener.kind)
 
+    def _adopt(self) -> None:
+        """Worker process: take over the main process's listening sockets."""
+        from mta.proxy import PREFIX, StartAfterHeaderFactory
+        from mta.workers import adopt_port
+
+        by_name = {listener.name: listener for listener in self.config.listeners}
+        for name, fd, family in self.worker_fds or ():
+            listener = by_name[name]
+            factory: Any = SMTPFactory(self.context, listener)
+            if listener.endpoint.startswith(PREFIX):
+                factory = StartAfterHeaderFactory(factory)
+            self.ports.append(adopt_port(self.reactor, fd, family, factory))
+
     @inlineCallbacks
     def stopService(self):  # noqa: N802
         """Graceful stop: no new connections; idle sessions get 421 at once, a
@@ -210,6 +242,7 @@ class MTAService(MultiService):
         self.context.accepting = False
         yield DeferredList([p.stopListening() for p in self.ports])
         self.ports = []
+        workers_done = self.pool.stop() if self.pool is not None else None
         for session in list(self.context.sessions):
             session.shutdown()
         deadline = self.reactor.seconds() + self.config.limits.shutdown_timeout
@@ -217,6 +250,8 @@ class MTAService(MultiService):
             yield deferLater(self.reactor, 0.05, lambda: None)
         for session in list(self.context.sessions):
             session.force_close()
+        if workers_done is not None:
+            yield workers_done
         if self.runner is not None:
             yield self.runner.stop()
         yield super().stopService()

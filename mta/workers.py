@@ -1,0 +1,170 @@
+"""Worker processes sharing the listening sockets (``workers = N`` in the configuration).
+
+The Python reactor runs on one core; with ``workers`` > 1 the main process
+(the one twistd starts) binds the listeners, then starts N-1 worker processes
+that adopt the same listening sockets (``IReactorSocket.adoptStreamPort``), so
+the kernel spreads new connections over all of them.  Every process runs the
+full SMTP session and commits to the same queue directory (queue ids are
+unique per message); only the main process runs the queue runner, the control
+socket and the metrics.  A worker tells the main process about each message it
+committed by writing ``queued <id>`` on its stdout; if that line is lost (a
+crash), the message is still on disk and found at the next start.
+
+Limits kept per process (connections per IP, rates) are per worker: with N
+workers an address may hold up to N times ``max_connections_per_ip``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+
+log = Logger()
+
+
+class _WorkerProtocol(ProcessProtocol):
+    def __init__(self, pool: WorkerPool, index: int) -> None:
+        self.pool = pool
+        self.index = index
+        self._out = b""
+        self._err = b""
+        self.ended: Deferred[None] = Deferred()
+
+    def outReceived(self, data: bytes) -> None:  # noqa: N802
+        self._out += data
+        *lines, self._out = self._out.split(b"\n")
+        for line in lines:
+            verb, _, queue_id = line.decode("ascii", "replace").partition(" ")
+            if verb == "queued" and queue_id:
+                self.pool.queued(queue_id)
+
+    def errReceived(self, data: bytes) -> None:  # noqa: N802
+        self._err += data
+        *lines, self._err = self._err.split(b"\n")
+        for line in lines:
+            log.info("worker {index}: {line}", index=self.index,
+                     line=line.decode("utf-8", "replace"))
+
+    def processEnded(self, reason: Any) -> None:  # noqa: N802
+        self.pool.ended(self)
+        self.ended.callback(None)
+
+
+class WorkerPool(Service):
+    """Starts, restarts, reloads and stops the worker processes of the main MTA process."""
+
+    def __init__(self, mta_service: Any, count: int, spec: dict[str, Any]) -> None:
+        self.mta = mta_service
+        self.count = count
+        self.spec = spec
+        self.workers: dict[int, Any] = {}  # index -> process transport
+        self.protocols: dict[int, _WorkerProtocol] = {}
+        self.stopping = False
+        self.fds: list[tuple[str, int, int]] = []
+
+    def spawn_all(self, ports: list[Any]) -> None:
+        self.fds = [(listener.name, port.fileno(), port.addressFamily)
+                    for listener, port in zip(self.mta.config.listeners, ports, strict=True)]
+        for index in range(1, self.count):
+            self._spawn(index)
+
+    def _spawn(self, index: int) -> None:
+        spec = dict(self.spec, fds=self.fds, index=index, parent=os.getpid())
+        protocol = _WorkerProtocol(self, index)
+        child_fds: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
+        for _, fd, _ in self.fds:
+            child_fds[fd] = fd
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        transport = self.mta.reactor.spawnProcess(
+            protocol, sys.executable, [sys.executable, "-m", "mta.workers", json.dumps(spec)],
+            env=env, childFDs=child_fds)
+        self.workers[index] = transport
+        self.protocols[index] = protocol
+        log.info("started worker {index} (pid {pid})", index=index, pid=transport.pid)
+
+    def queued(self, queue_id: str) -> None:
+        runner = self.mta.runner
+        if runner is not None:
+            runner.flush(queue_id)
+
+    def ended(self, protocol: _WorkerProtocol) -> None:
+        self.workers.pop(protocol.index, None)
+        if not self.stopping:
+            log.error("worker {index} ended; starting it again", index=protocol.index)
+            self.mta.reactor.callLater(1.0, self._respawn, protocol.index)
+
+    def _respawn(self, index: int) -> None:
+        if not self.stopping and index not in self.workers:
+            self._spawn(index)
+
+    def signal_all(self, name: str) -> None:
+        for transport in list(self.workers.values()):
+            try:
+                transport.signalProcess(name)
+            except Exception:
+                pass
+
+    def stop(self) -> Deferred[Any]:
+        """SIGTERM to every worker; they finish like the main process does."""
+        self.stopping = True
+        waits = [p.ended for i, p in self.protocols.items() if i in self.workers]
+        self.signal_all("TERM")
+        if not waits:
+            return succeed(None)
+        from twisted.internet.defer import DeferredList
+
+        return DeferredList(waits)
+
+
+def run_worker(spec: dict[str, Any]) -> None:
+    """The worker process: the SMTP listeners of the main process, no runner."""
+    # A worker never outlives the main process (even after a SIGKILL of it):
+    # Linux delivers SIGTERM to us when the parent dies (prctl PR_SET_PDEATHSIG).
+    import ctypes
+
+    from twisted.internet import reactor
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+
+    from mta.config import load_config
+    from mta.service import MTAService
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)
+    if os.getppid() != spec.get("parent"):
+        raise SystemExit("mta worker: the main process is gone")
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
+    sys.setswitchinterval(0.0005)
+    config_path = Path(spec["config"]) if spec.get("config") else None
+    config = load_config(config_path, spec.get("overrides") or {})
+    service = MTAService(config, reactor, worker_fds=[tuple(x) for x in spec["fds"]],
+                         config_path=config_path, overrides=spec.get("overrides") or {},
+                         install_signals=True)
+
+    def announce(envelope: Any) -> None:
+        os.write(1, f"queued {envelope.id}\n".encode("ascii"))
+
+    service.context.store.subscribe(announce)
+    service.startService()
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    # Ignore SIGINT from a terminal's Ctrl-C: the main process stops us with SIGTERM.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    reactor.run()
+
+
+def adopt_port(reactor: Any, fd: int, family: int, factory: Any) -> Any:
+    port = reactor.adoptStreamPort(fd, socket.AddressFamily(family), factory)
+    os.close(fd)  # the reactor has its own duplicate
+    return port
+
+
+if __name__ == "__main__":
+    run_worker(json.loads(sys.argv[1]))

@@ -1,0 +1,106 @@
+"""``workers = 2``: a second process adopts the listening socket; all mail is delivered once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import smtplib
+import time
+from pathlib import Path
+
+from tests.daemon import QUIET_TAIL, Daemon, free_port
+from tests.harness import PASSWORD, write_domain
+
+CONFIG = """
+hostname = "mx.example.test"
+local_domains = ["example.test"]
+data_dir = "var"
+domains_dir = "domains"
+workers = 2
+
+[listeners.mx]
+endpoint = "tcp:{port}:interface=127.0.0.1"
+kind = "mx"
+
+[limits]
+connection_rate_per_ip = 0
+""" + QUIET_TAIL
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if ppid == pid and b"mta.workers" in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+    return found
+
+
+def test_two_workers_share_the_port_and_deliver_everything_once(tmp_path):
+    write_domain(tmp_path / "domains", "example.test", {"alice": PASSWORD})
+    port = free_port()
+    config = tmp_path / "mta.toml"
+    config.write_text(CONFIG.format(port=port, dead_port=free_port()))
+    daemon = Daemon(tmp_path, config, port)
+    daemon.start()
+    try:
+        deadline = time.monotonic() + 15
+        while not children_of(daemon.proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        (worker,) = children_of(daemon.proc.pid)
+        # The worker needs a moment to import and adopt the socket.
+        while "SMTPFactory starting" not in daemon.read_log().split("started worker 1", 1)[-1] \
+                and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for i in range(30):
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+                s.sendmail("s@remote.test", ["alice@example.test"], f"Subject: {i}\r\n\r\nn{i}\r\n".encode())
+        new = tmp_path / "var" / "mail" / "example.test" / "alice" / "new"
+        deadline = time.monotonic() + 20
+        while (not new.exists() or len(list(new.iterdir())) < 30) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        bodies = sorted(f.read_bytes().rsplit(b"\n\n", 1)[1] for f in new.iterdir())
+        assert bodies == sorted(f"n{i}\n".encode() for i in range(30))  # each exactly once
+        log = daemon.read_log()
+        assert "started worker 1" in log
+        # Both processes took connections (the kernel spreads accepts over them).
+        assert "worker 1:" in log and "queued" in log.split("worker 1:", 1)[1]
+        code = daemon.terminate()
+        assert code in (0, -signal.SIGTERM)
+        assert not Path(f"/proc/{worker}").exists() or b"zombie" in Path(f"/proc/{worker}/status").read_bytes()
+        assert list((tmp_path / "var" / "queue" / "msg").iterdir()) == []
+    finally:
+        daemon.kill()
+
+
+def test_worker_dies_with_a_killed_main_process(tmp_path):
+    write_domain(tmp_path / "domains", "example.test", {"alice": PASSWORD})
+    port = free_port()
+    config = tmp_path / "mta.toml"
+    config.write_text(CONFIG.format(port=port, dead_port=free_port()))
+    daemon = Daemon(tmp_path, config, port)
+    daemon.start()
+    workers = []
+    try:
+        deadline = time.monotonic() + 15
+        while not workers and time.monotonic() < deadline:
+            workers = children_of(daemon.proc.pid)
+            time.sleep(0.1)
+        assert workers
+        daemon.kill()  # SIGKILL: no chance to stop the workers itself
+        deadline = time.monotonic() + 10
+        while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+    finally:
+        daemon.kill()
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
