@@ -114,7 +114,9 @@ class MTAService(MultiService):
         if worker_fds is not None:
             self.runner = None  # only the main process delivers
             return
-        self.runner = runner if runner is not None else build_runner(config, self.context.store, reactor)
+        # runner=False: no delivery at all (tests of the receiving side).
+        self.runner = (None if runner is False else
+                       runner if runner is not None else build_runner(config, self.context.store, reactor))
         if config.workers > 1:
             from mta.workers import WorkerPool
 

@@ -146,10 +146,8 @@ async def start_mta(tmp_path: Path, runner: Any = False, **kwargs: Any) -> Runni
     """Start the MTA in this process. ``runner=False`` keeps delivery off (queue only)."""
     raw = make_raw_config(tmp_path, **kwargs)
     config = config_from_dict(raw, tmp_path)
-    service = MTAService(config, reactor=reactor, runner=None if runner is False else runner,
+    service = MTAService(config, reactor=reactor, runner=runner,
                          loader=lambda: config_from_dict(raw, tmp_path))
-    if runner is False:
-        service.runner = None
     service.startService()
     await service.listening
     running = RunningMTA(service, config, tmp_path)

@@ -11,6 +11,7 @@ match no user, so they cannot be used to relay.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,7 +45,13 @@ def relay_allowed(auth_user: str | None, client_ip: str, relay_networks: tuple[s
         ip = ipaddress.ip_address(client_ip)
     except ValueError:
         return False
-    return any(ip in ipaddress.ip_network(net, strict=False) for net in relay_networks)
+    return any(ip in net for net in _networks(relay_networks))
+
+
+@functools.cache
+def _networks(texts: tuple[str, ...]) -> tuple[Any, ...]:
+    """Parsed once per configuration (validated by mta.config at load)."""
+    return tuple(ipaddress.ip_network(net, strict=False) for net in texts)
 
 
 def check_recipient(address: Address, local_domains: tuple[str, ...], aliases: Any,

@@ -126,6 +126,7 @@ class SMTPSession(Protocol):
         self._idle_timer: Any = None
         self._life_timer: Any = None
         self.client_ip = ""
+        self._trusted = False
         self.helo: str | None = None
         self.esmtp = False
         self.tls_version = ""
@@ -154,6 +155,9 @@ class SMTPSession(Protocol):
     def connectionMade(self) -> None:  # noqa: N802
         peer = self.transport.getPeer()
         self.client_ip = getattr(peer, "host", "") or "unknown"
+        # A client in relay_networks is one of our own systems: it may relay, is
+        # exempt from per-address limits, and its mail is neither checked nor given A-R.
+        self._trusted = relay_allowed(None, self.client_ip, self.config.relay_networks)
         self.started = self.ctx.clock.seconds()
         count = self.ctx.connections.get(self.client_ip, 0)
         if not self.ctx.accepting:
@@ -165,12 +169,11 @@ class SMTPSession(Protocol):
             return
         # Our own networks (relay_networks) are exempt from the per-address limits,
         # as Postfix exempts mynetworks; the total limit still holds.
-        trusted = self._trusted
-        if count >= self.limits.max_connections_per_ip and not trusted:
+        if count >= self.limits.max_connections_per_ip and not self._trusted:
             self._send(self._rejected("connect", R.TOO_MANY_FROM_IP,
                                       reason="max_connections_per_ip"))
             return
-        if (not trusted and self.ctx.abuse is not None
+        if (not self._trusted and self.ctx.abuse is not None
                 and not self.ctx.abuse.connection_allowed(self.client_ip)):
             log.info("connection rate limit for {ip}", ip=self.client_ip, event="limit",
                      limit="connection_rate")
@@ -695,7 +698,7 @@ class SMTPSession(Protocol):
             address,
             local_domains=self.config.local_domains,
             aliases=self.ctx.aliases,
-            may_relay=relay_allowed(self.auth_user, self.client_ip, self.config.relay_networks),
+            may_relay=self.auth_user is not None or self._trusted,
             srs=self.ctx.srs,
         )
         if decision.reply is not None:
@@ -746,11 +749,6 @@ class SMTPSession(Protocol):
         )
         self.phase = Phase.DATA
         return R.START_DATA
-
-    @property
-    def _trusted(self) -> bool:
-        """A client in relay_networks: our own systems, neither checked nor given A-R."""
-        return relay_allowed(None, self.client_ip, self.config.relay_networks)
 
     def _open_writer(self, extra_headers: list[bytes]) -> MessageWriter:
         """Create the queue file and write the trace headers that go first in it."""
