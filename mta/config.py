@@ -139,6 +139,9 @@ class DeliveryConfig:
     max_connections: int = 100
     max_connections_per_destination: int = 10
     connect_timeout: float = 30.0
+    # Seconds an outbound connection is kept open after a delivery for the next
+    # message to the same server (mta.delivery.cache); 0 closes each at once.
+    connection_cache_time: float = 2.0
     # Test and benchmark hook: the TCP port MX hosts are contacted on.
     mx_port: int = 25
     mailbox_command: str | None = None
@@ -454,6 +457,7 @@ def config_from_dict(raw: dict[str, Any], base: Path, overrides: dict[str, Any] 
         "smarthost_tls": str, "tls_policy": str, "retry_schedule": list, "retry_jitter": float,
         "max_queue_lifetime": float, "delay_warning": float, "max_connections": int,
         "max_connections_per_destination": int, "connect_timeout": float, "mx_port": int,
+        "connection_cache_time": float,
         "mailbox_command": str, "lmtp": str, "pipe_timeout": float,
     }
     delivery = _dataclass_from(dl, DeliveryConfig, "delivery.", types)
@@ -465,6 +469,8 @@ def config_from_dict(raw: dict[str, Any], base: Path, overrides: dict[str, Any] 
     schedule = tuple(float(_positive(x, "delivery.retry_schedule") if isinstance(x, int | float) and not isinstance(x, bool) else _bad("delivery.retry_schedule", "must be a list of seconds")) for x in delivery.retry_schedule)
     if not schedule:
         raise ConfigError("delivery.retry_schedule", "must not be empty")
+    if delivery.connection_cache_time < 0:
+        raise ConfigError("delivery.connection_cache_time", "must be a number of seconds >= 0")
     if delivery.smarthost_tls not in ("none", "opportunistic", "require", "verify"):
         raise ConfigError("delivery.smarthost_tls", "must be none, opportunistic, require or verify")
     if delivery.tls_policy not in ("opportunistic", "verify"):

@@ -23,6 +23,9 @@ Scripting, all optional:
   AUTH (``auth_mechanisms``, default PLAIN LOGIN; only under TLS unless
   ``auth_requires_tls=False``);
   ``auth_required`` refuses MAIL before AUTH; ``esmtp=False`` refuses EHLO.
+* ``drop_reused_mail=True`` -- close the connection, unanswered, at a MAIL
+  after the session's first message (a server timing out an idle connection
+  just as the client reuses it).
 * ``max_recipients=N`` -- 452 4.5.3 for RCPTs past N in a transaction.
 * ``starttls_inject=b"..."`` -- bytes written right after the 220 to STARTTLS,
   in the same write, before the handshake (a response-injection attacker).
@@ -105,6 +108,7 @@ class SinkOptions:
     max_recipients: int | None = None
     starttls_inject: bytes = b""
     lmtp: bool = False
+    drop_reused_mail: bool = False
 
 
 @implementer(IHandshakeListener)
@@ -348,6 +352,10 @@ class SinkProtocol(Protocol):
     def _do_MAIL(self, arg: str) -> None:
         if not self._greeted:
             self._write(["503 5.5.1 send EHLO/HELO first"])
+            return
+        if self.opts.drop_reused_mail and self.session.messages:
+            self.session.dropped_at = "MAIL"
+            self.transport.loseConnection()
             return
         if self._sender is not None:
             self._write(["503 5.5.1 nested MAIL command"])

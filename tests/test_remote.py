@@ -50,6 +50,8 @@ class FakeResolver:
 
 
 def make_config(tmp_path: Path, **delivery: Any) -> Config:
+    # One connection per delivery here; the connection cache has test_connection_cache.py.
+    delivery.setdefault("connection_cache_time", 0)
     return Config(
         hostname="out.example.test", listeners=(), local_domains=(), data_dir=tmp_path,
         queue_dir=tmp_path / "queue", mail_dir=tmp_path / "mail", domains_dir=tmp_path / "domains",

@@ -65,6 +65,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mta.delivery.base import Outcome
+from mta.delivery.cache import ConnectionCache
 
 log = Logger()
 
@@ -459,6 +460,7 @@ class SMTPClientProtocol(Protocol):
         self._closed_waiters: list[Deferred[None]] = []
         self._body: _BodyProducer | None = None
         self.tls_active = False
+        self.replies_seen = 0  # complete replies received so far (for connection reuse)
 
     # twisted callbacks
 
@@ -473,10 +475,12 @@ class SMTPClientProtocol(Protocol):
         if self._failure is not None:
             return
         try:
-            self._replies.extend(self._parser.feed(data))
+            replies = self._parser.feed(data)
         except ReplyError as e:
             self.fail(SessionError(f"protocol error: {e}"))
             return
+        self.replies_seen += len(replies)
+        self._replies.extend(replies)
         if self._replies and self._waiting_for == "reply":
             self._resolve(self._replies.popleft())
 
@@ -503,6 +507,11 @@ class SMTPClientProtocol(Protocol):
     @property
     def alive(self) -> bool:
         return not self._lost and self._failure is None
+
+    @property
+    def idle(self) -> bool:
+        """Open, with nothing received that was not asked for: fit to start a new command."""
+        return self.alive and not self._replies and not self._parser.pending and self._waiter is None
 
     def _while(self) -> str:
         return f" while waiting for {self._waiting_for_text}" if self._waiting_for else ""
@@ -714,16 +723,34 @@ class _Session:
         self.state = State.CONNECTING
         self.caps = Capabilities()
         self._tls_creator = tls_creator
+        self.opened_at = proto.clock.seconds()
+
+    @property
+    def reusable(self) -> bool:
+        """Still open, idle and between transactions (for :class:`ConnectionCache`)."""
+        return self.state in (State.DATA_DONE, State.RSET) and self.proto.idle
 
     def _enter(self, state: State) -> None:
         if state not in _TRANSITIONS[self.state]:
             raise RuntimeError(f"SMTP client: no transition {self.state.name} -> {state.name}")
         self.state = state
 
-    async def run(self, transactions: list[TransactionResult]) -> None:
+    async def run(self, transactions: list[TransactionResult], *, reused: bool = False,
+                  keep: bool = False) -> bool:
+        """Run ``transactions`` (after the opening unless ``reused``) and QUIT.
+
+        With ``keep`` a connection whose last transaction ended cleanly (a
+        reply to the end of DATA, or to RSET) is left open instead, and True is
+        returned: the caller may hand it to a :class:`ConnectionCache`.
+        """
+        kept = False
         try:
-            await self._open()
+            if not reused:
+                await self._open()
             await self._transactions(transactions)
+            if keep and self.state in (State.DATA_DONE, State.RSET) and self.proto.idle:
+                kept = True
+                return True
             await self._quit()
         except SessionError as e:
             self.result.connection_error = str(e)
@@ -734,6 +761,16 @@ class _Session:
                 await self._quit()
             else:
                 self.proto.fail(e)
+        finally:
+            if not kept:
+                await self.proto.close(self.t.quit)
+                self._enter(State.CLOSED)
+        return False
+
+    async def finish(self) -> None:
+        """QUIT and close a connection left open by ``run(keep=True)``."""
+        try:
+            await self._quit()
         finally:
             await self.proto.close(self.t.quit)
             self._enter(State.CLOSED)
@@ -1042,26 +1079,53 @@ def _tls_creator(options: ClientOptions, server: str) -> Any:
 async def send(reactor: Any, destination: interfaces.IStreamClientEndpoint | tuple[str, int],
                transactions: list[Transaction], options: ClientOptions, *,
                clock: interfaces.IReactorTime | None = None,
-               server: str | None = None) -> SessionResult:
+               server: str | None = None, cache: ConnectionCache | None = None) -> SessionResult:
     """Connect to one server and run ``transactions`` on it; never raises for network errors.
 
     ``destination`` is an endpoint or ``(host, port)``; ``server`` names the
     server in results and logs (default: the host).  Every timer runs on
-    ``clock`` (default: ``reactor``).
+    ``clock`` (default: ``reactor``).  With a ``cache`` (and a ``(host, port)``
+    destination) an open connection to the same server with the same options
+    is reused, and this one is left open in the cache afterwards.
     """
     clock = clock or reactor
+    key: tuple[Any, ...] | None = None
     if isinstance(destination, tuple):
         host, port = destination
         endpoint = _endpoint(reactor, host, port, options.timeouts.connect)
         server = server or host
+        if cache is not None and cache.enabled:
+            key = (host, port, server, options.tls_policy, options.tls_hostname, options.username,
+                   options.password, options.lmtp, options.helo_name)
     else:
         endpoint = destination
         server = server or str(destination)
-    result = SessionResult(server=server, transactions=[TransactionResult(tx) for tx in transactions])
+
+    def new_result() -> SessionResult:
+        return SessionResult(server=server, transactions=[TransactionResult(tx) for tx in transactions])
+
+    result = new_result()
+    cached = cache.take(key) if cache is not None and key is not None else None
+    if cached is not None:
+        session: _Session = cached  # type: ignore[assignment]
+        before = session.proto.replies_seen
+        result.tls, result.tls_verified = session.result.tls, session.result.tls_verified
+        session.result = result
+        if await session.run(result.transactions, reused=True, keep=True):
+            cache.put(key, session)  # type: ignore[union-attr]
+            _log_result(result, "LMTP" if options.lmtp else "SMTP")
+            return result
+        if result.connection_error is None or session.proto.replies_seen != before:
+            _log_result(result, "LMTP" if options.lmtp else "SMTP")
+            return result
+        # Not a single reply on the reused connection: the server had closed it
+        # before reading our MAIL, so nothing happened there. Connect afresh.
+        result = new_result()
     proto = SMTPClientProtocol(clock)
     if await _connect(clock, endpoint, proto, options.timeouts.connect, result):
         session = _Session(proto, options, result, _tls_creator(options, server))
-        await session.run(result.transactions)
+        if await session.run(result.transactions, keep=key is not None):
+            cache.put(key, session)  # type: ignore[union-attr]
     _log_result(result, "LMTP" if options.lmtp else "SMTP")
     return result
 

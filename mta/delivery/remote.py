@@ -30,6 +30,7 @@ from twisted.logger import Logger
 
 from mta.config import Config
 from mta.delivery.base import DeliveryResult, Outcome
+from mta.delivery.cache import ConnectionCache
 from mta.delivery.client import ClientOptions, SessionResult, Timeouts, Transaction, send
 from mta.delivery.mx import DNSError
 from mta.queue.envelope import Envelope, Recipient
@@ -79,6 +80,13 @@ class RemoteCourier:
         self.trust_root = trust_root
         self.timeouts = timeouts or Timeouts(connect=config.delivery.connect_timeout,
                                              **dict(config.delivery.stage_timeouts))
+        # Open connections kept between messages (delivery.connection_cache_time).
+        self.cache = ConnectionCache(self.clock, idle_time=config.delivery.connection_cache_time,
+                                     max_idle=config.delivery.max_connections)
+
+    def close(self) -> Deferred[Any]:
+        """Close the cached connections (QUIT); fires when they are gone."""
+        return self.cache.close()
 
     def deliver(self, envelope: Envelope, recipients: list[Recipient],
                 data_path: Path) -> Deferred[list[DeliveryResult]]:
@@ -182,7 +190,7 @@ class RemoteCourier:
 
     async def _attempt(self, route: Route, tx: Transaction) -> SessionResult:
         session = await send(self.reactor, (route.host, route.port), [tx], self._options(route),
-                             clock=self.clock, server=route.display)
+                             clock=self.clock, server=route.display, cache=self.cache)
         if session.tls_failed and route.tls_policy == "opportunistic":
             unanswered = session.transactions[0].unanswered()
             if unanswered:
@@ -191,7 +199,7 @@ class RemoteCourier:
                 retry = replace(tx, recipients=unanswered)
                 again = await send(self.reactor, (route.host, route.port), [retry],
                                    self._options(route, "none"), clock=self.clock,
-                                   server=route.display)
+                                   server=route.display, cache=self.cache)
                 again.transactions[0].replies = {**session.transactions[0].replies,
                                                  **again.transactions[0].replies}
                 return again

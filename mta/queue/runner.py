@@ -223,12 +223,19 @@ class QueueRunner:
                 timer.cancel()
         self._timers.clear()
         if not self._in_flight:
-            return succeed(None)
+            return self._close_couriers()
         d: Deferred[None] = Deferred()
         self._stop_waiters.append(d)
         if self._stop_timer is None:
             self._stop_timer = self.clock.callLater(self.stop_timeout, self._stop_timed_out)
+        d.addCallback(lambda _: self._close_couriers())
         return d
+
+    def _close_couriers(self) -> Deferred[None]:
+        """Let couriers that keep connections open (the remote one's cache) close them."""
+        closing = [c.close() for c in getattr(self.router, "couriers", {}).values()
+                   if callable(getattr(c, "close", None))]
+        return DeferredList(closing).addCallback(lambda _: None)
 
     def flush(self, queue_id: str | None = None) -> int:
         """Make deferred recipients due now (all messages, or one); returns how many messages."""
