@@ -20,6 +20,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from mta.config import Config, ConfigError, load_config
+from mta.logs import speed_up_text_log
 from mta.proxy import listening_endpoint
 from mta.queue.store import QueueStore
 from mta.smtp.server import ServerContext, SMTPFactory
@@ -140,6 +141,8 @@ class MTAService(MultiService):
 
     def startService(self) -> None:  # noqa: N802
         super().startService()
+        if self.worker_fds is None:
+            speed_up_text_log()  # twistd's text log: the same lines, time stamps cached
         if self.runner is not None:
             self.runner.start()
         elif self.worker_fds is None:

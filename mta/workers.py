@@ -8,7 +8,9 @@ full SMTP session and commits to the same queue directory (queue ids are
 unique per message); only the main process runs the queue runner, the control
 socket and the metrics.  A worker tells the main process about each message it
 committed by writing ``queued <id>`` on its stdout; if that line is lost (a
-crash), the message is still on disk and found at the next start.
+crash), the message is still on disk and found at the next start.  A worker's
+log lines (``[worker1 mta.smtp.server#info] ...``) come on its stderr and are
+appended to the main log as they are.
 
 Limits kept per process (connections per IP, rates) are per worker: with N
 workers an address may hold up to N times ``max_connections_per_ip``.
@@ -28,6 +30,8 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
+
+from mta.logs import worker_log_observer, write_log_text
 
 log = Logger()
 
@@ -49,11 +53,17 @@ class _WorkerProtocol(ProcessProtocol):
                 self.pool.queued(queue_id)
 
     def errReceived(self, data: bytes) -> None:  # noqa: N802
+        # The worker's log lines arrive formatted ("<time> [workerN namespace#level] text");
+        # they go to the main log file as they are, in one write, when that is a file.
         self._err += data
-        *lines, self._err = self._err.split(b"\n")
-        for line in lines:
-            log.info("worker {index}: {line}", index=self.index,
-                     line=line.decode("utf-8", "replace"))
+        end = self._err.rfind(b"\n")
+        if end < 0:
+            return
+        chunk, self._err = self._err[: end + 1], self._err[end + 1 :]
+        text = chunk.decode("utf-8", "replace")
+        if not write_log_text(text):
+            for line in text.splitlines():
+                log.info("worker {index}: {line}", index=self.index, line=line)
 
     def processEnded(self, reason: Any) -> None:  # noqa: N802
         self.pool.ended(self)
@@ -133,7 +143,7 @@ def run_worker(spec: dict[str, Any]) -> None:
     import ctypes
 
     from twisted.internet import reactor
-    from twisted.logger import globalLogBeginner, textFileLogObserver
+    from twisted.logger import globalLogBeginner
 
     from mta.config import load_config
     from mta.service import MTAService
@@ -141,7 +151,8 @@ def run_worker(spec: dict[str, Any]) -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)
     if os.getppid() != spec.get("parent"):
         raise SystemExit("mta worker: the main process is gone")
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
+    globalLogBeginner.beginLoggingTo([worker_log_observer(spec.get("index", 0))],
+                                     redirectStandardIO=False)
     sys.setswitchinterval(0.0005)
     config_path = Path(spec["config"]) if spec.get("config") else None
     config = load_config(config_path, spec.get("overrides") or {})

@@ -22,17 +22,20 @@ from twisted.logger import (
     LogLevel,
     LogPublisher,
     formatEvent,
+    formatTime,
     textFileLogObserver,
 )
 
 from mta.logs import (
     JSONLinesObserver,
     Scrubbing,
+    classic_formatter,
     install_scrubber,
     json_file_observer,
     json_log_service,
     remove_scrubber,
     scrub,
+    worker_log_observer,
 )
 from tests.harness import PASSWORD, RawClient, in_thread, start_mta
 
@@ -236,3 +239,44 @@ def test_observer_is_plain_callable_on_a_stream():
     Logger(observer=observer).info("x {n}", n=1, event="e")
     (line,) = stream.getvalue().splitlines()
     assert json.loads(line)["n"] == 1
+
+
+def test_cached_time_formatter_writes_the_same_lines_as_twistd():
+    """The text log's lines are byte for byte those of twisted's own formatter,
+    across second boundaries, with failures and multi-line text."""
+    events = []
+    publisher = LogPublisher(events.append)
+    log = Logger(namespace="mta.test", observer=publisher)
+    for i, when in enumerate((1700000000.1, 1700000000.9, 1700000001.0, 1700003600.5)):
+        log.info("message {n}\nsecond line", n=i)
+        events[-1]["log_time"] = when
+    try:
+        1 / 0  # noqa: B018
+    except ZeroDivisionError:
+        log.failure("failed {n}", n=9)
+    log.emit(LogLevel.warn, "legacy", log_system="-")
+    twisted_out, ours_out = io.StringIO(), io.StringIO()
+    theirs = textFileLogObserver(twisted_out)
+    ours = textFileLogObserver(ours_out)
+    ours.formatEvent = classic_formatter()
+    for event in events:
+        theirs(event)
+        ours(event)
+    assert ours_out.getvalue() == twisted_out.getvalue()
+    stamp = formatTime(1700000000.1)  # local time, as twistd writes it
+    assert f"{stamp} [mta.test#info] message 0\n\tsecond line\n" in ours_out.getvalue()
+
+
+def test_worker_lines_carry_the_worker_in_the_system_field():
+    out = io.StringIO()
+    events = []
+    log = Logger(namespace="mta.smtp.server", observer=LogPublisher(events.append))
+    log.info("queued {id}", id="q1")
+    log.emit(LogLevel.info, "Starting factory", log_system="-")
+    observer = worker_log_observer(3, out)
+    for event in events:
+        event["log_time"] = 1700000000.0
+        observer(event)
+    stamp = formatTime(1700000000.0)
+    assert out.getvalue() == (f"{stamp} [worker3 mta.smtp.server#info] queued q1\n"
+                              f"{stamp} [worker3 mta.smtp.server#info] Starting factory\n")

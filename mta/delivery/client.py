@@ -1150,6 +1150,10 @@ async def _connect(clock: interfaces.IReactorTime, endpoint: interfaces.IStreamC
 
 
 def _log_result(result: SessionResult, protocol: str) -> None:
+    """One line per transaction on a server that failed; the queue runner logs every
+    recipient's outcome anyway (``delivery ...``), so a session that went well adds none."""
+    if result.connection_error is None:
+        return
     for tr in result.transactions:
         tx = tr.transaction
         outcomes = ", ".join(f"{r}={tr.replies[r].outcome}" if r in tr.replies else f"{r}=unanswered"
