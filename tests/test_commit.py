@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -81,10 +82,11 @@ async def test_store_commit_async_in_both_modes(tmp_path, syncfs, monkeypatch):
     assert calls == (["syncfs"] * 3 if syncfs else [])
 
 
+@pytest.mark.parametrize("buffered", [False, True])
 @pytest_twisted.ensureDeferred
-async def test_commit_async_failure_leaves_nothing(tmp_path, monkeypatch):
+async def test_commit_async_failure_leaves_nothing(tmp_path, monkeypatch, buffered):
     store = QueueStore(tmp_path / "q", fsync=True, reactor=reactor)
-    writer = store.new_message()
+    writer = store.new_message(buffered)
     writer.write(b"x\r\n")
 
     def broken_fsync(fd):
@@ -106,3 +108,54 @@ def test_queue_sync_setting(tmp_path):
     assert config_from_dict({"hostname": "h.test", "queue_sync": "syncfs"}, tmp_path).queue_sync == "syncfs"
     with pytest.raises(ConfigError, match="queue_sync"):
         config_from_dict({"hostname": "h.test", "queue_sync": "never"}, tmp_path)
+
+
+@pytest_twisted.ensureDeferred
+async def test_parts_run_together_then_finishes_in_order(tmp_path, monkeypatch):
+    synced = []
+    monkeypatch.setattr(commit_module, "fsync_dir", lambda path: synced.append(path))
+    committer = GroupCommitter(reactor, tmp_path, fsync=True)
+    # Four parts that can only all pass the barrier if they run at the same time.
+    barrier = threading.Barrier(4, timeout=5)
+    order = []
+
+    def blocker():
+        time.sleep(0.05)  # the three jobs below queue up behind it: one batch
+
+    def failing_part():
+        barrier.wait()
+        raise OSError(28, "No space left on device")
+
+    try:
+        first = committer.submit(blocker)
+        ds = [committer.submit(lambda: order.append("a"), parts=[barrier.wait, barrier.wait]),
+              committer.submit(lambda: order.append("b"), parts=[failing_part]),
+              committer.submit(lambda: order.append("c"), parts=[barrier.wait])]
+        results = await DeferredList([first, *ds], consumeErrors=True)
+    finally:
+        committer.stop()
+    assert [ok for ok, _ in results] == [True, True, False, True]
+    assert results[2][1].check(OSError)  # the failed part's error; its finish never ran
+    assert order == ["a", "c"]
+    assert len(synced) == committer.batches  # one directory sync per batch
+
+
+@pytest_twisted.ensureDeferred
+async def test_buffered_writer_creates_its_file_only_at_commit(tmp_path):
+    store = QueueStore(tmp_path / "q", fsync=True, reactor=reactor)
+    try:
+        writer = store.new_message(buffered=True)
+        writer.write(b"Received: by us\r\n")
+        writer.writelines([b"Subject: x\r\n", b"\r\n", b"body\r\n"])
+        assert list(store.tmp_dir.iterdir()) == [] and writer.size == 37
+        env = Envelope(writer.id, "s@x.test", [Recipient("a@y.test", RecipientKind.REMOTE, "a@y.test")],
+                       time.time())
+        await writer.commit_async(env)
+        assert store.data_path(env.id).read_bytes() == b"Received: by us\r\nSubject: x\r\n\r\nbody\r\n"
+        assert store.load(env.id).size == 37 and list(store.tmp_dir.iterdir()) == []
+        aborted = store.new_message(buffered=True)
+        aborted.write(b"x")
+        aborted.abort()
+        assert list(store.tmp_dir.iterdir()) == []
+    finally:
+        store.committer.stop()

@@ -6,8 +6,9 @@ Layout under the queue root::
     msg/ID.msg    the message as received, our Received header first (CRLF lines)
     msg/ID.json   the envelope (:class:`mta.queue.envelope.Envelope`), human readable
 
-A message is committed by: writing both files in ``tmp/``, fsyncing each,
-renaming the data and then the envelope into ``msg/``, and fsyncing ``msg/``.
+A message is committed by: writing both files in ``tmp/``, fsyncing each
+(both at once, on the group-commit helpers), renaming the data and then the
+envelope into ``msg/``, and fsyncing ``msg/``.
 Only after that does the SMTP server reply 250.  The envelope's presence in
 ``msg/`` is what makes a message exist: a ``.msg`` without its ``.json`` is an
 uncommitted leftover and is removed by :meth:`QueueStore.recover`.
@@ -49,30 +50,48 @@ def new_queue_id(now: float | None = None) -> str:
 
 
 class MessageWriter:
-    """A message being received: data goes to ``tmp/`` until :meth:`commit`."""
+    """A message being received: data goes to ``tmp/`` until :meth:`commit`.
 
-    def __init__(self, store: QueueStore, queue_id: str) -> None:
+    ``buffered``: the data is kept in memory and the file is only created when
+    the message is committed, on the group-commit thread (the SMTP session
+    holds a message up to ``dkim.max_message_size`` in memory anyway); a bigger
+    message is written to ``tmp/`` as it arrives.
+    """
+
+    def __init__(self, store: QueueStore, queue_id: str, buffered: bool = False) -> None:
         self.store = store
         self.id = queue_id
         self.tmp_path = store.tmp_dir / f"{queue_id}.msg"
-        self._file: BinaryIO | None = open(self.tmp_path, "xb")  # noqa: SIM115
+        self._pending: list[bytes] | None = [] if buffered else None
+        self._file: BinaryIO | None = None if buffered else open(self.tmp_path, "xb")  # noqa: SIM115
+        self._open = True
         self.size = 0
 
     def write(self, data: bytes) -> None:
-        assert self._file is not None
-        self._file.write(data)
+        assert self._open
+        if self._pending is not None:
+            self._pending.append(data)
+        else:
+            assert self._file is not None
+            self._file.write(data)
         self.size += len(data)
 
     def writelines(self, chunks: list[bytes]) -> None:
-        assert self._file is not None
-        self._file.writelines(chunks)
+        assert self._open
+        if self._pending is not None:
+            self._pending.extend(chunks)
+        else:
+            assert self._file is not None
+            self._file.writelines(chunks)
         self.size += sum(map(len, chunks))
 
     def commit(self, envelope: Envelope) -> None:
         """Make the message durable now. Raises :class:`QueueError`; then nothing is left."""
         self._prepare(envelope)
         try:
-            self._durable(envelope.to_bytes())
+            self._write_data()
+            self._write_envelope(envelope.to_bytes())
+            self._rename()
             if self.store.fsync:
                 fsync_dir(self.store.msg_dir)
         except OSError as e:
@@ -82,13 +101,17 @@ class MessageWriter:
     def commit_async(self, envelope: Envelope) -> Deferred[None]:
         """Like :meth:`commit`, with the disk work on the group-commit thread.
 
-        The Deferred fires once the message, its envelope and the directory
-        entries are on disk (then listeners are told), or fails with QueueError.
+        The data file and the envelope are written and fsynced at the same time
+        (two parts of one operation), then renamed into ``msg/``.  The Deferred
+        fires once the message, its envelope and the directory entries are on
+        disk (then listeners are told), or fails with QueueError.
         """
         self._prepare(envelope)
         data = envelope.to_bytes()
         per_file = not self.store.committer.whole_filesystem
-        d = self.store.committer.submit(lambda: self._durable(data, per_file))
+        d = self.store.committer.submit(
+            self._rename, parts=[lambda: self._write_data(per_file),
+                                 lambda: self._write_envelope(data, per_file)])
 
         def failed(failure: Failure) -> None:
             self._undo(failure.value)
@@ -99,29 +122,43 @@ class MessageWriter:
         return d.addCallbacks(done, failed)
 
     def _prepare(self, envelope: Envelope) -> None:
-        assert self._file is not None and envelope.id == self.id
+        assert self._open and envelope.id == self.id
         envelope.size = self.size
-        try:
-            self._file.flush()
-        except OSError as e:
-            self._undo(e)
+        if self._file is not None:
+            try:
+                self._file.flush()
+            except OSError as e:
+                self._undo(e)
 
-    def _durable(self, envelope_bytes: bytes, per_file_sync: bool = True) -> None:
-        """fsync the data, write and fsync the envelope, rename both into msg/.
-
-        Without ``per_file_sync`` the caller makes it all durable at once (syncfs)."""
+    def _write_data(self, sync: bool = True) -> None:
+        """The data file in tmp/: written now if buffered, fsynced (unless ``sync`` is off:
+        then the caller makes it all durable at once with syncfs)."""
+        self._open = False
+        if self._pending is not None:
+            chunks, self._pending = self._pending, None
+            with open(self.tmp_path, "xb") as f:
+                f.writelines(chunks)
+                f.flush()
+                if self.store.fsync and sync:
+                    os.fsync(f.fileno())
+            return
         assert self._file is not None
-        if self.store.fsync and per_file_sync:
+        if self.store.fsync and sync:
             os.fsync(self._file.fileno())
         self._file.close()
         self._file = None
-        env_tmp = self.store.tmp_dir / f"{self.id}.json"
-        self.store._write_file(env_tmp, envelope_bytes, sync=per_file_sync)
+
+    def _write_envelope(self, envelope_bytes: bytes, sync: bool = True) -> None:
+        self.store._write_file(self.store.tmp_dir / f"{self.id}.json", envelope_bytes, sync=sync)
+
+    def _rename(self) -> None:
+        """Into msg/: the data first, then the envelope that makes the message exist."""
         os.rename(self.tmp_path, self.store.data_path(self.id))
-        os.rename(env_tmp, self.store.envelope_path(self.id))
+        os.rename(self.store.tmp_dir / f"{self.id}.json", self.store.envelope_path(self.id))
 
     def _undo(self, error: BaseException) -> None:
         log.error("queue write failed for {id}: {err}", id=self.id, err=error)
+        self._open, self._pending = False, None
         if self._file is not None:
             try:
                 self._file.close()
@@ -134,6 +171,7 @@ class MessageWriter:
         raise QueueError(str(error)) from error
 
     def abort(self) -> None:
+        self._open, self._pending = False, None
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -178,9 +216,10 @@ class QueueStore:
 
     # --- receiving -------------------------------------------------------------
 
-    def new_message(self) -> MessageWriter:
+    def new_message(self, buffered: bool = False) -> MessageWriter:
+        """A writer for a new message (``buffered``: see :class:`MessageWriter`)."""
         try:
-            return MessageWriter(self, new_queue_id(self.clock()))
+            return MessageWriter(self, new_queue_id(self.clock()), buffered)
         except OSError as e:
             raise QueueError(str(e)) from e
 
@@ -230,15 +269,21 @@ class QueueStore:
         path = self.envelope_path(envelope.id)
         per_file = not self.committer.whole_filesystem
 
-        def operation() -> None:
+        def write() -> None:
             try:
                 self._write_file(tmp, data, sync=per_file)
+            except OSError:
+                _unlink_quietly(tmp)
+                raise
+
+        def rename() -> None:
+            try:
                 os.rename(tmp, path)
             except OSError:
                 _unlink_quietly(tmp)
                 raise
 
-        return self.committer.submit(operation)
+        return self.committer.submit(rename, parts=[write])
 
     def remove_async(self, queue_id: str) -> Deferred[None]:
         """:meth:`remove` on the group-commit thread."""

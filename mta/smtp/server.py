@@ -750,9 +750,10 @@ class SMTPSession(Protocol):
         self.phase = Phase.DATA
         return R.START_DATA
 
-    def _open_writer(self, extra_headers: list[bytes]) -> MessageWriter:
-        """Create the queue file and write the trace headers that go first in it."""
-        writer = self.ctx.store.new_message()
+    def _open_writer(self, extra_headers: list[bytes], buffered: bool = False) -> MessageWriter:
+        """Start the queue file with the trace headers that go first in it (``buffered``:
+        a message already in memory, written out by the group commit)."""
+        writer = self.ctx.store.new_message(buffered)
         # The queue id goes into the Received header (RFC 5321 §4.4 "id").
         received = received_header(replace(self._trace, queue_id=writer.id))
         assert self.txn is not None
@@ -893,7 +894,7 @@ class SMTPSession(Protocol):
     def _store(self, message: bytes, extra_headers: list[bytes], envelope: Envelope,
                txn: Transaction) -> Deferred[Reply]:
         try:
-            writer = self._open_writer(extra_headers)
+            writer = self._open_writer(extra_headers, buffered=True)
         except (QueueError, OSError):
             self.txn = None
             return succeed(R.QUEUE_WRITE_FAILED)
