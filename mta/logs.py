@@ -79,6 +79,7 @@ carried inside an exception's message, cannot be recognised by name.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -124,8 +125,12 @@ def event_name(event: Mapping[str, Any]) -> str | None:
 
 def is_secret(key: object) -> bool:
     """True for a field name that may hold a credential."""
-    if not isinstance(key, str):
-        return False
+    return isinstance(key, str) and _secret_name(key)
+
+
+@functools.lru_cache(maxsize=4096)
+def _secret_name(key: str) -> bool:
+    # Field names repeat from event to event: each is looked at once.
     lowered = key.lower()
     return any(word in lowered for word in SECRET_WORDS)
 

@@ -66,6 +66,7 @@ from zope.interface import implementer
 
 from mta.delivery.base import Outcome
 from mta.delivery.cache import ConnectionCache
+from mta.netio import send_now
 
 log = Logger()
 
@@ -519,7 +520,7 @@ class SMTPClientProtocol(Protocol):
     def write_lines(self, lines: list[str]) -> None:
         """Send commands (one write, so a pipelined group leaves in one segment)."""
         self.ensure_idle()
-        self.transport.write(b"".join(line.encode("utf-8") + b"\r\n" for line in lines))
+        send_now(self.transport, b"".join(line.encode("utf-8") + b"\r\n" for line in lines))
 
     def ensure_idle(self) -> None:
         """Nothing may have arrived that we did not ask for (RFC 5321 §4.2: a reply per command)."""

@@ -36,6 +36,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mta.config import Config, Listener
+from mta.netio import send_now
 from mta.policy.received import TraceInfo, count_received, received_header
 from mta.policy.relay import RecipientDecision, check_recipient, relay_allowed
 from mta.policy.srs import rewrite_forwarded
@@ -149,6 +150,7 @@ class SMTPSession(Protocol):
         self._chunks: list[bytes] | None = []  # the message held in memory during DATA
         self._held = 0
         self._trace: TraceInfo | None = None
+        self._out: list[bytes] | None = None  # replies batched while input is processed
 
     # --- connection -------------------------------------------------------------
 
@@ -258,12 +260,26 @@ class SMTPSession(Protocol):
     def _send(self, reply: Reply) -> None:
         if self.phase is Phase.CLOSED:
             return
-        self.transport.write(reply.format())
+        self._write(reply.format())
         if self.ctx.observer is not None:
             self.ctx.observer(self, reply)
         if reply.close:
             self.phase = Phase.CLOSED
+            self._flush()
             self.transport.loseConnection()
+
+    def _write(self, data: bytes) -> None:
+        """Replies made while reading one segment of input leave together, in one
+        write (RFC 2920 §3.2: a pipelined group's replies may be batched); others at once."""
+        if self._out is not None:
+            self._out.append(data)
+        else:
+            send_now(self.transport, data)
+
+    def _flush(self) -> None:
+        if self._out:
+            out, self._out = self._out, []
+            send_now(self.transport, b"".join(out))
 
     def _rejected(self, stage: str, reply: Reply, **fields: Any) -> Reply:
         """Log a refused step of a mail transaction (event "rejected"); returns ``reply``."""
@@ -300,7 +316,12 @@ class SMTPSession(Protocol):
             self._scan -= self._pos
             self._pos = 0
         self._buf = self._buf + data if self._buf else data
-        self._process()
+        self._out = []
+        try:
+            self._process()
+        finally:
+            self._flush()
+            self._out = None
 
     def _process(self) -> None:
         while not self._busy and self.phase is not Phase.CLOSED and self._pos < len(self._buf):
@@ -409,7 +430,7 @@ class SMTPSession(Protocol):
         if reply.code != 250:
             return reply
         lines = [reply.text] + self._extensions()
-        self.transport.write(R.multiline(250, lines))
+        self._write(R.multiline(250, lines))
         return None
 
     def _hello(self, arg: str, esmtp: bool) -> Reply:
@@ -478,6 +499,7 @@ class SMTPSession(Protocol):
         # sent after the command, before the handshake, may be acted upon.
         self._buf, self._pos, self._scan = b"", 0, 0
         self._discarding = False
+        self._flush()  # the 220 goes out in plaintext, before the handshake
         self.transport.startTLS(self.ctx.tls)
         # RFC 3207 §4.2: forget everything learnt before TLS.
         self.helo = None
@@ -516,7 +538,7 @@ class SMTPSession(Protocol):
         return R.AUTH_UNKNOWN_MECHANISM
 
     def _ask(self, challenge: bytes, step: Any) -> None:
-        self.transport.write(challenge)
+        self._write(challenge)
         self.phase = Phase.AUTH
         self._auth_step = step
         return None
