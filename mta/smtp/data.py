@@ -127,12 +127,15 @@ class DataReader:
         self._pending = data
 
     def _check_line_endings(self, lines: list[bytes]) -> None:
-        if DataError.BARE_LINE_ENDING in self.errors:
+        if DataError.BARE_LINE_ENDING in self.errors or not lines:
             return
-        for line in lines:
-            if b"\r" in line or b"\n" in line:
-                self._error(DataError.BARE_LINE_ENDING)
-                return
+        # The lines were split at CRLF: joined again, every CR and LF must be part
+        # of one of the len(lines) - 1 CRLFs between them (one count per chunk,
+        # not one Python call per line).
+        joined = CRLF.join(lines)
+        separators = len(lines) - 1
+        if joined.count(b"\r") != separators or joined.count(b"\n") != separators:
+            self._error(DataError.BARE_LINE_ENDING)
 
     def _store(self, lines: list[bytes]) -> None:
         if not lines:
@@ -143,10 +146,14 @@ class DataReader:
                 return
         if max(map(len, lines)) > self.max_line:
             self._error(DataError.LINE_TOO_LONG)
-        # RFC 5321 §4.5.2: remove the first "." of a line that starts with one.
-        lines = [x[1:] if x[:1] == b"." else x for x in lines]
         lines.append(b"")
         block = CRLF.join(lines)
+        # RFC 5321 §4.5.2: remove the first "." of a line that starts with one
+        # (every element of ``lines`` starts a line; the block ends with CRLF).
+        if block[:1] == b".":
+            block = block[1:]
+        if b"\r\n." in block:
+            block = block.replace(b"\r\n.", b"\r\n")
         self._write(block)
 
     def _write(self, block: bytes) -> None:
