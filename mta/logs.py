@@ -135,9 +135,12 @@ def _secret_name(key: str) -> bool:
     return any(word in lowered for word in SECRET_WORDS)
 
 
+_PLAIN_TYPES = frozenset({str, bytes, int, float, bool, type(None)})
+
+
 def _has_secret(value: Any, depth: int = 0) -> bool:
-    if depth > _MAX_DEPTH:
-        return False
+    if depth > _MAX_DEPTH or type(value) in _PLAIN_TYPES:
+        return False  # most fields: answered without an ABC isinstance check
     if isinstance(value, Mapping):
         return any(is_secret(k) or _has_secret(v, depth + 1) for k, v in value.items())
     if isinstance(value, list | tuple):
