@@ -255,6 +255,12 @@ def test_cached_time_formatter_writes_the_same_lines_as_twistd():
     except ZeroDivisionError:
         log.failure("failed {n}", n=9)
     log.emit(LogLevel.warn, "legacy", log_system="-")
+    log.info("{t:.3f}s {who!r} {path.name} {n:>4} {d[k]}", t=0.12345, who="x",
+             path=Path("/var/q/abc.json"), n=7, d={"k": "v"})
+    log.info("call syntax {f()}", f=lambda: "called")
+    log.info("missing {nothing}")
+    log.info("")
+    log.info("{a} and {{braces}}", a=b"bytes")
     twisted_out, ours_out = io.StringIO(), io.StringIO()
     theirs = textFileLogObserver(twisted_out)
     ours = textFileLogObserver(ours_out)
@@ -263,6 +269,7 @@ def test_cached_time_formatter_writes_the_same_lines_as_twistd():
         theirs(event)
         ours(event)
     assert ours_out.getvalue() == twisted_out.getvalue()
+    assert "0.123s 'x' abc.json    7 v" in ours_out.getvalue() and "call syntax called" in ours_out.getvalue()
     stamp = formatTime(1700000000.1)  # local time, as twistd writes it
     assert f"{stamp} [mta.test#info] message 0\n\tsecond line\n" in ours_out.getvalue()
 
