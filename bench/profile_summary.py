@@ -24,7 +24,9 @@ run.sh records with ``py-spy record --threads`` and without ``--idle``: py-spy
 then leaves out the samples where a thread waits (the reactor in epoll_wait, a
 worker thread on its queue) but keeps those where a thread is blocked in a
 system call such as fsync. The percentages are of these busy samples. With
-``--threads`` each stack starts with ``thread (TID): NAME``; the first table
+``--threads`` each stack starts with ``thread (TID): NAME`` (after
+``process PID:...`` frames with ``--subprocesses``: threads are then named
+"main ..." or "worker ..."); the first table
 gives each thread's share, and with --seconds (how long py-spy recorded) and
 --rate, how busy each thread was (100 % = it never waited). Samples recorded
 with ``--idle`` that are waits are recognised and counted apart.
@@ -84,10 +86,15 @@ def parse(path: str) -> list[tuple[list[Frame], int]]:
                 continue
             frames = []
             parts = stack.split(";")
+            # py-spy --subprocesses: "process PID:\"CMDLINE\"" frames first, the
+            # innermost one being the process sampled (our worker: "-m mta.workers").
+            process = ""
+            while parts and parts[0].startswith("process "):
+                process = "worker " if "mta.workers" in parts.pop(0) else "main "
             if parts and parts[0].startswith("thread ("):
-                thread = parts.pop(0).partition(": ")[2] or parts[0]
+                thread = process + (parts.pop(0).partition(": ")[2] or parts[0])
             else:
-                thread = "all threads"
+                thread = process + "all threads"
             frames.append((thread, "<thread>", 0))
             for raw in parts:
                 m = FRAME.match(raw)
@@ -131,7 +138,7 @@ def is_idle(frames: list[Frame], src: Source) -> bool:
     text = src.line(path, line)
     return (path.endswith(("threading.py", "queue.py")) and func.rpartition(".")[2] in (
         "wait", "get", "_wait_for_tstate_lock", "acquire")) or bool(
-        re.search(r"\.(get|wait|acquire)\(\)", text))
+        re.search(r"\.(get|wait|acquire)\((block=True)?\)", text))  # also a thread pool's wait
 
 
 def area_of(frames: list[Frame], src: Source) -> str:

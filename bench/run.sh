@@ -159,11 +159,12 @@ profile() {  # py-spy on our MTA during one extra 4 KB throughput run (not in re
     local pid
     pid=$(mta_pid)
     echo "== profile: py-spy on pid $pid during $PROFILE_MESSAGES x 4 KB" >&2
-    # --threads: one table per thread; no --idle: waits (epoll_wait, a worker's
-    # queue) are left out, time blocked in fsync is kept.
+    # --subprocesses: the worker processes too; --threads: one table per thread;
+    # no --idle: waits (epoll_wait, a worker's queue) are left out, time blocked
+    # in fsync is kept.
     local t0 t1
     t0=$(date +%s.%N)
-    timeout --signal=INT "$((RUN_TIMEOUT + 60))" py-spy record --pid "$pid" --rate 100 --threads \
+    timeout --signal=INT "$((RUN_TIMEOUT + 60))" py-spy record --pid "$pid" --subprocesses --rate 100 --threads \
         --format raw -o "$OUT/profile-ours-4k.folded" >"$OUT/py-spy.log" 2>&1 &
     PYSPY=$!
     sleep 1
