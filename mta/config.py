@@ -115,6 +115,9 @@ class DNSConfig:
     # Empty: use /etc/resolv.conf.
     servers: tuple[tuple[str, int], ...] = ()
     timeout: float = 5.0
+    # Keep MX and address answers for delivery up to this many seconds (and no
+    # longer than their TTL); 0 asks the servers every time.
+    cache_max_ttl: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -394,13 +397,17 @@ def config_from_dict(raw: dict[str, Any], base: Path, overrides: dict[str, Any] 
                           {"enabled": bool, "reject_fail": bool, "timeout": float})
 
     dns_raw = _table(raw, "dns")
-    _check_keys(dns_raw, {"servers", "timeout"}, "dns.")
+    _check_keys(dns_raw, {"servers", "timeout", "cache_max_ttl"}, "dns.")
     servers = []
     for i, s in enumerate(overrides.get("dns_servers") or _get(dns_raw, "servers", list, "dns.", [])):
         if not isinstance(s, str):
             raise ConfigError(f"dns.servers[{i}]", "must be a string such as '127.0.0.1:53'")
         servers.append(_host_port(s, f"dns.servers[{i}]", 53))
-    dns = DNSConfig(tuple(servers), _positive(_get(dns_raw, "timeout", float, "dns.", 5.0), "dns.timeout"))
+    cache_max_ttl = _get(dns_raw, "cache_max_ttl", float, "dns.", 3600.0)
+    if cache_max_ttl < 0:
+        raise ConfigError("dns.cache_max_ttl", "must be a number of seconds >= 0")
+    dns = DNSConfig(tuple(servers), _positive(_get(dns_raw, "timeout", float, "dns.", 5.0), "dns.timeout"),
+                    float(cache_max_ttl))
 
     dkim_raw = dict(_table(raw, "dkim"))
     keys_raw = dkim_raw.pop("keys", [])

@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.names import client
 
@@ -79,3 +80,57 @@ def make_resolver(dns: DNSConfig, reactor: Any = None,
     servers = nameservers(dns, resolv_conf)
     return client.Resolver(servers=servers, timeout=attempt_timeouts(dns.timeout, len(servers)),
                            reactor=reactor)
+
+
+class CachingResolver:
+    """Remembers positive answers for delivery lookups until their TTL runs out.
+
+    Wraps a resolver for the three questions :class:`mta.delivery.mx.MXResolver`
+    asks (MX, A, AAAA).  An answer is kept for the smallest TTL of its records,
+    at most ``max_ttl`` seconds; errors (NXDOMAIN, SERVFAIL, timeouts) and
+    answers with a TTL of 0 are never kept, so a failure is always asked
+    again.  At most ``max_entries`` answers are held (the oldest goes first).
+    Entries expire by time stamp, without timers.
+    """
+
+    def __init__(self, resolver: Any, clock: Any, max_ttl: float = 3600.0,
+                 max_entries: int = 10_000) -> None:
+        self.resolver = resolver
+        self.clock = clock
+        self.max_ttl = max_ttl
+        self.max_entries = max_entries
+        self._answers: dict[tuple[str, str], tuple[float, Any]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def lookupMailExchange(self, name: str, timeout: Any = None) -> Any:  # noqa: N802
+        return self._lookup("MX", name, self.resolver.lookupMailExchange)
+
+    def lookupAddress(self, name: str, timeout: Any = None) -> Any:  # noqa: N802
+        return self._lookup("A", name, self.resolver.lookupAddress)
+
+    def lookupIPV6Address(self, name: str, timeout: Any = None) -> Any:  # noqa: N802
+        return self._lookup("AAAA", name, self.resolver.lookupIPV6Address)
+
+    def _lookup(self, kind: str, name: str, ask: Any) -> Deferred[Any]:
+        key = (kind, name.lower().rstrip("."))
+        now = self.clock.seconds()
+        cached = self._answers.get(key)
+        if cached is not None:
+            if cached[0] > now:
+                self.hits += 1
+                return succeed(cached[1])
+            del self._answers[key]
+        self.misses += 1
+        d = ask(name)
+
+        def keep(result: Any) -> Any:
+            answers = result[0]  # an empty answer (no such record) is not kept
+            ttl = min((rr.ttl for rr in answers), default=0)
+            if ttl > 0 and self.max_ttl > 0:
+                if len(self._answers) >= self.max_entries:
+                    del self._answers[next(iter(self._answers))]
+                self._answers[key] = (self.clock.seconds() + min(ttl, self.max_ttl), result)
+            return result
+
+        return d.addCallback(keep)

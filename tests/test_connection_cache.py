@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import pytest_twisted
 import trustme
 from twisted.internet import reactor
@@ -244,3 +245,11 @@ def test_cache_expires_idle_sessions_and_keeps_nothing_once_closed() -> None:
     assert b.finished == 1 and not clock.getDelayedCalls()
     cache.put("k", a)
     assert a.finished == 2 and len(cache) == 0
+
+
+def test_cache_time_setting(tmp_path: Path) -> None:
+    from mta.config import ConfigError, config_from_dict
+
+    assert config_from_dict({"hostname": "h.test"}, tmp_path).delivery.connection_cache_time == 2.0
+    with pytest.raises(ConfigError, match="delivery.connection_cache_time"):
+        config_from_dict({"hostname": "h.test", "delivery": {"connection_cache_time": -1}}, tmp_path)

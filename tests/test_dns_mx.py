@@ -7,6 +7,8 @@ import time
 
 import pytest
 import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.task import Clock
 
 from mta.config import DNSConfig
 from mta.delivery.mx import (
@@ -17,7 +19,8 @@ from mta.delivery.mx import (
     TemporaryDNSError,
     order_by_preference,
 )
-from mta.dns import attempt_timeouts, make_resolver, nameservers, read_resolv_conf
+from mta.dns import CachingResolver, attempt_timeouts, make_resolver, nameservers, read_resolv_conf
+from tests.dnsserver import LoopbackDNS
 
 ZONE = {
     "example.test": {"MX": [(20, "mx2.example.test"), (10, "mx1.example.test"),
@@ -266,3 +269,70 @@ def test_resolv_conf_is_read_when_no_servers_are_configured(tmp_path):
 def test_attempt_timeouts_spend_the_whole_budget():
     assert attempt_timeouts(3.0, 1) == pytest.approx((1.0, 2.0))
     assert sum(attempt_timeouts(5.0, 2)) * 2 == pytest.approx(5.0)
+
+
+# --- the answer cache for delivery (mta.dns.CachingResolver) ---------------------------
+
+
+def cached_resolver_for(server, clock, **kwargs) -> tuple[MXResolver, CachingResolver]:
+    cache = CachingResolver(make_resolver(server.dns_config(1.0)), clock, **kwargs)
+    return MXResolver(cache, random.Random(0)), cache
+
+
+@pytest_twisted.ensureDeferred
+async def test_cached_answers_are_used_until_their_ttl_runs_out(dns_server):
+    dns_server.load(ZONE)  # records with a TTL of 60 s
+    clock = Clock()
+    resolver, cache = cached_resolver_for(dns_server, clock)
+    first = await resolver.resolve("example.test")
+    clock.advance(59)
+    assert await resolver.resolve("Example.Test.") == first
+    assert dns_server.asked("example.test", "MX") == 1
+    assert dns_server.asked("mx1.example.test", "A") == 1
+    # The domain moves to another mail host: seen once the TTL has passed.
+    dns_server.set("example.test", "MX", [(10, "mx2.example.test")])
+    clock.advance(2)
+    assert await resolver.resolve("example.test") == [MXHost("mx2.example.test", 10, ("127.0.0.2",))]
+    assert dns_server.asked("example.test", "MX") == 2
+    # 1st: 7 questions (MX, A and AAAA of 3 hosts); 2nd: 5 answers from the cache,
+    # the 2 empty ones (mx2 has no AAAA, mx3 no A) asked again; 3rd: MX, A, AAAA.
+    assert (cache.hits, cache.misses) == (5, 12)
+
+
+@pytest_twisted.ensureDeferred
+async def test_failures_and_ttl_zero_are_never_cached_and_max_ttl_caps(dns_server):
+    clock = Clock()
+    dns_server.load({"down.test": "SERVFAIL"})
+    resolver, _ = cached_resolver_for(dns_server, clock, max_ttl=10)
+    with pytest.raises(TemporaryDNSError):
+        await resolver.resolve("down.test")
+    dns_server.load({"down.test": {"MX": [(10, "mx2.example.test")]},
+                     "mx2.example.test": {"A": ["127.0.0.2"]}})
+    assert (await resolver.resolve("down.test"))[0].addresses == ("127.0.0.2",)  # asked again
+    clock.advance(11)  # past max_ttl (10), well before the records' 60 s
+    await resolver.resolve("down.test")
+    assert dns_server.asked("down.test", "MX") == 3
+
+    zero = LoopbackDNS(ZONE, ttl=0)
+    await zero.start()
+    try:
+        resolver, cache = cached_resolver_for(zero, clock)
+        await resolver.resolve("example.test")
+        await resolver.resolve("example.test")
+        assert zero.asked("example.test", "MX") == 2 and cache.hits == 0
+    finally:
+        await zero.stop()
+
+
+def test_cache_setting_and_wiring(tmp_path):
+    from mta.config import ConfigError, config_from_dict
+    from mta.delivery.wiring import build_couriers
+
+    config = config_from_dict({"hostname": "h.test", "dns": {"servers": ["127.0.0.1:9"]}}, tmp_path)
+    assert config.dns.cache_max_ttl == 3600
+    assert isinstance(build_couriers(config, reactor)["remote"].resolver._resolver, CachingResolver)
+    off = config_from_dict({"hostname": "h.test", "dns": {"servers": ["127.0.0.1:9"],
+                                                           "cache_max_ttl": 0}}, tmp_path)
+    assert not isinstance(build_couriers(off, reactor)["remote"].resolver._resolver, CachingResolver)
+    with pytest.raises(ConfigError, match="dns.cache_max_ttl"):
+        config_from_dict({"hostname": "h.test", "dns": {"cache_max_ttl": -1}}, tmp_path)

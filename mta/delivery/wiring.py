@@ -16,7 +16,7 @@ from mta.delivery.lmtp import LMTPCourier
 from mta.delivery.local import CommandCourier, MaildirCourier, PipeCourier
 from mta.delivery.mx import MXResolver
 from mta.delivery.remote import RemoteCourier
-from mta.dns import make_resolver
+from mta.dns import CachingResolver, make_resolver
 from mta.queue.runner import QueueRunner, Router
 from mta.queue.store import QueueStore
 
@@ -30,7 +30,10 @@ def build_couriers(config: Config, reactor: Any, trust_root: Any = None) -> dict
         local = CommandCourier(d.mailbox_command, d.pipe_timeout, reactor)
     else:
         local = MaildirCourier(config.mail_dir, config.hostname, fsync=config.fsync)
-    mx = MXResolver(make_resolver(config.dns, reactor), own_names=(config.hostname,))
+    resolver: Any = make_resolver(config.dns, reactor)
+    if config.dns.cache_max_ttl > 0:
+        resolver = CachingResolver(resolver, reactor, max_ttl=config.dns.cache_max_ttl)
+    mx = MXResolver(resolver, own_names=(config.hostname,))
     return {
         "local": local,
         "pipe": PipeCourier(d.pipe_timeout, reactor),
