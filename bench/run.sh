@@ -14,7 +14,11 @@
 #   MODE=smarthost | mx   smarthost: both MTAs relay to smtp-sink as a fixed
 #                         smarthost; mx: both look up "MX bench.test" in
 #                         dns_stub.py (-> sink.bench.test -> the sink address)
-#   MTAS="postfix ours"   targets after the floor (also: chasquid opensmtpd)
+#   MTAS="postfix ours ours-fsync"  targets after the floor (also: chasquid
+#                         opensmtpd). ours: CONFIG as is (queue_sync = "syncfs":
+#                         one syncfs(2) per group-commit batch); ours-fsync: the
+#                         same with queue_sync = "fsync" (the product default:
+#                         fsync of each file and of the directory)
 #   FLOOR=1               0 skips the floor
 #   SIZES="4096 102400"  MESSAGES=2000  SESSIONS=20  RUNS=3
 #   LAT_SAMPLES=20  LAT_SIZE=4096
@@ -37,7 +41,7 @@ ROOT=$(dirname "$BENCH")
 cd "$BENCH"
 
 MODE=${MODE:-smarthost}
-MTAS=${MTAS-"postfix ours"}
+MTAS=${MTAS-"postfix ours ours-fsync"}
 FLOOR=${FLOOR:-1}
 SIZES=${SIZES:-"4096 102400"}
 MESSAGES=${MESSAGES:-2000}
@@ -93,14 +97,23 @@ sed -e "s|^data_dir = .*|data_dir = \"$OUT/mta-data\"|" \
 if ! grep -q '^data_dir = ' "$OURS_CONFIG"; then
     sed -i "1i data_dir = \"$OUT/mta-data\"" "$OURS_CONFIG"
 fi
-OURS_CMD="PYTHONPATH=$(printf %q "$ROOT") $(printf %q "$TWISTD") -n --pidfile= mta"
-OURS_CMD+=" --config $(printf %q "$OURS_CONFIG") --listen mx=tcp:{listen_port}:interface={listen_host}"
-OURS_CMD+=" --queue {workdir}/queue"
-if [ "$MODE" = mx ]; then
-    OURS_CMD+=" --dns {dns_host}:{dns_port} --mx-port {sink_port}"
-else
-    OURS_CMD+=" --smarthost {sink_host}:{sink_port}"
-fi
+# ours-fsync: the same configuration with the product's default queue_sync.
+OURS_FSYNC_CONFIG=$OUT/mta-bench-fsync.toml
+grep -v '^queue_sync = ' "$OURS_CONFIG" > "$OURS_FSYNC_CONFIG"
+sed -i '1i queue_sync = "fsync"' "$OURS_FSYNC_CONFIG"
+ours_cmd() {  # config file -> the twistd command line for start_mta.py
+    local cmd="PYTHONPATH=$(printf %q "$ROOT") $(printf %q "$TWISTD") -n --pidfile= mta"
+    cmd+=" --config $(printf %q "$1") --listen mx=tcp:{listen_port}:interface={listen_host}"
+    cmd+=" --queue {workdir}/queue"
+    if [ "$MODE" = mx ]; then
+        cmd+=" --dns {dns_host}:{dns_port} --mx-port {sink_port}"
+    else
+        cmd+=" --smarthost {sink_host}:{sink_port}"
+    fi
+    printf '%s' "$cmd"
+}
+OURS_CMD=$(ours_cmd "$OURS_CONFIG")
+OURS_FSYNC_CMD=$(ours_cmd "$OURS_FSYNC_CONFIG")
 
 {
     echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
@@ -112,6 +125,7 @@ fi
          "(sha256 of the diff: $(git -C "$ROOT" diff HEAD -- mta twisted 2>/dev/null | sha256sum | cut -c1-12))"
     echo "mode=$MODE sizes=$SIZES messages=$MESSAGES sessions=$SESSIONS runs=$RUNS latency=$LAT_SAMPLES x $LAT_SIZE B"
     echo "our command: $OURS_CMD"
+    echo "ours-fsync: the same with $OURS_FSYNC_CONFIG (queue_sync = \"fsync\")"
 } > "$OUT/env.txt"
 
 CURRENT=
@@ -137,8 +151,12 @@ load() {  # label, then extra run_load.py arguments; one smtp-sink for all its r
 
 start() {  # kind [label]: starts one MTA, sets CURRENT to its workdir
     local kind=$1 args=(start "$1" --listen "$LISTEN" --sink "$SINK" --lifetime 7200 "${START_ARGS[@]}")
-    if [ "$kind" = ours ]; then args=(start custom --cmd "$OURS_CMD" --cwd "$ROOT" --listen "$LISTEN"
-                                      --sink "$SINK" --lifetime 7200 "${START_ARGS[@]}"); fi
+    if [ "$kind" = ours ] || [ "$kind" = ours-fsync ]; then
+        local cmd=$OURS_CMD
+        if [ "$kind" = ours-fsync ]; then cmd=$OURS_FSYNC_CMD; fi
+        args=(start custom --cmd "$cmd" --cwd "$ROOT" --listen "$LISTEN"
+              --sink "$SINK" --lifetime 7200 "${START_ARGS[@]}")
+    fi
     local state
     state=$(python3 start_mta.py "${args[@]}")
     CURRENT=$(printf '%s' "$state" | python3 -c 'import json,sys; print(json.load(sys.stdin)["workdir"])')
