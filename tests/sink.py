@@ -23,9 +23,10 @@ Scripting, all optional:
   AUTH (``auth_mechanisms``, default PLAIN LOGIN; only under TLS unless
   ``auth_requires_tls=False``);
   ``auth_required`` refuses MAIL before AUTH; ``esmtp=False`` refuses EHLO.
-* ``drop_reused_mail=True`` -- close the connection, unanswered, at a MAIL
-  after the session's first message (a server timing out an idle connection
-  just as the client reuses it).
+* The stage key ``MAIL:reused`` is a MAIL after the session's first message
+  (a reused connection): ``drop={"MAIL:reused"}`` closes it unanswered (a
+  server timing out an idle connection just as the client reuses it),
+  ``replies={"MAIL:reused": "421 ..."}`` refuses it.
 * ``max_recipients=N`` -- 452 4.5.3 for RCPTs past N in a transaction.
 * ``starttls_inject=b"..."`` -- bytes written right after the 220 to STARTTLS,
   in the same write, before the handshake (a response-injection attacker).
@@ -108,7 +109,6 @@ class SinkOptions:
     max_recipients: int | None = None
     starttls_inject: bytes = b""
     lmtp: bool = False
-    drop_reused_mail: bool = False
 
 
 @implementer(IHandshakeListener)
@@ -353,10 +353,6 @@ class SinkProtocol(Protocol):
         if not self._greeted:
             self._write(["503 5.5.1 send EHLO/HELO first"])
             return
-        if self.opts.drop_reused_mail and self.session.messages:
-            self.session.dropped_at = "MAIL"
-            self.transport.loseConnection()
-            return
         if self._sender is not None:
             self._write(["503 5.5.1 nested MAIL command"])
             return
@@ -372,7 +368,8 @@ class SinkProtocol(Protocol):
         if problem:
             self._write([problem])
             return
-        if self._reply("MAIL", "250 2.1.0 Ok") // 100 == 2:
+        if self._reply("MAIL", "250 2.1.0 Ok",
+                       key="MAIL:reused" if self.session.messages else None) // 100 == 2:
             self._sender, self._params = path[1:], params
 
     def _check_params(self, params: list[str]) -> str | None:

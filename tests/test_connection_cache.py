@@ -112,7 +112,7 @@ async def test_server_closing_the_connection_at_reuse_costs_a_reconnect_not_a_de
         tmp_path: Path) -> None:
     # The server drops the reused connection at MAIL, unanswered: nothing was
     # done there, so the client connects again at once and the message goes out once.
-    sink = await start_sink(drop_reused_mail=True)
+    sink = await start_sink(drop={"MAIL:reused"})
     try:
         courier = courier_for(tmp_path, sink)
         await deliver(courier, tmp_path, "q1", "a@dst.test")
@@ -120,6 +120,40 @@ async def test_server_closing_the_connection_at_reuse_costs_a_reconnect_not_a_de
         assert result.outcome is Outcome.DELIVERED, result.reply
         assert [m.recipients for m in sink.messages] == [["a@dst.test"], ["b@dst.test"]]
         assert len(sink.sessions) == 2 and sink.sessions[0].dropped_at == "MAIL"
+        await courier.close()
+    finally:
+        await sink.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_421_to_mail_on_a_reused_connection_is_retried_on_a_new_one(tmp_path: Path) -> None:
+    # A server limiting messages per connection refuses the reused session's
+    # MAIL with 421 and closes: nothing was sent, so a new connection takes it.
+    sink = await start_sink(replies={"MAIL:reused": "421 4.7.0 too many messages in this session"})
+    try:
+        courier = courier_for(tmp_path, sink)
+        await deliver(courier, tmp_path, "q1", "a@dst.test")
+        [result] = await deliver(courier, tmp_path, "q2", "b@dst.test")
+        assert result.outcome is Outcome.DELIVERED, result.reply
+        assert [m.recipients for m in sink.messages] == [["a@dst.test"], ["b@dst.test"]]
+        assert len(sink.sessions) == 2
+        await courier.close()
+    finally:
+        await sink.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_failure_after_the_data_on_a_reused_connection_is_not_retried(tmp_path: Path) -> None:
+    # The body went out and the server vanished before its final reply: the
+    # message may have been taken, so it is deferred, never sent twice at once.
+    sink = await start_sink()
+    try:
+        courier = courier_for(tmp_path, sink)
+        await deliver(courier, tmp_path, "q1", "a@dst.test")
+        sink.options.drop.add("DATA_END")
+        [result] = await deliver(courier, tmp_path, "q2", "b@dst.test")
+        assert result.outcome is Outcome.DEFERRED
+        assert len(sink.sessions) == 1  # no second connection
         await courier.close()
     finally:
         await sink.stop()

@@ -12,9 +12,11 @@ reused once it is ``max_age`` seconds old (``smtp_connection_reuse_time_limit``,
 
 The cache never holds more than ``max_idle`` connections, so it stays below
 the runner's connection limits; taking one back checks that it is still open
-and that the server sent nothing meanwhile (a 421 while idle, say).  A server
-that closed a cached connection just as it was reused costs nothing: the
-client sees that no reply came and connects afresh (:func:`mta.delivery.client.send`).
+and that the server sent nothing meanwhile (a 421 while idle, say).  A reused
+connection that fails before any recipient is answered and before the message
+data goes out (the server closed it just then, or refuses MAIL with 421
+because it limits messages per connection) costs nothing: the client connects
+afresh for the same transaction (:func:`mta.delivery.client.send`).
 """
 
 from __future__ import annotations

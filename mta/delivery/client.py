@@ -461,7 +461,6 @@ class SMTPClientProtocol(Protocol):
         self._closed_waiters: list[Deferred[None]] = []
         self._body: _BodyProducer | None = None
         self.tls_active = False
-        self.replies_seen = 0  # complete replies received so far (for connection reuse)
 
     # twisted callbacks
 
@@ -480,7 +479,6 @@ class SMTPClientProtocol(Protocol):
         except ReplyError as e:
             self.fail(SessionError(f"protocol error: {e}"))
             return
-        self.replies_seen += len(replies)
         self._replies.extend(replies)
         if self._replies and self._waiting_for == "reply":
             self._resolve(self._replies.popleft())
@@ -725,6 +723,7 @@ class _Session:
         self.caps = Capabilities()
         self._tls_creator = tls_creator
         self.opened_at = proto.clock.seconds()
+        self.body_started = False  # the message data began to go out (this transaction set)
 
     @property
     def reusable(self) -> bool:
@@ -1027,6 +1026,7 @@ class _Session:
 
     async def _send_body(self, tx: Transaction) -> Reply | None:
         """Stream the message and its end; a reply only if the server answered before the end."""
+        self.body_started = True
         try:
             await self.proto.send_body(tx.data_path, self.t.data_block)
         except SessionError:
@@ -1109,18 +1109,21 @@ async def send(reactor: Any, destination: interfaces.IStreamClientEndpoint | tup
     cached = cache.take(key) if cache is not None and key is not None else None
     if cached is not None:
         session: _Session = cached  # type: ignore[assignment]
-        before = session.proto.replies_seen
         result.tls, result.tls_verified = session.result.tls, session.result.tls_verified
         session.result = result
+        session.body_started = False
         if await session.run(result.transactions, reused=True, keep=True):
             cache.put(key, session)  # type: ignore[union-attr]
             _log_result(result, "LMTP" if options.lmtp else "SMTP")
             return result
-        if result.connection_error is None or session.proto.replies_seen != before:
+        answered = any(tr.replies for tr in result.transactions)
+        if result.connection_error is None or answered or session.body_started:
             _log_result(result, "LMTP" if options.lmtp else "SMTP")
             return result
-        # Not a single reply on the reused connection: the server had closed it
-        # before reading our MAIL, so nothing happened there. Connect afresh.
+        # The reused connection failed before any recipient was answered and
+        # before the message data went out (closed while idle, or a 421 to
+        # MAIL from a server that limits messages per connection): nothing
+        # was taken there, so a new connection gets the whole transaction.
         result = new_result()
     proto = SMTPClientProtocol(clock)
     if await _connect(clock, endpoint, proto, options.timeouts.connect, result):
