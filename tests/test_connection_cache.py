@@ -7,6 +7,8 @@ Real sockets to a scripted sink on loopback; the cache's own bookkeeping
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,19 @@ def courier_for(tmp_path: Path, sink: Sink, cache_time: float = 5.0,
     return RemoteCourier(config, FakeResolver({}), reactor, trust_root=TRUST)
 
 
+@asynccontextmanager
+async def cached_courier(tmp_path: Path, cache_time: float = 5.0, policy: str = "none",
+                         **sink_options: Any) -> AsyncIterator[tuple[Sink, RemoteCourier]]:
+    """A sink and a courier with a connection cache; closes both afterwards."""
+    sink = await start_sink(**sink_options)
+    try:
+        courier = courier_for(tmp_path, sink, cache_time, policy)
+        yield sink, courier
+        await courier.close()
+    finally:
+        await sink.stop()
+
+
 def message(tmp_path: Path, qid: str, rcpt: str) -> tuple[Envelope, Path]:
     path = tmp_path / f"{qid}.msg"
     path.write_bytes(BODY)
@@ -59,9 +74,7 @@ def verbs(commands: list[str]) -> list[str]:
 
 @pytest_twisted.ensureDeferred
 async def test_second_message_goes_on_the_same_connection_and_close_sends_quit(tmp_path: Path) -> None:
-    sink = await start_sink()
-    try:
-        courier = courier_for(tmp_path, sink)
+    async with cached_courier(tmp_path) as (sink, courier):
         first = await deliver(courier, tmp_path, "q1", "a@dst.test")
         second = await deliver(courier, tmp_path, "q2", "b@dst.test")
         assert [r.outcome for r in first + second] == [Outcome.DELIVERED, Outcome.DELIVERED]
@@ -73,15 +86,11 @@ async def test_second_message_goes_on_the_same_connection_and_close_sends_quit(t
         await wait_until(lambda: session.closed)
         assert session.commands[-1] == "QUIT"
         assert courier.cache.reused == 1 and len(courier.cache) == 0
-    finally:
-        await sink.stop()
 
 
 @pytest_twisted.ensureDeferred
 async def test_idle_connection_is_closed_with_quit_after_the_cache_time(tmp_path: Path) -> None:
-    sink = await start_sink()
-    try:
-        courier = courier_for(tmp_path, sink, cache_time=0.2)
+    async with cached_courier(tmp_path, cache_time=0.2) as (sink, courier):
         await deliver(courier, tmp_path, "q1", "a@dst.test")
         [session] = sink.sessions
         await deferLater(reactor, 0.05, lambda: None)
@@ -90,21 +99,14 @@ async def test_idle_connection_is_closed_with_quit_after_the_cache_time(tmp_path
         assert session.commands[-1] == "QUIT" and len(courier.cache) == 0
         await deliver(courier, tmp_path, "q2", "b@dst.test")
         assert len(sink.sessions) == 2  # a new connection after the idle time
-        await courier.close()
-    finally:
-        await sink.stop()
 
 
 @pytest_twisted.ensureDeferred
 async def test_cache_time_zero_closes_each_connection_at_once(tmp_path: Path) -> None:
-    sink = await start_sink()
-    try:
-        courier = courier_for(tmp_path, sink, cache_time=0)
+    async with cached_courier(tmp_path, cache_time=0) as (sink, courier):
         await deliver(courier, tmp_path, "q1", "a@dst.test")
         await deliver(courier, tmp_path, "q2", "b@dst.test")
         assert [verbs(s.commands)[-1] for s in sink.sessions] == ["QUIT", "QUIT"]
-    finally:
-        await sink.stop()
 
 
 @pytest_twisted.ensureDeferred
@@ -112,58 +114,42 @@ async def test_server_closing_the_connection_at_reuse_costs_a_reconnect_not_a_de
         tmp_path: Path) -> None:
     # The server drops the reused connection at MAIL, unanswered: nothing was
     # done there, so the client connects again at once and the message goes out once.
-    sink = await start_sink(drop={"MAIL:reused"})
-    try:
-        courier = courier_for(tmp_path, sink)
+    async with cached_courier(tmp_path, drop={"MAIL:reused"}) as (sink, courier):
         await deliver(courier, tmp_path, "q1", "a@dst.test")
         [result] = await deliver(courier, tmp_path, "q2", "b@dst.test")
         assert result.outcome is Outcome.DELIVERED, result.reply
         assert [m.recipients for m in sink.messages] == [["a@dst.test"], ["b@dst.test"]]
         assert len(sink.sessions) == 2 and sink.sessions[0].dropped_at == "MAIL"
-        await courier.close()
-    finally:
-        await sink.stop()
 
 
 @pytest_twisted.ensureDeferred
 async def test_421_to_mail_on_a_reused_connection_is_retried_on_a_new_one(tmp_path: Path) -> None:
     # A server limiting messages per connection refuses the reused session's
     # MAIL with 421 and closes: nothing was sent, so a new connection takes it.
-    sink = await start_sink(replies={"MAIL:reused": "421 4.7.0 too many messages in this session"})
-    try:
-        courier = courier_for(tmp_path, sink)
+    refusal = "421 4.7.0 too many messages in this session"
+    async with cached_courier(tmp_path, replies={"MAIL:reused": refusal}) as (sink, courier):
         await deliver(courier, tmp_path, "q1", "a@dst.test")
         [result] = await deliver(courier, tmp_path, "q2", "b@dst.test")
         assert result.outcome is Outcome.DELIVERED, result.reply
         assert [m.recipients for m in sink.messages] == [["a@dst.test"], ["b@dst.test"]]
         assert len(sink.sessions) == 2
-        await courier.close()
-    finally:
-        await sink.stop()
 
 
 @pytest_twisted.ensureDeferred
 async def test_failure_after_the_data_on_a_reused_connection_is_not_retried(tmp_path: Path) -> None:
     # The body went out and the server vanished before its final reply: the
     # message may have been taken, so it is deferred, never sent twice at once.
-    sink = await start_sink()
-    try:
-        courier = courier_for(tmp_path, sink)
+    async with cached_courier(tmp_path) as (sink, courier):
         await deliver(courier, tmp_path, "q1", "a@dst.test")
         sink.options.drop.add("DATA_END")
         [result] = await deliver(courier, tmp_path, "q2", "b@dst.test")
         assert result.outcome is Outcome.DEFERRED
         assert len(sink.sessions) == 1  # no second connection
-        await courier.close()
-    finally:
-        await sink.stop()
 
 
 @pytest_twisted.ensureDeferred
 async def test_connection_closed_or_421_while_idle_is_not_reused(tmp_path: Path) -> None:
-    sink = await start_sink()
-    try:
-        courier = courier_for(tmp_path, sink)
+    async with cached_courier(tmp_path) as (sink, courier):
         await deliver(courier, tmp_path, "q1", "a@dst.test")
         [proto] = list(sink._connections)
         proto.transport.write(b"421 4.4.2 sink.test idle timeout\r\n")  # and stays open
@@ -179,16 +165,11 @@ async def test_connection_closed_or_421_while_idle_is_not_reused(tmp_path: Path)
         [result] = await deliver(courier, tmp_path, "q3", "c@dst.test")
         assert result.outcome is Outcome.DELIVERED and len(sink.sessions) == 3
         assert len(sink.messages) == 3
-        await courier.close()
-    finally:
-        await sink.stop()
 
 
 @pytest_twisted.ensureDeferred
 async def test_tls_connection_is_reused_without_a_second_handshake(tmp_path: Path) -> None:
-    sink = await start_sink(tls=CERT)
-    try:
-        courier = courier_for(tmp_path, sink, tls="require")
+    async with cached_courier(tmp_path, policy="require", tls=CERT) as (sink, courier):
         [first] = await deliver(courier, tmp_path, "q1", "a@dst.test")
         [second] = await deliver(courier, tmp_path, "q2", "b@dst.test")
         assert first.outcome is second.outcome is Outcome.DELIVERED
@@ -196,9 +177,6 @@ async def test_tls_connection_is_reused_without_a_second_handshake(tmp_path: Pat
         [session] = sink.sessions
         assert verbs(session.commands).count("STARTTLS") == 1
         assert all(m.tls for m in sink.messages) and len(sink.messages) == 2
-        await courier.close()
-    finally:
-        await sink.stop()
 
 
 @pytest_twisted.ensureDeferred

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 log = Logger()
 
@@ -130,7 +131,7 @@ class ConnectionCache:
 
         def done(result: Any) -> None:
             self._closing.discard(d)
-            if hasattr(result, "getErrorMessage"):
+            if isinstance(result, Failure):
                 log.failure("closing a cached SMTP connection failed", result)
 
         d.addBoth(done)

@@ -748,7 +748,7 @@ class _Session:
             if not reused:
                 await self._open()
             await self._transactions(transactions)
-            if keep and self.state in (State.DATA_DONE, State.RSET) and self.proto.idle:
+            if keep and self.reusable:
                 kept = True
                 return True
             await self._quit()
@@ -1106,30 +1106,26 @@ async def send(reactor: Any, destination: interfaces.IStreamClientEndpoint | tup
         return SessionResult(server=server, transactions=[TransactionResult(tx) for tx in transactions])
 
     result = new_result()
-    cached = cache.take(key) if cache is not None and key is not None else None
-    if cached is not None:
-        session: _Session = cached  # type: ignore[assignment]
+    session: _Session | None = cache.take(key) if cache is not None and key is not None else None  # type: ignore[assignment]
+    if session is not None:
         result.tls, result.tls_verified = session.result.tls, session.result.tls_verified
         session.result = result
         session.body_started = False
         if await session.run(result.transactions, reused=True, keep=True):
             cache.put(key, session)  # type: ignore[union-attr]
-            _log_result(result, "LMTP" if options.lmtp else "SMTP")
-            return result
-        answered = any(tr.replies for tr in result.transactions)
-        if result.connection_error is None or answered or session.body_started:
-            _log_result(result, "LMTP" if options.lmtp else "SMTP")
-            return result
-        # The reused connection failed before any recipient was answered and
-        # before the message data went out (closed while idle, or a 421 to
-        # MAIL from a server that limits messages per connection): nothing
-        # was taken there, so a new connection gets the whole transaction.
-        result = new_result()
-    proto = SMTPClientProtocol(clock)
-    if await _connect(clock, endpoint, proto, options.timeouts.connect, result):
-        session = _Session(proto, options, result, _tls_creator(options, server))
-        if await session.run(result.transactions, keep=key is not None):
-            cache.put(key, session)  # type: ignore[union-attr]
+        elif (result.connection_error is not None and not session.body_started
+              and not any(tr.replies for tr in result.transactions)):
+            # The reused connection failed before any recipient was answered and
+            # before the message data went out (closed while idle, or a 421 to
+            # MAIL from a server that limits messages per connection): nothing
+            # was taken there, so a new connection gets the whole transaction.
+            result, session = new_result(), None
+    if session is None:
+        proto = SMTPClientProtocol(clock)
+        if await _connect(clock, endpoint, proto, options.timeouts.connect, result):
+            session = _Session(proto, options, result, _tls_creator(options, server))
+            if await session.run(result.transactions, keep=key is not None):
+                cache.put(key, session)  # type: ignore[union-attr]
     _log_result(result, "LMTP" if options.lmtp else "SMTP")
     return result
 

@@ -77,13 +77,8 @@ class MessageWriter:
         self.size += len(data)
 
     def writelines(self, chunks: list[bytes]) -> None:
-        assert self._open
-        if self._pending is not None:
-            self._pending.extend(chunks)
-        else:
-            assert self._file is not None
-            self._file.writelines(chunks)
-        self.size += sum(map(len, chunks))
+        for chunk in chunks:
+            self.write(chunk)
 
     def commit(self, envelope: Envelope) -> None:
         """Make the message durable now. Raises :class:`QueueError`; then nothing is left."""
