@@ -39,6 +39,8 @@ Metrics (all in one dedicated :class:`CollectorRegistry`)::
     mta_queue_messages                          gauge, at scrape time
     mta_queue_oldest_age_seconds                gauge, at scrape time
     mta_deliveries_in_flight                    gauge: messages with a pass running
+    mta_outbound_connections_idle               gauge: connections kept open for reuse
+    mta_outbound_connections_reused_total       deliveries that reused an open connection
     mta_metrics_event_errors_total              events this module could not read
 """
 
@@ -51,7 +53,7 @@ from typing import Any
 from weakref import WeakSet
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 from twisted.application.service import IService, Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
@@ -132,11 +134,13 @@ class QueueCollector:
 
     def __init__(self, store: Any = None, clock: Callable[[], float] = time.time,
                  active_sessions: Callable[[], int] | None = None,
-                 in_flight: Callable[[], int] | None = None) -> None:
+                 in_flight: Callable[[], int] | None = None,
+                 outbound: Callable[[], tuple[int, int]] | None = None) -> None:
         self.store = store
         self.clock = clock
         self.active_sessions = active_sessions
         self.in_flight = in_flight
+        self.outbound = outbound  # (connections reused so far, idle now)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         if self.store is not None:
@@ -154,6 +158,14 @@ class QueueCollector:
             yield GaugeMetricFamily("mta_deliveries_in_flight",
                                     "Messages with a delivery pass running.",
                                     value=self.in_flight())
+        if self.outbound is not None:
+            reused, idle = self.outbound()
+            yield GaugeMetricFamily("mta_outbound_connections_idle",
+                                    "Outbound SMTP connections kept open for the next message.",
+                                    value=idle)
+            yield CounterMetricFamily("mta_outbound_connections_reused",
+                                      "Deliveries that went over an already open connection.",
+                                      value=reused)
 
     def describe(self) -> list[Any]:
         return []  # values are only known at scrape time
@@ -165,7 +177,8 @@ class Metrics:
     def __init__(self, store: Any = None, clock: Callable[[], float] | None = None,
                  active_sessions: Callable[[], int] | None = None,
                  in_flight: Callable[[], int] | None = None,
-                 registry: CollectorRegistry | None = None) -> None:
+                 registry: CollectorRegistry | None = None,
+                 outbound: Callable[[], tuple[int, int]] | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         if clock is None:
             clock = getattr(store, "clock", None) or time.time
@@ -210,7 +223,7 @@ class Metrics:
                                "(null sender).", ["action"], registry=r)
         self.event_errors = Counter("mta_metrics_event_errors", "Log events that could not be "
                                     "read for metrics.", registry=r)
-        self.collector = QueueCollector(store, self.clock, active_sessions, in_flight)
+        self.collector = QueueCollector(store, self.clock, active_sessions, in_flight, outbound)
         r.register(self.collector)
         self._handlers: dict[str, Callable[[Mapping[str, Any]], None]] = {
             "session": self._on_session,
@@ -434,7 +447,13 @@ def metrics_service(mta_service: Any, endpoint: str) -> IService:
         runner = getattr(mta_service, "runner", None)
         return int(getattr(runner, "in_flight", 0)) if runner is not None else 0
 
+    def outbound() -> tuple[int, int]:
+        runner = getattr(mta_service, "runner", None)
+        couriers = getattr(getattr(runner, "router", None), "couriers", {})
+        cache = getattr(couriers.get("remote"), "cache", None)
+        return (cache.reused, len(cache)) if cache is not None else (0, 0)
+
     metrics = Metrics(store=context.store, active_sessions=lambda: len(context.sessions),
-                      in_flight=in_flight)
+                      in_flight=in_flight, outbound=outbound)
     return MetricsService(metrics, serverFromString(mta_service.reactor, endpoint),
                           context=context)

@@ -8,6 +8,7 @@ removes its log observer and closes its port.
 from __future__ import annotations
 
 import base64
+import smtplib
 import time
 import urllib.request
 
@@ -338,3 +339,29 @@ async def test_mta_service_installs_metrics_and_json_log_from_config(tmp_path):
     events = [json.loads(line).get("event") for line in log_path.read_text().splitlines()]
     assert {"queued", "session", "rejected"} <= set(events)
     assert running.context.observer is None  # the reply hook went with the service
+
+
+@pytest_twisted.ensureDeferred
+async def test_outbound_connection_reuse_is_counted(tmp_path):
+    from tests.sink import start_sink
+
+    sink = await start_sink()
+    running, service = await start_with_metrics(
+        tmp_path, runner=None, extra={"relay_networks": ["127.0.0.0/8"], "delivery": {
+            "smarthosts": [f"127.0.0.1:{sink.port}"], "smarthost_tls": "none"}})
+    try:
+        def relay(n: int) -> None:
+            with smtplib.SMTP("127.0.0.1", running.port("mx"), timeout=10) as s:
+                s.sendmail("s@example.test", [f"r{n}@remote.test"], f"Subject: {n}\r\n\r\nx\r\n")
+
+        for n in range(2):  # one after the other: the second finds the first's connection
+            await in_thread(relay, n)
+            await scrape_until(service.port.getHost().port,
+                               lambda s, n=n: total(s, "mta_deliveries_total") == n + 1)
+        _, s = await scrape_until(service.port.getHost().port, lambda s: True)
+    finally:
+        await stop_with_metrics(running, service)
+        await sink.stop()
+    assert len(sink.messages) == 2 and len(sink.sessions) == 1
+    assert value(s, "mta_outbound_connections_reused_total") == 1
+    assert value(s, "mta_outbound_connections_idle") == 1
