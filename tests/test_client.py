@@ -642,3 +642,29 @@ async def test_interop_with_postfix_smtp_sink(tmp_path: Path) -> None:
     assert b"X-Rcpt-Args: <b@dst.test>" in text and b"X-Rcpt-Args: <c@dst.test>" in text
     # smtp-sink stores lines with LF endings, dots un-stuffed.
     assert BODY.replace(b"\r\n", b"\n") in text
+
+
+@pytest_twisted.ensureDeferred
+async def test_small_message_in_one_write_bigger_one_streamed(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    producers: list[Any] = []
+    original = client._BodyProducer.__init__
+
+    def spy(self: Any, *args: Any, **kwargs: Any) -> None:
+        producers.append(self)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(client._BodyProducer, "__init__", spy)
+    small = b".starts with a dot\nbare LF\r\n" + b"x" * (client.SMALL_BODY - 100) + b"\r\n.\r\nend"
+    big = b"Subject: big\r\n\r\n" + (b"y" * 70 + b"\r\n.\r\n") * 400
+    assert len(small) <= client.SMALL_BODY < len(big)
+    async with running() as sink:
+        result = await deliver(sink, [tx(message(tmp_path, small, "small"), ("a@dst.test",)),
+                                      tx(message(tmp_path, big, "big"), ("b@dst.test",))])
+    assert [outcomes(result, i) for i in (0, 1)] == [{"a@dst.test": (250, Outcome.DELIVERED)},
+                                                     {"b@dst.test": (250, Outcome.DELIVERED)}]
+    assert len(producers) == 1  # only the big one needed a producer
+    small_raw, big_raw = (m.raw for m in sink.messages)
+    assert small_raw == (b"..starts with a dot\r\nbare LF\r\n" + b"x" * (client.SMALL_BODY - 100)
+                         + b"\r\n..\r\nend\r\n.\r\n")
+    assert big_raw == b"Subject: big\r\n\r\n" + (b"y" * 70 + b"\r\n..\r\n") * 400 + b".\r\n"

@@ -72,6 +72,7 @@ log = Logger()
 
 TLS_POLICIES = ("none", "opportunistic", "require", "verify")
 CHUNK_SIZE = 64 * 1024
+SMALL_BODY = 16 * 1024  # sent in one write without a producer (fits any socket send buffer)
 MAX_REPLY_LINE = 4096  # RFC 5321 §4.5.3.1.5 says 512; real servers send longer lines
 MAX_REPLY_LINES = 100
 
@@ -367,6 +368,19 @@ def _refused(reply: Reply, stage: str) -> SessionError:
 # --- the I/O half ------------------------------------------------------------------------
 
 
+def _read_up_to(f: BinaryIO, limit: int) -> bytes:
+    """Up to ``limit`` octets from the start of ``f`` (fewer only at its end)."""
+    parts: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = f.read(limit - size)
+        if not chunk:
+            break
+        parts.append(chunk)
+        size += len(chunk)
+    return b"".join(parts)
+
+
 @implementer(interfaces.IPullProducer)
 class _BodyProducer:
     """Streams the message file through a :class:`DotStuffer`, one chunk per pull.
@@ -561,11 +575,22 @@ class SMTPClientProtocol(Protocol):
         return f"{handle.get_protocol_version_name()} {handle.get_cipher_name()}"
 
     def send_body(self, path: Path, block_timeout: float) -> Deferred[None]:
-        self._body = _BodyProducer(self, path, block_timeout)
+        """Send the message file as DATA, with its end.
+
+        A message of at most ``SMALL_BODY`` octets (most mail) goes out in one
+        write, which the socket's send buffer takes at once; a bigger one is
+        streamed by a :class:`_BodyProducer` as the server reads it.
+        """
         if self._failure is not None:
-            self._body.abort(self._failure)
-        else:
-            self._body.start()
+            return fail(self._failure)
+        with open(path, "rb", buffering=0) as f:
+            head = _read_up_to(f, SMALL_BODY + 1)
+        if len(head) <= SMALL_BODY:
+            stuffer = DotStuffer()
+            send_now(self.transport, stuffer.feed(head) + stuffer.finish())
+            return succeed(None)
+        self._body = _BodyProducer(self, path, block_timeout)
+        self._body.start()
         return self._body.done
 
     def fail(self, error: SessionError) -> None:
