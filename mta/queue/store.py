@@ -173,6 +173,19 @@ class MessageWriter:
         _unlink_quietly(self.tmp_path)
 
 
+def _read_all(path: Path) -> bytes:
+    """A small file's bytes with plain os calls (no buffered file object: Python's
+    ``open`` adds an fstat, a tty check and a seek to every read)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def _unlink_quietly(path: Path) -> None:
     try:
         path.unlink()
@@ -236,7 +249,7 @@ class QueueStore:
         return sorted(p.name[:-5] for p in self.msg_dir.iterdir() if p.name.endswith(".json"))
 
     def load(self, queue_id: str) -> Envelope:
-        return Envelope.from_bytes(self.envelope_path(queue_id).read_bytes())
+        return Envelope.from_bytes(_read_all(self.envelope_path(queue_id)))
 
     def envelopes(self) -> Iterator[Envelope]:
         for queue_id in self.ids():
