@@ -443,13 +443,14 @@ def speed_up_text_log() -> bool:
 def write_log_text(text: str) -> bool:
     """Append ready-made log lines to twistd's text log in one write; False if there is none."""
     observer = _text_log_observer()
-    if observer is None:
+    out = getattr(observer, "_outFile", None)  # FileLogObserver's file (not public API)
+    if out is None:
         return False
-    out = observer._outFile
+    encoding = getattr(observer, "_encoding", None)
     try:
-        out.write(text if observer._encoding is None else text.encode(observer._encoding))
+        out.write(text if encoding is None else text.encode(encoding))
         out.flush()
-    except (OSError, ValueError):
+    except (OSError, ValueError, TypeError):
         return False
     return True
 

@@ -23,10 +23,7 @@ def send_now(transport: Any, data: bytes) -> None:
     Only for a TCP connection without TLS, without a producer and with
     nothing queued, so the order of bytes on the wire never changes.
     """
-    if (type(transport) in _PLAIN_TCP and not transport.TLS and transport.connected
-            and not transport.disconnecting and not transport._writeDisconnected
-            and transport.producer is None and not transport.dataBuffer
-            and not transport._tempDataBuffer):
+    if type(transport) in _PLAIN_TCP and _idle(transport):
         try:
             sent = transport.socket.send(data)
         except OSError:  # full (EAGAIN) or broken: the transport finds out and reports it
@@ -35,3 +32,14 @@ def send_now(transport: Any, data: bytes) -> None:
             return
         data = data[sent:]
     transport.write(data)
+
+
+def _idle(transport: Any) -> bool:
+    """Open, plain, with nothing queued and no producer (twisted's FileDescriptor
+    attributes; if a Twisted release renames them, every write takes the normal path)."""
+    try:
+        return (not transport.TLS and transport.connected and not transport.disconnecting
+                and not transport._writeDisconnected and transport.producer is None
+                and not transport.dataBuffer and not transport._tempDataBuffer)
+    except AttributeError:
+        return False
