@@ -95,12 +95,15 @@ class DataReader:
         skip_first = self._overlong
         self._overlong = False
         terminator = self._find_terminator(lines, skip_first)
+        # ``complete[:text_end]`` is the lines that stay, joined by their CRLFs.
+        text_end = len(complete) - 2
         if terminator is not None:
             # Everything after the "." line belongs to the next command.
             consumed = sum(len(x) + 2 for x in lines[: terminator + 1])
             rest = complete[consumed:] + rest
             lines = lines[:terminator]
-        self._check_line_endings(lines)
+            text_end = consumed - 5 if lines else 0  # before the CRLF and the ".\r\n"
+        self._check_line_endings(complete, text_end, len(lines))
         if skip_first and lines:
             lines = lines[1:]  # the tail of an over-long line: already an error, not stored
         self._store(lines)
@@ -122,19 +125,18 @@ class DataReader:
             # Keep only the last octet (it may be the CR of a CRLF); the line is lost.
             self._error(DataError.LINE_TOO_LONG)
             self._overlong = True
-            self._check_line_endings([data[:-1]])
+            self._check_line_endings(data, len(data) - 1, 1)
             data = data[-1:]
         self._pending = data
 
-    def _check_line_endings(self, lines: list[bytes]) -> None:
-        if DataError.BARE_LINE_ENDING in self.errors or not lines:
+    def _check_line_endings(self, data: bytes, end: int, count: int) -> None:
+        """``data[:end]`` is ``count`` lines split at CRLF, with the CRLFs between
+        them: every CR and LF in it must be part of one of those ``count - 1``
+        CRLFs (counted in place, not one Python call per line)."""
+        if DataError.BARE_LINE_ENDING in self.errors or not count:
             return
-        # The lines were split at CRLF: joined again, every CR and LF must be part
-        # of one of the len(lines) - 1 CRLFs between them (one count per chunk,
-        # not one Python call per line).
-        joined = CRLF.join(lines)
-        separators = len(lines) - 1
-        if joined.count(b"\r") != separators or joined.count(b"\n") != separators:
+        separators = count - 1
+        if data.count(b"\r", 0, end) != separators or data.count(b"\n", 0, end) != separators:
             self._error(DataError.BARE_LINE_ENDING)
 
     def _store(self, lines: list[bytes]) -> None:
