@@ -7,8 +7,8 @@ Layout under the queue root::
     msg/ID.json   the envelope (:class:`mta.queue.envelope.Envelope`), human readable
 
 A message is committed by: writing both files in ``tmp/``, fsyncing each
-(both at once, on the group-commit helpers), renaming the data and then the
-envelope into ``msg/``, and fsyncing ``msg/``.
+(as two parts of one group-commit operation, see :mod:`mta.queue.commit`),
+renaming the data and then the envelope into ``msg/``, and fsyncing ``msg/``.
 Only after that does the SMTP server reply 250.  The envelope's presence in
 ``msg/`` is what makes a message exist: a ``.msg`` without its ``.json`` is an
 uncommitted leftover and is removed by :meth:`QueueStore.recover`.
@@ -62,6 +62,7 @@ class MessageWriter:
         self.store = store
         self.id = queue_id
         self.tmp_path = store.tmp_dir / f"{queue_id}.msg"
+        self.envelope_tmp_path = store.tmp_dir / f"{queue_id}.json"
         self._pending: list[bytes] | None = [] if buffered else None
         self._file: BinaryIO | None = None if buffered else open(self.tmp_path, "xb")  # noqa: SIM115
         self._open = True
@@ -96,8 +97,9 @@ class MessageWriter:
     def commit_async(self, envelope: Envelope) -> Deferred[None]:
         """Like :meth:`commit`, with the disk work on the group-commit thread.
 
-        The data file and the envelope are written and fsynced at the same time
-        (two parts of one operation), then renamed into ``msg/``.  The Deferred
+        The data file and the envelope are written and fsynced as two parts of
+        one operation (in order when the batch has no other operation, else at
+        the same time as the other parts), then renamed into ``msg/``.  The Deferred
         fires once the message, its envelope and the directory entries are on
         disk (then listeners are told), or fails with QueueError.
         """
@@ -144,12 +146,12 @@ class MessageWriter:
         self._file = None
 
     def _write_envelope(self, envelope_bytes: bytes, sync: bool = True) -> None:
-        self.store._write_file(self.store.tmp_dir / f"{self.id}.json", envelope_bytes, sync=sync)
+        self.store._write_file(self.envelope_tmp_path, envelope_bytes, sync=sync)
 
     def _rename(self) -> None:
         """Into msg/: the data first, then the envelope that makes the message exist."""
         os.rename(self.tmp_path, self.store.data_path(self.id))
-        os.rename(self.store.tmp_dir / f"{self.id}.json", self.store.envelope_path(self.id))
+        os.rename(self.envelope_tmp_path, self.store.envelope_path(self.id))
 
     def _undo(self, error: BaseException) -> None:
         log.error("queue write failed for {id}: {err}", id=self.id, err=error)
@@ -160,7 +162,7 @@ class MessageWriter:
             except OSError:
                 pass
             self._file = None
-        for p in (self.tmp_path, self.store.tmp_dir / f"{self.id}.json",
+        for p in (self.tmp_path, self.envelope_tmp_path,
                   self.store.envelope_path(self.id), self.store.data_path(self.id)):
             _unlink_quietly(p)
         raise QueueError(str(error)) from error
