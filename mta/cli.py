@@ -37,6 +37,8 @@ from mta.control import (
     valid_queue_id,
 )
 from mta.queue.envelope import Envelope
+from mta.queue.store import list_ids, open_message
+from mta.queue.store import load_envelope as queued_envelope
 
 MAX_HEADER_READ = 1024 * 1024
 
@@ -148,19 +150,19 @@ def read_queue(queue_dir: Path, stderr: TextIO | None = None) -> list[Envelope]:
         raise CLIError(f"no queue at {queue_dir} (wrong --config, or the daemon has never "
                        "run with this configuration?)")
     try:
-        names = sorted(p.name for p in msg_dir.iterdir() if p.name.endswith(".json"))
+        ids = list_ids(msg_dir)
     except OSError as e:
         raise CLIError(f"cannot read {msg_dir}: {e.strerror or e}") from None
-    progress = Progress(stderr, len(names), "reading envelopes")
+    progress = Progress(stderr, len(ids), "reading envelopes")
     envelopes = []
-    for i, name in enumerate(names, 1):
+    for i, queue_id in enumerate(ids, 1):
         progress.update(i)
         try:
-            envelopes.append(Envelope.from_bytes((msg_dir / name).read_bytes()))
+            envelopes.append(queued_envelope(msg_dir, queue_id))
         except FileNotFoundError:
             continue  # delivered and removed while we listed
-        except (OSError, ValueError, KeyError) as e:
-            stderr.write(f"mta: cannot read {msg_dir / name}: {e}\n")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            stderr.write(f"mta: cannot read the envelope of {queue_id} in {msg_dir}: {e}\n")
     progress.finish()
     envelopes.sort(key=lambda env: (env.created, env.id))
     return envelopes
@@ -168,20 +170,19 @@ def read_queue(queue_dir: Path, stderr: TextIO | None = None) -> list[Envelope]:
 
 def load_envelope(queue_dir: Path, queue_id: str) -> Envelope:
     _check_id(queue_id)
-    path = queue_dir / "msg" / f"{queue_id}.json"
     try:
-        return Envelope.from_bytes(path.read_bytes())
+        return queued_envelope(queue_dir / "msg", queue_id)
     except FileNotFoundError:
         raise CLIError(f"no message {queue_id} in the queue at {queue_dir}") from None
-    except (OSError, ValueError, KeyError) as e:
-        raise CLIError(f"cannot read {path}: {e}") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CLIError(f"cannot read the envelope of {queue_id}: {e}") from None
 
 
 def read_headers(data_path: Path, limit: int = MAX_HEADER_READ) -> str:
     """The header section of a queued message (up to the blank line), as text."""
     lines = []
     size = 0
-    with open(data_path, "rb") as f:
+    with open_message(data_path) as f:
         for line in f:
             if line in (b"\r\n", b"\n"):
                 break
@@ -329,12 +330,12 @@ def cmd_queue_delete(config: Config, args: argparse.Namespace) -> int:
 
 
 def delete_files(queue_dir: Path, queue_id: str) -> None:
-    """Remove a message's files while no daemon runs: the envelope first, as the store does."""
+    """Remove a message's files while no daemon runs: the data first, as the store does."""
     msg = queue_dir / "msg"
-    envelope = msg / f"{queue_id}.json"
-    if not envelope.exists():
+    data = msg / f"{queue_id}.msg"
+    if not data.exists():
         raise CLIError(f"no message {queue_id} in the queue at {queue_dir}")
-    for path in (envelope, msg / f"{queue_id}.msg"):
+    for path in (data, msg / f"{queue_id}.json"):
         try:
             path.unlink()
         except FileNotFoundError:

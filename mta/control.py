@@ -204,7 +204,7 @@ class ControlCommands:
         return self.runner
 
     def _exists(self, queue_id: str) -> None:
-        if not self.context.store.envelope_path(queue_id).exists():
+        if not self.context.store.exists(queue_id):
             raise CommandError(f"no message {queue_id} in the queue", "not_found")
 
     # --- commands ---

@@ -21,6 +21,7 @@ from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 
 from mta.config import Config, config_from_dict
+from mta.queue.store import open_message
 from mta.service import MTAService
 
 PASSWORD = "correct horse battery staple"
@@ -75,7 +76,8 @@ class RunningMTA:
         return list(self.store.envelopes())
 
     def message_bytes(self, queue_id: str) -> bytes:
-        return self.store.data_path(queue_id).read_bytes()
+        with open_message(self.store.data_path(queue_id)) as f:
+            return f.read()
 
     async def stop(self) -> None:
         await self.service.stopService()

@@ -45,6 +45,7 @@ from mta.control import (
 from mta.delivery.base import DeliveryResult, Outcome
 from mta.policy.auth import add_user, read_users_file
 from mta.queue.envelope import Envelope, Recipient
+from mta.queue.store import open_message
 from mta.service import MTAService
 from tests.daemon import QUIET_TAIL, Daemon, free_port
 
@@ -248,7 +249,8 @@ async def test_submit_queues_like_smtp_submission(running):
             b".leading dot\r\nbody\r\n")
     answer = await submit(running, ["info@example.test", "friend@remote.test"], body)
     queue_id = answer["id"]
-    data = running.store.data_path(queue_id).read_bytes()
+    with open_message(running.store.data_path(queue_id)) as q:
+        data = q.read()
     env = running.store.load(queue_id)
     assert data.startswith(b"Received: from localhost (uid=")
     assert f"by mx.example.test with ESMTP id {queue_id}".encode() in data
@@ -367,12 +369,12 @@ async def test_delete_refused_while_delivering_then_done(running, capsys):
     assert await run_cli("--config", str(running.config_path), "queue", "delete", queue_id) == 1
     err = capsys.readouterr().err
     assert f"message {queue_id} is being delivered right now" in err
-    assert running.store.envelope_path(queue_id).exists()
+    assert running.store.exists(queue_id)
     running.remote.answer_all()
     await until(lambda: not running.service.runner.busy(queue_id))
     assert await run_cli("--config", str(running.config_path), "queue", "delete", queue_id) == 0
     assert capsys.readouterr().out == f"deleted {queue_id}\n"
-    assert not running.store.envelope_path(queue_id).exists()
+    assert not running.store.exists(queue_id)
     assert not running.store.data_path(queue_id).exists()
     # The runner forgot it: its retry timer is gone (the leak check would see it).
     assert queue_id not in running.service.runner._timers
@@ -391,7 +393,7 @@ async def test_bounce_fails_pending_recipients_and_notifies_sender(running, caps
     assert await run_cli("--config", str(running.config_path), "queue", "bounce", queue_id) == 0
     assert capsys.readouterr().out == (f"bounced {queue_id}: 1 recipient failed, the sender "
                                        "is notified\n")
-    assert not running.store.envelope_path(queue_id).exists()
+    assert not running.store.exists(queue_id)
     # The bounce reaches alice (the sender) in her Maildir, next to the copy she got.
     await until(lambda: len(running.maildir("alice")) == 2)
     dsn = [m for m in running.maildir("alice") if b"delivery-status" in m][0]
@@ -534,7 +536,10 @@ def test_cli_without_daemon(tmp_path, sock_dir, capsys):
     msg = tmp_path / "var" / "queue" / "msg"
     (msg / "0123abcd.json").write_text("{}")
     (msg / "0123abcd.msg").write_text("x")
+    (msg / "0123abce.msg").write_bytes(b"mta-envelope 2\n{}Received: x\r\n")
     assert cli.main(["queue", "delete", "0123abcd", "--config", config]) == 0
+    assert "daemon is not running: removed its queue files" in capsys.readouterr().out
+    assert cli.main(["queue", "delete", "0123abce", "--config", config]) == 0
     assert "daemon is not running: removed its queue files" in capsys.readouterr().out
     assert list(msg.iterdir()) == []
     assert cli.main(["queue", "list", "--config", config]) == 0

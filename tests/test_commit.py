@@ -14,7 +14,7 @@ from mta.config import ConfigError, config_from_dict
 from mta.queue import commit as commit_module
 from mta.queue.commit import GroupCommitter
 from mta.queue.envelope import Envelope, Recipient, RecipientKind
-from mta.queue.store import QueueError, QueueStore
+from mta.queue.store import QueueError, QueueStore, envelope_header, open_message
 
 
 @pytest_twisted.ensureDeferred
@@ -71,7 +71,9 @@ async def test_store_commit_async_in_both_modes(tmp_path, syncfs, monkeypatch):
                        time.time())
         await writer.commit_async(env)
         assert store.ids() == [env.id] and committed == [env]
+        # Written as it arrived: the data as is, the envelope beside it.
         assert store.data_path(env.id).read_bytes() == b"Subject: x\r\n\r\nbody\r\n"
+        assert store.envelope_path(env.id).exists()
         env.recipients[0].attempts = 3
         await store.save_async(env)
         assert store.load(env.id).recipients[0].attempts == 3
@@ -151,7 +153,12 @@ async def test_buffered_writer_creates_its_file_only_at_commit(tmp_path):
         env = Envelope(writer.id, "s@x.test", [Recipient("a@y.test", RecipientKind.REMOTE, "a@y.test")],
                        time.time())
         await writer.commit_async(env)
-        assert store.data_path(env.id).read_bytes() == b"Received: by us\r\nSubject: x\r\n\r\nbody\r\n"
+        message = b"Received: by us\r\nSubject: x\r\n\r\nbody\r\n"
+        # One file: the envelope in its header, then the message.
+        assert store.data_path(env.id).read_bytes() == envelope_header(env.to_bytes()) + message
+        assert not store.envelope_path(env.id).exists()
+        with open_message(store.data_path(env.id)) as f:
+            assert f.read() == message
         assert store.load(env.id).size == 37 and list(store.tmp_dir.iterdir()) == []
         aborted = store.new_message(buffered=True)
         aborted.write(b"x")

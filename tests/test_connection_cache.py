@@ -208,7 +208,7 @@ async def test_runner_stop_closes_cached_connections(tmp_path: Path) -> None:
         await runner.stop()
         await sink.stop()
     assert all(s.commands[-1] == "QUIT" for s in sink.sessions)
-    assert not any(store.envelope_path(i).exists() for i in ids)
+    assert not any(store.exists(i) for i in ids)
 
 
 # --- the cache's bookkeeping, on a fake clock -------------------------------------------

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from mta.queue.store import load_envelope
 from tests.daemon import QUIET_TAIL, Daemon, free_port, twistd
 from tests.harness import PASSWORD, write_domain
 
@@ -82,13 +83,13 @@ def test_message_survives_sigkill_right_after_250(tmp_path):
     finally:
         daemon.kill()
     msg = tmp_path / "var" / "queue" / "msg"
-    assert (msg / f"{queue_id}.json").exists()
+    assert load_envelope(msg, queue_id).recipients[0].address == "friend@remote.test"
     assert (msg / f"{queue_id}.msg").read_bytes().endswith(b"Subject: durable\r\n\r\nkeep me\r\n")
     # A restarted daemon finds it in its queue (and leftover tmp files are cleaned).
     (tmp_path / "var" / "queue" / "tmp" / "leftover.msg").write_bytes(b"half")
     daemon.start()
     try:
-        assert (msg / f"{queue_id}.json").exists()
+        assert (msg / f"{queue_id}.msg").exists()
         assert list((tmp_path / "var" / "queue" / "tmp").iterdir()) == []
     finally:
         daemon.kill()

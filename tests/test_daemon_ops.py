@@ -21,6 +21,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from mta.policy.auth import add_user
+from mta.queue.store import open_message
 from tests.daemon import QUIET_TAIL, Daemon, free_port
 from tests.harness import PASSWORD, RawClient, write_domain
 
@@ -191,8 +192,9 @@ def test_sigterm_during_data_lets_the_transaction_finish(tmp_path):
             # Accepted means durably queued (the smarthost is dead: it stays there),
             # and the session is then closed with 421.
             queue_id = text.split()[-1]
-            assert sorted(msg_files) == [f"{queue_id}.json", f"{queue_id}.msg"], msg_files
-            data = (tmp_path / "var" / "queue" / "msg" / f"{queue_id}.msg").read_bytes()
+            assert sorted(msg_files) == [f"{queue_id}.msg"], msg_files
+            with open_message(tmp_path / "var" / "queue" / "msg" / f"{queue_id}.msg") as f:
+                data = f.read()
             assert data.endswith(b"Subject: shutdown\r\n\r\nfirst half\r\nsecond half\r\n")
             code, text = in_data.read_reply()
         else:

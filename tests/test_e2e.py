@@ -7,7 +7,6 @@ loopback address (127.0.0.x) so one port number serves every "remote" domain.
 
 from __future__ import annotations
 
-import json
 import smtplib
 import socket
 import time
@@ -17,6 +16,7 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
+from mta.queue.store import list_ids, load_envelope
 from tests.daemon import Daemon, free_port
 from tests.dnsserver import LoopbackDNS
 from tests.harness import PASSWORD, client_tls_context, in_thread, shared_ca, write_domain
@@ -174,10 +174,10 @@ async def test_sigkill_during_multi_recipient_delivery_delivers_each_once(tmp_pa
 
         def recorded() -> dict[str, str]:
             states = {}
-            for p in envelope_dir.glob("*.json"):
+            for queue_id in list_ids(envelope_dir):
                 try:
-                    for r in json.loads(p.read_text())["recipients"]:
-                        states[r["address"]] = r["state"]
+                    for r in load_envelope(envelope_dir, queue_id).recipients:
+                        states[r.address] = str(r.state)
                 except (OSError, ValueError):
                     return {}
             return states
@@ -198,7 +198,7 @@ async def test_sigkill_during_multi_recipient_delivery_delivers_each_once(tmp_pa
         sinks["d3.test"] = await start_sink(interface=hosts["d3.test"], port=port)
         await in_thread(daemon.start)
         await wait_for(lambda: sinks["d3.test"].messages, what="d3 delivery after restart")
-        await wait_for(lambda: not list(envelope_dir.glob("*.json")), what="queue to empty")
+        await wait_for(lambda: not list(envelope_dir.iterdir()), what="queue to empty")
         accepted = {d: [m for m in s.messages if m.accepted] for d, s in sinks.items()}
         assert len(accepted["d1.test"]) == 1 and accepted["d1.test"][0].recipients == ["a@d1.test"]
         assert len(accepted["d2.test"]) == 1 and accepted["d2.test"][0].recipients == ["b@d2.test"]

@@ -37,6 +37,7 @@ from mta.logs import (
     scrub,
     worker_log_observer,
 )
+from mta.queue.store import load_envelope
 from tests.harness import PASSWORD, RawClient, in_thread, start_mta
 
 pytestmark = pytest.mark.timeout(60)
@@ -229,8 +230,7 @@ async def test_server_events_in_the_json_log(tmp_path):
 
 
 def running_size(tmp_path: Path, queue_id: str) -> int:
-    envelope = json.loads((tmp_path / "var" / "queue" / "msg" / f"{queue_id}.json").read_text())
-    return envelope["size"]
+    return load_envelope(tmp_path / "var" / "queue" / "msg", queue_id).size
 
 
 def test_observer_is_plain_callable_on_a_stream():

@@ -13,6 +13,7 @@ import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred
 
+from mta.queue.store import read_embedded_envelope
 from tests.harness import PASSWORD, RawClient, in_thread, start_mta
 
 
@@ -132,8 +133,13 @@ async def test_message_is_queued_with_received_header(mta):
     assert b"\tfor <alice@example.test>; " in data
     # Body stored byte-exact, dot-unstuffed.
     assert data.endswith(b"\r\n" + b"Subject: hi\r\nFrom: a@remote.test\r\n\r\nline 1\r\n.dot line\r\nlast\r\n")
-    on_disk = json.loads(mta.store.envelope_path(queue_id).read_text())
+    # One file on disk: the envelope (readable JSON) in its header, then the message.
+    raw = mta.store.data_path(queue_id).read_bytes()
+    on_disk = json.loads(read_embedded_envelope(mta.store.data_path(queue_id)))
+    assert raw.startswith(b"mta-envelope ") and raw.endswith(data)
     assert on_disk["recipients"][0]["original"] == "alice@example.test"
+    assert on_disk["size"] == len(data)
+    assert sorted(p.name for p in mta.store.msg_dir.iterdir()) == [f"{queue_id}.msg"]
     assert list(mta.store.tmp_dir.iterdir()) == []
 
 

@@ -67,6 +67,7 @@ from zope.interface import implementer
 from mta.delivery.base import Outcome
 from mta.delivery.cache import ConnectionCache
 from mta.netio import send_now
+from mta.queue.store import open_message
 
 log = Logger()
 
@@ -394,7 +395,7 @@ class _BodyProducer:
     def __init__(self, proto: SMTPClientProtocol, path: Path, block_timeout: float,
                  chunk_size: int = CHUNK_SIZE) -> None:
         self._proto = proto
-        self._file: BinaryIO | None = open(path, "rb")  # noqa: SIM115 (closed in _close)
+        self._file: BinaryIO | None = open_message(path)  # closed in _close
         self._stuffer = DotStuffer()
         self._block_timeout = block_timeout
         self._chunk_size = chunk_size
@@ -583,7 +584,7 @@ class SMTPClientProtocol(Protocol):
         """
         if self._failure is not None:
             return fail(self._failure)
-        with open(path, "rb", buffering=0) as f:
+        with open_message(path, buffering=0) as f:
             head = _read_up_to(f, SMALL_BODY + 1)
         if len(head) <= SMALL_BODY:
             stuffer = DotStuffer()

@@ -27,6 +27,7 @@ from email.utils import format_datetime
 from pathlib import Path
 
 from mta.queue.envelope import Envelope, Recipient, RecipientKind
+from mta.queue.store import open_message
 
 MAX_HEADER_BYTES = 64 * 1024
 MAX_FIELD_TEXT = 900  # keeps every report line below RFC 5322's 998 octets
@@ -116,7 +117,7 @@ def read_headers(data_path: Path, limit: int = MAX_HEADER_BYTES) -> bytes:
     out: list[bytes] = []
     size = 0
     try:
-        with open(data_path, "rb") as f:
+        with open_message(data_path) as f:
             while size < limit:
                 line = f.readline(limit - size + 2)
                 if not line or line in (b"\r\n", b"\n"):

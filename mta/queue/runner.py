@@ -242,7 +242,7 @@ class QueueRunner:
         ids = [queue_id] if queue_id is not None else self.store.ids()
         count = 0
         for qid in ids:
-            if not self.store.envelope_path(qid).exists():
+            if not self.store.exists(qid):
                 continue
             self._forced.add(qid)
             self._schedule_at(qid, self._now())
@@ -267,7 +267,7 @@ class QueueRunner:
         back into the deleted envelope); FileNotFoundError if it is not queued.
         """
         self._refuse_busy(queue_id)
-        if not self.store.envelope_path(queue_id).exists():
+        if not self.store.exists(queue_id):
             raise FileNotFoundError(f"no message {queue_id} in the queue")
         self._forget(queue_id)
         self.store.remove(queue_id)

@@ -3,23 +3,40 @@
 Layout under the queue root::
 
     tmp/          files being written; anything here at start-up is left over
-    msg/ID.msg    the message as received, our Received header first (CRLF lines)
-    msg/ID.json   the envelope (:class:`mta.queue.envelope.Envelope`), human readable
+    msg/ID.msg    the message: its envelope first (see below), then the message
+                  as received, our Received header first (CRLF lines)
+    msg/ID.json   the envelope's current state, once it has changed (readable JSON)
 
-A message is committed by: writing both files in ``tmp/``, fsyncing each
-(as two parts of one group-commit operation, see :mod:`mta.queue.commit`),
-renaming the data and then the envelope into ``msg/``, and fsyncing ``msg/``.
-Only after that does the SMTP server reply 250.  The envelope's presence in
-``msg/`` is what makes a message exist: a ``.msg`` without its ``.json`` is an
-uncommitted leftover and is removed by :meth:`QueueStore.recover`.
+**A message exists if and only if ``msg/ID.msg`` does.**  Its envelope
+(:class:`mta.queue.envelope.Envelope`) is ``msg/ID.json`` when that file is
+there, else the one embedded at the start of ``ID.msg``::
 
-Every later change to the envelope is an atomic rewrite (tmp, fsync, rename,
-directory fsync), so a crash leaves either the old or the new state, never a
-mixture.
+    mta-envelope 812        <- the length of the JSON that follows, in octets (LF)
+    { "id": ..., ... }      <- the envelope as accepted, readable JSON (LF)
+    Received: ...           <- the message (CRLF lines)
+
+A message held in memory (most mail) is committed as that one file: written
+in ``tmp/``, fsynced, renamed into ``msg/`` and the directory fsynced (a
+group commit, :mod:`mta.queue.commit`), and only then does the SMTP server
+reply 250.  One file means one fsync per message, as Postfix does.  A message
+too big to hold is written to ``tmp/`` as it arrives, without a header; its
+envelope is written beside it and renamed into ``msg/`` *before* the data, so
+the data's rename still is the moment the message exists.
+
+Every later change to the envelope is an atomic rewrite of ``ID.json`` (tmp,
+fsync, rename, directory fsync), so a crash leaves either the old or the new
+state, never a mixture.  A finished message is removed data first: once
+``ID.msg`` is gone the message is, and an ``ID.json`` left by a crash is
+cleaned up by :meth:`QueueStore.recover`.
+
+Readers of the message data open it with :func:`open_message`, which skips
+the envelope header; a file without one (a big message, or a queue written
+by an older version) starts with the message.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import time
@@ -48,14 +65,77 @@ def new_queue_id(now: float | None = None) -> str:
     return f"{t:08x}{secrets.token_hex(6)}"
 
 
+# The first line of a queue file that carries its envelope.
+ENVELOPE_MAGIC = b"mta-envelope "
+# Longest first line we look for: the magic and a length of up to 12 digits.
+_MAGIC_LINE_MAX = len(ENVELOPE_MAGIC) + 13
+_FIRST_READ = 65536
+
+
+def envelope_header(envelope_bytes: bytes) -> bytes:
+    """What goes before the message in a one-file queue entry."""
+    return ENVELOPE_MAGIC + b"%d\n" % len(envelope_bytes) + envelope_bytes
+
+
+def _parse_header(head: bytes) -> tuple[int, int] | None:
+    """(start, end) of the embedded envelope's JSON in a file starting with ``head``,
+    or None if the file has no envelope header.  ValueError if it is malformed."""
+    if not head.startswith(ENVELOPE_MAGIC):
+        return None
+    newline = head.find(b"\n", 0, _MAGIC_LINE_MAX)
+    digits = head[len(ENVELOPE_MAGIC):newline]
+    if newline < 0 or not digits.isdigit():
+        raise ValueError("malformed envelope header")
+    return newline + 1, newline + 1 + int(digits)
+
+
+def read_embedded_envelope(path: Path) -> bytes | None:
+    """The envelope JSON at the start of the queue file ``path``, or None if it has none."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        head = os.read(fd, _FIRST_READ)
+        span = _parse_header(head)
+        if span is None:
+            return None
+        start, end = span
+        chunks = [head[start:end]]
+        have = len(chunks[0])
+        while have < end - start:  # ends: each read advances, or the file is short
+            chunk = os.read(fd, min(end - start - have, 1 << 20))
+            if not chunk:
+                raise ValueError("truncated envelope header")
+            chunks.append(chunk)
+            have += len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def open_message(path: Path, buffering: int = -1) -> BinaryIO:
+    """Open a queued message for reading, positioned at its first octet (past the
+    envelope header if it has one).  Raises OSError (EIO for a malformed header)."""
+    f = open(path, "rb", buffering=buffering)  # noqa: SIM115 - the caller closes it
+    try:
+        span = _parse_header(f.read(_MAGIC_LINE_MAX))
+        f.seek(0 if span is None else span[1])
+    except ValueError as e:
+        f.close()
+        raise OSError(errno.EIO, str(e), str(path)) from None
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
 
 class MessageWriter:
     """A message being received: data goes to ``tmp/`` until :meth:`commit`.
 
     ``buffered``: the data is kept in memory and the file is only created when
-    the message is committed, on the group-commit thread (the SMTP session
-    holds a message up to ``dkim.max_message_size`` in memory anyway); a bigger
-    message is written to ``tmp/`` as it arrives.
+    the message is committed, on the group-commit thread, with the envelope in
+    its header (the SMTP session holds a message up to ``dkim.max_message_size``
+    in memory anyway); a bigger message is written to ``tmp/`` as it arrives,
+    and its envelope goes in a file beside it.
     """
 
     def __init__(self, store: QueueStore, queue_id: str, buffered: bool = False) -> None:
@@ -66,6 +146,7 @@ class MessageWriter:
         self._pending: list[bytes] | None = [] if buffered else None
         self._file: BinaryIO | None = None if buffered else open(self.tmp_path, "xb")  # noqa: SIM115
         self._open = True
+        self._embedded = False  # the data file carries the envelope in its header
         self.size = 0
 
     def write(self, data: bytes) -> None:
@@ -84,9 +165,11 @@ class MessageWriter:
     def commit(self, envelope: Envelope) -> None:
         """Make the message durable now. Raises :class:`QueueError`; then nothing is left."""
         self._prepare(envelope)
+        data = envelope.to_bytes()
         try:
-            self._write_data()
-            self._write_envelope(envelope.to_bytes())
+            self._write_data(envelope=data)
+            if not self._embedded:
+                self._write_envelope(data)
             self._rename()
             if self.store.fsync:
                 fsync_dir(self.store.msg_dir)
@@ -97,18 +180,23 @@ class MessageWriter:
     def commit_async(self, envelope: Envelope) -> Deferred[None]:
         """Like :meth:`commit`, with the disk work on the group-commit thread.
 
-        The data file and the envelope are written and fsynced as two parts of
-        one operation (in order when the batch has no other operation, else at
-        the same time as the other parts), then renamed into ``msg/``.  The Deferred
-        fires once the message, its envelope and the directory entries are on
-        disk (then listeners are told), or fails with QueueError.
+        A buffered message is one file (its envelope in the header), written
+        and fsynced as the one part of the operation; a message already in
+        ``tmp/`` and its envelope file are two parts (in order when the batch
+        has no other operation, else at the same time as the other parts).
+        Then they are renamed into ``msg/``.  The Deferred fires once the
+        message, its envelope and the directory entries are on disk (then
+        listeners are told), or fails with QueueError.
         """
         self._prepare(envelope)
         data = envelope.to_bytes()
         per_file = not self.store.committer.whole_filesystem
-        d = self.store.committer.submit(
-            self._rename, parts=[lambda: self._write_data(per_file),
-                                 lambda: self._write_envelope(data, per_file)])
+        if self._pending is not None:
+            parts = [lambda: self._write_data(per_file, envelope=data)]
+        else:
+            parts = [lambda: self._write_data(per_file),
+                     lambda: self._write_envelope(data, per_file)]
+        d = self.store.committer.submit(self._rename, parts=parts)
 
         def failed(failure: Failure) -> None:
             self._undo(failure.value)
@@ -127,13 +215,16 @@ class MessageWriter:
             except OSError as e:
                 self._undo(e)
 
-    def _write_data(self, sync: bool = True) -> None:
-        """The data file in tmp/: written now if buffered, fsynced (unless ``sync`` is off:
-        then the caller makes it all durable at once with syncfs)."""
+    def _write_data(self, sync: bool = True, envelope: bytes = b"") -> None:
+        """The data file in tmp/: written now if buffered (``envelope`` in its
+        header), fsynced (unless ``sync`` is off: then the caller makes it all
+        durable at once with syncfs)."""
         self._open = False
         if self._pending is not None:
             chunks, self._pending = self._pending, None
             with open(self.tmp_path, "xb") as f:
+                self._embedded = True
+                f.write(envelope_header(envelope))
                 f.writelines(chunks)
                 f.flush()
                 if self.store.fsync and sync:
@@ -149,9 +240,11 @@ class MessageWriter:
         self.store._write_file(self.envelope_tmp_path, envelope_bytes, sync=sync)
 
     def _rename(self) -> None:
-        """Into msg/: the data first, then the envelope that makes the message exist."""
+        """Into msg/: the envelope file first (if any), then the data, whose
+        arrival makes the message exist."""
+        if not self._embedded:
+            os.rename(self.envelope_tmp_path, self.store.envelope_path(self.id))
         os.rename(self.tmp_path, self.store.data_path(self.id))
-        os.rename(self.envelope_tmp_path, self.store.envelope_path(self.id))
 
     def _undo(self, error: BaseException) -> None:
         log.error("queue write failed for {id}: {err}", id=self.id, err=error)
@@ -163,7 +256,7 @@ class MessageWriter:
                 pass
             self._file = None
         for p in (self.tmp_path, self.envelope_tmp_path,
-                  self.store.envelope_path(self.id), self.store.data_path(self.id)):
+                  self.store.data_path(self.id), self.store.envelope_path(self.id)):
             _unlink_quietly(p)
         raise QueueError(str(error)) from error
 
@@ -186,6 +279,30 @@ def _read_all(path: Path) -> bytes:
         return b"".join(chunks)
     finally:
         os.close(fd)
+
+
+def list_ids(msg_dir: Path) -> list[str]:
+    """Ids of the committed messages in a queue's ``msg/``, oldest first."""
+    return sorted(p.name[:-4] for p in msg_dir.iterdir() if p.name.endswith(".msg"))
+
+
+def load_envelope(msg_dir: Path, queue_id: str) -> Envelope:
+    """A message's envelope: its state file if it has one, else its header.
+
+    FileNotFoundError if the message is not (or no longer) queued; ValueError,
+    KeyError or TypeError if the envelope cannot be read."""
+    data_path = msg_dir / f"{queue_id}.msg"
+    try:
+        state = _read_all(msg_dir / f"{queue_id}.json")
+    except FileNotFoundError:
+        pass
+    else:
+        os.stat(data_path)  # a state file left by a removal is not a message
+        return Envelope.from_bytes(state)
+    embedded = read_embedded_envelope(data_path)
+    if embedded is None:
+        raise ValueError(f"message {queue_id} has no envelope")
+    return Envelope.from_bytes(embedded)
 
 
 def _unlink_quietly(path: Path) -> None:
@@ -248,10 +365,16 @@ class QueueStore:
 
     def ids(self) -> list[str]:
         """Ids of committed messages, oldest first."""
-        return sorted(p.name[:-5] for p in self.msg_dir.iterdir() if p.name.endswith(".json"))
+        return list_ids(self.msg_dir)
+
+    def exists(self, queue_id: str) -> bool:
+        """Whether the message is queued (its data file is in ``msg/``)."""
+        return self.data_path(queue_id).exists()
 
     def load(self, queue_id: str) -> Envelope:
-        return Envelope.from_bytes(_read_all(self.envelope_path(queue_id)))
+        """The envelope: FileNotFoundError if the message is gone, ValueError (or
+        KeyError, TypeError) if it cannot be read."""
+        return load_envelope(self.msg_dir, queue_id)
 
     def envelopes(self) -> Iterator[Envelope]:
         for queue_id in self.ids():
@@ -300,8 +423,8 @@ class QueueStore:
         env, data = self.envelope_path(queue_id), self.data_path(queue_id)
 
         def operation() -> None:
-            _unlink_quietly(env)
             _unlink_quietly(data)
+            _unlink_quietly(env)
 
         return self.committer.submit(operation)
 
@@ -317,32 +440,48 @@ class QueueStore:
         self.save(envelope)
 
     def remove(self, queue_id: str) -> None:
-        """Delete a finished message: the envelope first, so no half message remains."""
-        _unlink_quietly(self.envelope_path(queue_id))
+        """Delete a finished message: the data first (then the message is gone), then
+        its state file, which :meth:`recover` would remove if a crash left it."""
         _unlink_quietly(self.data_path(queue_id))
+        _unlink_quietly(self.envelope_path(queue_id))
         if self.fsync:
             fsync_dir(self.msg_dir)
 
     def recover(self) -> list[str]:
         """Clean up after a crash; returns the ids of the committed messages.
 
-        Files in ``tmp/`` were never acknowledged and are removed.  A data file
-        without an envelope was not committed either.  An envelope without data
-        is moved aside to ``corrupt/`` and logged: it cannot be delivered.
+        Files in ``tmp/`` were never acknowledged and are removed.  A state file
+        without its message was left by a removal (or by a commit that never
+        got to rename the data) and is removed.  A message file with neither an
+        envelope header nor a state file is a leftover of an older version's
+        unfinished commit and is removed too.  A message whose envelope cannot
+        be read is moved aside to ``corrupt/`` and logged.
         """
         for p in self.tmp_dir.iterdir():
             log.info("removing leftover {name} from queue tmp/", name=p.name)
             _unlink_quietly(p)
         names = {p.name for p in self.msg_dir.iterdir()}
         for name in sorted(names):
-            if name.endswith(".msg") and name[:-4] + ".json" not in names:
-                log.info("removing uncommitted message {name}", name=name)
+            if name.endswith(".json") and name[:-5] + ".msg" not in names:
+                log.info("removing state file {name} of a message no longer queued", name=name)
                 _unlink_quietly(self.msg_dir / name)
-            elif name.endswith(".json") and name[:-5] + ".msg" not in names:
-                corrupt = self.root / "corrupt"
-                corrupt.mkdir(exist_ok=True)
-                log.error("envelope {name} has no message data; moved to corrupt/", name=name)
-                os.rename(self.msg_dir / name, corrupt / name)
+            elif name.endswith(".msg") and name[:-4] + ".json" not in names:
+                try:
+                    embedded = read_embedded_envelope(self.msg_dir / name)
+                except ValueError:
+                    embedded = b""
+                except OSError as e:
+                    log.error("cannot read {name}: {err}", name=name, err=e)
+                    continue
+                if embedded is None:
+                    log.info("removing uncommitted message {name}", name=name)
+                    _unlink_quietly(self.msg_dir / name)
+                elif not embedded:
+                    corrupt = self.root / "corrupt"
+                    corrupt.mkdir(exist_ok=True)
+                    log.error("message {name} has a malformed envelope header; moved to corrupt/",
+                              name=name)
+                    os.rename(self.msg_dir / name, corrupt / name)
         return self.ids()
 
     def _write_file(self, path: Path, data: bytes, sync: bool = True) -> None:
