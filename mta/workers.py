@@ -7,8 +7,10 @@ the kernel spreads new connections over all of them.  Every process runs the
 full SMTP session and commits to the same queue directory (queue ids are
 unique per message); only the main process runs the queue runner, the control
 socket and the metrics.  A worker tells the main process about each message it
-committed by writing ``queued <id>`` on its stdout; if that line is lost (a
-crash), the message is still on disk and found at the next start.  A worker's
+committed by writing ``queued <id> <envelope as one line of JSON>`` on its
+stdout (so the main process need not read the envelope back from disk); if
+that line is lost (a crash), the message is still on disk and found at the
+next start.  A worker's
 log lines (``[worker1 mta.smtp.server#info] ...``) come on its stderr and are
 appended to the main log as they are.
 
@@ -32,6 +34,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 
 from mta.logs import worker_log_observer, write_log_text
+from mta.queue.envelope import Envelope
 
 log = Logger()
 
@@ -48,9 +51,10 @@ class _WorkerProtocol(ProcessProtocol):
         self._out += data
         *lines, self._out = self._out.split(b"\n")
         for line in lines:
-            verb, _, queue_id = line.decode("ascii", "replace").partition(" ")
-            if verb == "queued" and queue_id:
-                self.pool.queued(queue_id)
+            verb, _, rest = line.partition(b" ")
+            queue_id, _, envelope = rest.partition(b" ")
+            if verb == b"queued" and queue_id:
+                self.pool.queued(queue_id.decode("ascii", "replace"), envelope)
 
     def errReceived(self, data: bytes) -> None:  # noqa: N802
         # The worker's log lines arrive formatted ("<time> [workerN namespace#level] text");
@@ -102,9 +106,19 @@ class WorkerPool(Service):
         self.protocols[index] = protocol
         log.info("started worker {index} (pid {pid})", index=index, pid=transport.pid)
 
-    def queued(self, queue_id: str) -> None:
+    def queued(self, queue_id: str, envelope_json: bytes = b"") -> None:
+        """A worker committed ``queue_id``: hand it to the runner, with the envelope
+        the worker sent (read from disk instead if that is missing or unreadable)."""
         runner = self.mta.runner
-        if runner is not None:
+        if runner is None:
+            return
+        try:
+            envelope = Envelope.from_bytes(envelope_json)
+        except (ValueError, KeyError, TypeError):
+            envelope = None
+        if envelope is not None and envelope.id == queue_id:
+            runner.committed(envelope)
+        else:
             runner.flush(queue_id)
 
     def ended(self, protocol: _WorkerProtocol) -> None:
@@ -161,7 +175,7 @@ def run_worker(spec: dict[str, Any]) -> None:
                          install_signals=True)
 
     def announce(envelope: Any) -> None:
-        os.write(1, f"queued {envelope.id}\n".encode("ascii"))
+        os.write(1, b"queued %s %s\n" % (envelope.id.encode("ascii"), envelope.to_line()))
 
     service.context.store.subscribe(announce)
     service.startService()

@@ -8,7 +8,10 @@ import signal
 import smtplib
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
+from mta.queue.envelope import Envelope, Recipient, RecipientKind
+from mta.workers import WorkerPool, _WorkerProtocol
 from tests.daemon import QUIET_TAIL, Daemon, free_port
 from tests.harness import PASSWORD, write_domain
 
@@ -107,3 +110,29 @@ def test_worker_dies_with_a_killed_main_process(tmp_path):
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+class _Runner:
+    def __init__(self) -> None:
+        self.committed: list[Envelope] = []
+        self.flushed: list[str] = []
+
+
+def test_the_main_process_takes_the_envelope_from_the_workers_line(tmp_path):
+    """``queued <id> <envelope JSON>`` in pieces, as a pipe delivers them: the runner
+    gets the envelope itself; a line without a usable one falls back to the disk."""
+    runner = _Runner()
+    mta = SimpleNamespace(runner=SimpleNamespace(committed=runner.committed.append,
+                                                 flush=runner.flushed.append))
+    pool = WorkerPool.__new__(WorkerPool)
+    pool.mta = mta
+    proto = _WorkerProtocol(pool, 1)
+    env = Envelope("6b09c8822d5b28ff9734", "s@x.test",
+                   [Recipient("a@y.test", RecipientKind.REMOTE, "a@y.test")], 1.5e9, size=42)
+    line = b"queued %s %s\n" % (env.id.encode(), env.to_line())
+    assert b"\n" not in line[:-1]
+    data = line + b"queued 6b09c8822d5b28ff9735\nqueued 6b09c8822d5b28ff9736 {bad\n"
+    for i in range(0, len(data), 7):
+        proto.outReceived(data[i:i + 7])
+    assert [e.to_bytes() for e in runner.committed] == [env.to_bytes()]
+    assert runner.flushed == ["6b09c8822d5b28ff9735", "6b09c8822d5b28ff9736"]

@@ -104,7 +104,15 @@ class Envelope:
         ]
 
     def to_bytes(self) -> bytes:
-        d = {
+        """The envelope file's text: indented JSON (readable), ending in a newline."""
+        return (json.dumps(self._to_dict(), indent=1, ensure_ascii=False) + "\n").encode("utf-8")
+
+    def to_line(self) -> bytes:
+        """The same JSON on one ASCII line, without the newline (for a line protocol)."""
+        return json.dumps(self._to_dict(), separators=(",", ":")).encode("ascii")
+
+    def _to_dict(self) -> dict[str, Any]:
+        return {
             "id": self.id, "sender": self.sender,
             "recipients": [r.to_json() for r in self.recipients],
             "created": self.created, "size": self.size, "body_8bit": self.body_8bit,
@@ -113,7 +121,6 @@ class Envelope:
             "first_attempt": self.first_attempt, "delay_warned": self.delay_warned,
             "extra": self.extra, "version": ENVELOPE_VERSION,
         }
-        return (json.dumps(d, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Envelope:

@@ -320,6 +320,11 @@ class QueueRunner:
     def _now(self) -> float:
         return self.clock.seconds()
 
+    def committed(self, envelope: Envelope) -> None:
+        """Another process (a worker) committed this message, and says what its
+        envelope is: deliver it as one of ours, without reading it back."""
+        self._on_commit(envelope)
+
     def _on_commit(self, envelope: Envelope) -> None:
         # A new message: try it at once, but from a fresh reactor turn so the
         # SMTP reply goes out first.
