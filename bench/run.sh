@@ -24,7 +24,7 @@
 #   LAT_SAMPLES=20  LAT_SIZE=4096
 #   CHECK_FSYNC=1         strace the MTA while it takes 50 messages
 #   PROFILE=1             py-spy on our MTA during one extra 4 KB run
-#   PROFILE_MESSAGES=$MESSAGES
+#   PROFILE_MESSAGES=$MESSAGES  PROFILE_SIZE=4096 (the message size of that run)
 #   IDLE_SESSIONS=10000   0 skips the idle sessions test
 #   LISTEN=127.0.0.1:32525  SINK=127.0.0.1:32526 (mx: 127.0.0.2:32526)
 #   FLOOR_SINK=127.0.0.1:32527  RUN_TIMEOUT=600  KEEP=0  OUT=/tmp/bench-results-<time>
@@ -52,6 +52,7 @@ LAT_SIZE=${LAT_SIZE:-4096}
 CHECK_FSYNC=${CHECK_FSYNC:-1}
 PROFILE=${PROFILE:-1}
 PROFILE_MESSAGES=${PROFILE_MESSAGES:-$MESSAGES}
+PROFILE_SIZE=${PROFILE_SIZE:-4096}
 IDLE_SESSIONS=${IDLE_SESSIONS:-10000}
 LISTEN=${LISTEN:-127.0.0.1:32525}
 FLOOR_SINK=${FLOOR_SINK:-127.0.0.1:32527}
@@ -173,10 +174,10 @@ for p in benchlib.cgroup_pids(st["cgroup"]):
         print(p); break' "$CURRENT"
 }
 
-profile() {  # py-spy on our MTA during one extra 4 KB throughput run (not in results.jsonl)
+profile() {  # py-spy on our MTA during one extra throughput run (not in results.jsonl)
     local pid
     pid=$(mta_pid)
-    echo "== profile: py-spy on pid $pid during $PROFILE_MESSAGES x 4 KB" >&2
+    echo "== profile: py-spy on pid $pid during $PROFILE_MESSAGES x $PROFILE_SIZE B" >&2
     # --subprocesses: the worker processes too; --threads: one table per thread;
     # no --idle: waits (epoll_wait, a worker's queue) are left out, time blocked
     # in fsync is kept.
@@ -186,7 +187,7 @@ profile() {  # py-spy on our MTA during one extra 4 KB throughput run (not in re
         --format raw -o "$OUT/profile-ours-4k.folded" >"$OUT/py-spy.log" 2>&1 &
     PYSPY=$!
     sleep 1
-    python3 run_load.py --label ours-profiled --state "$CURRENT" --mode throughput --size 4096 \
+    python3 run_load.py --label ours-profiled --state "$CURRENT" --mode throughput --size "$PROFILE_SIZE" \
         --messages "$PROFILE_MESSAGES" --sessions "$SESSIONS" --runs 1 --warmup 0 \
         --timeout "$RUN_TIMEOUT" --out "$OUT/profile-load.jsonl" >&2
     kill -INT "$PYSPY" 2>/dev/null || true
