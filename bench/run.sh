@@ -21,6 +21,10 @@
 #                         fsync of each file and of the directory)
 #   FLOOR=1               0 skips the floor
 #   SIZES="4096 102400"  MESSAGES=2000  SESSIONS=20  RUNS=3
+#   ROUNDS=1              >1: the targets take turns, RUNS runs each per round
+#                         (a fresh instance each time, the order reversed every
+#                         other round), so drift of a noisy machine hits all
+#                         alike; the tables take the median over every run
 #   LAT_SAMPLES=20  LAT_SIZE=4096
 #   CHECK_FSYNC=1         strace the MTA while it takes 50 messages
 #   PROFILE=1             py-spy on our MTA during one extra 4 KB run
@@ -47,6 +51,7 @@ SIZES=${SIZES:-"4096 102400"}
 MESSAGES=${MESSAGES:-2000}
 SESSIONS=${SESSIONS:-20}
 RUNS=${RUNS:-3}
+ROUNDS=${ROUNDS:-1}
 LAT_SAMPLES=${LAT_SAMPLES:-20}
 LAT_SIZE=${LAT_SIZE:-4096}
 CHECK_FSYNC=${CHECK_FSYNC:-1}
@@ -212,17 +217,23 @@ if [ "$FLOOR" = 1 ]; then
     load floor --target "$FLOOR_SINK" --sink "$FLOOR_SINK"
 fi
 
-for kind in $MTAS; do
-    echo "== $kind ($MODE)" >&2
-    start "$kind"
-    load "$kind" --state "$CURRENT"
-    if [ "$CHECK_FSYNC" = 1 ] && command -v strace >/dev/null; then
-        python3 check_fsync.py --state "$CURRENT" --label "$kind" | tee -a "$OUT/fsync.jsonl"
-    fi
-    if [ "$kind" = ours ] && [ "$PROFILE" = 1 ]; then profile; fi
-    sleep 2  # let the last deliveries finish before counting what is left in the queue
-    keep_logs "$kind"
-    stop_current
+for round in $(seq 1 "$ROUNDS"); do
+    kinds=$MTAS
+    if [ $((round % 2)) = 0 ]; then kinds=$(printf '%s\n' $MTAS | tac | tr '\n' ' '); fi
+    for kind in $kinds; do
+        echo "== $kind ($MODE), round $round of $ROUNDS" >&2
+        start "$kind"
+        load "$kind" --state "$CURRENT"
+        if [ "$round" = "$ROUNDS" ]; then  # the checks once, in the last round
+            if [ "$CHECK_FSYNC" = 1 ] && command -v strace >/dev/null; then
+                python3 check_fsync.py --state "$CURRENT" --label "$kind" | tee -a "$OUT/fsync.jsonl"
+            fi
+            if [ "$kind" = ours ] && [ "$PROFILE" = 1 ]; then profile; fi
+        fi
+        sleep 2  # let the last deliveries finish before counting what is left in the queue
+        if [ "$ROUNDS" = 1 ]; then keep_logs "$kind"; else keep_logs "$kind-round$round"; fi
+        stop_current
+    done
 done
 
 if [ "$IDLE_SESSIONS" -gt 0 ] && [[ " $MTAS " == *" ours "* ]]; then
