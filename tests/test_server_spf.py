@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
 
 from tests.harness import RawClient, in_thread, start_mta
 
@@ -84,3 +86,52 @@ async def test_pipelined_mail_waits_for_spf(spf_mta):
         return replies
 
     assert await in_thread(run) == [550, 503, 250, 250, 354]
+
+
+@pytest_twisted.ensureDeferred
+async def test_input_while_a_check_is_pending_is_kept_in_order_and_bounded(spf_mta, monkeypatch):
+    """While MAIL waits for its SPF answer the session keeps what the client
+    pipelines, stops reading past BUSY_READ_LIMIT (memory stays bounded), and
+    answers everything in order once the answer comes."""
+    from mta.policy.spf import SPFResult
+    from mta.smtp import server as server_module
+
+    pending: list[Deferred] = []
+
+    def slow_check(ip, sender, helo):
+        d = Deferred()
+        pending.append(d)
+        return d
+
+    monkeypatch.setattr(spf_mta.context.spf, "check", slow_check)
+    junk = b"x" * (3 * server_module.BUSY_READ_LIMIT)
+    c = RawClient(spf_mta.port())
+
+    def start():
+        c.read_reply()
+        c.cmd("EHLO client.pass.test")
+        c.send(b"MAIL FROM:<user@pass.test>\r\nRCPT TO:<alice@example.test>\r\n")
+        c.sock.settimeout(2)
+        try:  # the server stops reading: this may block until the timeout
+            c.sock.sendall(junk)
+        except TimeoutError:
+            pass
+
+    await in_thread(start)
+    (session,) = spf_mta.context.sessions
+    for _ in range(200):  # bounded: up to 2 s for the reactor to read what was sent
+        if session._paused:
+            break
+        await deferLater(reactor, 0.01, lambda: None)
+    assert len(pending) == 1 and session._paused
+    assert len(session._buf) <= server_module.BUSY_READ_LIMIT + 65536
+    pending[0].callback(SPFResult("pass", "", "pass.test", "mailfrom"))
+
+    def finish():
+        c.sock.settimeout(10)
+        c.send(b"\r\nQUIT\r\n")
+        return [c.read_reply()[0] for _ in range(4)]
+
+    # MAIL, RCPT, the over-long junk line, QUIT.
+    assert await in_thread(finish) == [250, 250, 500, 221]
+    c.close()

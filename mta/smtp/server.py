@@ -2,9 +2,12 @@
 
 One method per verb (``smtp_EHLO``, ``smtp_MAIL`` ...) takes the argument text
 and returns a :class:`~mta.smtp.replies.Reply`, or a Deferred that fires with
-one when the answer needs I/O (SPF, password checks).  While such a Deferred is
-pending the session stops reading and processes no further pipelined input,
-so replies always go out in command order (RFC 2920 §3).
+one when the answer needs I/O (SPF, password checks, the queue's fsync).  While
+such a Deferred is pending the session processes no further pipelined input,
+so replies always go out in command order (RFC 2920 §3); what arrives
+meanwhile is kept, and reading stops once ``BUSY_READ_LIMIT`` octets wait (not
+before: most clients wait for the reply, and pausing and resuming the socket
+would cost two epoll changes per message).
 
 Input handling is strict and bounded:
 
@@ -53,6 +56,9 @@ log = Logger()
 HTTP_VERBS = frozenset({"GET", "POST", "HEAD", "PUT", "DELETE", "CONNECT", "OPTIONS", "PATCH", "TRACE"})
 # RFC 4954 §4: an AUTH response line may be up to 12288 octets.
 MAX_AUTH_LINE = 12288
+# Octets of unprocessed input kept while a reply is pending; past it the
+# session stops reading until the reply has gone out.
+BUSY_READ_LIMIT = 64 * 1024
 
 
 class Phase(Enum):
@@ -124,6 +130,7 @@ class SMTPSession(Protocol):
         self._scan = 0  # where to resume looking for CRLF in _buf
         self._discarding = False  # inside an over-long command line
         self._busy = False
+        self._paused = False  # reading stopped while busy (BUSY_READ_LIMIT)
         self._idle_timer: Any = None
         self._life_timer: Any = None
         self.client_ip = ""
@@ -316,6 +323,9 @@ class SMTPSession(Protocol):
             self._scan -= self._pos
             self._pos = 0
         self._buf = self._buf + data if self._buf else data
+        if self._busy and not self._paused and len(self._buf) - self._pos > BUSY_READ_LIMIT:
+            self._paused = True
+            self.transport.pauseProducing()
         self._out = []
         try:
             self._process()
@@ -388,7 +398,6 @@ class SMTPSession(Protocol):
             self._reset_transaction()
         if isinstance(result, Deferred):
             self._busy = True
-            self.transport.pauseProducing()
             result.addErrback(self._internal_error)
             result.addCallback(self._async_done)
         elif result is not None:
@@ -407,7 +416,9 @@ class SMTPSession(Protocol):
             self._reply(reply)
         if self.phase is not Phase.CLOSED:
             self._reset_idle_timer()  # the wait for the next command starts with our reply
-            self.transport.resumeProducing()
+            if self._paused:
+                self._paused = False
+                self.transport.resumeProducing()
             self._process()
 
     # --- commands -----------------------------------------------------------------
