@@ -112,10 +112,15 @@ class RemoteCourier:
             sender = srs_sender if srs_sender and r.address in srs_recipients else envelope.sender
             groups.setdefault((domain, sender), []).append(r)
         size = envelope.size or os.stat(data_path).st_size
-        lists = await gatherResults([
-            Deferred.fromCoroutine(self._deliver_group(envelope, domain, group, data_path, size, sender))
-            for (domain, sender), group in groups.items()
-        ])
+        if len(groups) == 1:  # most mail: one destination, awaited here without a gather
+            ((domain, sender), group), = groups.items()
+            lists = [await self._deliver_group(envelope, domain, group, data_path, size, sender)]
+        else:
+            lists = await gatherResults([
+                Deferred.fromCoroutine(self._deliver_group(envelope, domain, group, data_path,
+                                                           size, sender))
+                for (domain, sender), group in groups.items()
+            ])
         by_id = {id(res.recipient): res for results in lists for res in results}
         return [by_id[id(r)] for r in recipients]
 

@@ -474,6 +474,9 @@ class QueueRunner:
 
     async def _deliver(self, env: Envelope, due: list[Recipient], data_path: Path) -> None:
         routes = self.router.route(env, due)
+        if len(routes) == 1:  # most mail: one route, awaited here without a DeferredList
+            await self._deliver_route(env, routes[0], data_path)
+            return
         attempts = [Deferred.fromCoroutine(self._deliver_route(env, route, data_path))
                     for route in routes]
         outcomes = await DeferredList(attempts, consumeErrors=True)
