@@ -19,6 +19,7 @@ from mta.queue.store import (
     load_envelope,
     open_message,
     read_embedded_envelope,
+    read_message_start,
 )
 
 MESSAGE = b"Received: by us\r\nSubject: one file\r\n\r\nbody\r\n"
@@ -175,3 +176,25 @@ async def test_readers_of_the_message_never_see_the_header(store, tmp_path):
     (delivered,) = (tmp_path / "mail" / "example.test" / "alice" / "new").iterdir()
     assert delivered.read_bytes() == (b"Return-Path: <s@x.test>\nDelivered-To: alice@example.test\n"
                                       + MESSAGE.replace(b"\r\n", b"\n"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_read_message_start_skips_the_header_and_stops_at_the_limit(store, tmp_path):
+    env = await queue_one(store)
+    path = store.data_path(env.id)
+    assert read_message_start(path, 1 << 20) == MESSAGE
+    assert read_message_start(path, 10) == MESSAGE[:10]
+    big = await queue_one(store, buffered=False)  # no header
+    assert read_message_start(store.data_path(big.id), 1 << 20) == MESSAGE
+    writer = store.new_message(buffered=True)
+    writer.write(MESSAGE)
+    many = envelope_for(writer.id)
+    many.recipients = [Recipient(f"user{i:05d}@y.test", RecipientKind.REMOTE, f"user{i:05d}@y.test")
+                       for i in range(1000)]  # an envelope longer than the first read
+    await writer.commit_async(many)
+    assert read_message_start(store.data_path(many.id), 1 << 20) == MESSAGE
+    assert read_message_start(store.data_path(many.id), 5) == MESSAGE[:5]
+    bad = tmp_path / "bad.msg"
+    bad.write_bytes(b"mta-envelope x\n" + MESSAGE)
+    with pytest.raises(OSError):
+        read_message_start(bad, 100)

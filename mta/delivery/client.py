@@ -67,7 +67,7 @@ from zope.interface import implementer
 from mta.delivery.base import Outcome
 from mta.delivery.cache import ConnectionCache
 from mta.netio import send_now
-from mta.queue.store import open_message
+from mta.queue.store import open_message, read_message_start
 
 log = Logger()
 
@@ -369,19 +369,6 @@ def _refused(reply: Reply, stage: str) -> SessionError:
 # --- the I/O half ------------------------------------------------------------------------
 
 
-def _read_up_to(f: BinaryIO, limit: int) -> bytes:
-    """Up to ``limit`` octets from the start of ``f`` (fewer only at its end)."""
-    parts: list[bytes] = []
-    size = 0
-    while size < limit:
-        chunk = f.read(limit - size)
-        if not chunk:
-            break
-        parts.append(chunk)
-        size += len(chunk)
-    return b"".join(parts)
-
-
 @implementer(interfaces.IPullProducer)
 class _BodyProducer:
     """Streams the message file through a :class:`DotStuffer`, one chunk per pull.
@@ -584,8 +571,7 @@ class SMTPClientProtocol(Protocol):
         """
         if self._failure is not None:
             return fail(self._failure)
-        with open_message(path, buffering=0) as f:
-            head = _read_up_to(f, SMALL_BODY + 1)
+        head = read_message_start(path, SMALL_BODY + 1)
         if len(head) <= SMALL_BODY:
             stuffer = DotStuffer()
             send_now(self.transport, stuffer.feed(head) + stuffer.finish())

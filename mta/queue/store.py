@@ -111,6 +111,35 @@ def read_embedded_envelope(path: Path) -> bytes | None:
         os.close(fd)
 
 
+def read_message_start(path: Path, limit: int) -> bytes:
+    """The first ``limit`` octets of a queued message (fewer only at its end), past
+    its envelope header; with plain os calls, for the common small message read
+    whole (no file object: Python's ``open`` adds an fstat, a tty check and seeks).
+    Raises OSError (EIO for a malformed header)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        head = os.read(fd, max(limit, _FIRST_READ))
+        try:
+            span = _parse_header(head)
+        except ValueError as e:
+            raise OSError(errno.EIO, str(e), str(path)) from None
+        start = 0 if span is None else span[1]
+        if start > len(head):  # an envelope longer than the first read
+            os.lseek(fd, start, os.SEEK_SET)
+            head, start = b"", 0
+        parts = [head[start:start + limit]]
+        size = len(parts[0])
+        while size < limit:  # ends: each read advances, or the file ends
+            chunk = os.read(fd, limit - size)
+            if not chunk:
+                break
+            parts.append(chunk)
+            size += len(chunk)
+        return b"".join(parts)
+    finally:
+        os.close(fd)
+
+
 def open_message(path: Path, buffering: int = -1) -> BinaryIO:
     """Open a queued message for reading, positioned at its first octet (past the
     envelope header if it has one).  Raises OSError (EIO for a malformed header)."""
