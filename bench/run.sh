@@ -20,11 +20,12 @@
 #                         same with queue_sync = "fsync" (the product default:
 #                         fsync of each file and of the directory)
 #   FLOOR=1               0 skips the floor
-#   SIZES="4096 102400"  MESSAGES=2000  SESSIONS=20  RUNS=3
-#   ROUNDS=1              >1: the targets take turns, RUNS runs each per round
-#                         (a fresh instance each time, the order reversed every
-#                         other round), so drift of a noisy machine hits all
-#                         alike; the tables take the median over every run
+#   SIZES="4096 102400"  MESSAGES=2000  SESSIONS=20
+#   ROUNDS=3  RUNS=1      the targets take turns: ROUNDS rounds, in each every
+#                         target runs RUNS times on a fresh instance (the order
+#                         reversed every other round), so the drift of a noisy
+#                         machine hits all alike; the tables take the median
+#                         over all ROUNDS x RUNS runs of a target
 #   LAT_SAMPLES=20  LAT_SIZE=4096
 #   CHECK_FSYNC=1         strace the MTA while it takes 50 messages
 #   PROFILE=1             py-spy on our MTA during one extra 4 KB run
@@ -34,7 +35,7 @@
 #   FLOOR_SINK=127.0.0.1:32527  RUN_TIMEOUT=600  KEEP=0  OUT=/tmp/bench-results-<time>
 #   TWISTD=...            default: ../.venv/bin/twistd if present, else twistd on PATH
 #   CONFIG=bench/mta-bench.toml  (copied to OUT with data_dir = OUT/mta-data)
-# A quick check: RUNS=1 MESSAGES=500 IDLE_SESSIONS=1000 PROFILE=0 bash bench/run.sh
+# A quick check: ROUNDS=1 MESSAGES=500 IDLE_SESSIONS=1000 PROFILE=0 bash bench/run.sh
 #
 # Needs root (cgroups, mount namespaces, smtp-sink -u), Postfix's smtp-source
 # and smtp-sink, strace and py-spy. All traffic stays on loopback; every run and
@@ -50,8 +51,8 @@ FLOOR=${FLOOR:-1}
 SIZES=${SIZES:-"4096 102400"}
 MESSAGES=${MESSAGES:-2000}
 SESSIONS=${SESSIONS:-20}
-RUNS=${RUNS:-3}
-ROUNDS=${ROUNDS:-1}
+RUNS=${RUNS:-1}
+ROUNDS=${ROUNDS:-3}
 LAT_SAMPLES=${LAT_SAMPLES:-20}
 LAT_SIZE=${LAT_SIZE:-4096}
 CHECK_FSYNC=${CHECK_FSYNC:-1}
@@ -129,7 +130,7 @@ OURS_FSYNC_CMD=$(ours_cmd "$OURS_FSYNC_CONFIG")
     echo "ours: $("$TWISTD" --version 2>/dev/null | head -1); project $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo '?')"
     echo "uncommitted changes: $(git -C "$ROOT" diff HEAD --stat -- mta twisted 2>/dev/null | tail -1 || true)" \
          "(sha256 of the diff: $(git -C "$ROOT" diff HEAD -- mta twisted 2>/dev/null | sha256sum | cut -c1-12))"
-    echo "mode=$MODE sizes=$SIZES messages=$MESSAGES sessions=$SESSIONS runs=$RUNS latency=$LAT_SAMPLES x $LAT_SIZE B"
+    echo "mode=$MODE sizes=$SIZES messages=$MESSAGES sessions=$SESSIONS rounds=$ROUNDS runs=$RUNS latency=$LAT_SAMPLES x $LAT_SIZE B"
     echo "our command: $OURS_CMD"
     echo "ours-fsync: the same with $OURS_FSYNC_CONFIG (queue_sync = \"fsync\")"
 } > "$OUT/env.txt"
@@ -214,7 +215,7 @@ keep_logs() {  # label: copy the MTA's logs into OUT and count problems
 
 if [ "$FLOOR" = 1 ]; then
     echo "== floor: smtp-source -> smtp-sink on $FLOOR_SINK" >&2
-    load floor --target "$FLOOR_SINK" --sink "$FLOOR_SINK"
+    load floor --target "$FLOOR_SINK" --sink "$FLOOR_SINK" --runs "$((RUNS * ROUNDS))"
 fi
 
 for round in $(seq 1 "$ROUNDS"); do
