@@ -11,7 +11,10 @@ import json
 
 import pytest
 import pytest_twisted
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+from twisted.logger import globalLogPublisher
 
 from mta.queue.store import read_embedded_envelope
 from tests.harness import PASSWORD, RawClient, in_thread, start_mta
@@ -141,6 +144,78 @@ async def test_message_is_queued_with_received_header(mta):
     assert on_disk["size"] == len(data)
     assert sorted(p.name for p in mta.store.msg_dir.iterdir()) == [f"{queue_id}.msg"]
     assert list(mta.store.tmp_dir.iterdir()) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_queued_is_logged_after_the_250_even_for_a_client_already_gone(mta):
+    """The 'queued' line is written once the 250 has gone out; a client that hung
+    up right after its final dot still gets its message queued and logged."""
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        def run():
+            c = RawClient(mta.port())
+            c.read_reply()
+            c.cmd("EHLO client.test")
+            c.cmd("MAIL FROM:<sender@remote.test>")
+            c.cmd("RCPT TO:<alice@example.test>")
+            assert c.cmd("DATA")[0] == 354
+            c.send(b"Subject: hung up\r\n\r\nbye\r\n.\r\n")
+            c.close()
+
+        await in_thread(run)
+        for _ in range(200):  # bounded: up to 2 s for the commit
+            if any(e.get("event") == "queued" for e in events):
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    (envelope,) = mta.queued()
+    [queued] = [e for e in events if e.get("event") == "queued"]
+    assert queued["queue_id"] == envelope.id and queued["rcpts"] == "alice@example.test"
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_writer_made_after_354_belongs_to_its_own_transaction(mta):
+    """The queue writer and Received header made while the client sends the message
+    (after the 354) are dropped with a refused message or a client gone; the next
+    transaction gets its own id and trace."""
+    def run():
+        c = RawClient(mta.port())
+        c.read_reply()
+        c.cmd("EHLO client.test")
+        c.cmd("MAIL FROM:<sender@remote.test>")
+        c.cmd("RCPT TO:<alice@example.test>")
+        assert c.cmd("DATA")[0] == 354
+        c.send(b"Subject: bare\nLF\r\n.\r\n")  # refused after the dot (bare LF)
+        refused = c.read_reply()[0]
+        c.cmd("MAIL FROM:<sender@remote.test>")
+        c.cmd("RCPT TO:<bob@example.test>")
+        assert c.cmd("DATA")[0] == 354
+        c.send(b"Subject: second\r\n\r\nfor bob\r\n.\r\n")
+        accepted = c.read_reply()
+        c.cmd("MAIL FROM:<sender@remote.test>")
+        c.cmd("RCPT TO:<alice@example.test>")
+        assert c.cmd("DATA")[0] == 354
+        c.send(b"Subject: half a message\r\n")
+        c.close()  # gone in the middle of the message
+        return refused, accepted
+
+    refused, (code, text) = await in_thread(run)
+    assert refused == 550 and code == 250
+    for _ in range(100):  # bounded: up to 1 s for the server to see the close
+        if not mta.context.sessions:
+            break
+        await deferLater(reactor, 0.01, lambda: None)
+    assert not mta.context.sessions
+    (envelope,) = mta.queued()
+    assert envelope.id == text.split()[-1]
+    [received] = [line for line in mta.message_bytes(envelope.id).split(b"\r\n\t")[:4]
+                  if line.startswith(b"for ")]
+    assert received.startswith(b"for <bob@example.test>; ")
+    assert f"ESMTP id {envelope.id}\r\n".encode() in mta.message_bytes(envelope.id)
+    assert list(mta.store.tmp_dir.iterdir()) == []
+    assert sorted(p.name for p in mta.store.msg_dir.iterdir()) == [f"{envelope.id}.msg"]
 
 
 @pytest_twisted.ensureDeferred

@@ -191,6 +191,15 @@ class MessageWriter:
         for chunk in chunks:
             self.write(chunk)
 
+    def spill(self) -> None:
+        """A buffered writer whose message outgrows memory: create the file in tmp/
+        now, with what is held, and write the rest to it as it arrives."""
+        if self._pending is None:
+            return
+        self._file = open(self.tmp_path, "xb")  # noqa: SIM115 - closed by commit or abort
+        chunks, self._pending = self._pending, None
+        self._file.writelines(chunks)
+
     def commit(self, envelope: Envelope) -> None:
         """Make the message durable now. Raises :class:`QueueError`; then nothing is left."""
         self._prepare(envelope)

@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field, replace
 from email.utils import format_datetime
 from enum import Enum
+from functools import partial
 from typing import Any
 
 from twisted.internet import interfaces
@@ -147,6 +148,11 @@ class SMTPSession(Protocol):
         self._auth_step: Any = None
         self._data: DataReader | None = None
         self._writer: MessageWriter | None = None
+        # The next message's queue writer with its trace headers, made right after
+        # the 354 went out, while the client sends the message (see _prepare_writer).
+        self._ready_writer: MessageWriter | None = None
+        self._prepare_after_flush = False
+        self._after_reply: list[Any] = []  # done once an asynchronous reply has gone out
         self._queue_id = ""
         self._loop_detected = False
         self.started = 0.0
@@ -332,6 +338,8 @@ class SMTPSession(Protocol):
         finally:
             self._flush()
             self._out = None
+        if self._prepare_after_flush:
+            self._prepare_writer()
 
     def _process(self) -> None:
         while not self._busy and self.phase is not Phase.CLOSED and self._pos < len(self._buf):
@@ -410,10 +418,10 @@ class SMTPSession(Protocol):
 
     def _async_done(self, reply: Reply | None) -> None:
         self._busy = False
-        if self.phase is Phase.CLOSED:
-            return
-        if reply is not None:
+        if self.phase is not Phase.CLOSED and reply is not None:
             self._reply(reply)
+        while self._after_reply:  # bounded: each entry is taken out before it runs
+            self._after_reply.pop(0)()
         if self.phase is not Phase.CLOSED:
             self._reset_idle_timer()  # the wait for the next command starts with our reply
             if self._paused:
@@ -781,17 +789,48 @@ class SMTPSession(Protocol):
             max_header_size=self.limits.max_header_size,
         )
         self.phase = Phase.DATA
+        self._prepare_after_flush = True
         return R.START_DATA
 
-    def _open_writer(self, extra_headers: list[bytes], buffered: bool = False) -> MessageWriter:
-        """Start the queue file with the trace headers that go first in it (``buffered``:
-        a message already in memory, written out by the group commit)."""
-        writer = self.ctx.store.new_message(buffered)
+    def _prepare_writer(self) -> None:
+        """Make the queue writer and the Received header now that the 354 has gone
+        out: the client is sending the message meanwhile, so this work is off
+        the time between its final dot and our 250.  (The time stamp is the
+        start of the transfer, as in Postfix's Received.)  A failure here is
+        left for the end of the message, which tries again and answers 451."""
+        self._prepare_after_flush = False
+        if self.phase is not Phase.DATA or self._ready_writer is not None or self._writer is not None:
+            return
+        try:
+            self._ready_writer = self._new_writer()
+        except (QueueError, OSError):
+            self._ready_writer = None
+
+    def _new_writer(self) -> MessageWriter:
+        """A buffered queue writer holding the trace headers that go first in the message."""
+        writer = self.ctx.store.new_message(buffered=True)
         # The queue id goes into the Received header (RFC 5321 §4.4 "id").
         received = received_header(replace(self._trace, queue_id=writer.id))
         assert self.txn is not None
-        prefix = [received] + self.txn.spf_headers + extra_headers
-        writer.write(b"\r\n".join(prefix) + b"\r\n")
+        writer.write(b"\r\n".join([received, *self.txn.spf_headers]) + b"\r\n")
+        return writer
+
+    def _open_writer(self, extra_headers: list[bytes], buffered: bool = False) -> MessageWriter:
+        """The queue writer with the trace headers, then ``extra_headers`` (``buffered``:
+        a message already in memory, written out by the group commit; else the
+        file in tmp/ is started now and the rest written to it as it arrives)."""
+        writer, self._ready_writer = self._ready_writer, None
+        self._prepare_after_flush = False
+        if writer is None:
+            writer = self._new_writer()
+        try:
+            if extra_headers:
+                writer.write(b"\r\n".join(extra_headers) + b"\r\n")
+            if not buffered:
+                writer.spill()
+        except BaseException:
+            writer.abort()
+            raise
         return writer
 
     def _collect(self, block: bytes) -> None:
@@ -954,20 +993,23 @@ class SMTPSession(Protocol):
 
     def _queued(self, envelope: Envelope, txn: Transaction) -> Reply:
         self.accepted += 1
-        log.info(
-            "queued {queue_id} from=<{sender}> to={rcpts} size={size} client={ip}",
+        # Logged right after the 250 has gone out: the client need not wait for it.
+        self._after_reply.append(partial(
+            log.info, "queued {queue_id} from=<{sender}> to={rcpts} size={size} client={ip}",
             queue_id=envelope.id, sender=envelope.sender, rcpts=",".join(txn.rcpt_addresses),
             size=envelope.size, ip=self.client_ip, event="queued",
             auth=self.auth_user or "-", tls=self.tls_version or "no", kind=self.listener.kind,
-        )
+        ))
         return R.queued(envelope.id)
 
     def _abort_message(self) -> None:
         self._data = None
         self._chunks, self._held = [], 0
-        if self._writer is not None:
-            self._writer.abort()
-            self._writer = None
+        self._prepare_after_flush = False
+        for writer in (self._writer, self._ready_writer):
+            if writer is not None:
+                writer.abort()
+        self._writer = self._ready_writer = None
         if self.phase is Phase.DATA:
             self.phase = Phase.COMMAND
 
