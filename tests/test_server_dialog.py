@@ -146,6 +146,20 @@ async def test_message_is_queued_with_received_header(mta):
     assert list(mta.store.tmp_dir.iterdir()) == []
 
 
+def greeted_client(port: int) -> RawClient:
+    c = RawClient(port)
+    c.read_reply()
+    c.cmd("EHLO client.test")
+    return c
+
+
+def start_data(c: RawClient, rcpt: str = "alice@example.test") -> None:
+    """MAIL, RCPT and DATA up to the 354."""
+    c.cmd("MAIL FROM:<sender@remote.test>")
+    c.cmd(f"RCPT TO:<{rcpt}>")
+    assert c.cmd("DATA")[0] == 354
+
+
 @pytest_twisted.ensureDeferred
 async def test_queued_is_logged_after_the_250_even_for_a_client_already_gone(mta):
     """The 'queued' line is written once the 250 has gone out; a client that hung
@@ -154,12 +168,8 @@ async def test_queued_is_logged_after_the_250_even_for_a_client_already_gone(mta
     globalLogPublisher.addObserver(events.append)
     try:
         def run():
-            c = RawClient(mta.port())
-            c.read_reply()
-            c.cmd("EHLO client.test")
-            c.cmd("MAIL FROM:<sender@remote.test>")
-            c.cmd("RCPT TO:<alice@example.test>")
-            assert c.cmd("DATA")[0] == 354
+            c = greeted_client(mta.port())
+            start_data(c)
             c.send(b"Subject: hung up\r\n\r\nbye\r\n.\r\n")
             c.close()
 
@@ -181,22 +191,14 @@ async def test_the_writer_made_after_354_belongs_to_its_own_transaction(mta):
     (after the 354) are dropped with a refused message or a client gone; the next
     transaction gets its own id and trace."""
     def run():
-        c = RawClient(mta.port())
-        c.read_reply()
-        c.cmd("EHLO client.test")
-        c.cmd("MAIL FROM:<sender@remote.test>")
-        c.cmd("RCPT TO:<alice@example.test>")
-        assert c.cmd("DATA")[0] == 354
+        c = greeted_client(mta.port())
+        start_data(c)
         c.send(b"Subject: bare\nLF\r\n.\r\n")  # refused after the dot (bare LF)
         refused = c.read_reply()[0]
-        c.cmd("MAIL FROM:<sender@remote.test>")
-        c.cmd("RCPT TO:<bob@example.test>")
-        assert c.cmd("DATA")[0] == 354
+        start_data(c, "bob@example.test")
         c.send(b"Subject: second\r\n\r\nfor bob\r\n.\r\n")
         accepted = c.read_reply()
-        c.cmd("MAIL FROM:<sender@remote.test>")
-        c.cmd("RCPT TO:<alice@example.test>")
-        assert c.cmd("DATA")[0] == 354
+        start_data(c)
         c.send(b"Subject: half a message\r\n")
         c.close()  # gone in the middle of the message
         return refused, accepted

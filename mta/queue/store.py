@@ -72,6 +72,20 @@ _MAGIC_LINE_MAX = len(ENVELOPE_MAGIC) + 13
 _FIRST_READ = 65536
 
 
+def _read_up_to(fd: int, first: bytes, want: int) -> bytes:
+    """``first`` and what follows it in ``fd``: ``want`` octets in all, fewer only
+    where the file ends."""
+    parts = [first[:want]]
+    size = len(parts[0])
+    while size < want:  # ends: each read advances, or the file ends
+        chunk = os.read(fd, min(want - size, 1 << 20))
+        if not chunk:
+            break
+        parts.append(chunk)
+        size += len(chunk)
+    return b"".join(parts)
+
+
 def envelope_header(envelope_bytes: bytes) -> bytes:
     """What goes before the message in a one-file queue entry."""
     return ENVELOPE_MAGIC + b"%d\n" % len(envelope_bytes) + envelope_bytes
@@ -98,15 +112,10 @@ def read_embedded_envelope(path: Path) -> bytes | None:
         if span is None:
             return None
         start, end = span
-        chunks = [head[start:end]]
-        have = len(chunks[0])
-        while have < end - start:  # ends: each read advances, or the file is short
-            chunk = os.read(fd, min(end - start - have, 1 << 20))
-            if not chunk:
-                raise ValueError("truncated envelope header")
-            chunks.append(chunk)
-            have += len(chunk)
-        return b"".join(chunks)
+        envelope = _read_up_to(fd, head[start:end], end - start)
+        if len(envelope) < end - start:
+            raise ValueError("truncated envelope header")
+        return envelope
     finally:
         os.close(fd)
 
@@ -127,15 +136,7 @@ def read_message_start(path: Path, limit: int) -> bytes:
         if start > len(head):  # an envelope longer than the first read
             os.lseek(fd, start, os.SEEK_SET)
             head, start = b"", 0
-        parts = [head[start:start + limit]]
-        size = len(parts[0])
-        while size < limit:  # ends: each read advances, or the file ends
-            chunk = os.read(fd, limit - size)
-            if not chunk:
-                break
-            parts.append(chunk)
-            size += len(chunk)
-        return b"".join(parts)
+        return _read_up_to(fd, head[start:], limit)
     finally:
         os.close(fd)
 
