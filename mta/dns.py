@@ -18,7 +18,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
-from twisted.names import client
+from twisted.names import client, dns
 
 from mta.config import DNSConfig
 
@@ -83,14 +83,17 @@ def make_resolver(dns: DNSConfig, reactor: Any = None,
 
 
 class CachingResolver:
-    """Remembers positive answers for delivery lookups until their TTL runs out.
+    """Remembers answers for delivery lookups until their TTL runs out.
 
     Wraps a resolver for the three questions :class:`mta.delivery.mx.MXResolver`
     asks (MX, A, AAAA).  An answer is kept for the smallest TTL of its records,
-    at most ``max_ttl`` seconds; errors (NXDOMAIN, SERVFAIL, timeouts) and
-    answers with a TTL of 0 are never kept, so a failure is always asked
-    again.  At most ``max_entries`` answers are held (the oldest goes first).
-    Entries expire by time stamp, without timers.
+    at most ``max_ttl`` seconds.  An empty answer ("no such record", such as
+    the AAAA of a host with IPv4 only) is kept for the negative TTL of the SOA
+    that comes with it (RFC 2308 §5: the smaller of the SOA's TTL and its
+    MINIMUM field), and not at all without an SOA.  Errors (NXDOMAIN,
+    SERVFAIL, timeouts) and answers with a TTL of 0 are never kept, so a
+    failure is always asked again.  At most ``max_entries`` answers are held
+    (the oldest goes first).  Entries expire by time stamp, without timers.
     """
 
     def __init__(self, resolver: Any, clock: Any, max_ttl: float = 3600.0,
@@ -125,8 +128,12 @@ class CachingResolver:
         d = ask(name)
 
         def keep(result: Any) -> Any:
-            answers = result[0]  # an empty answer (no such record) is not kept
-            ttl = min((rr.ttl for rr in answers), default=0)
+            answers, authority = result[0], result[1]
+            if answers:
+                ttl = min(rr.ttl for rr in answers)
+            else:  # NODATA: the SOA says how long "no such record" holds (RFC 2308 §5)
+                ttl = min((min(rr.ttl, rr.payload.minimum) for rr in authority
+                           if rr.type == dns.SOA), default=0)
             if ttl > 0 and self.max_ttl > 0:
                 if len(self._answers) >= self.max_entries:
                     del self._answers[next(iter(self._answers))]

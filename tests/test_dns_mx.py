@@ -294,9 +294,11 @@ async def test_cached_answers_are_used_until_their_ttl_runs_out(dns_server):
     clock.advance(2)
     assert await resolver.resolve("example.test") == [MXHost("mx2.example.test", 10, ("127.0.0.2",))]
     assert dns_server.asked("example.test", "MX") == 2
-    # 1st: 7 questions (MX, A and AAAA of 3 hosts); 2nd: 5 answers from the cache,
-    # the 2 empty ones (mx2 has no AAAA, mx3 no A) asked again; 3rd: MX, A, AAAA.
-    assert (cache.hits, cache.misses) == (5, 12)
+    # 1st: 7 questions (MX, A and AAAA of 3 hosts); 2nd: all 7 from the cache, the
+    # 2 empty ones (mx2 has no AAAA, mx3 no A) too, for their SOA's negative TTL
+    # (RFC 2308; 60 s here); 3rd: MX, A, AAAA asked again.
+    assert dns_server.asked("mx2.example.test", "AAAA") == 2
+    assert (cache.hits, cache.misses) == (7, 10)
 
 
 @pytest_twisted.ensureDeferred
@@ -336,3 +338,31 @@ def test_cache_setting_and_wiring(tmp_path):
     assert not isinstance(build_couriers(off, reactor)["remote"].resolver._resolver, CachingResolver)
     with pytest.raises(ConfigError, match="dns.cache_max_ttl"):
         config_from_dict({"hostname": "h.test", "dns": {"cache_max_ttl": -1}}, tmp_path)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_empty_answer_is_kept_only_for_its_soa_negative_ttl():
+    """RFC 2308 §5: "no such record" is kept for min(SOA TTL, SOA MINIMUM); an empty
+    answer without an SOA is not kept at all."""
+    from twisted.internet.defer import succeed as fired
+    from twisted.names import dns
+
+    soa = dns.RRHeader(b"example.test", dns.SOA, dns.IN, 30,
+                       dns.Record_SOA(mname=b"ns.example.test", rname=b"h.example.test",
+                                      minimum=5, ttl=30))
+    asked: list[str] = []
+
+    class Upstream:
+        def lookupIPV6Address(self, name, timeout=None):  # noqa: N802
+            asked.append(name)
+            return fired(([], [soa] if name.startswith("with-soa") else [], []))
+
+    clock = Clock()
+    cache = CachingResolver(Upstream(), clock)
+    for _ in range(2):
+        await cache.lookupIPV6Address("with-soa.example.test")
+        await cache.lookupIPV6Address("no-soa.example.test")
+    assert asked == ["with-soa.example.test", "no-soa.example.test", "no-soa.example.test"]
+    clock.advance(5.5)  # past MINIMUM (5 s), well before the SOA's own TTL (30 s)
+    await cache.lookupIPV6Address("with-soa.example.test")
+    assert asked[-1] == "with-soa.example.test" and len(asked) == 4
