@@ -18,27 +18,6 @@ def fail(message: str) -> None:
     raise SystemExit(1)
 
 
-# Garbage collection for a long-running daemon: each message makes thousands of
-# short-lived containers (Deferreds, coroutines, dicts), and with CPython's
-# default thresholds (700, 10, 10) the collector runs every few messages and
-# rescans the whole heap every hundred young collections.  Measured with
-# bench/delivery_micro.py: about 4 % less CPU per message with the settings
-# below (median of five paired invocations).  Cycles of garbage wait a little
-# longer for collection; nothing else changes.
-GC_THRESHOLDS = (50_000, 50, 100)
-
-
-def tune_gc() -> None:
-    """Freeze what start-up made (modules, configuration: never garbage, never to be
-    scanned again) and collect less often.  Called once per process, by the
-    daemon and by each worker, just before the reactor runs."""
-    import gc
-
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
-
-
 def make_service(config_path: Path | None, overrides: dict[str, Any]) -> Any:
     # The group-commit thread (mta.queue.commit) needs the GIL for a moment
     # between fsyncs; the default 5 ms switch interval would add that much to
@@ -67,7 +46,6 @@ def make_service(config_path: Path | None, overrides: dict[str, Any]) -> Any:
         fail(str(e))
     for note in notes:
         sys.stderr.write(f"mta: {note}\n")
-    tune_gc()
     if config_path is None:
         sys.stderr.write(
             "mta: demo configuration: MX on 127.0.0.1:2525, submission on 2587 (STARTTLS) "

@@ -178,9 +178,6 @@ def run_worker(spec: dict[str, Any]) -> None:
         os.write(1, b"queued %s %s\n" % (envelope.id.encode("ascii"), envelope.to_line()))
 
     service.context.store.subscribe(announce)
-    from mta.startup import tune_gc
-
-    tune_gc()
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     # Ignore SIGINT from a terminal's Ctrl-C: the main process stops us with SIGTERM.
