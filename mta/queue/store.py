@@ -173,11 +173,13 @@ class MessageWriter:
         self.id = queue_id
         self.tmp_path = store.tmp_dir / f"{queue_id}.msg"
         self.envelope_tmp_path = store.tmp_dir / f"{queue_id}.json"
-        self._pending: list[bytes] | None = [] if buffered else None
-        self._file: BinaryIO | None = None if buffered else open(self.tmp_path, "xb")  # noqa: SIM115
+        self._pending: list[bytes] | None = []
+        self._file: BinaryIO | None = None
         self._open = True
         self._embedded = False  # the data file carries the envelope in its header
         self.size = 0
+        if not buffered:
+            self.spill()
 
     def write(self, data: bytes) -> None:
         assert self._open
@@ -193,8 +195,9 @@ class MessageWriter:
             self.write(chunk)
 
     def spill(self) -> None:
-        """A buffered writer whose message outgrows memory: create the file in tmp/
-        now, with what is held, and write the rest to it as it arrives."""
+        """Create the file in tmp/ now, with what is held, and write the rest to it
+        as it arrives (an unbuffered writer does this at once; a buffered one when
+        its message outgrows memory)."""
         if self._pending is None:
             return
         self._file = open(self.tmp_path, "xb")  # noqa: SIM115 - closed by commit or abort
@@ -459,13 +462,7 @@ class QueueStore:
 
     def remove_async(self, queue_id: str) -> Deferred[None]:
         """:meth:`remove` on the group-commit thread."""
-        env, data = self.envelope_path(queue_id), self.data_path(queue_id)
-
-        def operation() -> None:
-            _unlink_quietly(data)
-            _unlink_quietly(env)
-
-        return self.committer.submit(operation)
+        return self.committer.submit(lambda: self._remove_files(queue_id))
 
     def update_recipient(self, envelope: Envelope, recipient: Recipient, state: RecipientState,
                          reply: str = "", next_attempt: float = 0.0, remote_mta: str = "") -> None:
@@ -481,10 +478,14 @@ class QueueStore:
     def remove(self, queue_id: str) -> None:
         """Delete a finished message: the data first (then the message is gone), then
         its state file, which :meth:`recover` would remove if a crash left it."""
-        _unlink_quietly(self.data_path(queue_id))
-        _unlink_quietly(self.envelope_path(queue_id))
+        self._remove_files(queue_id)
         if self.fsync:
             fsync_dir(self.msg_dir)
+
+    def _remove_files(self, queue_id: str) -> None:
+        """The data first (then the message is gone), then the state file."""
+        _unlink_quietly(self.data_path(queue_id))
+        _unlink_quietly(self.envelope_path(queue_id))
 
     def recover(self) -> list[str]:
         """Clean up after a crash; returns the ids of the committed messages.
