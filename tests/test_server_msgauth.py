@@ -118,6 +118,42 @@ async def test_dmarc_reject_recorded_or_enforced(tmp_path, dns_server, key, reje
         await mta.stop()
 
 
+def send_twice(port: int) -> list[tuple[int, str]]:
+    """Two transactions on one session: one DMARC refuses, then one it passes."""
+    c = RawClient(port)
+    c.read_reply()
+    c.cmd("EHLO client.test")
+    replies = []
+    for sender, rcpt, domain in (("someone@strict.test", "alice@example.test", "strict.test"),
+                                 ("someone@other.test", "bob@example.test", "other.test")):
+        assert c.cmd(f"MAIL FROM:<{sender}>")[0] == 250
+        assert c.cmd(f"RCPT TO:<{rcpt}>")[0] == 250
+        assert c.cmd("DATA")[0] == 354
+        c.send(message_from(domain) + b".\r\n")
+        replies.append(c.read_reply())
+    c.close()
+    return replies
+
+
+@pytest_twisted.ensureDeferred
+async def test_transaction_after_dmarc_refusal_has_its_own_received_header(tmp_path, dns_server, key):
+    # The refused message's queue writer (made ready at its 354, with a Received
+    # header naming alice) must not be reused by the next transaction.
+    dns_server.load(zone(key[1]))
+    mta = await start(tmp_path, dns_server, dmarc={"reject": True})
+    try:
+        (first, second) = await in_thread(send_twice, mta.port())
+        assert first[0] == 550 and "DMARC" in first[1]
+        assert second[0] == 250
+        (env,) = mta.queued()
+        headers = headers_of(mta.message_bytes(env.id))
+        assert headers.count("Received:") == 1
+        assert "for <bob@example.test>" in headers and "alice@example.test>;" not in headers
+        assert env.id in headers.split("Received-SPF:")[0]  # the Received header's own id
+    finally:
+        await mta.stop()
+
+
 @pytest_twisted.ensureDeferred
 async def test_submission_is_dkim_signed_and_verifies(tmp_path, dns_server, key):
     path, txt = key

@@ -954,7 +954,9 @@ class SMTPSession(Protocol):
         verdict = await self.ctx.authenticator.inbound(
             message, txn.header_lines, txn.spf, txn.sender_text, self.helo or "")
         if verdict.reject is not None:
-            self.txn = None
+            # Also drops the queue writer made ready after the 354, whose Received
+            # header names this transaction's recipient: never reused by the next one.
+            self._reset_transaction()
             return self._rejected("data", verdict.reject, sender=txn.sender_text, reason="dmarc")
         return await self._store(message, verdict.headers, envelope, txn)
 
