@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, maybeDeferred
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
@@ -147,6 +147,7 @@ class MTAService(MultiService):
             self.runner.start()
         elif self.worker_fds is None:
             self.context.store.recover()
+        self.context.store.prepare_spares()
         if not self.ports:  # not bound by privilegedStartService (no twistd --uid)
             self.listening = self._listen()
         if self.pool is not None and self.listening is not None:
@@ -245,7 +246,9 @@ class MTAService(MultiService):
         transaction in DATA may finish (bounded by limits.shutdown_timeout) and
         then gets 421; deliveries in flight are waited for (bounded) by the runner."""
         self.context.accepting = False
-        yield DeferredList([p.stopListening() for p in self.ports])
+        # maybeDeferred: a port that is closed already answers None (a worker's
+        # adopted port, once the reactor began its shutdown).
+        yield DeferredList([maybeDeferred(p.stopListening) for p in self.ports])
         self.ports = []
         workers_done = self.pool.stop() if self.pool is not None else None
         for session in list(self.context.sessions):
@@ -259,6 +262,7 @@ class MTAService(MultiService):
             yield workers_done
         if self.runner is not None:
             yield self.runner.stop()
+        self.context.store.discard_spares()
         yield super().stopService()
 
 

@@ -215,5 +215,13 @@ class RawClient:
             pass
 
 
+def message_files(msg_dir: Path) -> list[str]:
+    """Names of the files in a queue's msg/ that are messages: not the store's
+    spares (empty files it makes ahead of time, mode 0200), sorted."""
+    if not msg_dir.exists():
+        return []
+    return sorted(p.name for p in msg_dir.iterdir() if p.stat().st_mode & 0o400)
+
+
 def in_thread(fn, *args, **kwargs):
     return deferToThread(fn, *args, **kwargs)

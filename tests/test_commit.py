@@ -41,6 +41,21 @@ async def test_operations_run_in_order_and_share_directory_syncs(tmp_path, monke
 
 
 @pytest_twisted.ensureDeferred
+async def test_operations_without_directory_entries_need_no_directory_sync(tmp_path, monkeypatch):
+    synced = []
+    monkeypatch.setattr(commit_module, "fsync_dir", lambda path: synced.append(path))
+    committer = GroupCommitter(reactor, tmp_path, fsync=True)
+    try:
+        await committer.submit(lambda: None, sync_directory=False)
+        assert synced == [] and committer.syncs == 0 and committer.batches == 1
+        await DeferredList([committer.submit(lambda: None, sync_directory=False),
+                            committer.submit(lambda: None)])
+        assert len(synced) == committer.syncs >= 1  # the one that needs it gets it
+    finally:
+        committer.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_failed_directory_sync_fails_the_whole_batch(tmp_path, monkeypatch):
     def broken(path):
         raise OSError(5, "Input/output error")
@@ -87,7 +102,8 @@ async def test_store_commit_async_in_both_modes(tmp_path, syncfs, monkeypatch):
 @pytest.mark.parametrize("buffered", [False, True])
 @pytest_twisted.ensureDeferred
 async def test_commit_async_failure_leaves_nothing(tmp_path, monkeypatch, buffered):
-    store = QueueStore(tmp_path / "q", fsync=True, reactor=reactor)
+    # Without spares (a failed commit into a spare: tests/test_queue_store.py).
+    store = QueueStore(tmp_path / "q", fsync=True, reactor=reactor, spares=False)
     writer = store.new_message(buffered)
     writer.write(b"x\r\n")
 
@@ -144,7 +160,8 @@ async def test_parts_run_together_then_finishes_in_order(tmp_path, monkeypatch):
 
 @pytest_twisted.ensureDeferred
 async def test_buffered_writer_creates_its_file_only_at_commit(tmp_path):
-    store = QueueStore(tmp_path / "q", fsync=True, reactor=reactor)
+    # Without a spare (the first message after start-up): the file is made at the commit.
+    store = QueueStore(tmp_path / "q", fsync=True, reactor=reactor, spares=False)
     try:
         writer = store.new_message(buffered=True)
         writer.write(b"Received: by us\r\n")

@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from mta.policy.auth import add_user
 from mta.queue.store import open_message
 from tests.daemon import QUIET_TAIL, Daemon, free_port
-from tests.harness import PASSWORD, RawClient, write_domain
+from tests.harness import PASSWORD, RawClient, message_files, write_domain
 
 CONFIG = """
 hostname = "mx.example.test"
@@ -84,7 +84,10 @@ def rcpt_code(port: int, recipient: str) -> int:
 
 
 def queue_files(root: Path, sub: str) -> list[str]:
+    """The files in the queue's ``sub``/ (for msg/: the messages, not the spares)."""
     d = root / "var" / "queue" / sub
+    if sub == "msg":
+        return message_files(d)
     return sorted(p.name for p in d.iterdir()) if d.exists() else []
 
 

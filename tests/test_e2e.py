@@ -19,7 +19,14 @@ from twisted.internet.task import deferLater
 from mta.queue.store import list_ids, load_envelope
 from tests.daemon import Daemon, free_port
 from tests.dnsserver import LoopbackDNS
-from tests.harness import PASSWORD, client_tls_context, in_thread, shared_ca, write_domain
+from tests.harness import (
+    PASSWORD,
+    client_tls_context,
+    in_thread,
+    message_files,
+    shared_ca,
+    write_domain,
+)
 from tests.sink import start_sink
 
 CONFIG = """
@@ -130,7 +137,7 @@ async def test_submission_to_remote_mx_and_local_maildir(tmp_path):
         content = local.read_bytes()
         assert content.startswith(b"Return-Path: <alice@example.test>\nDelivered-To: bob@example.test\n")
         assert content.endswith(b"\n\nhello\n.dotted\n")
-        await wait_for(lambda: not list((tmp_path / "var" / "queue" / "msg").iterdir()),
+        await wait_for(lambda: not message_files(tmp_path / "var" / "queue" / "msg"),
                        what="queue to empty")
     finally:
         await in_thread(daemon.kill)
@@ -198,7 +205,7 @@ async def test_sigkill_during_multi_recipient_delivery_delivers_each_once(tmp_pa
         sinks["d3.test"] = await start_sink(interface=hosts["d3.test"], port=port)
         await in_thread(daemon.start)
         await wait_for(lambda: sinks["d3.test"].messages, what="d3 delivery after restart")
-        await wait_for(lambda: not list(envelope_dir.iterdir()), what="queue to empty")
+        await wait_for(lambda: not message_files(envelope_dir), what="queue to empty")
         accepted = {d: [m for m in s.messages if m.accepted] for d, s in sinks.items()}
         assert len(accepted["d1.test"]) == 1 and accepted["d1.test"][0].recipients == ["a@d1.test"]
         assert len(accepted["d2.test"]) == 1 and accepted["d2.test"][0].recipients == ["b@d2.test"]

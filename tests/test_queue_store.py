@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import json
+import stat
 import time
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.task import deferLater
 
 from mta.delivery.dsn import read_headers
 from mta.delivery.local import MaildirCourier
+from mta.fsutil import fsync_dir as real_fsync_dir
+from mta.queue import commit as commit_module
+from mta.queue import store as store_module
 from mta.queue.envelope import Envelope, Recipient, RecipientKind, RecipientState
 from mta.queue.store import (
+    READY,
+    RECEIVING,
+    SPARE_BATCH,
+    SPARE_MAX_AGE,
+    MessageNotReady,
     QueueStore,
     envelope_header,
     list_ids,
@@ -21,6 +31,7 @@ from mta.queue.store import (
     read_embedded_envelope,
     read_message_start,
 )
+from tests.harness import message_files
 
 MESSAGE = b"Received: by us\r\nSubject: one file\r\n\r\nbody\r\n"
 
@@ -49,7 +60,7 @@ def store(tmp_path):
 @pytest_twisted.ensureDeferred
 async def test_a_message_is_one_file_with_its_envelope_first(store):
     env = await queue_one(store)
-    assert sorted(p.name for p in store.msg_dir.iterdir()) == [f"{env.id}.msg"]
+    assert message_files(store.msg_dir) == [f"{env.id}.msg"]
     raw = store.data_path(env.id).read_bytes()
     # Readable with less(1): the JSON envelope, then the message as it will be sent.
     header = raw[:-len(MESSAGE)]
@@ -68,12 +79,12 @@ async def test_state_changes_go_to_a_state_file_that_overrides_the_header(store)
     env = await queue_one(store)
     env.recipients[0].state = RecipientState.DELIVERED
     await store.save_async(env)
-    assert sorted(p.name for p in store.msg_dir.iterdir()) == [f"{env.id}.json", f"{env.id}.msg"]
+    assert message_files(store.msg_dir) == [f"{env.id}.json", f"{env.id}.msg"]
     assert store.load(env.id).recipients[0].state is RecipientState.DELIVERED
     # The message file is not rewritten: its header keeps the envelope as accepted.
     assert json.loads(read_embedded_envelope(store.data_path(env.id)))["recipients"][0]["state"] == "pending"
     await store.remove_async(env.id)
-    assert list(store.msg_dir.iterdir()) == [] and store.ids() == []
+    assert message_files(store.msg_dir) == [] and store.ids() == []
 
 
 @pytest_twisted.ensureDeferred
@@ -91,7 +102,7 @@ def test_synchronous_commit_of_a_buffered_message_is_one_file_too(store):
     writer.write(MESSAGE)
     env = envelope_for(writer.id)
     writer.commit(env)
-    assert sorted(p.name for p in store.msg_dir.iterdir()) == [f"{env.id}.msg"]
+    assert message_files(store.msg_dir) == [f"{env.id}.msg"]
     assert store.load(env.id).id == env.id
 
 
@@ -198,3 +209,159 @@ async def test_read_message_start_skips_the_header_and_stops_at_the_limit(store,
     bad.write_bytes(b"mta-envelope x\n" + MESSAGE)
     with pytest.raises(OSError):
         read_message_start(bad, 100)
+
+
+# --- spares: queue files made ahead of time ------------------------------------------------
+
+
+async def spares_made(store: QueueStore, count: int = SPARE_BATCH) -> list[str]:
+    """Start making spares and wait (at most 5 s) until ``count`` are ready; their ids."""
+    store.prepare_spares()
+    deadline = time.monotonic() + 5
+    while store.spare_count() < count and time.monotonic() < deadline:
+        await deferLater(reactor, 0.01, lambda: None)
+    assert store.spare_count() >= count
+    return [queue_id for queue_id, _ in store._spares]
+
+
+def mode_and_size(path) -> tuple[int, int]:
+    st = path.stat()
+    return stat.S_IMODE(st.st_mode), st.st_size
+
+
+@pytest_twisted.ensureDeferred
+async def test_spares_are_empty_unreadable_files_that_are_no_messages(store, monkeypatch):
+    synced = []
+    monkeypatch.setattr(commit_module, "fsync_dir", lambda p: (synced.append(p), real_fsync_dir(p)))
+    spares = await spares_made(store)
+    assert len(spares) == SPARE_BATCH and len(synced) == 1  # one directory fsync for the batch
+    spare = store.data_path(spares[0])
+    assert mode_and_size(spare) == (RECEIVING, 0)
+    # Not a message for any reader.
+    assert store.ids() == [] and list_ids(store.msg_dir) == [] and not store.exists(spares[0])
+    assert list(store.envelopes()) == []
+    for read in (lambda: open_message(spare), lambda: read_message_start(spare, 10),
+                 lambda: store.load(spares[0])):
+        with pytest.raises(MessageNotReady):
+            read()
+    assert issubclass(MessageNotReady, FileNotFoundError)  # "removed meanwhile" to old readers
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_message_fills_a_spare_with_one_fsync_and_no_directory_fsync(store, monkeypatch):
+    spares = await spares_made(store)
+    calls = []
+    monkeypatch.setattr(commit_module, "fsync_dir", lambda p: calls.append(("fsync_dir", p)))
+    real_fsync = store_module.os.fsync
+    monkeypatch.setattr(store_module.os, "fsync", lambda fd: (calls.append("fsync"), real_fsync(fd)))
+    monkeypatch.setattr(store_module.os, "rename", lambda *a: calls.append("rename"))
+    real_write_out, real_fchmod = store_module.write_out, store_module.os.fchmod
+    monkeypatch.setattr(store_module, "write_out", lambda fd: (calls.append("write_out"), real_write_out(fd)))
+    monkeypatch.setattr(store_module.os, "fchmod",
+                        lambda fd, mode: (calls.append(f"fchmod {mode:o}"), real_fchmod(fd, mode)))
+    env = await queue_one(store)
+    assert env.id == spares[0] and store.spare_count() == SPARE_BATCH - 1
+    # The message's own file only (its name was durable already): the data written
+    # out first, then the mode that says "complete", then the one fsync for both.
+    assert calls == ["write_out", "fchmod 600", "fsync"]
+    assert mode_and_size(store.data_path(env.id)) == (READY, len(envelope_header(env.to_bytes()) + MESSAGE))
+    assert store.data_path(env.id).read_bytes() == envelope_header(env.to_bytes()) + MESSAGE
+    assert store.ids() == [env.id] and store.exists(env.id) and list(store.tmp_dir.iterdir()) == []
+    with open_message(store.data_path(env.id)) as f:
+        assert f.read() == MESSAGE
+
+
+@pytest_twisted.ensureDeferred
+async def test_spares_are_made_again_when_few_are_left(store):
+    await spares_made(store)
+    for _ in range(SPARE_BATCH - store_module.SPARE_LOW + 1):
+        await queue_one(store)
+    # Below the low mark: a new batch is on its way.
+    await spares_made(store, count=store_module.SPARE_LOW + SPARE_BATCH - 1)
+    assert len(store.ids()) == SPARE_BATCH - store_module.SPARE_LOW + 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_aborted_message_gives_its_spare_back_and_a_failed_one_removes_it(store, monkeypatch):
+    spares = await spares_made(store)
+    writer = store.new_message(buffered=True)
+    writer.write(b"x")
+    writer.abort()
+    assert store.spare_count() == SPARE_BATCH and store._spares[0][0] == writer.id
+    assert mode_and_size(store.data_path(writer.id)) == (RECEIVING, 0)
+
+    writer = store.new_message(buffered=True)
+    writer.write(MESSAGE)
+
+    def broken_fsync(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store_module.os, "fsync", broken_fsync)
+    with pytest.raises(store_module.QueueError):
+        await writer.commit_async(envelope_for(writer.id))
+    monkeypatch.undo()
+    assert writer.id == spares[0] and not store.data_path(writer.id).exists()
+    assert store.ids() == [] and list(store.tmp_dir.iterdir()) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_message_that_outgrows_memory_replaces_its_spare(store):
+    await spares_made(store)
+    writer = store.new_message(buffered=True)
+    writer.write(b"Received: by us\r\n")
+    writer.spill()  # what the SMTP session does past dkim.max_message_size
+    writer.write(b"Subject: big\r\n\r\nbody\r\n")
+    assert mode_and_size(store.data_path(writer.id))[0] == RECEIVING  # the spare, until the rename
+    env = envelope_for(writer.id)
+    await writer.commit_async(env)
+    assert store.data_path(writer.id).read_bytes() == b"Received: by us\r\nSubject: big\r\n\r\nbody\r\n"
+    assert mode_and_size(store.data_path(writer.id))[0] & 0o400
+    assert store.ids() == [env.id] and store.load(env.id).recipients[1].address == "b@y.test"
+    # A spilled message that is dropped takes its spare with it.
+    other = store.new_message(buffered=True)
+    other.spill()
+    other.abort()
+    assert not store.data_path(other.id).exists() and list(store.tmp_dir.iterdir()) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_spare_older_than_a_minute_is_dropped_not_used(tmp_path):
+    now = [1_800_000_000.0]
+    store = QueueStore(tmp_path / "q", fsync=True, reactor=reactor, clock=lambda: now[0])
+    try:
+        old = await spares_made(store)
+        now[0] += SPARE_MAX_AGE + 1
+        writer = store.new_message(buffered=True)
+        # Not one of the old ones (its id's time would be a minute off): a new file.
+        assert writer.id not in old and int(writer.id[:8], 16) == int(now[0])
+        writer.abort()
+        await spares_made(store)  # the new batch
+        deadline = time.monotonic() + 5
+        while any(store.data_path(q).exists() for q in old) and time.monotonic() < deadline:
+            await deferLater(reactor, 0.01, lambda: None)
+        assert not any(store.data_path(q).exists() for q in old)
+        assert all(int(q[:8], 16) == int(now[0]) for q, _ in store._spares)
+    finally:
+        store.committer.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_recover_and_shutdown_remove_spares_and_unfinished_commits(store):
+    kept = await queue_one(store)
+    await spares_made(store)
+    # A commit that a crash cut short: some data written, never made READY (no 250 given).
+    half = store.data_path("00000004aaaaaaaaaaaa")
+    half.write_bytes(b"mta-envelope 10\n{")
+    half.chmod(RECEIVING)
+    assert store.ids() == [kept.id]
+    assert store.recover() == [kept.id]
+    assert message_files(store.msg_dir) == [f"{kept.id}.msg"]
+    assert sorted(p.name for p in store.msg_dir.iterdir()) == [f"{kept.id}.msg"]
+    # At shutdown the unused spares go, those of a batch being made too.
+    await spares_made(store)
+    store._spares.clear()  # as if the batch's Deferred had not fired yet
+    store._making.update(q.name[:-4] for q in store.msg_dir.iterdir() if q.name[:-4] != kept.id)
+    store.discard_spares()
+    assert sorted(p.name for p in store.msg_dir.iterdir()) == [f"{kept.id}.msg"]
+    store.prepare_spares()  # a store started again makes spares again
+    await spares_made(store)

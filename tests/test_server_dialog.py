@@ -17,7 +17,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import globalLogPublisher
 
 from mta.queue.store import read_embedded_envelope
-from tests.harness import PASSWORD, RawClient, in_thread, start_mta
+from tests.harness import PASSWORD, RawClient, in_thread, message_files, start_mta
 
 
 @pytest.fixture
@@ -142,7 +142,7 @@ async def test_message_is_queued_with_received_header(mta):
     assert raw.startswith(b"mta-envelope ") and raw.endswith(data)
     assert on_disk["recipients"][0]["original"] == "alice@example.test"
     assert on_disk["size"] == len(data)
-    assert sorted(p.name for p in mta.store.msg_dir.iterdir()) == [f"{queue_id}.msg"]
+    assert message_files(mta.store.msg_dir) == [f"{queue_id}.msg"]
     assert list(mta.store.tmp_dir.iterdir()) == []
 
 
@@ -217,7 +217,7 @@ async def test_the_writer_made_after_354_belongs_to_its_own_transaction(mta):
     assert received.startswith(b"for <bob@example.test>; ")
     assert f"ESMTP id {envelope.id}\r\n".encode() in mta.message_bytes(envelope.id)
     assert list(mta.store.tmp_dir.iterdir()) == []
-    assert sorted(p.name for p in mta.store.msg_dir.iterdir()) == [f"{envelope.id}.msg"]
+    assert message_files(mta.store.msg_dir) == [f"{envelope.id}.msg"]
 
 
 @pytest_twisted.ensureDeferred

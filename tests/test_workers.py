@@ -79,7 +79,11 @@ def test_two_workers_share_the_port_and_deliver_everything_once(tmp_path):
         code = daemon.terminate()
         assert code in (0, -signal.SIGTERM)
         assert not Path(f"/proc/{worker}").exists() or b"zombie" in Path(f"/proc/{worker}/status").read_bytes()
+        # Every process stopped gracefully (the worker's stopService ran to its
+        # end): no spare queue file is left behind, and nothing failed.
         assert list((tmp_path / "var" / "queue" / "msg").iterdir()) == []
+        log = daemon.read_log()
+        assert "Unhandled error" not in log and "Traceback" not in log, log[-2000:]
     finally:
         daemon.kill()
 

@@ -44,6 +44,8 @@ from mta.fsutil import fsync_dir, syncfs
 log = Logger()
 
 Operation = Callable[[], None]
+# A submitted operation, its parts, its Deferred, and whether it needs the directory fsync.
+Job = tuple[Operation, tuple[Operation, ...], Deferred[None], bool]
 _STOP = object()
 # Helper threads for the parts of a batch (see the module docstring).
 PART_THREADS = 4
@@ -62,12 +64,18 @@ class GroupCommitter:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
-        self.batches = 0  # for tests and metrics: how many directory fsyncs
+        self.batches = 0  # for tests and metrics: how many batches
+        self.syncs = 0  # how many directory fsyncs (or syncfs calls)
         self.operations = 0
 
-    def submit(self, operation: Operation, parts: Sequence[Operation] = ()) -> Deferred[None]:
+    def submit(self, operation: Operation, parts: Sequence[Operation] = (),
+               sync_directory: bool = True) -> Deferred[None]:
         """Run ``parts`` (concurrently), then ``operation``, durably; the Deferred fires
-        once they and the directory are synced.  A failed part skips ``operation``."""
+        once they and the directory are synced.  A failed part skips ``operation``.
+
+        ``sync_directory=False``: the operation changes no directory entry that
+        must be durable (its parts fsync what they wrote), so it needs no
+        directory fsync of its own; it still fires with its batch."""
         if not self.fsync:
             try:
                 for part in parts:
@@ -78,7 +86,7 @@ class GroupCommitter:
             return succeed(None)
         d: Deferred[None] = Deferred()
         self._ensure_thread()
-        self._jobs.put((operation, tuple(parts), d))
+        self._jobs.put((operation, tuple(parts), d, sync_directory))
         return d
 
     def _ensure_thread(self) -> None:
@@ -120,11 +128,10 @@ class GroupCommitter:
             if stop:
                 return
 
-    def _run_parts(self, batch: list[tuple[Operation, tuple[Operation, ...], Deferred[None]]]
-                   ) -> list[BaseException | None]:
+    def _run_parts(self, batch: list[Job]) -> list[BaseException | None]:
         """Every part of every job; per job the first error of its parts, or None."""
         errors: list[BaseException | None] = [None] * len(batch)
-        todo = [(i, part) for i, (_, parts, _) in enumerate(batch) for part in parts]
+        todo = [(i, part) for i, (_, parts, _, _) in enumerate(batch) for part in parts]
         if len(batch) == 1:
             # One operation (a quiet moment): its parts run here, one after the
             # other.  Handing them to the helpers would cost more thread
@@ -149,17 +156,21 @@ class GroupCommitter:
                     errors[i] = error
         return errors
 
-    def _run_batch(self, batch: list[tuple[Operation, tuple[Operation, ...], Deferred[None]]]) -> None:
+    def _run_batch(self, batch: list[Job]) -> None:
         outcomes: list[tuple[Deferred[None], BaseException | None]] = []
         part_errors = self._run_parts(batch)
-        for (operation, _, d), error in zip(batch, part_errors, strict=True):
+        sync_directory = False
+        for (operation, _, d, directory), error in zip(batch, part_errors, strict=True):
             if error is None:
                 try:
                     operation()
                 except BaseException as e:  # reported to the waiting Deferred
                     error = e
+                else:
+                    sync_directory = sync_directory or directory
             outcomes.append((d, error))
-        if any(error is None for _, error in outcomes):
+        # syncfs mode: the parts fsynced nothing, so any success needs the syncfs.
+        if sync_directory or (self.whole_filesystem and any(e is None for _, e in outcomes)):
             try:
                 if self.whole_filesystem:
                     syncfs(self.directory)
@@ -167,6 +178,7 @@ class GroupCommitter:
                     fsync_dir(self.directory)
             except OSError as e:
                 outcomes = [(d, error or e) for d, error in outcomes]
+            self.syncs += 1
         self.batches += 1
         self.operations += len(batch)
         self.reactor.callFromThread(self._fire, outcomes)

@@ -7,7 +7,7 @@ Layout under the queue root::
                   as received, our Received header first (CRLF lines)
     msg/ID.json   the envelope's current state, once it has changed (readable JSON)
 
-**A message exists if and only if ``msg/ID.msg`` does.**  Its envelope
+**A message exists if and only if ``msg/ID.msg`` does and is readable.**  Its envelope
 (:class:`mta.queue.envelope.Envelope`) is ``msg/ID.json`` when that file is
 there, else the one embedded at the start of ``ID.msg``::
 
@@ -15,13 +15,23 @@ there, else the one embedded at the start of ``ID.msg``::
     { "id": ..., ... }      <- the envelope as accepted, readable JSON (LF)
     Received: ...           <- the message (CRLF lines)
 
-A message held in memory (most mail) is committed as that one file: written
-in ``tmp/``, fsynced, renamed into ``msg/`` and the directory fsynced (a
-group commit, :mod:`mta.queue.commit`), and only then does the SMTP server
-reply 250.  One file means one fsync per message, as Postfix does.  A message
-too big to hold is written to ``tmp/`` as it arrives, without a header; its
-envelope is written beside it and renamed into ``msg/`` *before* the data, so
-the data's rename still is the moment the message exists.
+A message held in memory (most mail) is committed as that one file, and
+usually into a *spare*: an empty file the store made in ``msg/`` ahead of
+time, under a fresh queue id, write-only (mode ``RECEIVING``, 0200, as
+Postfix marks an unfinished queue file by its mode), in batches whose
+directory entries one directory fsync made durable (a group commit,
+:mod:`mta.queue.commit`).  The commit writes the header and the message into
+the spare, makes it readable (``READY``, 0600) and fsyncs it: one fsync, no
+new directory entry, between the client's final dot and our 250.  Without a
+spare (the first message after start-up, a burst that emptied the pool), it
+is written in ``tmp/``, fsynced, renamed into ``msg/`` and the directory
+fsynced.  A file in mode ``RECEIVING`` is not a message: readers treat it as
+absent (:class:`MessageNotReady`) and :meth:`QueueStore.recover` removes it.
+
+A message too big to hold is written to ``tmp/`` as it arrives, without a
+header; its envelope is written beside it and renamed into ``msg/`` *before*
+the data, so the data's rename is the moment that message exists (replacing
+the spare the message had, if it had one).
 
 Every later change to the envelope is an atomic rewrite of ``ID.json`` (tmp,
 fsync, rename, directory fsync), so a crash leaves either the old or the new
@@ -39,7 +49,9 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import stat
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -48,7 +60,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mta.fsutil import fsync_dir
+from mta.fsutil import fsync_dir, write_out
 from mta.queue.commit import GroupCommitter
 from mta.queue.envelope import Envelope, Recipient, RecipientState
 
@@ -63,6 +75,45 @@ def new_queue_id(now: float | None = None) -> str:
     """A unique, sortable id: seconds since the epoch (hex) and 48 random bits."""
     t = int(now if now is not None else time.time())
     return f"{t:08x}{secrets.token_hex(6)}"
+
+
+# A file in msg/ that is not (yet) a message: a spare, or one whose commit never
+# ended.  Write-only, so the owner cannot even open it for reading (root can:
+# every reader checks the mode).  A commit makes it READY, the mode every
+# queue file has always had, so older queues read as they are.
+RECEIVING = 0o200
+READY = 0o600
+# Spares: made SPARE_BATCH at a time (one directory fsync for the batch) when
+# fewer than SPARE_LOW are left; one older than SPARE_MAX_AGE seconds is
+# dropped rather than used, so a queue id's time stays within a minute of
+# the message's arrival.
+SPARE_BATCH = 16
+SPARE_LOW = 8
+SPARE_MAX_AGE = 60.0
+
+
+class MessageNotReady(FileNotFoundError):
+    """A file in msg/ that is no message: a spare, or a message still being
+    committed (or whose commit a crash cut short: recovery removes it)."""
+
+
+def _is_ready(mode: int) -> bool:
+    return bool(mode & stat.S_IRUSR)
+
+
+def _open_ready(path: Path) -> int:
+    """A descriptor for reading the queue file ``path``: MessageNotReady if it is
+    not a message (yet), FileNotFoundError if it is not there."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except PermissionError:
+        if not _is_ready(os.stat(path).st_mode):
+            raise MessageNotReady(errno.ENOENT, "not a message (yet)", str(path)) from None
+        raise
+    if not _is_ready(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise MessageNotReady(errno.ENOENT, "not a message (yet)", str(path))
+    return fd
 
 
 # The first line of a queue file that carries its envelope.
@@ -104,8 +155,9 @@ def _parse_header(head: bytes) -> tuple[int, int] | None:
 
 
 def read_embedded_envelope(path: Path) -> bytes | None:
-    """The envelope JSON at the start of the queue file ``path``, or None if it has none."""
-    fd = os.open(path, os.O_RDONLY)
+    """The envelope JSON at the start of the queue file ``path``, or None if it has none.
+    MessageNotReady for a file that is no message (yet)."""
+    fd = _open_ready(path)
     try:
         head = os.read(fd, _FIRST_READ)
         span = _parse_header(head)
@@ -124,8 +176,8 @@ def read_message_start(path: Path, limit: int) -> bytes:
     """The first ``limit`` octets of a queued message (fewer only at its end), past
     its envelope header; with plain os calls, for the common small message read
     whole (no file object: Python's ``open`` adds an fstat, a tty check and seeks).
-    Raises OSError (EIO for a malformed header)."""
-    fd = os.open(path, os.O_RDONLY)
+    Raises OSError (EIO for a malformed header, MessageNotReady for no message)."""
+    fd = _open_ready(path)
     try:
         head = os.read(fd, max(limit, _FIRST_READ))
         try:
@@ -143,8 +195,9 @@ def read_message_start(path: Path, limit: int) -> bytes:
 
 def open_message(path: Path, buffering: int = -1) -> BinaryIO:
     """Open a queued message for reading, positioned at its first octet (past the
-    envelope header if it has one).  Raises OSError (EIO for a malformed header)."""
-    f = open(path, "rb", buffering=buffering)  # noqa: SIM115 - the caller closes it
+    envelope header if it has one).  Raises OSError (EIO for a malformed header,
+    MessageNotReady for a file that is no message yet)."""
+    f = open(_open_ready(path), "rb", buffering=buffering)  # noqa: SIM115 - the caller closes it
     try:
         span = _parse_header(f.read(_MAGIC_LINE_MAX))
         f.seek(0 if span is None else span[1])
@@ -159,16 +212,18 @@ def open_message(path: Path, buffering: int = -1) -> BinaryIO:
 
 
 class MessageWriter:
-    """A message being received: data goes to ``tmp/`` until :meth:`commit`.
+    """A message being received, until :meth:`commit` or :meth:`abort`.
 
-    ``buffered``: the data is kept in memory and the file is only created when
-    the message is committed, on the group-commit thread, with the envelope in
-    its header (the SMTP session holds a message up to ``dkim.max_message_size``
-    in memory anyway); a bigger message is written to ``tmp/`` as it arrives,
-    and its envelope goes in a file beside it.
+    ``buffered``: the data is kept in memory (the SMTP session holds a message
+    up to ``dkim.max_message_size`` in memory anyway) and written when the
+    message is committed, on the group-commit thread, with the envelope in its
+    header: into the spare ``spare_made`` says the writer has (the time it was
+    made), else into a new file in ``tmp/``.  A bigger message is written to
+    ``tmp/`` as it arrives, and its envelope goes in a file beside it.
     """
 
-    def __init__(self, store: QueueStore, queue_id: str, buffered: bool = False) -> None:
+    def __init__(self, store: QueueStore, queue_id: str, buffered: bool = False,
+                 spare_made: float | None = None) -> None:
         self.store = store
         self.id = queue_id
         self.tmp_path = store.tmp_dir / f"{queue_id}.msg"
@@ -177,6 +232,8 @@ class MessageWriter:
         self._file: BinaryIO | None = None
         self._open = True
         self._embedded = False  # the data file carries the envelope in its header
+        self._spare_made = spare_made  # msg/ID.msg is our spare, unused so far
+        self._over_spare = False  # spilled: the data's rename replaces our spare
         self.size = 0
         if not buffered:
             self.spill()
@@ -200,6 +257,8 @@ class MessageWriter:
         its message outgrows memory)."""
         if self._pending is None:
             return
+        if self._spare_made is not None:
+            self._spare_made, self._over_spare = None, True
         self._file = open(self.tmp_path, "xb")  # noqa: SIM115 - closed by commit or abort
         chunks, self._pending = self._pending, None
         self._file.writelines(chunks)
@@ -208,12 +267,13 @@ class MessageWriter:
         """Make the message durable now. Raises :class:`QueueError`; then nothing is left."""
         self._prepare(envelope)
         data = envelope.to_bytes()
+        in_spare = self._spare_made is not None
         try:
             self._write_data(envelope=data)
             if not self._embedded:
                 self._write_envelope(data)
             self._rename()
-            if self.store.fsync:
+            if self.store.fsync and not in_spare:
                 fsync_dir(self.store.msg_dir)
         except OSError as e:
             self._undo(e)
@@ -223,12 +283,13 @@ class MessageWriter:
         """Like :meth:`commit`, with the disk work on the group-commit thread.
 
         A buffered message is one file (its envelope in the header), written
-        and fsynced as the one part of the operation; a message already in
+        and fsynced as the one part of the operation: into its spare, which
+        needs no directory fsync, else in ``tmp/``.  A message already in
         ``tmp/`` and its envelope file are two parts (in order when the batch
         has no other operation, else at the same time as the other parts).
-        Then they are renamed into ``msg/``.  The Deferred fires once the
-        message, its envelope and the directory entries are on disk (then
-        listeners are told), or fails with QueueError.
+        What is in ``tmp/`` is then renamed into ``msg/``.  The Deferred fires
+        once the message, its envelope and the directory entries are on disk
+        (then listeners are told), or fails with QueueError.
         """
         self._prepare(envelope)
         data = envelope.to_bytes()
@@ -238,7 +299,8 @@ class MessageWriter:
         else:
             parts = [lambda: self._write_data(per_file),
                      lambda: self._write_envelope(data, per_file)]
-        d = self.store.committer.submit(self._rename, parts=parts)
+        in_spare = self._spare_made is not None
+        d = self.store.committer.submit(self._rename, parts=parts, sync_directory=not in_spare)
 
         def failed(failure: Failure) -> None:
             self._undo(failure.value)
@@ -264,6 +326,9 @@ class MessageWriter:
         self._open = False
         if self._pending is not None:
             chunks, self._pending = self._pending, None
+            if self._spare_made is not None:
+                self._write_spare([envelope_header(envelope), *chunks], sync)
+                return
             with open(self.tmp_path, "xb") as f:
                 self._embedded = True
                 f.write(envelope_header(envelope))
@@ -278,12 +343,36 @@ class MessageWriter:
         self._file.close()
         self._file = None
 
+    def _write_spare(self, chunks: list[bytes], sync: bool) -> None:
+        """Fill our spare in msg/ and make it a message (``READY``), durably."""
+        self._embedded = True
+        fd = os.open(self.store.data_path(self.id), os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            view = memoryview(b"".join(chunks))
+            while view:  # ends: each write takes at least one octet or raises
+                view = view[os.write(fd, view):]
+            if self.store.fsync:
+                # The data on disk before the READY mode can be (a journal commit
+                # of someone else's could carry the chmod before our fsync).
+                write_out(fd)
+            os.fchmod(fd, READY)
+            if self.store.fsync and sync:
+                os.fsync(fd)
+            if os.fstat(fd).st_nlink == 0:
+                # Removed meanwhile (a recovery run by a second instance): not queued.
+                raise OSError(errno.ENOENT, "spare queue file removed while being written",
+                              str(self.store.data_path(self.id)))
+        finally:
+            os.close(fd)
+
     def _write_envelope(self, envelope_bytes: bytes, sync: bool = True) -> None:
         self.store._write_file(self.envelope_tmp_path, envelope_bytes, sync=sync)
 
     def _rename(self) -> None:
         """Into msg/: the envelope file first (if any), then the data, whose
-        arrival makes the message exist."""
+        arrival makes the message exist (a spare became the message in place)."""
+        if self._spare_made is not None:
+            return
         if not self._embedded:
             os.rename(self.envelope_tmp_path, self.store.envelope_path(self.id))
         os.rename(self.tmp_path, self.store.data_path(self.id))
@@ -303,11 +392,18 @@ class MessageWriter:
         raise QueueError(str(error)) from error
 
     def abort(self) -> None:
+        """Drop the message: an unused spare goes back to the store's pool."""
+        unused = self._open and self._pending is not None
         self._open, self._pending = False, None
         if self._file is not None:
             self._file.close()
             self._file = None
         _unlink_quietly(self.tmp_path)
+        if self._spare_made is not None and unused:
+            self.store._give_back_spare(self.id, self._spare_made)
+        elif self._spare_made is not None or self._over_spare:
+            _unlink_quietly(self.store.data_path(self.id))  # no fsync: recovery removes it anyway
+        self._spare_made = None
 
 
 def _read_all(path: Path) -> bytes:
@@ -324,8 +420,19 @@ def _read_all(path: Path) -> bytes:
 
 
 def list_ids(msg_dir: Path) -> list[str]:
-    """Ids of the committed messages in a queue's ``msg/``, oldest first."""
-    return sorted(p.name[:-4] for p in msg_dir.iterdir() if p.name.endswith(".msg"))
+    """Ids of the committed messages in a queue's ``msg/``, oldest first (not the
+    spares nor files being committed: one stat each tells them apart)."""
+    ids = []
+    with os.scandir(msg_dir) as entries:
+        for entry in entries:
+            if entry.name.endswith(".msg"):
+                try:
+                    ready = _is_ready(entry.stat().st_mode)
+                except FileNotFoundError:
+                    continue  # removed meanwhile
+                if ready:
+                    ids.append(entry.name[:-4])
+    return sorted(ids)
 
 
 def load_envelope(msg_dir: Path, queue_id: str) -> Envelope:
@@ -360,7 +467,7 @@ class QueueStore:
     """The queue directory. All methods are synchronous and fsync as they go."""
 
     def __init__(self, root: Path, fsync: bool = True, clock: Callable[[], float] = time.time,
-                 reactor: Any = None, syncfs: bool = False) -> None:
+                 reactor: Any = None, syncfs: bool = False, spares: bool = True) -> None:
         self.root = root
         self.tmp_dir = root / "tmp"
         self.msg_dir = root / "msg"
@@ -372,6 +479,11 @@ class QueueStore:
             reactor = default_reactor
         self.committer = GroupCommitter(reactor, self.msg_dir, fsync, whole_filesystem=syncfs)
         self._listeners: list[Callable[[Envelope], None]] = []
+        self.spares = spares
+        self._spares: deque[tuple[str, float]] = deque()  # (queue id, when made), oldest first
+        self._refilling = False
+        self._making: set[str] = set()  # ids of a batch of spares being made
+        self._closed = False  # discard_spares() was called: no more spares
         for d in (self.root, self.tmp_dir, self.msg_dir):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
 
@@ -386,11 +498,94 @@ class QueueStore:
     # --- receiving -------------------------------------------------------------
 
     def new_message(self, buffered: bool = False) -> MessageWriter:
-        """A writer for a new message (``buffered``: see :class:`MessageWriter`)."""
+        """A writer for a new message (``buffered``: see :class:`MessageWriter`; it
+        gets a spare if one is ready)."""
+        if buffered and self.spares:
+            spare = self._take_spare()
+            if spare is not None:
+                return MessageWriter(self, spare[0], buffered, spare_made=spare[1])
         try:
             return MessageWriter(self, new_queue_id(self.clock()), buffered)
         except OSError as e:
             raise QueueError(str(e)) from e
+
+    # --- spares: empty files made ahead of time (see the module docstring) -----------
+
+    def prepare_spares(self) -> None:
+        """Start making spares now (at start-up, after :meth:`recover`)."""
+        self._closed = False
+        if self.spares:
+            self._refill()
+
+    def spare_count(self) -> int:
+        return len(self._spares)
+
+    def _take_spare(self) -> tuple[str, float] | None:
+        now = self.clock()
+        stale = []
+        spare = None
+        while self._spares:  # bounded: each pass takes one out
+            queue_id, made = self._spares.popleft()
+            if now - made <= SPARE_MAX_AGE:
+                spare = (queue_id, made)
+                break
+            stale.append(queue_id)
+        if stale:
+            # No fsync: a removed spare that a crash brings back is removed by recovery.
+            self.committer.submit(lambda: self._unlink_all(stale), sync_directory=False)
+        self._refill()
+        return spare
+
+    def _give_back_spare(self, queue_id: str, made: float) -> None:
+        self._spares.appendleft((queue_id, made))
+
+    def _refill(self) -> None:
+        """Make SPARE_BATCH spares, on the group-commit thread with one directory
+        fsync for all, when fewer than SPARE_LOW are left."""
+        if self._refilling or self._closed or len(self._spares) >= SPARE_LOW:
+            return
+        self._refilling = True
+        made_at = self.clock()
+        ids = [new_queue_id(made_at) for _ in range(SPARE_BATCH)]
+        self._making.update(ids)
+        made: list[str] = []
+
+        def make() -> None:
+            for queue_id in ids:
+                fd = os.open(self.data_path(queue_id),
+                             os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, RECEIVING)
+                os.close(fd)
+                made.append(queue_id)
+
+        def done(_: None) -> None:
+            self._refilling = False
+            self._making.difference_update(ids)
+            if self._closed:
+                self._unlink_all(made)
+            else:
+                self._spares.extend((queue_id, made_at) for queue_id in made)
+
+        def failed(failure: Failure) -> None:
+            self._refilling = False
+            self._making.difference_update(ids)
+            log.warn("could not make spare queue files: {err}", err=failure.getErrorMessage())
+            self._unlink_all(made)
+
+        self.committer.submit(make).addCallbacks(done, failed)
+
+    def _unlink_all(self, ids: list[str]) -> None:
+        for queue_id in ids:
+            _unlink_quietly(self.data_path(queue_id))
+
+    def discard_spares(self) -> None:
+        """At shutdown: make no more spares and remove the unused ones, also those
+        of a batch still being made (waits for the group-commit thread to finish
+        what it was given).  No fsync: recovery removes any a crash brought back."""
+        self._closed = True
+        self.committer.stop()
+        spares, self._spares = list(self._spares), deque()
+        self._unlink_all([queue_id for queue_id, _ in spares] + sorted(self._making))
+        self._making.clear()
 
     def subscribe(self, listener: Callable[[Envelope], None]) -> None:
         """Call ``listener(envelope)`` after each message is committed."""
@@ -410,8 +605,11 @@ class QueueStore:
         return list_ids(self.msg_dir)
 
     def exists(self, queue_id: str) -> bool:
-        """Whether the message is queued (its data file is in ``msg/``)."""
-        return self.data_path(queue_id).exists()
+        """Whether the message is queued (its data file is in ``msg/``, readable)."""
+        try:
+            return _is_ready(os.stat(self.data_path(queue_id)).st_mode)
+        except FileNotFoundError:
+            return False
 
     def load(self, queue_id: str) -> Envelope:
         """The envelope: FileNotFoundError if the message is gone, ValueError (or
@@ -422,6 +620,8 @@ class QueueStore:
         for queue_id in self.ids():
             try:
                 yield self.load(queue_id)
+            except FileNotFoundError:
+                continue  # removed meanwhile
             except (OSError, ValueError, KeyError) as e:
                 log.error("cannot read envelope {id}: {err}", id=queue_id, err=e)
 
@@ -490,7 +690,9 @@ class QueueStore:
     def recover(self) -> list[str]:
         """Clean up after a crash; returns the ids of the committed messages.
 
-        Files in ``tmp/`` were never acknowledged and are removed.  A state file
+        Files in ``tmp/`` were never acknowledged and are removed, and so are
+        files in ``msg/`` still in mode ``RECEIVING``: spares, and messages
+        whose commit never ended (so no 250 was given for them).  A state file
         without its message was left by a removal (or by a commit that never
         got to rename the data) and is removed.  A message file with neither an
         envelope header nor a state file is a leftover of an older version's
@@ -500,7 +702,18 @@ class QueueStore:
         for p in self.tmp_dir.iterdir():
             log.info("removing leftover {name} from queue tmp/", name=p.name)
             _unlink_quietly(p)
-        names = {p.name for p in self.msg_dir.iterdir()}
+        self._spares.clear()
+        names = set()
+        unfinished = 0
+        with os.scandir(self.msg_dir) as entries:
+            for entry in entries:
+                if entry.name.endswith(".msg") and not _is_ready(entry.stat().st_mode):
+                    _unlink_quietly(Path(entry.path))  # its state file, if any, goes below
+                    unfinished += 1
+                else:
+                    names.add(entry.name)
+        if unfinished:
+            log.info("removed {count} spare or unfinished files from queue msg/", count=unfinished)
         for name in sorted(names):
             if name.endswith(".json") and name[:-5] + ".msg" not in names:
                 log.info("removing state file {name} of a message no longer queued", name=name)
