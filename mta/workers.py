@@ -8,7 +8,8 @@ full SMTP session and commits to the same queue directory (queue ids are
 unique per message); only the main process runs the queue runner, the control
 socket and the metrics.  A worker tells the main process about each message it
 committed by writing ``queued <id> <envelope as one line of JSON>`` on its
-stdout (so the main process need not read the envelope back from disk); if
+stdout, right after the client's 250 has gone out (so the main process need
+not read the envelope back from disk, and waking it does not delay the 250); if
 that line is lost (a crash), the message is still on disk and found at the
 next start.  A worker's
 log lines (``[worker1 mta.smtp.server#info] ...``) come on its stderr and are
@@ -175,7 +176,10 @@ def run_worker(spec: dict[str, Any]) -> None:
                          install_signals=True)
 
     def announce(envelope: Any) -> None:
-        os.write(1, b"queued %s %s\n" % (envelope.id.encode("ascii"), envelope.to_line()))
+        # From the next reactor turn: the client's 250 goes out first (waking the
+        # main process could take this one's CPU before it has replied).
+        line = b"queued %s %s\n" % (envelope.id.encode("ascii"), envelope.to_line())
+        reactor.callLater(0, os.write, 1, line)
 
     service.context.store.subscribe(announce)
     service.startService()
