@@ -11,7 +11,9 @@ import sys
 
 import pytest
 import pytest_twisted
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
 from twisted.logger import globalLogPublisher
 
 from tests.harness import PASSWORD, RawClient, in_thread, message_files, shared_ca, start_mta
@@ -90,6 +92,45 @@ async def test_queue_write_failure_gives_451_and_leaves_nothing(mta, monkeypatch
     assert after[0] == 250
     assert message_files(mta.store.msg_dir) == []
     assert list(mta.store.tmp_dir.iterdir()) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_runner_is_told_of_a_message_after_its_250_is_sent(mta, monkeypatch):
+    from mta.smtp import server as server_module
+
+    events: list[str] = []
+    real_send_now = server_module.send_now
+
+    def recording_send_now(transport, data):
+        events.extend(line.decode() for line in data.splitlines())
+        real_send_now(transport, data)
+
+    monkeypatch.setattr(server_module, "send_now", recording_send_now)
+    mta.store.subscribe(lambda env: events.append(f"told {env.id}"))
+
+    def run(wait_for_reply: bool) -> None:
+        c = RawClient(mta.port())
+        c.read_reply()
+        c.cmd("EHLO client.test")
+        c.cmd("MAIL FROM:<s@remote.test>")
+        c.cmd("RCPT TO:<alice@example.test>")
+        c.cmd("DATA")
+        c.send(b"Subject: x\r\n\r\ny\r\n.\r\n")
+        if wait_for_reply:
+            assert c.read_reply()[0] == 250
+        c.close()
+
+    await in_thread(run, True)
+    (env,) = mta.queued()
+    assert events.index(f"250 2.0.0 Ok: queued as {env.id}") < events.index(f"told {env.id}")
+    # A client gone before its 250: the message was accepted all the same, and
+    # the runner is told (else it would wait in the queue until the next start).
+    await in_thread(run, False)
+    deadline = reactor.seconds() + 5
+    while len([e for e in events if e.startswith("told ")]) < 2 and reactor.seconds() < deadline:
+        await deferLater(reactor, 0.01, lambda: None)
+    told = [e.split()[1] for e in events if e.startswith("told ")]
+    assert sorted(told) == sorted(e.id for e in mta.queued())
 
 
 @pytest_twisted.ensureDeferred

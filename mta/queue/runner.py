@@ -188,6 +188,7 @@ class QueueRunner:
         self._forced: set[str] = set()
         # Envelopes just committed, handed to their first pass without a re-read.
         self._fresh: dict[str, Envelope] = {}
+        self._kicking = False  # a pass is starting (its synchronous part runs)
         self._running = False
         self._subscribed = False
         self._stop_waiters: list[Deferred[None]] = []
@@ -326,13 +327,17 @@ class QueueRunner:
         self._on_commit(envelope)
 
     def _on_commit(self, envelope: Envelope) -> None:
-        # A new message: try it at once, but from a fresh reactor turn so the
-        # SMTP reply goes out first.
+        # A new message: try it at once (the SMTP server tells the store only
+        # after its 250 has gone out).  From inside a pass (a notice it queued)
+        # the new pass starts from the next reactor turn instead, not nested.
         if self._running:
             # The committed object is exactly what is on disk: the first pass uses
             # it instead of reading the file back.
             self._fresh[envelope.id] = envelope
-            self._schedule_at(envelope.id, self._now())
+            if self._kicking or envelope.id in self._timers:
+                self._schedule_at(envelope.id, self._now())
+            else:
+                self._kick(envelope.id)
 
     def _schedule_at(self, queue_id: str, when: float) -> None:
         """Make sure a pass for ``queue_id`` runs no later than ``when``."""
@@ -355,7 +360,11 @@ class QueueRunner:
             self._again.add(queue_id)
             return
         self._in_flight[queue_id] = None  # before the coroutine runs: it may finish at once
-        d = Deferred.fromCoroutine(self._pass(queue_id))
+        self._kicking = True
+        try:
+            d = Deferred.fromCoroutine(self._pass(queue_id))
+        finally:
+            self._kicking = False
         self._in_flight[queue_id] = d
         d.addBoth(self._pass_done, queue_id)
 

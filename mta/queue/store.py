@@ -277,10 +277,12 @@ class MessageWriter:
                 fsync_dir(self.store.msg_dir)
         except OSError as e:
             self._undo(e)
-        self.store._notify(envelope)
+        self.store.notify(envelope)
 
-    def commit_async(self, envelope: Envelope) -> Deferred[None]:
+    def commit_async(self, envelope: Envelope, tell: bool = True) -> Deferred[None]:
         """Like :meth:`commit`, with the disk work on the group-commit thread.
+        ``tell=False``: the caller calls :meth:`QueueStore.notify` itself (the
+        SMTP server, once its 250 has gone out).
 
         A buffered message is one file (its envelope in the header), written
         and fsynced as the one part of the operation: into its spare, which
@@ -306,7 +308,8 @@ class MessageWriter:
             self._undo(failure.value)
 
         def done(_: None) -> None:
-            self.store._notify(envelope)
+            if tell:
+                self.store.notify(envelope)
 
         return d.addCallbacks(done, failed)
 
@@ -591,7 +594,8 @@ class QueueStore:
         """Call ``listener(envelope)`` after each message is committed."""
         self._listeners.append(listener)
 
-    def _notify(self, envelope: Envelope) -> None:
+    def notify(self, envelope: Envelope) -> None:
+        """Tell the listeners that ``envelope``'s message is committed."""
         for listener in self._listeners:
             try:
                 listener(envelope)

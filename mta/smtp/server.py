@@ -420,6 +420,8 @@ class SMTPSession(Protocol):
         self._busy = False
         if self.phase is not Phase.CLOSED and reply is not None:
             self._reply(reply)
+        if self._after_reply and self.phase is not Phase.CLOSED:
+            self._flush()  # on the wire before what comes after it (a commit can end at once)
         while self._after_reply:  # bounded: each entry is taken out before it runs
             self._after_reply.pop(0)()
         if self.phase is not Phase.CLOSED:
@@ -985,7 +987,7 @@ class SMTPSession(Protocol):
         envelope.id = writer.id
         self._writer = None
         self.txn = None
-        d = writer.commit_async(envelope)
+        d = writer.commit_async(envelope, tell=False)  # told in _queued, after the 250
 
         def failed(failure: Failure) -> Reply:
             failure.trap(QueueError)
@@ -995,7 +997,11 @@ class SMTPSession(Protocol):
 
     def _queued(self, envelope: Envelope, txn: Transaction) -> Reply:
         self.accepted += 1
-        # Logged right after the 250 has gone out: the client need not wait for it.
+        # Right after the 250 has gone out (the client need not wait for them):
+        # the queue runner is told (its first delivery attempt starts at once),
+        # then the message is logged.  _async_done runs these even if the
+        # client has gone meanwhile.
+        self._after_reply.append(partial(self.ctx.store.notify, envelope))
         self._after_reply.append(partial(
             log.info, "queued {queue_id} from=<{sender}> to={rcpts} size={size} client={ip}",
             queue_id=envelope.id, sender=envelope.sender, rcpts=",".join(txn.rcpt_addresses),
