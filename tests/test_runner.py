@@ -317,11 +317,13 @@ def test_mixed_results_give_one_dsn_for_the_failed_only(world: Any) -> None:
     w.runner.start()
     qid = queue(w.store, remote("ok@one.example"), remote("nobody@one.example"),
                 remote("gone@two.example"), remote("later@three.example"))
-    w.clock.advance(0)
-    env = w.envelope(qid)
+    env = w.envelope(qid)  # the first pass ran at once, when the message was committed
     assert [str(r.state) for r in env.recipients] == ["delivered", "failed", "failed", "deferred"]
     assert [r.dsn_sent for r in env.recipients] == [False, True, True, False]
-    w.clock.advance(0)  # the DSN is a message of its own, delivered at once
+    # The DSN is a message of its own: its pass starts from the next reactor
+    # turn, not nested inside the pass that queued it.
+    assert [c for c in w.remote.calls if c.sender == ""] == []
+    w.clock.advance(0)
     [dsn] = w.remote.dsns()
     [call] = [c for c in w.remote.calls if c.sender == ""]
     assert call.addresses == [SENDER]
@@ -333,6 +335,19 @@ def test_mixed_results_give_one_dsn_for_the_failed_only(world: Any) -> None:
     assert blocks[0]["Remote-MTA"] == "dns; mx.peer.example"
     assert dsn["Auto-Submitted"] == "auto-replied"
     assert w.store.ids() == [qid]  # the deferred recipient keeps it queued
+
+
+def test_a_dsn_queued_after_an_answer_gets_its_pass_from_the_next_turn(world: Any) -> None:
+    # The failure arrives later (a real courier answers from the network): the
+    # notice queued then is not delivered from inside that pass, nested.
+    w = world(remote_courier=FakeCourier(manual=True))
+    w.runner.start()
+    queue(w.store, remote("nobody@one.example"))
+    [call] = w.remote.calls
+    w.remote.answer(call, Outcome.FAILED, "550 5.1.1 no such user")
+    assert [c.sender for c in w.remote.calls] == [SENDER]
+    w.clock.advance(0)
+    assert [c.sender for c in w.remote.calls] == [SENDER, ""]
 
 
 def test_expiry_fails_pending_recipients_with_one_dsn(world: Any) -> None:

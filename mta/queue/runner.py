@@ -188,7 +188,9 @@ class QueueRunner:
         self._forced: set[str] = set()
         # Envelopes just committed, handed to their first pass without a re-read.
         self._fresh: dict[str, Envelope] = {}
-        self._kicking = False  # a pass is starting (its synchronous part runs)
+        # The runner's own code is on the stack (a pass starting, a notice being
+        # queued): a message committed now gets its pass from the next turn.
+        self._busy_here = False
         self._running = False
         self._subscribed = False
         self._stop_waiters: list[Deferred[None]] = []
@@ -328,13 +330,13 @@ class QueueRunner:
 
     def _on_commit(self, envelope: Envelope) -> None:
         # A new message: try it at once (the SMTP server tells the store only
-        # after its 250 has gone out).  From inside a pass (a notice it queued)
-        # the new pass starts from the next reactor turn instead, not nested.
+        # after its 250 has gone out).  One the runner itself queued (a notice)
+        # gets its pass from the next reactor turn instead, not nested in this one.
         if self._running:
             # The committed object is exactly what is on disk: the first pass uses
             # it instead of reading the file back.
             self._fresh[envelope.id] = envelope
-            if self._kicking or envelope.id in self._timers:
+            if self._busy_here or envelope.id in self._timers:
                 self._schedule_at(envelope.id, self._now())
             else:
                 self._kick(envelope.id)
@@ -360,11 +362,11 @@ class QueueRunner:
             self._again.add(queue_id)
             return
         self._in_flight[queue_id] = None  # before the coroutine runs: it may finish at once
-        self._kicking = True
+        self._busy_here = True
         try:
             d = Deferred.fromCoroutine(self._pass(queue_id))
         finally:
-            self._kicking = False
+            self._busy_here = False
         self._in_flight[queue_id] = d
         d.addBoth(self._pass_done, queue_id)
 
@@ -650,7 +652,11 @@ class QueueRunner:
                 created=now, smtputf8=not env.sender.isascii(), body_8bit=not data.isascii(),
                 extra={"dsn_for": env.id},
             )
-            writer.commit(dsn_env)
+            busy, self._busy_here = self._busy_here, True
+            try:
+                writer.commit(dsn_env)
+            finally:
+                self._busy_here = busy
         except (OSError, QueueError) as e:
             log.error("could not queue the {action} notice for {queue_id}: {err}",
                       action=action, queue_id=env.id, err=e)
