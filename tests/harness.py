@@ -218,9 +218,14 @@ class RawClient:
 def message_files(msg_dir: Path) -> list[str]:
     """Names of the files in a queue's msg/ that are messages: not the store's
     spares (empty files it makes ahead of time, mode 0200), sorted."""
-    if not msg_dir.exists():
-        return []
-    return sorted(p.name for p in msg_dir.iterdir() if p.stat().st_mode & 0o400)
+    names = []
+    for p in msg_dir.iterdir() if msg_dir.exists() else ():
+        try:
+            if p.stat().st_mode & 0o400:
+                names.append(p.name)
+        except FileNotFoundError:
+            pass  # removed meanwhile (a running daemon's queue)
+    return sorted(names)
 
 
 def in_thread(fn, *args, **kwargs):
