@@ -23,12 +23,13 @@ from twisted.internet.task import Clock, deferLater
 from mta.config import DeliveryConfig
 from mta.delivery.base import Outcome
 from mta.delivery.cache import ConnectionCache
+from mta.delivery.mx import MXHost
 from mta.delivery.remote import RemoteCourier
 from mta.queue.envelope import Envelope, Recipient, RecipientKind
 from mta.queue.runner import QueueRunner, Router
 from mta.queue.store import QueueStore
 from tests.sink import Sink, start_sink, wait_until
-from tests.test_remote import FakeResolver, make_config
+from tests.test_remote import FakeResolver, make_config, sinks
 
 BODY = b"Subject: again\r\n\r\nbody\r\n"
 CA = trustme.CA()
@@ -265,3 +266,51 @@ def test_cache_time_setting(tmp_path: Path) -> None:
     assert config_from_dict({"hostname": "h.test"}, tmp_path).delivery.connection_cache_time == 2.0
     with pytest.raises(ConfigError, match="delivery.connection_cache_time"):
         config_from_dict({"hostname": "h.test", "delivery": {"connection_cache_time": -1}}, tmp_path)
+
+
+# --- MX delivery: reuse by domain, before any DNS lookup -----------------------------------
+
+
+def mx_courier(tmp_path: Path, port: int, resolver: FakeResolver) -> RemoteCourier:
+    config = make_config(tmp_path, mx_port=port, connection_cache_time=5.0, tls_policy="none")
+    return RemoteCourier(config, resolver, reactor)
+
+
+@pytest_twisted.ensureDeferred
+async def test_next_message_to_a_domain_reuses_its_connection_without_a_dns_lookup(
+        tmp_path: Path) -> None:
+    async with sinks({}) as (sink,):
+        resolver = FakeResolver({"dst.test": [MXHost("mx1.dst.test", 10, ("127.0.0.1",))]})
+        courier = mx_courier(tmp_path, sink.port, resolver)
+        try:
+            for i in range(3):
+                [result] = await deliver(courier, tmp_path, f"q{i}", f"r{i}@dst.test")
+                assert result.outcome is Outcome.DELIVERED and result.remote_mta == "mx1.dst.test"
+            # As Postfix reuses a connection by its next hop: one lookup, one session.
+            assert resolver.calls == ["dst.test"]
+            assert len(sink.sessions) == 1 and courier.cache.reused == 2
+            # Another domain on the same server still gets its own lookup.
+            resolver.answers["other.test"] = resolver.answers["dst.test"]
+            await deliver(courier, tmp_path, "q9", "x@other.test")
+            assert resolver.calls == ["dst.test", "other.test"]
+        finally:
+            await courier.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reused_server_gone_meanwhile_sends_the_domain_to_dns_and_the_next_mx(
+        tmp_path: Path) -> None:
+    async with sinks({}, {}) as (first, second):
+        resolver = FakeResolver({"dst.test": [MXHost("mx1.dst.test", 10, ("127.0.0.1",)),
+                                              MXHost("mx2.dst.test", 20, ("127.0.0.2",))]})
+        courier = mx_courier(tmp_path, first.port, resolver)
+        try:
+            await deliver(courier, tmp_path, "q1", "a@dst.test")
+            assert [m.recipients for m in first.messages] == [["a@dst.test"]]
+            await first.stop()  # closes the cached connection and refuses new ones
+            [result] = await deliver(courier, tmp_path, "q2", "b@dst.test")
+            assert result.outcome is Outcome.DELIVERED and result.remote_mta == "mx2.dst.test"
+            assert resolver.calls == ["dst.test", "dst.test"]
+            assert [m.recipients for m in second.messages] == [["b@dst.test"]]
+        finally:
+            await courier.close()

@@ -73,6 +73,10 @@ class ConnectionCache:
     def __len__(self) -> int:
         return self._count
 
+    def has(self, key: Hashable) -> bool:
+        """Whether an idle session is kept for ``key`` (:meth:`take` still checks it)."""
+        return bool(self._idle.get(key))
+
     def take(self, key: Hashable) -> CachedSession | None:
         """An open, idle, not too old session for ``key``, or None."""
         entries = self._idle.get(key)

@@ -1089,6 +1089,13 @@ def _tls_creator(options: ClientOptions, server: str) -> Any:
     return _UnverifiedClientTLS(options.tls_hostname)
 
 
+def cache_key(host: str, port: int, server: str, options: ClientOptions) -> tuple[Any, ...]:
+    """What a cached connection is kept under: the server and every option the
+    session was opened with (a connection is reused only with the same ones)."""
+    return (host, port, server, options.tls_policy, options.tls_hostname, options.username,
+            options.password, options.lmtp, options.helo_name)
+
+
 async def send(reactor: Any, destination: interfaces.IStreamClientEndpoint | tuple[str, int],
                transactions: list[Transaction], options: ClientOptions, *,
                clock: interfaces.IReactorTime | None = None,
@@ -1108,8 +1115,7 @@ async def send(reactor: Any, destination: interfaces.IStreamClientEndpoint | tup
         endpoint = _endpoint(reactor, host, port, options.timeouts.connect)
         server = server or host
         if cache is not None and cache.enabled:
-            key = (host, port, server, options.tls_policy, options.tls_hostname, options.username,
-                   options.password, options.lmtp, options.helo_name)
+            key = cache_key(host, port, server, options)
     else:
         endpoint = destination
         server = server or str(destination)
