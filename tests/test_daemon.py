@@ -90,7 +90,9 @@ def test_message_survives_sigkill_right_after_250(tmp_path):
     daemon.start()
     try:
         assert (msg / f"{queue_id}.msg").exists()
-        assert list((tmp_path / "var" / "queue" / "tmp").iterdir()) == []
+        # (Not "tmp/ is empty": the restarted daemon's first delivery attempt may
+        # be writing the message's new state there by now.)
+        assert not (tmp_path / "var" / "queue" / "tmp" / "leftover.msg").exists()
     finally:
         daemon.kill()
 
