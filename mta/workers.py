@@ -10,8 +10,8 @@ socket and the metrics.  A worker tells the main process about each message it
 committed by writing ``queued <id> <envelope as one line of JSON>`` on its
 stdout, right after the client's 250 has gone out (so the main process need
 not read the envelope back from disk, and waking it does not delay the 250); if
-that line is lost (a crash), the message is still on disk and found at the
-next start.  A worker's
+that line is lost (the worker died), the message is still on disk, and the
+main process looks for such messages when it learns that a worker ended.  A worker's
 log lines (``[worker1 mta.smtp.server#info] ...``) come on its stderr and are
 appended to the main log as they are.
 
@@ -127,6 +127,10 @@ class WorkerPool(Service):
         if not self.stopping:
             log.error("worker {index} ended; starting it again", index=protocol.index)
             self.mta.reactor.callLater(1.0, self._respawn, protocol.index)
+            # Everything it wrote on its stdout has been read by now: a message
+            # it committed but never announced is found on disk.
+            if self.mta.runner is not None:
+                self.mta.runner.adopt_unknown()
 
     def _respawn(self, index: int) -> None:
         if not self.stopping and index not in self.workers:

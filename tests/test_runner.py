@@ -213,6 +213,27 @@ def test_new_message_is_attempted_at_once_and_removed(world: Any) -> None:
         assert e["reply"] == "250 2.0.0 ok" and e["duration"] == 0.0
 
 
+def test_a_message_no_process_announced_is_adopted(world: Any) -> None:
+    # A worker committed it (and gave its 250) but died before announcing it:
+    # the runner never heard of it until it looks (WorkerPool.ended asks it to).
+    def decide(env: Envelope, r: Recipient) -> tuple[Outcome, str]:
+        return (Outcome.DEFERRED, "451 4.3.0 later") if r.address == "bob@one.example" \
+            else (Outcome.DELIVERED, "250 2.0.0 ok")
+
+    w = world(remote_courier=FakeCourier(decide))
+    w.runner.start()
+    known = queue(w.store, remote("bob@one.example"))  # tried at once, deferred: has a timer
+    w.remote.calls.clear()
+    other_process = QueueStore(w.store.root, fsync=False, clock=w.clock.seconds)
+    orphan = queue(other_process, remote("carol@two.example"))
+    assert w.remote.calls == [] and sorted(w.store.ids()) == sorted([known, orphan])
+    assert w.runner.adopt_unknown() == 1  # the orphan only, not the deferred one
+    w.clock.advance(0)
+    assert [(c.queue_id, c.addresses) for c in w.remote.calls] == [(orphan, ["carol@two.example"])]
+    assert w.store.ids() == [known]
+    assert w.runner.adopt_unknown() == 0
+
+
 def test_deferred_recipient_is_retried_on_schedule(world: Any) -> None:
     replies = iter([(Outcome.DEFERRED, "451 4.7.1 greylisted"),
                     (Outcome.DEFERRED, "421 4.4.2 timeout"),

@@ -140,3 +140,41 @@ def test_the_main_process_takes_the_envelope_from_the_workers_line(tmp_path):
         proto.outReceived(data[i:i + 7])
     assert [e.to_bytes() for e in runner.committed] == [env.to_bytes()]
     assert runner.flushed == ["6b09c8822d5b28ff9735", "6b09c8822d5b28ff9736"]
+
+
+def test_a_message_a_dead_worker_never_announced_is_delivered(tmp_path):
+    """A worker that dies between its 250 and its ``queued`` line: the main process,
+    told that the worker ended, finds the message on disk and delivers it."""
+    from mta.queue.store import QueueStore
+
+    write_domain(tmp_path / "domains", "example.test", {"alice": PASSWORD})
+    port = free_port()
+    config = tmp_path / "mta.toml"
+    config.write_text(CONFIG.format(port=port, dead_port=free_port()))
+    daemon = Daemon(tmp_path, config, port)
+    daemon.start()
+    try:
+        deadline = time.monotonic() + 15
+        workers: list[int] = []
+        while not workers and time.monotonic() < deadline:
+            workers = children_of(daemon.proc.pid)
+            time.sleep(0.1)
+        (worker,) = workers
+        # What the worker had committed: on disk, announced to nobody.
+        store = QueueStore(tmp_path / "var" / "queue", fsync=True, spares=False)
+        writer = store.new_message()
+        writer.write(b"Subject: orphan\r\n\r\nnever announced\r\n")
+        rcpt = Recipient("alice@example.test", RecipientKind.LOCAL, "alice@example.test",
+                         mailbox="alice@example.test")
+        writer.commit(Envelope(writer.id, "s@remote.test", [rcpt], time.time()))
+        store.committer.stop()
+        os.kill(worker, signal.SIGKILL)
+        new = tmp_path / "var" / "mail" / "example.test" / "alice" / "new"
+        deadline = time.monotonic() + 15
+        while (not new.exists() or not list(new.iterdir())) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        (delivered,) = new.iterdir()
+        assert delivered.read_bytes().endswith(b"\n\nnever announced\n")
+        assert "found that no process had announced" in daemon.read_log()
+    finally:
+        daemon.kill()

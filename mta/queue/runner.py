@@ -208,13 +208,34 @@ class QueueRunner:
         now = self._now()
         count = 0
         for env in self.store.envelopes():
-            wake = self._next_wake(env, now)
-            warning = self._warning_due(env)
-            if wake is None or self._bounce_owed(env) or (warning is not None and warning <= now):
-                wake = now  # nothing left but removal, or a notice still owed
-            self._schedule_at(env.id, wake)
+            self._schedule_envelope(env, now)
             count += 1
         log.info("queue runner started with {count} queued messages", count=count)
+
+    def adopt_unknown(self) -> int:
+        """Schedule every queued message the runner was never told of: one that a
+        worker process committed (and answered 250 for) but died before it could
+        announce.  Returns how many (a message being announced just now is
+        scheduled twice at worst: its passes never overlap)."""
+        if not self._running:
+            return 0
+        now = self._now()
+        count = 0
+        for env in self.store.envelopes():
+            if env.id not in self._timers and env.id not in self._in_flight:
+                self._schedule_envelope(env, now)
+                count += 1
+        if count:
+            log.warn("{count} queued messages found that no process had announced; scheduled",
+                     count=count)
+        return count
+
+    def _schedule_envelope(self, env: Envelope, now: float) -> None:
+        wake = self._next_wake(env, now)
+        warning = self._warning_due(env)
+        if wake is None or self._bounce_owed(env) or (warning is not None and warning <= now):
+            wake = now  # nothing left but removal, or a notice still owed
+        self._schedule_at(env.id, wake)
 
     def stop(self) -> Deferred[None]:
         """Cancel timers, start nothing new, and wait (at most ``stop_timeout``) for
