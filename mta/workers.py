@@ -36,6 +36,7 @@ from twisted.logger import Logger
 
 from mta.logs import worker_log_observer, write_log_text
 from mta.queue.envelope import Envelope
+from mta.queue.store import SPARE_MAX_AGE
 
 log = Logger()
 
@@ -85,6 +86,7 @@ class WorkerPool(Service):
         self.workers: dict[int, Any] = {}  # index -> process transport
         self.protocols: dict[int, _WorkerProtocol] = {}
         self.stopping = False
+        self._sweep: Any = None  # the delayed removal of an ended worker's spares
         self.fds: list[tuple[str, int, int]] = []
 
     def spawn_all(self, ports: list[Any]) -> None:
@@ -131,6 +133,20 @@ class WorkerPool(Service):
             # it committed but never announced is found on disk.
             if self.mta.runner is not None:
                 self.mta.runner.adopt_unknown()
+            # Its spare queue files outlive it; once none of them can be in use
+            # (past the session lifetime), they are removed.
+            self._sweep_after(self.mta.config.limits.session_timeout + SPARE_MAX_AGE + 60)
+
+    def _sweep_after(self, delay: float) -> None:
+        if self._sweep is not None and self._sweep.active():
+            self._sweep.cancel()
+        self._sweep = self.mta.reactor.callLater(delay, self._sweep_now, delay)
+
+    def _sweep_now(self, older_than: float) -> None:
+        self._sweep = None
+        removed = self.mta.context.store.sweep_unfinished(older_than)
+        if removed:
+            log.info("removed {count} spare queue files left by an ended worker", count=removed)
 
     def _respawn(self, index: int) -> None:
         if not self.stopping and index not in self.workers:
@@ -146,6 +162,9 @@ class WorkerPool(Service):
     def stop(self) -> Deferred[Any]:
         """SIGTERM to every worker; they finish like the main process does."""
         self.stopping = True
+        if self._sweep is not None and self._sweep.active():
+            self._sweep.cancel()  # the next start's recovery removes those files
+        self._sweep = None
         waits = [p.ended for i, p in self.protocols.items() if i in self.workers]
         self.signal_all("TERM")
         if not waits:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import stat
 import time
 
@@ -365,3 +366,16 @@ async def test_recover_and_shutdown_remove_spares_and_unfinished_commits(store):
     assert sorted(p.name for p in store.msg_dir.iterdir()) == [f"{kept.id}.msg"]
     store.prepare_spares()  # a store started again makes spares again
     await spares_made(store)
+
+
+@pytest_twisted.ensureDeferred
+async def test_sweep_removes_only_old_files_that_are_no_messages(store):
+    kept = await queue_one(store)
+    spares = await spares_made(store)
+    old = time.time() - 1000
+    for queue_id in spares[:5] + [kept.id]:
+        os.utime(store.data_path(queue_id), (old, old))
+    assert store.sweep_unfinished(500) == 5
+    assert [q for q in spares if store.data_path(q).exists()] == spares[5:]
+    assert store.ids() == [kept.id]  # a message is never swept, however old
+    assert store.sweep_unfinished(500) == 0

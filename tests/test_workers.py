@@ -178,3 +178,36 @@ def test_a_message_a_dead_worker_never_announced_is_delivered(tmp_path):
         assert "found that no process had announced" in daemon.read_log()
     finally:
         daemon.kill()
+
+
+def test_an_ended_workers_spares_are_swept_after_the_session_lifetime(tmp_path):
+    """Its spare queue files outlive a worker that died; once none can be in use
+    they are removed, and a stop cancels the pending sweep."""
+    from twisted.internet.task import Clock
+
+    from mta.queue.store import RECEIVING, SPARE_MAX_AGE, QueueStore
+
+    store = QueueStore(tmp_path / "queue", fsync=False)
+    spare = store.data_path("6b09c8822d5b28ff9737")
+    spare.touch(mode=RECEIVING)
+    old = time.time() - 4000
+    os.utime(spare, (old, old))
+    clock = Clock()
+    mta = SimpleNamespace(runner=None, reactor=clock, context=SimpleNamespace(store=store),
+                          config=SimpleNamespace(limits=SimpleNamespace(session_timeout=1800.0)))
+    pool = WorkerPool(mta, 2, {})
+    respawned: list[int] = []
+    pool._respawn = respawned.append  # no process is started here
+    pool.ended(_WorkerProtocol(pool, 1))
+    clock.advance(1800 + SPARE_MAX_AGE + 59)
+    assert spare.exists()
+    clock.advance(2)
+    assert not spare.exists()
+    # A second death schedules another sweep; stopping the pool cancels it.
+    pool.ended(_WorkerProtocol(pool, 1))
+    assert [c.func.__name__ for c in clock.getDelayedCalls()].count("_sweep_now") == 1
+    pool.stop()
+    assert [c.func.__name__ for c in clock.getDelayedCalls()].count("_sweep_now") == 0
+    assert respawned == [1]
+    for call in clock.getDelayedCalls():  # the second respawn
+        call.cancel()

@@ -576,6 +576,30 @@ class QueueStore:
 
         self.committer.submit(make).addCallbacks(done, failed)
 
+    def sweep_unfinished(self, older_than: float) -> int:
+        """Remove files in msg/ still in mode ``RECEIVING`` whose last change is more
+        than ``older_than`` seconds ago: spares of a process that died (its own
+        are removed at shutdown, everyone's at the next start).  Past
+        SPARE_MAX_AGE no process uses its spare any more, and one taken by a
+        session is written or given up within the session's lifetime, so with
+        ``older_than`` above both nothing live goes (a commit that still found
+        its file gone would fail with 451, never lose a message).  Returns how
+        many were removed."""
+        limit = self.clock() - older_than
+        removed = 0
+        with os.scandir(self.msg_dir) as entries:
+            for entry in entries:
+                if not entry.name.endswith(".msg"):
+                    continue
+                try:
+                    st = entry.stat()
+                except FileNotFoundError:
+                    continue
+                if not _is_ready(st.st_mode) and st.st_mtime < limit:
+                    _unlink_quietly(Path(entry.path))
+                    removed += 1
+        return removed
+
     def _unlink_all(self, ids: list[str]) -> None:
         for queue_id in ids:
             _unlink_quietly(self.data_path(queue_id))
