@@ -66,6 +66,18 @@ async def test_swaks_auth_refused_in_clear(mta):
     assert " -> AUTH" not in result.stdout  # the password never went out in clear
 
 
+def send_small_message(port: int) -> RawClient:
+    """A client that has sent a whole small message (its reply not read yet)."""
+    c = RawClient(port)
+    c.read_reply()
+    c.cmd("EHLO client.test")
+    c.cmd("MAIL FROM:<s@remote.test>")
+    c.cmd("RCPT TO:<alice@example.test>")
+    c.cmd("DATA")
+    c.send(b"Subject: x\r\n\r\ny\r\n.\r\n")
+    return c
+
+
 @pytest_twisted.ensureDeferred
 async def test_queue_write_failure_gives_451_and_leaves_nothing(mta, monkeypatch):
     def broken_fsync(fd):
@@ -74,13 +86,7 @@ async def test_queue_write_failure_gives_451_and_leaves_nothing(mta, monkeypatch
     monkeypatch.setattr(os, "fsync", broken_fsync)
 
     def run():
-        c = RawClient(mta.port())
-        c.read_reply()
-        c.cmd("EHLO client.test")
-        c.cmd("MAIL FROM:<s@remote.test>")
-        c.cmd("RCPT TO:<alice@example.test>")
-        c.cmd("DATA")
-        c.send(b"Subject: x\r\n\r\ny\r\n.\r\n")
+        c = send_small_message(mta.port())
         reply = c.read_reply()
         after = c.cmd("NOOP")
         c.close()
@@ -109,13 +115,7 @@ async def test_the_runner_is_told_of_a_message_after_its_250_is_sent(mta, monkey
     mta.store.subscribe(lambda env: events.append(f"told {env.id}"))
 
     def run(wait_for_reply: bool) -> None:
-        c = RawClient(mta.port())
-        c.read_reply()
-        c.cmd("EHLO client.test")
-        c.cmd("MAIL FROM:<s@remote.test>")
-        c.cmd("RCPT TO:<alice@example.test>")
-        c.cmd("DATA")
-        c.send(b"Subject: x\r\n\r\ny\r\n.\r\n")
+        c = send_small_message(mta.port())
         if wait_for_reply:
             assert c.read_reply()[0] == 250
         c.close()

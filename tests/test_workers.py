@@ -45,19 +45,30 @@ def children_of(pid: int) -> list[int]:
     return found
 
 
-def test_two_workers_share_the_port_and_deliver_everything_once(tmp_path):
+def start_with_a_worker(tmp_path: Path) -> tuple[Daemon, int]:
+    """A daemon with ``workers = 2`` (alice@example.test local) and its worker's pid."""
     write_domain(tmp_path / "domains", "example.test", {"alice": PASSWORD})
     port = free_port()
     config = tmp_path / "mta.toml"
     config.write_text(CONFIG.format(port=port, dead_port=free_port()))
     daemon = Daemon(tmp_path, config, port)
     daemon.start()
+    deadline = time.monotonic() + 15
+    while not children_of(daemon.proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    workers = children_of(daemon.proc.pid)
+    if len(workers) != 1:
+        daemon.kill()
+        raise AssertionError(f"expected one worker process, found {workers}")
+    return daemon, workers[0]
+
+
+def test_two_workers_share_the_port_and_deliver_everything_once(tmp_path):
+    daemon, worker = start_with_a_worker(tmp_path)
+    port = daemon.port
     try:
-        deadline = time.monotonic() + 15
-        while not children_of(daemon.proc.pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        (worker,) = children_of(daemon.proc.pid)
         # The worker needs a moment to import and adopt the socket.
+        deadline = time.monotonic() + 15
         while "SMTPFactory starting" not in daemon.read_log().split("started worker 1", 1)[-1] \
                 and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -147,19 +158,8 @@ def test_a_message_a_dead_worker_never_announced_is_delivered(tmp_path):
     told that the worker ended, finds the message on disk and delivers it."""
     from mta.queue.store import QueueStore
 
-    write_domain(tmp_path / "domains", "example.test", {"alice": PASSWORD})
-    port = free_port()
-    config = tmp_path / "mta.toml"
-    config.write_text(CONFIG.format(port=port, dead_port=free_port()))
-    daemon = Daemon(tmp_path, config, port)
-    daemon.start()
+    daemon, worker = start_with_a_worker(tmp_path)
     try:
-        deadline = time.monotonic() + 15
-        workers: list[int] = []
-        while not workers and time.monotonic() < deadline:
-            workers = children_of(daemon.proc.pid)
-            time.sleep(0.1)
-        (worker,) = workers
         # What the worker had committed: on disk, announced to nobody.
         store = QueueStore(tmp_path / "var" / "queue", fsync=True, spares=False)
         writer = store.new_message()
