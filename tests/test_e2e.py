@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import smtplib
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
 from mta.queue.store import list_ids, load_envelope
-from tests.daemon import Daemon, free_port
+from tests.daemon import QUIET_TAIL, Daemon, free_port
 from tests.dnsserver import LoopbackDNS
 from tests.harness import (
     PASSWORD,
@@ -216,3 +217,77 @@ async def test_sigkill_during_multi_recipient_delivery_delivers_each_once(tmp_pa
         for s in sinks.values():
             await s.stop()
         await dns.stop()
+
+
+LOAD_CONFIG = """
+hostname = "mx.example.test"
+local_domains = ["example.test"]
+relay_networks = ["127.0.0.1/32"]
+data_dir = "var"
+domains_dir = "domains"
+workers = 2
+
+[listeners.mx]
+endpoint = "tcp:{port}:interface=127.0.0.1"
+kind = "mx"
+
+[limits]
+connection_rate_per_ip = 0
+""" + QUIET_TAIL
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigkill_under_load_loses_no_acknowledged_message(tmp_path):
+    """Four clients keep sending (a new connection per message) to two processes
+    while the smarthost stalls at its greeting; SIGKILL mid-stream.  After a
+    restart with the smarthost answering, every message that got its 250 arrives,
+    and none arrives twice (the queue files, spares included, hold no surprise)."""
+    sink = await start_sink(stall={"greeting"})
+    sink_port = sink.port
+    write_domain(tmp_path / "domains", "example.test", {"alice": PASSWORD})
+    mx_port = free_port()
+    config = tmp_path / "mta.toml"
+    config.write_text(LOAD_CONFIG.format(port=mx_port, dead_port=sink_port))
+    daemon = Daemon(tmp_path, config, mx_port)
+    acknowledged: list[str] = []
+    stop = threading.Event()
+
+    def client(n: int) -> None:
+        for i in range(1000):  # bounded; ends long before, at the kill
+            if stop.is_set():
+                return
+            token = f"token-{n}-{i}"
+            try:
+                with smtplib.SMTP("127.0.0.1", mx_port, timeout=5) as s:
+                    s.sendmail("s@remote.test", ["friend@remote.test"],
+                               f"Subject: {token}\r\n\r\n{token}\r\n".encode())
+                    acknowledged.append(token)  # the 250 is in: it must arrive
+            except (smtplib.SMTPException, OSError):
+                return
+
+    threads = [threading.Thread(target=client, args=(n,), daemon=True) for n in range(4)]
+    try:
+        await in_thread(daemon.start)
+        for t in threads:
+            t.start()
+        await wait_for(lambda: len(acknowledged) >= 120, timeout=60, what="120 messages accepted")
+        await in_thread(daemon.kill)  # SIGKILL, clients in mid-transaction
+        stop.set()
+        for t in threads:
+            await in_thread(t.join, 10)
+        assert not any(t.is_alive() for t in threads)
+        await sink.stop()
+        sink = await start_sink(port=sink_port)
+        await in_thread(daemon.start)
+        expected = set(acknowledged)
+        got = lambda: {m.data.decode().rsplit("\r\n\r\n", 1)[1].strip() for m in sink.messages}  # noqa: E731
+        await wait_for(lambda: expected <= got(), timeout=60, what="every acknowledged message")
+        await wait_for(lambda: not message_files(tmp_path / "var" / "queue" / "msg"),
+                       timeout=30, what="queue to empty")
+        tokens = [m.data.decode().rsplit("\r\n\r\n", 1)[1].strip() for m in sink.messages]
+        assert len(tokens) == len(set(tokens)), "a message arrived twice"
+        assert expected <= set(tokens)
+    finally:
+        stop.set()
+        await in_thread(daemon.kill)
+        await sink.stop()
