@@ -18,7 +18,7 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
 from mta.queue.store import list_ids, load_envelope
-from tests.daemon import QUIET_TAIL, Daemon, free_port
+from tests.daemon import Daemon, free_port
 from tests.dnsserver import LoopbackDNS
 from tests.harness import (
     PASSWORD,
@@ -29,6 +29,7 @@ from tests.harness import (
     write_domain,
 )
 from tests.sink import start_sink
+from tests.test_workers import CONFIG as WORKERS_CONFIG
 
 CONFIG = """
 hostname = "mx.example.test"
@@ -219,21 +220,9 @@ async def test_sigkill_during_multi_recipient_delivery_delivers_each_once(tmp_pa
         await dns.stop()
 
 
-LOAD_CONFIG = """
-hostname = "mx.example.test"
-local_domains = ["example.test"]
-relay_networks = ["127.0.0.1/32"]
-data_dir = "var"
-domains_dir = "domains"
-workers = 2
-
-[listeners.mx]
-endpoint = "tcp:{port}:interface=127.0.0.1"
-kind = "mx"
-
-[limits]
-connection_rate_per_ip = 0
-""" + QUIET_TAIL
+# test_workers' two-process configuration, relaying for the test's clients.
+LOAD_CONFIG = WORKERS_CONFIG.replace('local_domains = ["example.test"]',
+                                     'local_domains = ["example.test"]\nrelay_networks = ["127.0.0.1/32"]')
 
 
 @pytest_twisted.ensureDeferred
