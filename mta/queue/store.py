@@ -351,9 +351,7 @@ class MessageWriter:
         self._embedded = True
         fd = os.open(self.store.data_path(self.id), os.O_WRONLY | os.O_CLOEXEC)
         try:
-            view = memoryview(b"".join(chunks))
-            while view:  # ends: each write takes at least one octet or raises
-                view = view[os.write(fd, view):]
+            _write_all(fd, b"".join(chunks))
             if self.store.fsync:
                 # The data on disk before the READY mode can be (a journal commit
                 # of someone else's could carry the chmod before our fsync).
@@ -409,6 +407,24 @@ class MessageWriter:
         self._spare_made = None
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:  # ends: each write takes at least one octet or raises
+        view = view[os.write(fd, view):]
+
+
+def _message_files(msg_dir: Path) -> Iterator[tuple[str, str, os.stat_result]]:
+    """(name, path, stat) of each ``*.msg`` file in ``msg_dir``, skipping any
+    removed while the directory is read."""
+    with os.scandir(msg_dir) as entries:
+        for entry in entries:
+            if entry.name.endswith(".msg"):
+                try:
+                    yield entry.name, entry.path, entry.stat()
+                except FileNotFoundError:
+                    continue
+
+
 def _read_all(path: Path) -> bytes:
     """A small file's bytes with plain os calls (no buffered file object: Python's
     ``open`` adds an fstat, a tty check and a seek to every read)."""
@@ -425,17 +441,7 @@ def _read_all(path: Path) -> bytes:
 def list_ids(msg_dir: Path) -> list[str]:
     """Ids of the committed messages in a queue's ``msg/``, oldest first (not the
     spares nor files being committed: one stat each tells them apart)."""
-    ids = []
-    with os.scandir(msg_dir) as entries:
-        for entry in entries:
-            if entry.name.endswith(".msg"):
-                try:
-                    ready = _is_ready(entry.stat().st_mode)
-                except FileNotFoundError:
-                    continue  # removed meanwhile
-                if ready:
-                    ids.append(entry.name[:-4])
-    return sorted(ids)
+    return sorted(name[:-4] for name, _, st in _message_files(msg_dir) if _is_ready(st.st_mode))
 
 
 def load_envelope(msg_dir: Path, queue_id: str) -> Envelope:
@@ -587,17 +593,10 @@ class QueueStore:
         many were removed."""
         limit = self.clock() - older_than
         removed = 0
-        with os.scandir(self.msg_dir) as entries:
-            for entry in entries:
-                if not entry.name.endswith(".msg"):
-                    continue
-                try:
-                    st = entry.stat()
-                except FileNotFoundError:
-                    continue
-                if not _is_ready(st.st_mode) and st.st_mtime < limit:
-                    _unlink_quietly(Path(entry.path))
-                    removed += 1
+        for _, path, st in _message_files(self.msg_dir):
+            if not _is_ready(st.st_mode) and st.st_mtime < limit:
+                _unlink_quietly(Path(path))
+                removed += 1
         return removed
 
     def _unlink_all(self, ids: list[str]) -> None:
@@ -768,10 +767,7 @@ class QueueStore:
     def _write_file(self, path: Path, data: bytes, sync: bool = True) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
+            _write_all(fd, data)
             if self.fsync and sync:
                 os.fsync(fd)
         finally:
