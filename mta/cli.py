@@ -37,7 +37,7 @@ from mta.control import (
     valid_queue_id,
 )
 from mta.queue.envelope import Envelope
-from mta.queue.store import list_ids, open_message
+from mta.queue.store import is_queued, list_ids, open_message
 from mta.queue.store import load_envelope as queued_envelope
 
 MAX_HEADER_READ = 1024 * 1024
@@ -333,7 +333,7 @@ def delete_files(queue_dir: Path, queue_id: str) -> None:
     """Remove a message's files while no daemon runs: the data first, as the store does."""
     msg = queue_dir / "msg"
     data = msg / f"{queue_id}.msg"
-    if not data.exists():
+    if not is_queued(msg, queue_id):  # a spare queue file is no message either
         raise CLIError(f"no message {queue_id} in the queue at {queue_dir}")
     for path in (data, msg / f"{queue_id}.json"):
         try:

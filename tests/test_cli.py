@@ -542,6 +542,11 @@ def test_cli_without_daemon(tmp_path, sock_dir, capsys):
     assert cli.main(["queue", "delete", "0123abce", "--config", config]) == 0
     assert "daemon is not running: removed its queue files" in capsys.readouterr().out
     assert list(msg.iterdir()) == []
+    # A spare queue file (empty, write-only) left by a stopped daemon is no message.
+    (msg / "0123abcf.msg").touch(mode=0o200)
+    assert cli.main(["queue", "delete", "0123abcf", "--config", config]) == 1
+    assert "no message 0123abcf" in capsys.readouterr().err
+    (msg / "0123abcf.msg").unlink()
     assert cli.main(["queue", "list", "--config", config]) == 0
     assert capsys.readouterr().out == "queue is empty\n"
     # A user change with the daemon stopped is simply made.

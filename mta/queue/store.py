@@ -444,6 +444,15 @@ def list_ids(msg_dir: Path) -> list[str]:
     return sorted(name[:-4] for name, _, st in _message_files(msg_dir) if _is_ready(st.st_mode))
 
 
+def is_queued(msg_dir: Path, queue_id: str) -> bool:
+    """Whether ``queue_id`` is a message in ``msg_dir`` (its data file is there and
+    readable: not a spare, nor a commit still going on)."""
+    try:
+        return _is_ready(os.stat(msg_dir / f"{queue_id}.msg").st_mode)
+    except FileNotFoundError:
+        return False
+
+
 def load_envelope(msg_dir: Path, queue_id: str) -> Envelope:
     """A message's envelope: its state file if it has one, else its header.
 
@@ -633,10 +642,7 @@ class QueueStore:
 
     def exists(self, queue_id: str) -> bool:
         """Whether the message is queued (its data file is in ``msg/``, readable)."""
-        try:
-            return _is_ready(os.stat(self.data_path(queue_id)).st_mode)
-        except FileNotFoundError:
-            return False
+        return is_queued(self.msg_dir, queue_id)
 
     def load(self, queue_id: str) -> Envelope:
         """The envelope: FileNotFoundError if the message is gone, ValueError (or
