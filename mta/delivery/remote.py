@@ -189,38 +189,42 @@ class RemoteCourier:
         for r in recipients:
             waiting.setdefault(r.address, []).append(r)
         results: list[DeliveryResult] = []
-        last_error, last_status, last_server = f"no mail server found for {domain}", "4.4.4", ""
+        last = (f"no mail server found for {domain}", "4.4.4", "")  # error, status, server
+
+        async def attempt(route: Route) -> None:
+            nonlocal last
+            tx = Transaction(sender=sender, recipients=list(waiting), data_path=data_path,
+                             size=size, body_8bit=envelope.body_8bit, smtputf8=envelope.smtputf8)
+            session = await self._attempt(route, tx)
+            for address, reply in session.transactions[0].replies.items():
+                for r in waiting.pop(address, []):
+                    results.append(DeliveryResult(r, reply.outcome, str(reply), route.name,
+                                                  reply.enhanced, tls=session.tls))
+            if session.connection_error is not None:
+                last = (f"{route.display}: {session.connection_error}",
+                        session.error_status or "4.4.2", route.name)
+            elif domain and self.cache.enabled:
+                if len(self._recent) >= MAX_RECENT and domain not in self._recent:
+                    self._recent.clear()
+                self._recent[domain] = route
+
         reused = self._reusable_route(domain)
-        routes = [reused] if reused is not None else []
-        resolved = False
-        while True:  # ends: the routes are resolved at most once
-            for route in routes:
-                if not waiting:
-                    break
-                tx = Transaction(sender=sender, recipients=list(waiting), data_path=data_path,
-                                 size=size, body_8bit=envelope.body_8bit, smtputf8=envelope.smtputf8)
-                session = await self._attempt(route, tx)
-                for address, reply in session.transactions[0].replies.items():
-                    for r in waiting.pop(address, []):
-                        results.append(DeliveryResult(r, reply.outcome, str(reply), route.name,
-                                                      reply.enhanced, tls=session.tls))
-                if session.connection_error is not None:
-                    last_error = f"{route.display}: {session.connection_error}"
-                    last_status, last_server = session.error_status or "4.4.2", route.name
-                elif domain and self.cache.enabled:
-                    if len(self._recent) >= MAX_RECENT and domain not in self._recent:
-                        self._recent.clear()
-                    self._recent[domain] = route
-            if not waiting or resolved:
-                break
-            resolved = True
+        if reused is not None:
+            await attempt(reused)
+        if waiting:
             try:
-                routes = [r for r in await self._routes(domain) if r != reused]
+                routes = await self._routes(domain)
             except DNSError as e:
                 outcome = Outcome.FAILED if e.permanent else Outcome.DEFERRED
                 for group in waiting.values():
                     results.extend(DeliveryResult(r, outcome, e.reply, "", e.status) for r in group)
                 return results
+            for route in routes:
+                if not waiting:
+                    break
+                if route != reused:
+                    await attempt(route)
+        last_error, last_status, last_server = last
         for group in waiting.values():
             for r in group:
                 results.append(DeliveryResult(r, Outcome.DEFERRED, last_error, last_server,
