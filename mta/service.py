@@ -142,7 +142,8 @@ class MTAService(MultiService):
     def startService(self) -> None:  # noqa: N802
         super().startService()
         if self.worker_fds is None:
-            speed_up_text_log()  # twistd's text log: the same lines, time stamps cached
+            # twistd's text log: the same lines, time stamps cached, one flush per turn
+            speed_up_text_log(self.reactor)
         if self.runner is not None:
             self.runner.start()
         elif self.worker_fds is None:

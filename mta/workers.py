@@ -189,7 +189,7 @@ def run_worker(spec: dict[str, Any]) -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)
     if os.getppid() != spec.get("parent"):
         raise SystemExit("mta worker: the main process is gone")
-    globalLogBeginner.beginLoggingTo([worker_log_observer(spec.get("index", 0))],
+    globalLogBeginner.beginLoggingTo([worker_log_observer(spec.get("index", 0), reactor=reactor)],
                                      redirectStandardIO=False)
     sys.setswitchinterval(0.0005)
     config_path = Path(spec["config"]) if spec.get("config") else None
@@ -198,13 +198,30 @@ def run_worker(spec: dict[str, Any]) -> None:
                          config_path=config_path, overrides=spec.get("overrides") or {},
                          install_signals=True)
 
+    announcements: list[bytes] = []
+
     def announce(envelope: Any) -> None:
         # Called once the client's 250 has gone out (the SMTP server tells the
         # store then): waking the main process earlier could take this one's
-        # CPU before it has replied.
-        os.write(1, b"queued %s %s\n" % (envelope.id.encode("ascii"), envelope.to_line()))
+        # CPU before it has replied.  The messages of one reactor turn go in
+        # one write, when the turn ends: one wake-up of the main process for
+        # all of them.
+        if not announcements:
+            reactor.callLater(0, send_announcements)
+        announcements.append(b"queued %s %s\n" % (envelope.id.encode("ascii"), envelope.to_line()))
+
+    def send_announcements() -> None:
+        if not announcements:
+            return
+        data = b"".join(announcements)
+        announcements.clear()
+        view = memoryview(data)
+        while view:  # bounded: each write takes at least one byte or raises
+            view = view[os.write(1, view):]
 
     service.context.store.subscribe(announce)
+    # A message acknowledged in the reactor's last turn is still announced.
+    reactor.addSystemEventTrigger("after", "shutdown", send_announcements)
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     # Ignore SIGINT from a terminal's Ctrl-C: the main process stops us with SIGTERM.

@@ -10,12 +10,14 @@ from __future__ import annotations
 import base64
 import io
 import json
+import threading
 from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import pytest_twisted
+from twisted.internet.task import Clock
 from twisted.logger import (
     LogBeginner,
     Logger,
@@ -26,7 +28,9 @@ from twisted.logger import (
     textFileLogObserver,
 )
 
+import mta.logs as logs_module
 from mta.logs import (
+    FlushEachTurn,
     JSONLinesObserver,
     Scrubbing,
     classic_formatter,
@@ -287,3 +291,85 @@ def test_worker_lines_carry_the_worker_in_the_system_field():
     stamp = formatTime(1700000000.0)
     assert out.getvalue() == (f"{stamp} [worker3 mta.smtp.server#info] queued q1\n"
                               f"{stamp} [worker3 mta.smtp.server#info] Starting factory\n")
+
+
+class _Turns(Clock):
+    """A reactor for FlushEachTurn: a clock whose ``advance(0)`` ends a turn."""
+
+    running = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.triggers: list = []
+
+    def addSystemEventTrigger(self, phase, event, f, *args):  # noqa: N802
+        self.triggers.append((phase, event, f))
+
+
+class _CountingStream(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+        self.flushes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+
+def test_log_lines_of_one_reactor_turn_leave_in_one_write():
+    reactor, out = _Turns(), _CountingStream()
+    observer = textFileLogObserver(FlushEachTurn(out, reactor))
+    log = Logger(namespace="mta.test", observer=observer)
+    for n in range(5):
+        log.info("line {n}", n=n)
+    assert out.getvalue() == "" and out.writes == 0  # still in this turn
+    reactor.advance(0)
+    assert out.writes == 1 and out.flushes == 1
+    assert [line.split("] ", 1)[1] for line in out.getvalue().splitlines()] == [
+        f"line {n}" for n in range(5)]
+    reactor.advance(0)
+    assert out.writes == 1  # nothing new, nothing written
+    log.info("next turn")
+    reactor.advance(0)
+    assert out.writes == 2 and out.getvalue().endswith("next turn\n")
+
+
+def test_log_lines_go_out_at_once_off_the_reactor_thread_when_stopped_and_past_the_limit():
+    reactor, out = _Turns(), _CountingStream()
+    stream = FlushEachTurn(out, reactor, limit=100)
+    observer = textFileLogObserver(stream)
+    log = Logger(namespace="mta.test", observer=observer)
+    log.info("waits for the turn")
+    helper = threading.Thread(target=lambda: log.info("from a helper thread"))
+    helper.start()
+    helper.join(timeout=10)
+    # The helper's line takes the waiting one with it, in order.
+    assert out.writes == 1 and "waits for the turn" in out.getvalue()
+    assert out.getvalue().index("waits") < out.getvalue().index("helper")
+    log.info("x" * 120)  # past the limit: written without waiting for the turn
+    assert out.writes == 2
+    (shutdown,) = [f for phase, event, f in reactor.triggers if (phase, event) == ("after", "shutdown")]
+    log.info("last turn")
+    shutdown()
+    assert out.writes == 3 and out.getvalue().endswith("last turn\n")
+    reactor.running = False  # after the main loop (twistd's "Main loop terminated.")
+    log.info("Main loop terminated.")
+    assert out.writes == 4 and out.getvalue().endswith("Main loop terminated.\n")
+    reactor.advance(0)  # the turn's call, still pending, finds nothing to write
+    assert out.writes == 4
+
+
+def test_scrubber_checks_every_new_field_name_and_remembers_the_harmless_ones():
+    assert scrub({"queue_id": "q", "size": 1, "api_token": "t"}) == {"queue_id": "q", "size": 1}
+    assert {"queue_id", "size"} <= logs_module._SAFE_KEYS
+    assert "api_token" not in logs_module._SAFE_KEYS
+    # A harmless name holding a dict with a secret inside: the dict is cleaned
+    # (a copy: the caller's stays as it was).
+    options = {"port": 25, "Password": "p"}
+    assert scrub({"options": options, "size": 2}) == {"options": {"port": 25}, "size": 2}
+    assert options == {"port": 25, "Password": "p"}
+    assert scrub({"api_token": "again", "queue_id": "q2"}) == {"queue_id": "q2"}
