@@ -379,3 +379,23 @@ async def test_sweep_removes_only_old_files_that_are_no_messages(store):
     assert [q for q in spares if store.data_path(q).exists()] == spares[5:]
     assert store.ids() == [kept.id]  # a message is never swept, however old
     assert store.sweep_unfinished(500) == 0
+
+
+def test_envelope_text_has_a_field_per_line_and_a_recipient_per_line():
+    env = envelope_for("6b09fd83e0792c88a3e9")
+    env.extra = {"orig_sender": "s@x.test", "n": 2}
+    env.recipients[1].last_reply = "451 4.7.1 \"try\" later ü"
+    text = env.to_bytes().decode("utf-8")
+    lines = text.splitlines()
+    assert text.endswith("]}\n") and lines[0] == '{"id": "6b09fd83e0792c88a3e9",'
+    assert ' "sender": "s@x.test",' in lines
+    assert ' "extra": {"orig_sender": "s@x.test", "n": 2},' in lines
+    recipient_lines = [line for line in lines if line.startswith('  {"address": ')]
+    assert [json.loads(line.rstrip(","))["address"] for line in recipient_lines] == [
+        "a@y.test", "b@y.test"]
+    assert "ü" in recipient_lines[1]  # UTF-8 as it is, readable
+    assert Envelope.from_bytes(env.to_bytes()) == env
+    assert json.loads(env.to_line()) == json.loads(text) and env.to_line().isascii()
+    empty = Envelope("x", "", [], 1.0)
+    assert empty.to_bytes().endswith(b' "extra": {},\n "recipients": []}\n')
+    assert Envelope.from_bytes(empty.to_bytes()) == empty

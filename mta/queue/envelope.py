@@ -12,6 +12,10 @@ from enum import StrEnum
 from typing import Any
 
 ENVELOPE_VERSION = 1
+# Made once: json.dumps with any option builds a new encoder on every call.
+_FIELD_PER_LINE = json.JSONEncoder(ensure_ascii=False, separators=(",\n ", ": "))
+_ONE_LINE = json.JSONEncoder(ensure_ascii=False, separators=(", ", ": "))
+_ASCII_LINE = json.JSONEncoder(separators=(",", ":"))
 
 
 class RecipientState(StrEnum):
@@ -104,17 +108,42 @@ class Envelope:
         ]
 
     def to_bytes(self) -> bytes:
-        """The envelope file's text: indented JSON (readable), ending in a newline."""
-        return (json.dumps(self._to_dict(), indent=1, ensure_ascii=False) + "\n").encode("utf-8")
+        """The envelope file's text, ending in a newline: JSON with one field per
+        line and one recipient per line (readable, and greppable), for example::
+
+            {"id": "6b09fd83e0792c88a3e9",
+             "sender": "alice@example.org",
+             ...
+             "version": 1,
+             "extra": {},
+             "recipients": [
+              {"address": "bob@example.net", "kind": "remote", ...}
+             ]}
+
+        Written by json's C encoder (``indent`` would take its pure-Python one,
+        three times slower, on the path of every 250).
+        """
+        fields = self._fields()
+        extra = _ONE_LINE.encode(fields.pop("extra"))
+        head = _FIELD_PER_LINE.encode(fields)[:-1]  # without the closing brace
+        recipients = ",\n  ".join([_ONE_LINE.encode(r.to_json()) for r in self.recipients])
+        if recipients:
+            recipients = f"\n  {recipients}\n "
+        return f'{head},\n "extra": {extra},\n "recipients": [{recipients}]}}\n'.encode()
 
     def to_line(self) -> bytes:
         """The same JSON on one ASCII line, without the newline (for a line protocol)."""
-        return json.dumps(self._to_dict(), separators=(",", ":")).encode("ascii")
+        return _ASCII_LINE.encode(self._to_dict()).encode("ascii")
 
     def _to_dict(self) -> dict[str, Any]:
+        fields = self._fields()
+        fields["recipients"] = [r.to_json() for r in self.recipients]
+        return fields
+
+    def _fields(self) -> dict[str, Any]:
+        """Every field but the recipients."""
         return {
             "id": self.id, "sender": self.sender,
-            "recipients": [r.to_json() for r in self.recipients],
             "created": self.created, "size": self.size, "body_8bit": self.body_8bit,
             "smtputf8": self.smtputf8, "client_ip": self.client_ip,
             "client_helo": self.client_helo, "auth_user": self.auth_user, "tls": self.tls,
