@@ -43,8 +43,9 @@ class TraceInfo:
     when: datetime | None = None
 
 
-def received_header(info: TraceInfo) -> bytes:
-    """Build the Received header for a message we accept.
+def received_header(info: TraceInfo, queue_id: str | None = None) -> bytes:
+    """Build the Received header for a message we accept (``queue_id``, when
+    given, instead of ``info.queue_id``: the session learns it last).
 
     The ``for`` clause names the recipient only when there is exactly one, so
     the header never reveals the other (possibly Bcc) recipients.
@@ -58,7 +59,7 @@ def received_header(info: TraceInfo) -> bytes:
     by = f"\tby {info.hostname} with " + protocol_keyword(
         info.esmtp, bool(info.tls_version), info.authenticated, info.smtputf8
     )
-    lines.append(f"{by} id {info.queue_id}")
+    lines.append(f"{by} id {info.queue_id if queue_id is None else queue_id}")
     if info.tls_version:
         lines.append(f"\t(version={_clean(info.tls_version)} cipher={_clean(info.tls_cipher)})")
     stamp = format_datetime(when)

@@ -41,6 +41,14 @@ def relay_allowed(auth_user: str | None, client_ip: str, relay_networks: tuple[s
         return True
     if not relay_networks:
         return False
+    return _in_networks(client_ip, relay_networks)
+
+
+@functools.lru_cache(maxsize=1024)
+def _in_networks(client_ip: str, relay_networks: tuple[str, ...]) -> bool:
+    """Whether ``client_ip`` is in one of the networks (answers cached: most
+    connections come from a few addresses, and parsing one costs more than
+    the rest of the connection's policy)."""
     try:
         ip = ipaddress.ip_address(client_ip)
     except ValueError:

@@ -87,8 +87,8 @@ READY = 0o600
 # fewer than SPARE_LOW are left; one older than SPARE_MAX_AGE seconds is
 # dropped rather than used, so a queue id's time stays within a minute of
 # the message's arrival.
-SPARE_BATCH = 16
-SPARE_LOW = 8
+SPARE_BATCH = 32
+SPARE_LOW = 16
 SPARE_MAX_AGE = 60.0
 
 

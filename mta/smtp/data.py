@@ -99,7 +99,7 @@ class DataReader:
         text_end = len(complete) - 2
         if terminator is not None:
             # Everything after the "." line belongs to the next command.
-            consumed = sum(len(x) + 2 for x in lines[: terminator + 1])
+            consumed = sum(map(len, lines[: terminator + 1])) + 2 * (terminator + 1)
             rest = complete[consumed:] + rest
             lines = lines[:terminator]
             text_end = consumed - 5 if lines else 0  # before the CRLF and the ".\r\n"

@@ -25,7 +25,7 @@ objects in :class:`ServerContext`; the session only asks and replies.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from email.utils import format_datetime
 from enum import Enum
 from functools import partial
@@ -812,7 +812,7 @@ class SMTPSession(Protocol):
         """A buffered queue writer holding the trace headers that go first in the message."""
         writer = self.ctx.store.new_message(buffered=True)
         # The queue id goes into the Received header (RFC 5321 §4.4 "id").
-        received = received_header(replace(self._trace, queue_id=writer.id))
+        received = received_header(self._trace, queue_id=writer.id)
         assert self.txn is not None
         writer.write(b"\r\n".join([received, *self.txn.spf_headers]) + b"\r\n")
         return writer
