@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -183,3 +184,29 @@ async def test_buffered_writer_creates_its_file_only_at_commit(tmp_path):
         assert list(store.tmp_dir.iterdir()) == []
     finally:
         store.committer.stop()
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
+@pytest_twisted.ensureDeferred
+async def test_helper_threads_run_in_sched_batch_and_the_reactor_thread_does_not(tmp_path):
+    """The committer thread and the part helpers are SCHED_BATCH (a woken helper
+    does not preempt the reactor thread only to wait for its GIL); the reactor
+    thread keeps the normal policy."""
+    committer = GroupCommitter(reactor, tmp_path, fsync=True)
+    policies: dict[str, int] = {}
+
+    def record(name: str) -> None:
+        policies[name] = os.sched_getscheduler(0)
+
+    gate = threading.Event()
+    try:
+        first = committer.submit(gate.wait)  # holds the thread: the next two form one batch
+        rest = [committer.submit(lambda: None, parts=[lambda: record("part one")]),
+                committer.submit(lambda: record("committer"), parts=[lambda: record("part two")])]
+        gate.set()
+        await DeferredList([first, *rest])
+    finally:
+        committer.stop()
+    assert policies == {"part one": os.SCHED_BATCH, "part two": os.SCHED_BATCH,
+                        "committer": os.SCHED_BATCH}
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER

@@ -28,6 +28,7 @@ With ``fsync`` off (tests), operations run at once on the calling thread.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections.abc import Callable, Sequence
@@ -49,6 +50,20 @@ Job = tuple[Operation, tuple[Operation, ...], Deferred[None], bool]
 _STOP = object()
 # Helper threads for the parts of a batch (see the module docstring).
 PART_THREADS = 4
+
+
+def _batch_scheduling() -> None:
+    """Put the calling thread in SCHED_BATCH (Linux; elsewhere nothing changes).
+
+    A helper thread woken by the disk would otherwise preempt the reactor
+    thread on its CPU, only to wait for the GIL that thread holds: two
+    context switches for nothing.  In SCHED_BATCH a woken thread does not
+    preempt; it runs on an idle CPU, or when the reactor thread next waits.
+    """
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except (AttributeError, OSError):
+        pass
 
 
 class GroupCommitter:
@@ -109,6 +124,7 @@ class GroupCommitter:
             pool.shutdown(wait=False)
 
     def _work(self) -> None:
+        _batch_scheduling()
         while True:
             first = self._jobs.get()
             if first is _STOP:
@@ -146,7 +162,8 @@ class GroupCommitter:
         if todo:
             with self._lock:
                 if self._pool is None:
-                    self._pool = ThreadPoolExecutor(PART_THREADS, thread_name_prefix="queue-io")
+                    self._pool = ThreadPoolExecutor(PART_THREADS, thread_name_prefix="queue-io",
+                                                    initializer=_batch_scheduling)
                 pool = self._pool
             futures = [(i, pool.submit(part)) for i, part in todo]
             wait([f for _, f in futures])
