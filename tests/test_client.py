@@ -23,10 +23,12 @@ import trustme
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate
 from twisted.internet.task import Clock, deferLater
 from twisted.logger import formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
 
 from mta.delivery import client
 from mta.delivery.base import Outcome
@@ -668,3 +670,40 @@ async def test_small_message_in_one_write_bigger_one_streamed(tmp_path: Path,
     assert small_raw == (b"..starts with a dot\r\nbare LF\r\n" + b"x" * (client.SMALL_BODY - 100)
                          + b"\r\n..\r\nend\r\n.\r\n")
     assert big_raw == b"Subject: big\r\n\r\n" + (b"y" * 70 + b"\r\n..\r\n") * 400 + b".\r\n"
+
+
+def test_one_reply_timer_per_connection_moved_to_each_wait() -> None:
+    """The client keeps one timer per connection: each wait moves it to its own
+    deadline; running out while nothing is awaited does nothing; a wait after
+    that gets a new one; the connection's end stops it."""
+    from twisted.internet.testing import StringTransport
+
+    clock = Clock()
+    proto = client.SMTPClientProtocol(clock)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    first = proto.read_reply(300, "the greeting")
+    timer = proto._timer
+    clock.advance(299)
+    proto.dataReceived(b"220 sink.test ESMTP\r\n")
+    assert first.result.code == 220
+    assert clock.getDelayedCalls() == [timer]  # kept, not cancelled and made again
+    second = proto.read_reply(60, "the reply to MAIL")
+    assert proto._timer is timer and timer.getTime() == 299 + 60
+    clock.advance(59)
+    proto.dataReceived(b"250 ok\r\n")
+    assert second.result.code == 250
+    clock.advance(10)  # idle between transactions: the timer runs out harmlessly
+    assert proto.alive and not transport.disconnecting and clock.getDelayedCalls() == []
+    third = proto.read_reply(120, "the reply to DATA")
+    clock.advance(119)
+    assert not third.called
+    clock.advance(1)
+    failures = []
+    third.addErrback(failures.append)
+    assert "timeout after 120s waiting for the reply to DATA" in failures[0].getErrorMessage()
+    fourth_conn = client.SMTPClientProtocol(clock)
+    fourth_conn.makeConnection(StringTransport())
+    fourth_conn.read_reply(300, "the greeting")
+    fourth_conn.connectionLost(Failure(ConnectionDone()))
+    assert clock.getDelayedCalls() == []  # the connection's end stopped its timer

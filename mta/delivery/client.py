@@ -458,6 +458,7 @@ class SMTPClientProtocol(Protocol):
         self._waiting_for = ""  # "reply", "tls" or "" (nothing awaited)
         self._waiting_for_text = ""
         self._timer: interfaces.IDelayedCall | None = None
+        self._timeout = 0.0  # of the current wait
         self._failure: SessionError | None = None
         self._lost = False
         self._closed_waiters: list[Deferred[None]] = []
@@ -492,6 +493,7 @@ class SMTPClientProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._lost = True
+        self._stop_timer()
         why = reason.getErrorMessage()
         error = SessionError(f"lost connection{self._while()}: {why}")
         if self._failure is None:
@@ -614,19 +616,31 @@ class SMTPClientProtocol(Protocol):
         assert self._waiter is None, "one waiter at a time"
         d: Deferred[Any] = Deferred()
         self._waiter, self._waiting_for, self._waiting_for_text = d, kind, what
-        self._timer = self.clock.callLater(timeout, self._timed_out, timeout, what)
+        self._timeout = timeout
+        # One timer per connection, moved to each wait's deadline (a new
+        # DelayedCall per reply, cancelled when it came, cost more than the
+        # rest of reading that reply).  Between waits it may run out: then
+        # nothing was awaited and _timed_out does nothing.
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(timeout)
+        else:
+            self._timer = self.clock.callLater(timeout, self._timed_out)
         return d
 
-    def _timed_out(self, timeout: float, what: str) -> None:
+    def _timed_out(self) -> None:
         self._timer = None
-        self.fail(SessionError(f"timeout after {timeout:g}s waiting for {what}"))
+        if self._waiter is not None:
+            self.fail(SessionError(f"timeout after {self._timeout:g}s waiting for "
+                                   f"{self._waiting_for_text}"))
 
     def _take_waiter(self) -> Deferred[Any] | None:
         d, self._waiter, self._waiting_for = self._waiter, None, ""
+        return d
+
+    def _stop_timer(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        return d
 
     def _resolve(self, value: Any) -> None:
         d = self._take_waiter()
