@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import os
 import stat
+import threading
 import time
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
 
 from mta.delivery.dsn import read_headers
 from mta.delivery.local import MaildirCourier
@@ -56,6 +58,7 @@ def store(tmp_path):
     s = QueueStore(tmp_path / "q", fsync=True, reactor=reactor)
     yield s
     s.committer.stop()
+    s.remover.stop()
 
 
 @pytest_twisted.ensureDeferred
@@ -399,3 +402,30 @@ def test_envelope_text_has_a_field_per_line_and_a_recipient_per_line():
     empty = Envelope("x", "", [], 1.0)
     assert empty.to_bytes().endswith(b' "extra": {},\n "recipients": []}\n')
     assert Envelope.from_bytes(empty.to_bytes()) == empty
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_slow_removal_never_holds_up_a_new_message(store, monkeypatch):
+    """Removals have their own group-commit thread: while an unlink waits for the
+    disk (a synchronous discard, say), new messages are still committed."""
+    done = await queue_one(store)
+    entered, release = threading.Event(), threading.Event()
+    real_unlink = store_module._unlink_quietly
+
+    def slow_unlink(path):
+        if path.name.startswith(done.id):
+            entered.set()
+            release.wait(10)
+        real_unlink(path)
+
+    monkeypatch.setattr(store_module, "_unlink_quietly", slow_unlink)
+    removal = store.remove_async(done.id)
+    try:
+        assert await deferToThread(entered.wait, 10)
+        new = await queue_one(store)  # committed while the removal is stuck
+        assert store.exists(new.id) and not removal.called
+    finally:
+        release.set()
+    await removal
+    assert not store.exists(done.id) and store.ids() == [new.id]
+    store.remover.stop()

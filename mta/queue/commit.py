@@ -68,8 +68,9 @@ def _batch_scheduling() -> None:
 
 class GroupCommitter:
     def __init__(self, reactor: Any, directory: Path, fsync: bool = True,
-                 whole_filesystem: bool = False) -> None:
+                 whole_filesystem: bool = False, name: str = "queue-commit") -> None:
         self.reactor = reactor
+        self.name = name  # of the thread
         self.directory = directory
         self.fsync = fsync
         # syncfs mode: operations skip their per-file fsyncs and the batch ends
@@ -107,7 +108,7 @@ class GroupCommitter:
     def _ensure_thread(self) -> None:
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._work, name="queue-commit", daemon=True)
+                self._thread = threading.Thread(target=self._work, name=self.name, daemon=True)
                 self._thread.start()
 
     def stop(self) -> None:
@@ -162,7 +163,7 @@ class GroupCommitter:
         if todo:
             with self._lock:
                 if self._pool is None:
-                    self._pool = ThreadPoolExecutor(PART_THREADS, thread_name_prefix="queue-io",
+                    self._pool = ThreadPoolExecutor(PART_THREADS, thread_name_prefix=f"{self.name}-io",
                                                     initializer=_batch_scheduling)
                 pool = self._pool
             futures = [(i, pool.submit(part)) for i, part in todo]

@@ -496,6 +496,11 @@ class QueueStore:
 
             reactor = default_reactor
         self.committer = GroupCommitter(reactor, self.msg_dir, fsync, whole_filesystem=syncfs)
+        # Removals of finished messages have a group-commit thread of their own:
+        # an unlink can wait for the disk (ext4 mounted with "discard" trims the
+        # freed blocks at once), and a new message's 250 must not wait behind it.
+        self.remover = GroupCommitter(reactor, self.msg_dir, fsync, whole_filesystem=syncfs,
+                                      name="queue-remove")
         self._listeners: list[Callable[[Envelope], None]] = []
         self.spares = spares
         self._spares: deque[tuple[str, float]] = deque()  # (queue id, when made), oldest first
@@ -618,6 +623,7 @@ class QueueStore:
         what it was given).  No fsync: recovery removes any a crash brought back."""
         self._closed = True
         self.committer.stop()
+        self.remover.stop()
         spares, self._spares = list(self._spares), deque()
         self._unlink_all([queue_id for queue_id, _ in spares] + sorted(self._making))
         self._making.clear()
@@ -694,8 +700,10 @@ class QueueStore:
         return self.committer.submit(rename, parts=[write])
 
     def remove_async(self, queue_id: str) -> Deferred[None]:
-        """:meth:`remove` on the group-commit thread."""
-        return self.committer.submit(lambda: self._remove_files(queue_id))
+        """:meth:`remove` on the removals' group-commit thread (``remover``): the
+        files are gone and the directory synced when the Deferred fires.  The
+        caller awaits any earlier write of the message's state first."""
+        return self.remover.submit(lambda: self._remove_files(queue_id))
 
     def update_recipient(self, envelope: Envelope, recipient: Recipient, state: RecipientState,
                          reply: str = "", next_attempt: float = 0.0, remote_mta: str = "") -> None:
