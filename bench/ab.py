@@ -46,11 +46,20 @@ SINK_PORT = 32526
 PORTS = (32535, 32545)
 
 
-def checkout(rev: str, where: str) -> str:
+def checkout(rev: str, where: str, made: list[str]) -> str:
+    """The code of ``rev``: a new worktree at ``where`` (its path added to ``made``,
+    for :func:`remove_worktrees`), or this checkout itself for "WORKTREE"."""
     if rev == "WORKTREE":
         return ROOT
     subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", "--quiet", where, rev], check=True)
+    made.append(where)
     return where
+
+
+def remove_worktrees(paths: list[str]) -> None:
+    for path in paths:
+        subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", path],
+                       capture_output=True)
 
 
 def instance_config(config: str, data_dir: str, queue_sync: str) -> str:
@@ -140,13 +149,11 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="bench-ab-")
     names = {"A": a.rev_a, "B": a.rev_b}
     states: dict[str, dict] = {}
-    worktrees = []
+    worktrees: list[str] = []
     sink = None
     try:
         for (label, rev), port in zip(names.items(), PORTS, strict=True):
-            code = checkout(rev, os.path.join(tmp, label))
-            if code != ROOT:
-                worktrees.append(code)
+            code = checkout(rev, os.path.join(tmp, label), worktrees)
             config = instance_config(a.config, os.path.join(tmp, f"data-{label}"), a.queue_sync)
             states[label] = start(code, config, port, twistd)
         sink = run_load.Sink("127.0.0.1", SINK_PORT)
@@ -183,9 +190,7 @@ def main() -> None:
             sink.stop()
         for state in states.values():
             stop(state)
-        for path in worktrees:
-            subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", path],
-                           capture_output=True)
+        remove_worktrees(worktrees)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

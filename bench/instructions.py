@@ -107,21 +107,17 @@ def main() -> None:
     if not os.path.exists(python):
         python = sys.executable
     tmp = tempfile.mkdtemp(prefix="bench-instructions-")
-    worktrees = []
+    worktrees: list[str] = []
     try:
         for i, rev in enumerate(a.revs):
-            code = ab.checkout(rev, os.path.join(tmp, f"code-{i}"))
-            if code != ROOT:
-                worktrees.append(code)
+            code = ab.checkout(rev, os.path.join(tmp, f"code-{i}"), worktrees)
             workdir = os.path.join(tmp, f"run-{i}")
             os.makedirs(workdir)
             per_message = count(code, workdir, a.messages, a.workers, python)
             print(f"{rev}: {per_message / 1e6:.3f} M instructions per message "
                   f"({a.messages} messages, workers = {a.workers})", flush=True)
     finally:
-        for path in worktrees:
-            subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", path],
-                           capture_output=True)
+        ab.remove_worktrees(worktrees)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
