@@ -8,6 +8,13 @@ import os
 from pathlib import Path
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to ``fd`` (a pipe or file may take less per call)."""
+    view = memoryview(data)
+    while view:  # ends: each write takes at least one octet or raises
+        view = view[os.write(fd, view):]
+
+
 def fsync_dir(path: Path) -> None:
     """fsync a directory, so a rename or a new file in it survives a crash."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

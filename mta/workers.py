@@ -34,6 +34,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 
+from mta.fsutil import write_all
 from mta.logs import worker_log_observer, write_log_text
 from mta.queue.envelope import Envelope
 from mta.queue.store import SPARE_MAX_AGE
@@ -215,9 +216,7 @@ def run_worker(spec: dict[str, Any]) -> None:
             return
         data = b"".join(announcements)
         announcements.clear()
-        view = memoryview(data)
-        while view:  # bounded: each write takes at least one byte or raises
-            view = view[os.write(1, view):]
+        write_all(1, data)
 
     service.context.store.subscribe(announce)
     # A message acknowledged in the reactor's last turn is still announced.

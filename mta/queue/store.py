@@ -60,7 +60,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mta.fsutil import fsync_dir, write_out
+from mta.fsutil import fsync_dir, write_all, write_out
 from mta.queue.commit import GroupCommitter
 from mta.queue.envelope import Envelope, Recipient, RecipientState
 
@@ -351,7 +351,7 @@ class MessageWriter:
         self._embedded = True
         fd = os.open(self.store.data_path(self.id), os.O_WRONLY | os.O_CLOEXEC)
         try:
-            _write_all(fd, b"".join(chunks))
+            write_all(fd, b"".join(chunks))
             if self.store.fsync:
                 # The data on disk before the READY mode can be (a journal commit
                 # of someone else's could carry the chmod before our fsync).
@@ -406,11 +406,6 @@ class MessageWriter:
             _unlink_quietly(self.store.data_path(self.id))  # no fsync: recovery removes it anyway
         self._spare_made = None
 
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:  # ends: each write takes at least one octet or raises
-        view = view[os.write(fd, view):]
 
 
 def _message_files(msg_dir: Path) -> Iterator[tuple[str, str, os.stat_result]]:
@@ -781,7 +776,7 @@ class QueueStore:
     def _write_file(self, path: Path, data: bytes, sync: bool = True) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            _write_all(fd, data)
+            write_all(fd, data)
             if self.fsync and sync:
                 os.fsync(fd)
         finally:
