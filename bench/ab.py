@@ -99,16 +99,27 @@ def cpu_seconds(state: dict) -> float:
     return benchlib.cgroup_cpu_seconds(state["cgroup"]) or 0.0
 
 
+def send_messages(state: dict, sink: run_load.Sink, messages: int, sessions: int = 20,
+                  timeout: float = 600, wait: float = 120, settle: float = 1.0) -> float:
+    """Send ``messages`` of 4 KB with smtp-source over ``sessions`` sessions and wait
+    (``wait`` seconds at most) until the sink has them all; returns when the last
+    one arrived."""
+    base = sink.count
+    subprocess.run(["smtp-source", "-c", "-l", "4096", "-m", str(messages), "-s", str(sessions),
+                    "-f", "bench@src.test", "-t", "bench@bench.test", state["listen"]],
+                   stdout=subprocess.DEVNULL, check=True, timeout=timeout)
+    got, t_end = sink.wait_for(base + messages, time.monotonic() + wait)
+    if got < base + messages:
+        raise SystemExit(f"{os.path.basename(sys.argv[0])}: only {got - base} of {messages} "
+                         "messages reached the sink")
+    time.sleep(settle)  # the removals after the last delivery count too
+    return t_end
+
+
 def throughput(state: dict, sink: run_load.Sink, messages: int) -> tuple[float, float]:
     """(end-to-end msgs/s, MTA CPU ms per message) of one smtp-source run."""
-    base, c0, t0 = sink.count, cpu_seconds(state), time.monotonic()
-    subprocess.run(["smtp-source", "-c", "-l", "4096", "-m", str(messages), "-s", "20",
-                    "-f", "bench@src.test", "-t", "bench@bench.test", state["listen"]],
-                   stdout=subprocess.DEVNULL, check=True, timeout=600)
-    got, t_end = sink.wait_for(base + messages, time.monotonic() + 120)
-    if got < base + messages:
-        raise SystemExit(f"ab.py: only {got - base} of {messages} messages reached the sink")
-    time.sleep(1.0)  # the removals after the last delivery count too
+    c0, t0 = cpu_seconds(state), time.monotonic()
+    t_end = send_messages(state, sink, messages)
     return messages / (t_end - t0), 1000 * (cpu_seconds(state) - c0) / messages
 
 

@@ -42,17 +42,6 @@ import run_load  # noqa: E402
 PORT = 32555
 
 
-def send(state: dict, sink: run_load.Sink, messages: int) -> None:
-    base = sink.count
-    subprocess.run(["smtp-source", "-c", "-l", "4096", "-m", str(messages), "-s", "5",
-                    "-f", "bench@src.test", "-t", "bench@bench.test", state["listen"]],
-                   stdout=subprocess.DEVNULL, check=True, timeout=900)
-    got, _ = sink.wait_for(base + messages, time.monotonic() + 300)
-    if got < base + messages:
-        raise SystemExit(f"instructions.py: only {got - base} of {messages} messages reached the sink")
-    time.sleep(2)  # the removals after the last delivery count too
-
-
 def count(code: str, workdir: str, messages: int, workers: int, python: str) -> float:
     """Instructions per message of the MTA in ``code``."""
     config = ab.instance_config(os.path.join(BENCH, "mta-bench.toml"),
@@ -73,9 +62,9 @@ def count(code: str, workdir: str, messages: int, workers: int, python: str) -> 
          "--lifetime", "1200"], check=True, capture_output=True, text=True).stdout)
     sink = run_load.Sink("127.0.0.1", ab.SINK_PORT)
     try:
-        send(state, sink, 100)
+        ab.send_messages(state, sink, 100, sessions=5, timeout=900, wait=300, settle=2)
         subprocess.run(["callgrind_control", "-z"], capture_output=True, timeout=60)
-        send(state, sink, messages)
+        ab.send_messages(state, sink, messages, sessions=5, timeout=900, wait=300, settle=2)
         subprocess.run(["callgrind_control", "-d"], capture_output=True, timeout=60)
         time.sleep(2)
     finally:
