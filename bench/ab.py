@@ -6,7 +6,7 @@
 
 REV_A and REV_B are git revisions of this repository (each checked out in a
 temporary worktree; "WORKTREE" means the files as they are now, uncommitted
-changes included).  Both versions run at once, each as ``twistd -n mta``
+changes included; a directory is used as it is).  Both versions run at once, each as ``twistd -n mta``
 started by start_mta.py on its own port, relaying to one smtp-sink.  Then:
 
 * throughput: ROUNDS rounds; in each, smtp-source sends MESSAGES messages of
@@ -48,9 +48,12 @@ PORTS = (32535, 32545)
 
 def checkout(rev: str, where: str, made: list[str]) -> str:
     """The code of ``rev``: a new worktree at ``where`` (its path added to ``made``,
-    for :func:`remove_worktrees`), or this checkout itself for "WORKTREE"."""
+    for :func:`remove_worktrees`), this checkout itself for "WORKTREE", or
+    ``rev`` itself when it is a directory (a tree prepared by hand, e.g. built)."""
     if rev == "WORKTREE":
         return ROOT
+    if os.path.isdir(rev):
+        return os.path.abspath(rev)
     subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", "--quiet", where, rev], check=True)
     made.append(where)
     return where

@@ -130,33 +130,58 @@ def test_queue_sync_setting(tmp_path):
 
 
 @pytest_twisted.ensureDeferred
-async def test_parts_run_together_then_finishes_in_order(tmp_path, monkeypatch):
+async def test_parts_run_a_step_at_a_time_together_then_finishes_in_order(tmp_path, monkeypatch):
+    """The parts of a batch's operations advance together: every part's first step
+    (write, start the write-out), then every second step (the fsync), so the disk
+    has all the batch's files at once.  A failed part fails its operation only,
+    whose finish never runs; the others finish in submission order."""
     synced = []
     monkeypatch.setattr(commit_module, "fsync_dir", lambda path: synced.append(path))
     committer = GroupCommitter(reactor, tmp_path, fsync=True)
-    # Four parts that can only all pass the barrier if they run at the same time.
-    barrier = threading.Barrier(4, timeout=5)
     order = []
+    gate = threading.Event()
 
-    def blocker():
-        time.sleep(0.05)  # the three jobs below queue up behind it: one batch
+    def part(name):
+        def steps():
+            order.append(f"{name} write")
+            yield
+            order.append(f"{name} fsync")
+        return steps
 
     def failing_part():
-        barrier.wait()
+        order.append("b write")
+        yield
         raise OSError(28, "No space left on device")
 
     try:
-        first = committer.submit(blocker)
-        ds = [committer.submit(lambda: order.append("a"), parts=[barrier.wait, barrier.wait]),
-              committer.submit(lambda: order.append("b"), parts=[failing_part]),
-              committer.submit(lambda: order.append("c"), parts=[barrier.wait])]
+        first = committer.submit(gate.wait)  # holds the thread: the next three are in one batch
+        ds = [committer.submit(lambda: order.append("a done"), parts=[part("a1"), part("a2")]),
+              committer.submit(lambda: order.append("b done"), parts=[failing_part]),
+              committer.submit(lambda: order.append("c done"),
+                               parts=[part("c"), lambda: order.append("c plain")])]
+        gate.set()
         results = await DeferredList([first, *ds], consumeErrors=True)
     finally:
         committer.stop()
     assert [ok for ok, _ in results] == [True, True, False, True]
     assert results[2][1].check(OSError)  # the failed part's error; its finish never ran
-    assert order == ["a", "c"]
+    assert order == ["a1 write", "a2 write", "b write", "c write", "c plain",
+                     "a1 fsync", "a2 fsync", "c fsync", "a done", "c done"]
     assert len(synced) == committer.batches  # one directory sync per batch
+
+
+def test_parts_run_to_the_end_without_fsync(tmp_path):
+    """With fsync off (tests), the operation and every step of its parts run at once."""
+    committer = GroupCommitter(reactor, tmp_path, fsync=False)
+    order = []
+
+    def steps():
+        order.append("write")
+        yield
+        order.append("fsync")
+
+    d = committer.submit(lambda: order.append("done"), parts=[steps])
+    assert d.called and order == ["write", "fsync", "done"]
 
 
 @pytest_twisted.ensureDeferred
@@ -188,15 +213,15 @@ async def test_buffered_writer_creates_its_file_only_at_commit(tmp_path):
 
 @pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
 @pytest_twisted.ensureDeferred
-async def test_helper_threads_run_in_sched_batch_and_the_reactor_thread_does_not(tmp_path):
-    """The committer thread and the part helpers are SCHED_BATCH (a woken helper
-    does not preempt the reactor thread only to wait for its GIL); the reactor
-    thread keeps the normal policy."""
+async def test_committer_thread_runs_in_sched_batch_and_the_reactor_thread_does_not(tmp_path):
+    """The committer thread, which runs the operations and their parts, is
+    SCHED_BATCH (woken by the disk, it does not preempt the reactor thread only
+    to wait for its GIL); the reactor thread keeps the normal policy."""
     committer = GroupCommitter(reactor, tmp_path, fsync=True)
-    policies: dict[str, int] = {}
+    policies: dict[str, tuple[int, str]] = {}
 
     def record(name: str) -> None:
-        policies[name] = os.sched_getscheduler(0)
+        policies[name] = (os.sched_getscheduler(0), threading.current_thread().name)
 
     gate = threading.Event()
     try:
@@ -207,6 +232,6 @@ async def test_helper_threads_run_in_sched_batch_and_the_reactor_thread_does_not
         await DeferredList([first, *rest])
     finally:
         committer.stop()
-    assert policies == {"part one": os.SCHED_BATCH, "part two": os.SCHED_BATCH,
-                        "committer": os.SCHED_BATCH}
+    assert policies == {name: (os.SCHED_BATCH, "queue-commit")
+                        for name in ("part one", "part two", "committer")}
     assert os.sched_getscheduler(0) == os.SCHED_OTHER

@@ -14,14 +14,19 @@ Deferred on the reactor thread.  So:
 
 An operation may come in *parts* (``submit(finish, parts=[...])``): the
 independent steps of it that wait for the disk, such as writing and fsyncing
-a message's data file and its envelope.  When a batch holds more than one
-operation, the parts of all of them run at the same time on a few helper
-threads, so the kernel can merge their journal commits; a batch of one runs
-its parts in order on the committer thread (on an idle machine a thread
-wake-up costs more than the overlap saves).  Only when all parts of an
-operation succeeded does its ``finish`` (the renames) run, in submission
-order, on the committer thread.  Parts of different operations must be
-independent of each other (they are: each message has its own files).
+a message's data file and its envelope.  A part is a generator function that
+yields wherever it would wait for the disk: after it has written its file and
+started the write-out, and before its fsync.  The committer runs the parts of
+every operation in the batch a step at a time, all first steps, then all
+second steps, and so on, so the disk works on all the batch's files at once
+while one thread waits.  (Four helper threads, each taking a part from start
+to end, did the same with more CPU and more time: in a micro-benchmark here
+a batch of five 4 KB messages took 1.51 ms and 1.27 ms of CPU on the helpers,
+1.07 ms and 0.63 ms stepped on one thread; and every hand-over to a helper
+was a thread wake-up.)  A part that is a plain function runs in one step.
+Only when all parts of an operation succeeded does its ``finish`` (the
+renames) run, in submission order.  Parts of different operations must be independent of each
+other (they are: each message has its own files).
 
 With ``fsync`` off (tests), operations run at once on the calling thread.
 """
@@ -31,8 +36,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,17 +49,33 @@ from mta.fsutil import fsync_dir, syncfs
 log = Logger()
 
 Operation = Callable[[], None]
+# A part: a generator function that yields where it would wait for the disk, or a
+# plain function (one step).
+Part = Callable[[], Iterator[None] | None]
 # A submitted operation, its parts, its Deferred, and whether it needs the directory fsync.
-Job = tuple[Operation, tuple[Operation, ...], Deferred[None], bool]
+Job = tuple[Operation, tuple[Part, ...], Deferred[None], bool]
 _STOP = object()
-# Helper threads for the parts of a batch (see the module docstring).
-PART_THREADS = 4
+
+
+def _steps(part: Part) -> Iterator[None]:
+    """A part's steps, from its call on: a generator function's own steps, a
+    plain function's one."""
+    steps = part()
+    if steps is not None:
+        yield from steps
+
+
+def run_to_end(steps: Iterator[None] | None) -> None:
+    """Run a part's steps one after the other (a plain function's None: nothing left)."""
+    if steps is not None:
+        for _ in steps:  # ends: a part yields a fixed, small number of times
+            pass
 
 
 def _batch_scheduling() -> None:
     """Put the calling thread in SCHED_BATCH (Linux; elsewhere nothing changes).
 
-    A helper thread woken by the disk would otherwise preempt the reactor
+    The committer, woken by the disk, would otherwise preempt the reactor
     thread on its CPU, only to wait for the GIL that thread holds: two
     context switches for nothing.  In SCHED_BATCH a woken thread does not
     preempt; it runs on an idle CPU, or when the reactor thread next waits.
@@ -79,14 +99,13 @@ class GroupCommitter:
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self._pool: ThreadPoolExecutor | None = None
         self.batches = 0  # for tests and metrics: how many batches
         self.syncs = 0  # how many directory fsyncs (or syncfs calls)
         self.operations = 0
 
-    def submit(self, operation: Operation, parts: Sequence[Operation] = (),
+    def submit(self, operation: Operation, parts: Sequence[Part] = (),
                sync_directory: bool = True) -> Deferred[None]:
-        """Run ``parts`` (concurrently), then ``operation``, durably; the Deferred fires
+        """Run ``parts`` (stepped together), then ``operation``, durably; the Deferred fires
         once they and the directory are synced.  A failed part skips ``operation``.
 
         ``sync_directory=False``: the operation changes no directory entry that
@@ -95,7 +114,7 @@ class GroupCommitter:
         if not self.fsync:
             try:
                 for part in parts:
-                    part()
+                    run_to_end(part())
                 operation()
             except Exception:
                 return fail(Failure())
@@ -119,10 +138,6 @@ class GroupCommitter:
         if thread is not None:
             self._jobs.put(_STOP)
             thread.join(timeout=30)
-        with self._lock:
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=False)
 
     def _work(self) -> None:
         _batch_scheduling()
@@ -145,33 +160,24 @@ class GroupCommitter:
             if stop:
                 return
 
-    def _run_parts(self, batch: list[Job]) -> list[BaseException | None]:
-        """Every part of every job; per job the first error of its parts, or None."""
+    @staticmethod
+    def _run_parts(batch: list[Job]) -> list[BaseException | None]:
+        """Every part of every job, stepped together (see the module docstring);
+        per job the first error of its parts, or None."""
         errors: list[BaseException | None] = [None] * len(batch)
-        todo = [(i, part) for i, (_, parts, _, _) in enumerate(batch) for part in parts]
-        if len(batch) == 1:
-            # One operation (a quiet moment): its parts run here, one after the
-            # other.  Handing them to the helpers would cost more thread
-            # wake-ups than the overlap of two fsyncs on one filesystem saves.
-            for _, part in todo:
+        running = [(i, _steps(part)) for i, (_, parts, _, _) in enumerate(batch) for part in parts]
+        while running:  # ends: each pass takes every part one step further, and parts end
+            still = []
+            for i, steps in running:
                 try:
-                    part()
+                    next(steps)
+                except StopIteration:
+                    continue
                 except BaseException as e:
-                    errors[0] = e
-                    break
-            return errors
-        if todo:
-            with self._lock:
-                if self._pool is None:
-                    self._pool = ThreadPoolExecutor(PART_THREADS, thread_name_prefix=f"{self.name}-io",
-                                                    initializer=_batch_scheduling)
-                pool = self._pool
-            futures = [(i, pool.submit(part)) for i, part in todo]
-            wait([f for _, f in futures])
-            for i, future in futures:
-                error = future.exception()
-                if error is not None and errors[i] is None:
-                    errors[i] = error
+                    errors[i] = errors[i] or e
+                    continue
+                still.append((i, steps))
+            running = still
         return errors
 
     def _run_batch(self, batch: list[Job]) -> None:

@@ -60,8 +60,8 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mta.fsutil import fsync_dir, write_all, write_out
-from mta.queue.commit import GroupCommitter
+from mta.fsutil import fsync_dir, start_write_out, write_all, write_out
+from mta.queue.commit import GroupCommitter, run_to_end
 from mta.queue.envelope import Envelope, Recipient, RecipientState
 
 log = Logger()
@@ -269,9 +269,9 @@ class MessageWriter:
         data = envelope.to_bytes()
         in_spare = self._spare_made is not None
         try:
-            self._write_data(envelope=data)
+            run_to_end(self._write_data(envelope=data))
             if not self._embedded:
-                self._write_envelope(data)
+                run_to_end(self._write_envelope(data))
             self._rename()
             if self.store.fsync and not in_spare:
                 fsync_dir(self.store.msg_dir)
@@ -287,8 +287,8 @@ class MessageWriter:
         A buffered message is one file (its envelope in the header), written
         and fsynced as the one part of the operation: into its spare, which
         needs no directory fsync, else in ``tmp/``.  A message already in
-        ``tmp/`` and its envelope file are two parts (in order when the batch
-        has no other operation, else at the same time as the other parts).
+        ``tmp/`` and its envelope file are two parts.  The parts of a batch's
+        operations are written together, a step at a time (mta.queue.commit).
         What is in ``tmp/`` is then renamed into ``msg/``.  The Deferred fires
         once the message, its envelope and the directory entries are on disk
         (then listeners are told), or fails with QueueError.
@@ -322,15 +322,17 @@ class MessageWriter:
             except OSError as e:
                 self._undo(e)
 
-    def _write_data(self, sync: bool = True, envelope: bytes = b"") -> None:
-        """The data file in tmp/: written now if buffered (``envelope`` in its
-        header), fsynced (unless ``sync`` is off: then the caller makes it all
-        durable at once with syncfs)."""
+    def _write_data(self, sync: bool = True, envelope: bytes = b"") -> Iterator[None]:
+        """The data file: written now if buffered (``envelope`` in its header),
+        into the spare or in tmp/, and fsynced (unless ``sync`` is off: then the
+        caller makes it all durable at once with syncfs).  A generator: it
+        yields where it would wait for the disk (see mta.queue.commit), the
+        write-out of its data started."""
         self._open = False
         if self._pending is not None:
             chunks, self._pending = self._pending, None
             if self._spare_made is not None:
-                self._write_spare([envelope_header(envelope), *chunks], sync)
+                yield from self._write_spare([envelope_header(envelope), *chunks], sync)
                 return
             with open(self.tmp_path, "xb") as f:
                 self._embedded = True
@@ -338,16 +340,21 @@ class MessageWriter:
                 f.writelines(chunks)
                 f.flush()
                 if self.store.fsync and sync:
+                    start_write_out(f.fileno())
+                    yield
                     os.fsync(f.fileno())
             return
         assert self._file is not None
         if self.store.fsync and sync:
+            start_write_out(self._file.fileno())
+            yield
             os.fsync(self._file.fileno())
         self._file.close()
         self._file = None
 
-    def _write_spare(self, chunks: list[bytes], sync: bool) -> None:
-        """Fill our spare in msg/ and make it a message (``READY``), durably."""
+    def _write_spare(self, chunks: list[bytes], sync: bool) -> Iterator[None]:
+        """Fill our spare in msg/ and make it a message (``READY``), durably; in
+        steps (see :meth:`_write_data`)."""
         self._embedded = True
         fd = os.open(self.store.data_path(self.id), os.O_WRONLY | os.O_CLOEXEC)
         try:
@@ -355,9 +362,12 @@ class MessageWriter:
             if self.store.fsync:
                 # The data on disk before the READY mode can be (a journal commit
                 # of someone else's could carry the chmod before our fsync).
+                start_write_out(fd)
+                yield  # the disk writes this while the batch's other files are written
                 write_out(fd)
             os.fchmod(fd, READY)
             if self.store.fsync and sync:
+                yield  # the batch's other files get their mode first
                 os.fsync(fd)
             if os.fstat(fd).st_nlink == 0:
                 # Removed meanwhile (a recovery run by a second instance): not queued.
@@ -366,8 +376,8 @@ class MessageWriter:
         finally:
             os.close(fd)
 
-    def _write_envelope(self, envelope_bytes: bytes, sync: bool = True) -> None:
-        self.store._write_file(self.envelope_tmp_path, envelope_bytes, sync=sync)
+    def _write_envelope(self, envelope_bytes: bytes, sync: bool = True) -> Iterator[None]:
+        return self.store._write_file_steps(self.envelope_tmp_path, envelope_bytes, sync=sync)
 
     def _rename(self) -> None:
         """Into msg/: the envelope file first (if any), then the data, whose
@@ -678,9 +688,9 @@ class QueueStore:
         path = self.envelope_path(envelope.id)
         per_file = not self.committer.whole_filesystem
 
-        def write() -> None:
+        def write() -> Iterator[None]:
             try:
-                self._write_file(tmp, data, sync=per_file)
+                yield from self._write_file_steps(tmp, data, sync=per_file)
             except OSError:
                 _unlink_quietly(tmp)
                 raise
@@ -774,10 +784,17 @@ class QueueStore:
         return self.ids()
 
     def _write_file(self, path: Path, data: bytes, sync: bool = True) -> None:
+        run_to_end(self._write_file_steps(path, data, sync))
+
+    def _write_file_steps(self, path: Path, data: bytes, sync: bool = True) -> Iterator[None]:
+        """Write a new file and fsync it; a generator that yields once its data is
+        on its way to the disk (see mta.queue.commit)."""
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             write_all(fd, data)
             if self.fsync and sync:
+                start_write_out(fd)
+                yield
                 os.fsync(fd)
         finally:
             os.close(fd)
