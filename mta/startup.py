@@ -19,10 +19,6 @@ def fail(message: str) -> None:
 
 
 def make_service(config_path: Path | None, overrides: dict[str, Any]) -> Any:
-    # The group-commit thread (mta.queue.commit) needs the GIL for a moment
-    # between fsyncs; the default 5 ms switch interval would add that much to
-    # every 250 while the reactor thread is busy.
-    sys.setswitchinterval(0.0005)
     from mta.logs import install_scrubber
     from mta.service import MTAService, StartupError
 

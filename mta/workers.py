@@ -192,7 +192,6 @@ def run_worker(spec: dict[str, Any]) -> None:
         raise SystemExit("mta worker: the main process is gone")
     globalLogBeginner.beginLoggingTo([worker_log_observer(spec.get("index", 0), reactor=reactor)],
                                      redirectStandardIO=False)
-    sys.setswitchinterval(0.0005)
     config_path = Path(spec["config"]) if spec.get("config") else None
     config = load_config(config_path, spec.get("overrides") or {})
     service = MTAService(config, reactor, worker_fds=[tuple(x) for x in spec["fds"]],

@@ -29,6 +29,12 @@ renames) run, in submission order.  Parts of different operations must be indepe
 other (they are: each message has its own files).
 
 With ``fsync`` off (tests), operations run at once on the calling thread.
+
+Python's GIL switch interval stays at its default (5 ms).  A shorter one
+(0.5 ms, once set so that the committer got the GIL sooner) made the reactor
+thread hand it over more often: with the default, bench/ab.py measured 2-10 %
+more messages per second and 3-11 % less CPU per message, in three runs, and
+no slower single-message replies (an idle reactor waits in epoll without it).
 """
 
 from __future__ import annotations
