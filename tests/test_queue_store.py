@@ -11,6 +11,7 @@ import time
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
@@ -429,3 +430,35 @@ async def test_a_slow_removal_never_holds_up_a_new_message(store, monkeypatch):
     await removal
     assert not store.exists(done.id) and store.ids() == [new.id]
     store.remover.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_making_spares_never_holds_up_a_new_message(store, monkeypatch):
+    """Spares are made on the removals' thread: while a batch of them is being
+    made (ext4 searching for free inodes, say), new messages are still committed,
+    into the spares left or through tmp/."""
+    await spares_made(store)
+    entered, release = threading.Event(), threading.Event()
+    real_open = os.open
+
+    def slow_open(path, flags, *args, **kwargs):
+        if flags & os.O_CREAT and str(path).startswith(str(store.msg_dir)):
+            entered.set()
+            release.wait(10)
+        return real_open(path, flags, *args, **kwargs)
+
+    def queue_within_5s():
+        return Deferred.fromCoroutine(queue_one(store)).addTimeout(5, reactor)
+
+    monkeypatch.setattr(store_module.os, "open", slow_open)
+    try:
+        queued = []
+        while not entered.is_set() and len(queued) < SPARE_BATCH:  # down to the low mark
+            queued.append(await queue_within_5s())
+        assert await deferToThread(entered.wait, 10)  # a new batch is being made, and stuck
+        queued.append(await queue_within_5s())  # committed meanwhile
+        assert all(store.exists(env.id) for env in queued)
+    finally:
+        release.set()
+    await spares_made(store, count=store_module.SPARE_LOW)
+    assert sorted(store.ids()) == sorted(env.id for env in queued)

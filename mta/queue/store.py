@@ -20,7 +20,8 @@ usually into a *spare*: an empty file the store made in ``msg/`` ahead of
 time, under a fresh queue id, write-only (mode ``RECEIVING``, 0200, as
 Postfix marks an unfinished queue file by its mode), in batches whose
 directory entries one directory fsync made durable (a group commit,
-:mod:`mta.queue.commit`).  The commit writes the header and the message into
+:mod:`mta.queue.commit`, on the thread that also removes finished messages,
+so that making them never delays a commit).  The commit writes the header and the message into
 the spare, makes it readable (``READY``, 0600) and fsyncs it: one fsync, no
 new directory entry, between the client's final dot and our 250.  Without a
 spare (the first message after start-up, a burst that emptied the pool), it
@@ -501,11 +502,13 @@ class QueueStore:
 
             reactor = default_reactor
         self.committer = GroupCommitter(reactor, self.msg_dir, fsync, whole_filesystem=syncfs)
-        # Removals of finished messages have a group-commit thread of their own:
-        # an unlink can wait for the disk (ext4 mounted with "discard" trims the
-        # freed blocks at once), and a new message's 250 must not wait behind it.
+        # Removals of finished messages and the making of spares have a
+        # group-commit thread of their own: an unlink can wait for the disk (ext4
+        # mounted with "discard" trims the freed blocks at once), making 32 new
+        # files takes milliseconds (ext4 searches for free inodes), and a new
+        # message's 250 must wait behind neither.
         self.remover = GroupCommitter(reactor, self.msg_dir, fsync, whole_filesystem=syncfs,
-                                      name="queue-remove")
+                                      name="queue-files")
         self._listeners: list[Callable[[Envelope], None]] = []
         self.spares = spares
         self._spares: deque[tuple[str, float]] = deque()  # (queue id, when made), oldest first
@@ -560,7 +563,7 @@ class QueueStore:
             stale.append(queue_id)
         if stale:
             # No fsync: a removed spare that a crash brings back is removed by recovery.
-            self.committer.submit(lambda: self._unlink_all(stale), sync_directory=False)
+            self.remover.submit(lambda: self._unlink_all(stale), sync_directory=False)
         self._refill()
         return spare
 
@@ -568,7 +571,7 @@ class QueueStore:
         self._spares.appendleft((queue_id, made))
 
     def _refill(self) -> None:
-        """Make SPARE_BATCH spares, on the group-commit thread with one directory
+        """Make SPARE_BATCH spares, on the ``remover``'s thread with one directory
         fsync for all, when fewer than SPARE_LOW are left."""
         if self._refilling or self._closed or len(self._spares) >= SPARE_LOW:
             return
@@ -599,7 +602,7 @@ class QueueStore:
             log.warn("could not make spare queue files: {err}", err=failure.getErrorMessage())
             self._unlink_all(made)
 
-        self.committer.submit(make).addCallbacks(done, failed)
+        self.remover.submit(make).addCallbacks(done, failed)
 
     def sweep_unfinished(self, older_than: float) -> int:
         """Remove files in msg/ still in mode ``RECEIVING`` whose last change is more
@@ -624,7 +627,7 @@ class QueueStore:
 
     def discard_spares(self) -> None:
         """At shutdown: make no more spares and remove the unused ones, also those
-        of a batch still being made (waits for the group-commit thread to finish
+        of a batch still being made (waits for the group-commit threads to finish
         what it was given).  No fsync: recovery removes any a crash brought back."""
         self._closed = True
         self.committer.stop()
