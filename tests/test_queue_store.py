@@ -11,7 +11,6 @@ import time
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
@@ -47,10 +46,16 @@ def envelope_for(queue_id: str) -> Envelope:
 
 
 async def queue_one(store: QueueStore, message: bytes = MESSAGE, buffered: bool = True) -> Envelope:
+    """Queue a message; return once any spares its commit asked for are made too
+    (they are made on another thread, and tests look at the directory)."""
     writer = store.new_message(buffered=buffered)
     writer.write(message)
     env = envelope_for(writer.id)
     await writer.commit_async(env)
+    deadline = time.monotonic() + 5
+    while store.making_spares() and time.monotonic() < deadline:
+        await deferLater(reactor, 0.001, lambda: None)
+    assert not store.making_spares()
     return env
 
 
@@ -448,7 +453,10 @@ async def test_making_spares_never_holds_up_a_new_message(store, monkeypatch):
         return real_open(path, flags, *args, **kwargs)
 
     def queue_within_5s():
-        return Deferred.fromCoroutine(queue_one(store)).addTimeout(5, reactor)
+        writer = store.new_message(buffered=True)
+        writer.write(MESSAGE)
+        env = envelope_for(writer.id)
+        return writer.commit_async(env).addCallback(lambda _: env).addTimeout(5, reactor)
 
     monkeypatch.setattr(store_module.os, "open", slow_open)
     try:

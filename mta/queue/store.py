@@ -551,6 +551,10 @@ class QueueStore:
     def spare_count(self) -> int:
         return len(self._spares)
 
+    def making_spares(self) -> bool:
+        """Whether a batch of spares is being made (on the ``remover``'s thread)."""
+        return self._refilling
+
     def _take_spare(self) -> tuple[str, float] | None:
         now = self.clock()
         stale = []
