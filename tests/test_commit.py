@@ -10,6 +10,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import DeferredList
+from twisted.internet.task import deferLater
 
 from mta.config import ConfigError, config_from_dict
 from mta.queue import commit as commit_module
@@ -39,6 +40,34 @@ async def test_operations_run_in_order_and_share_directory_syncs(tmp_path, monke
     assert order == list(range(20))
     assert committer.operations == 20
     assert committer.batches < 20 and len(synced) == committer.batches  # one sync per batch
+
+
+@pytest_twisted.ensureDeferred
+async def test_operations_that_may_wait_linger_to_share_one_directory_sync(tmp_path, monkeypatch):
+    """Removals (may_wait) submitted a little apart still share a sync: their batch
+    waits up to ``linger`` for more.  An operation someone waits for (a batch of
+    spares) ends the wait at once."""
+    synced = []
+    monkeypatch.setattr(commit_module, "fsync_dir", lambda path: synced.append(time.monotonic()))
+    committer = GroupCommitter(reactor, tmp_path, fsync=True, linger=0.5)
+    done = []
+    try:
+        start = time.monotonic()
+        first = committer.submit(lambda: done.append("r1"), may_wait=True)
+        await deferLater(reactor, 0.05, lambda: None)  # the thread already has r1, lingering
+        second = committer.submit(lambda: done.append("r2"), may_wait=True)
+        await DeferredList([first, second])
+        assert done == ["r1", "r2"] and committer.batches == 1 and len(synced) == 1
+        assert synced[0] - start >= 0.45  # it waited for more, up to linger
+
+        start = time.monotonic()
+        removal = committer.submit(lambda: done.append("r3"), may_wait=True)
+        await deferLater(reactor, 0.05, lambda: None)
+        await DeferredList([removal, committer.submit(lambda: done.append("spares"))])
+        assert done[2:] == ["r3", "spares"] and committer.batches == 2 and len(synced) == 2
+        assert synced[1] - start < 0.4  # the urgent one ended the wait
+    finally:
+        committer.stop()
 
 
 @pytest_twisted.ensureDeferred

@@ -43,6 +43,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -59,9 +60,11 @@ Operation = Callable[[], None]
 # A part: a generator function that yields where it would wait for the disk, or a
 # plain function (one step).
 Part = Callable[[], Iterator[None] | None]
-# A submitted operation, its parts, its Deferred, and whether it needs the directory fsync.
-Job = tuple[Operation, tuple[Part, ...], Deferred[None], bool]
+# A submitted operation, its parts, its Deferred, whether it needs the directory
+# fsync, and whether it may wait for others (see GroupCommitter.linger).
+Job = tuple[Operation, tuple[Part, ...], Deferred[None], bool, bool]
 _STOP = object()
+MAX_BATCH = 1024  # operations in one batch at most
 
 
 def _steps(part: Part) -> Iterator[None]:
@@ -95,8 +98,14 @@ def _batch_scheduling() -> None:
 
 class GroupCommitter:
     def __init__(self, reactor: Any, directory: Path, fsync: bool = True,
-                 whole_filesystem: bool = False, name: str = "queue-commit") -> None:
+                 whole_filesystem: bool = False, name: str = "queue-commit",
+                 linger: float = 0.0) -> None:
         self.reactor = reactor
+        # A batch that begins with an operation submitted with may_wait=True
+        # (nobody waits for it: a removal) collects more for up to ``linger``
+        # seconds, so more of them share one directory sync; an operation
+        # submitted without it ends the wait at once.
+        self.linger = linger
         self.name = name  # of the thread
         self.directory = directory
         self.fsync = fsync
@@ -111,7 +120,7 @@ class GroupCommitter:
         self.operations = 0
 
     def submit(self, operation: Operation, parts: Sequence[Part] = (),
-               sync_directory: bool = True) -> Deferred[None]:
+               sync_directory: bool = True, may_wait: bool = False) -> Deferred[None]:
         """Run ``parts`` (stepped together), then ``operation``, durably; the Deferred fires
         once they and the directory are synced.  A failed part skips ``operation``.
 
@@ -128,7 +137,7 @@ class GroupCommitter:
             return succeed(None)
         d: Deferred[None] = Deferred()
         self._ensure_thread()
-        self._jobs.put((operation, tuple(parts), d, sync_directory))
+        self._jobs.put((operation, tuple(parts), d, sync_directory, may_wait))
         return d
 
     def _ensure_thread(self) -> None:
@@ -154,15 +163,19 @@ class GroupCommitter:
                 return
             batch = [first]
             stop = False
-            while True:
+            deadline = time.monotonic() + self.linger if first[4] and self.linger else 0.0
+            while len(batch) < MAX_BATCH:
+                wait = deadline - time.monotonic() if deadline else 0.0
                 try:
-                    job = self._jobs.get_nowait()
+                    job = self._jobs.get(timeout=wait) if wait > 0 else self._jobs.get_nowait()
                 except queue.Empty:
                     break
                 if job is _STOP:
                     stop = True
                     break
                 batch.append(job)
+                if not job[4]:
+                    deadline = 0.0  # someone waits for this one: no more lingering
             self._run_batch(batch)
             if stop:
                 return
@@ -172,7 +185,7 @@ class GroupCommitter:
         """Every part of every job, stepped together (see the module docstring);
         per job the first error of its parts, or None."""
         errors: list[BaseException | None] = [None] * len(batch)
-        running = [(i, _steps(part)) for i, (_, parts, _, _) in enumerate(batch) for part in parts]
+        running = [(i, _steps(part)) for i, (_, parts, _, _, _) in enumerate(batch) for part in parts]
         while running:  # ends: each pass takes every part one step further, and parts end
             still = []
             for i, steps in running:
@@ -191,7 +204,7 @@ class GroupCommitter:
         outcomes: list[tuple[Deferred[None], BaseException | None]] = []
         part_errors = self._run_parts(batch)
         sync_directory = False
-        for (operation, _, d, directory), error in zip(batch, part_errors, strict=True):
+        for (operation, _, d, directory, _), error in zip(batch, part_errors, strict=True):
             if error is None:
                 try:
                     operation()

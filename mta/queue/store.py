@@ -91,6 +91,10 @@ READY = 0o600
 SPARE_BATCH = 32
 SPARE_LOW = 16
 SPARE_MAX_AGE = 60.0
+# How long a removal may wait for others to share its directory sync (seconds):
+# a crash in that time delivers those messages again, as one just before the
+# sync would.
+REMOVAL_LINGER = 0.02
 
 
 class MessageNotReady(FileNotFoundError):
@@ -507,8 +511,10 @@ class QueueStore:
         # mounted with "discard" trims the freed blocks at once), making 32 new
         # files takes milliseconds (ext4 searches for free inodes), and a new
         # message's 250 must wait behind neither.
+        # Nobody waits for a removal, so its batch lingers (REMOVAL_LINGER) to
+        # share one directory sync with more of them.
         self.remover = GroupCommitter(reactor, self.msg_dir, fsync, whole_filesystem=syncfs,
-                                      name="queue-files")
+                                      name="queue-files", linger=REMOVAL_LINGER)
         self._listeners: list[Callable[[Envelope], None]] = []
         self.spares = spares
         self._spares: deque[tuple[str, float]] = deque()  # (queue id, when made), oldest first
@@ -713,9 +719,10 @@ class QueueStore:
 
     def remove_async(self, queue_id: str) -> Deferred[None]:
         """:meth:`remove` on the removals' group-commit thread (``remover``): the
-        files are gone and the directory synced when the Deferred fires.  The
+        files are gone and the directory synced when the Deferred fires, at most
+        REMOVAL_LINGER later than it could (removals share their syncs).  The
         caller awaits any earlier write of the message's state first."""
-        return self.remover.submit(lambda: self._remove_files(queue_id))
+        return self.remover.submit(lambda: self._remove_files(queue_id), may_wait=True)
 
     def update_recipient(self, envelope: Envelope, recipient: Recipient, state: RecipientState,
                          reply: str = "", next_attempt: float = 0.0, remote_mta: str = "") -> None:
