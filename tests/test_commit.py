@@ -19,6 +19,26 @@ from mta.queue.envelope import Envelope, Recipient, RecipientKind
 from mta.queue.store import QueueError, QueueStore, envelope_header, open_message
 
 
+class Hold:
+    """Keeps a committer's thread busy in an operation of its own batch, so that
+    the jobs submitted meanwhile all wait, and form the next batch together."""
+
+    def __init__(self) -> None:
+        self._entered, self._release = threading.Event(), threading.Event()
+
+    def hold(self, committer: GroupCommitter):
+        def held():
+            self._entered.set()
+            self._release.wait(10)
+
+        d = committer.submit(held)
+        assert self._entered.wait(10)  # the thread is in it: its batch is closed
+        return d
+
+    def release(self) -> None:
+        self._release.set()
+
+
 @pytest_twisted.ensureDeferred
 async def test_operations_run_in_order_and_share_directory_syncs(tmp_path, monkeypatch):
     synced = []
@@ -168,7 +188,7 @@ async def test_parts_run_a_step_at_a_time_together_then_finishes_in_order(tmp_pa
     monkeypatch.setattr(commit_module, "fsync_dir", lambda path: synced.append(path))
     committer = GroupCommitter(reactor, tmp_path, fsync=True)
     order = []
-    gate = threading.Event()
+    gate = Hold()
 
     def part(name):
         def steps():
@@ -183,12 +203,12 @@ async def test_parts_run_a_step_at_a_time_together_then_finishes_in_order(tmp_pa
         raise OSError(28, "No space left on device")
 
     try:
-        first = committer.submit(gate.wait)  # holds the thread: the next three are in one batch
+        first = gate.hold(committer)  # the jobs submitted next form one batch
         ds = [committer.submit(lambda: order.append("a done"), parts=[part("a1"), part("a2")]),
               committer.submit(lambda: order.append("b done"), parts=[failing_part]),
               committer.submit(lambda: order.append("c done"),
                                parts=[part("c"), lambda: order.append("c plain")])]
-        gate.set()
+        gate.release()
         results = await DeferredList([first, *ds], consumeErrors=True)
     finally:
         committer.stop()
@@ -197,6 +217,53 @@ async def test_parts_run_a_step_at_a_time_together_then_finishes_in_order(tmp_pa
     assert order == ["a1 write", "a2 write", "b write", "c write", "c plain",
                      "a1 fsync", "a2 fsync", "c fsync", "a done", "c done"]
     assert len(synced) == committer.batches  # one directory sync per batch
+
+
+@pytest_twisted.ensureDeferred
+async def test_fsyncs_asked_for_in_one_step_run_together_and_errors_go_back_to_the_part(
+        tmp_path, monkeypatch):
+    """A part yields a descriptor to have it fsynced: the committer fsyncs those
+    of one step at the same time (so the kernel can merge the disk flushes), then
+    goes on with each part; a failed fsync is raised inside its part."""
+    monkeypatch.setattr(commit_module, "fsync_dir", lambda path: None)
+    together = threading.Barrier(2, timeout=5)  # passes only if two fsyncs overlap
+    fsynced = []
+
+    def fake_fsync(fd):
+        if fd == 13:
+            raise OSError(5, "Input/output error")
+        together.wait()
+        fsynced.append((fd, threading.current_thread().name))
+
+    monkeypatch.setattr(commit_module.os, "fsync", fake_fsync)
+    committer = GroupCommitter(reactor, tmp_path, fsync=True)
+    seen = []
+
+    def part(fd):
+        def steps():
+            try:
+                yield fd
+            except OSError as e:
+                seen.append((fd, e.errno))
+                raise
+            seen.append((fd, "after"))
+        return steps
+
+    gate = Hold()
+    try:
+        first = gate.hold(committer)  # the jobs submitted next form one batch
+        ds = [committer.submit(lambda: None, parts=[part(11)]),
+              committer.submit(lambda: None, parts=[part(12)]),
+              committer.submit(lambda: None, parts=[part(13)])]
+        gate.release()
+        results = await DeferredList([first, *ds], consumeErrors=True)
+    finally:
+        committer.stop()
+    assert [ok for ok, _ in results] == [True, True, True, False]
+    assert results[3][1].check(OSError)
+    assert sorted(seen) == [(11, "after"), (12, "after"), (13, 5)]
+    assert sorted(fd for fd, _ in fsynced) == [11, 12]
+    assert all(name.startswith("queue-commit-fsync") for _, name in fsynced)
 
 
 def test_parts_run_to_the_end_without_fsync(tmp_path):
@@ -252,12 +319,12 @@ async def test_committer_thread_runs_in_sched_batch_and_the_reactor_thread_does_
     def record(name: str) -> None:
         policies[name] = (os.sched_getscheduler(0), threading.current_thread().name)
 
-    gate = threading.Event()
+    gate = Hold()
     try:
-        first = committer.submit(gate.wait)  # holds the thread: the next two form one batch
+        first = gate.hold(committer)  # the jobs submitted next form one batch
         rest = [committer.submit(lambda: None, parts=[lambda: record("part one")]),
                 committer.submit(lambda: record("committer"), parts=[lambda: record("part two")])]
-        gate.set()
+        gate.release()
         await DeferredList([first, *rest])
     finally:
         committer.stop()

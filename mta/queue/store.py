@@ -62,7 +62,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mta.fsutil import fsync_dir, start_write_out, write_all, write_out
-from mta.queue.commit import GroupCommitter, run_to_end
+from mta.queue.commit import GroupCommitter, Steps, run_to_end
 from mta.queue.envelope import Envelope, Recipient, RecipientState
 
 log = Logger()
@@ -327,12 +327,12 @@ class MessageWriter:
             except OSError as e:
                 self._undo(e)
 
-    def _write_data(self, sync: bool = True, envelope: bytes = b"") -> Iterator[None]:
+    def _write_data(self, sync: bool = True, envelope: bytes = b"") -> Steps:
         """The data file: written now if buffered (``envelope`` in its header),
         into the spare or in tmp/, and fsynced (unless ``sync`` is off: then the
         caller makes it all durable at once with syncfs).  A generator: it
-        yields where it would wait for the disk (see mta.queue.commit), the
-        write-out of its data started."""
+        yields where it would wait for the disk, with the descriptor to fsync
+        when there is one (see mta.queue.commit)."""
         self._open = False
         if self._pending is not None:
             chunks, self._pending = self._pending, None
@@ -345,19 +345,15 @@ class MessageWriter:
                 f.writelines(chunks)
                 f.flush()
                 if self.store.fsync and sync:
-                    start_write_out(f.fileno())
-                    yield
-                    os.fsync(f.fileno())
+                    yield f.fileno()  # fsynced by the committer, with the batch's other files
             return
         assert self._file is not None
         if self.store.fsync and sync:
-            start_write_out(self._file.fileno())
-            yield
-            os.fsync(self._file.fileno())
+            yield self._file.fileno()
         self._file.close()
         self._file = None
 
-    def _write_spare(self, chunks: list[bytes], sync: bool) -> Iterator[None]:
+    def _write_spare(self, chunks: list[bytes], sync: bool) -> Steps:
         """Fill our spare in msg/ and make it a message (``READY``), durably; in
         steps (see :meth:`_write_data`)."""
         self._embedded = True
@@ -372,8 +368,7 @@ class MessageWriter:
                 write_out(fd)
             os.fchmod(fd, READY)
             if self.store.fsync and sync:
-                yield  # the batch's other files get their mode first
-                os.fsync(fd)
+                yield fd  # fsynced by the committer once the batch's files all have their mode
             if os.fstat(fd).st_nlink == 0:
                 # Removed meanwhile (a recovery run by a second instance): not queued.
                 raise OSError(errno.ENOENT, "spare queue file removed while being written",
@@ -381,7 +376,7 @@ class MessageWriter:
         finally:
             os.close(fd)
 
-    def _write_envelope(self, envelope_bytes: bytes, sync: bool = True) -> Iterator[None]:
+    def _write_envelope(self, envelope_bytes: bytes, sync: bool = True) -> Steps:
         return self.store._write_file_steps(self.envelope_tmp_path, envelope_bytes, sync=sync)
 
     def _rename(self) -> None:
@@ -701,7 +696,7 @@ class QueueStore:
         path = self.envelope_path(envelope.id)
         per_file = not self.committer.whole_filesystem
 
-        def write() -> Iterator[None]:
+        def write() -> Steps:
             try:
                 yield from self._write_file_steps(tmp, data, sync=per_file)
             except OSError:
@@ -800,15 +795,13 @@ class QueueStore:
     def _write_file(self, path: Path, data: bytes, sync: bool = True) -> None:
         run_to_end(self._write_file_steps(path, data, sync))
 
-    def _write_file_steps(self, path: Path, data: bytes, sync: bool = True) -> Iterator[None]:
-        """Write a new file and fsync it; a generator that yields once its data is
-        on its way to the disk (see mta.queue.commit)."""
+    def _write_file_steps(self, path: Path, data: bytes, sync: bool = True) -> Steps:
+        """Write a new file and fsync it: a generator that yields the descriptor
+        to fsync (see mta.queue.commit)."""
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             write_all(fd, data)
             if self.fsync and sync:
-                start_write_out(fd)
-                yield
-                os.fsync(fd)
+                yield fd  # fsynced by the committer, with the batch's other files
         finally:
             os.close(fd)
