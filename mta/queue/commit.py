@@ -83,18 +83,27 @@ def _steps(part: Part) -> Steps:
         yield from steps
 
 
+_DONE = -2  # what _advance returns for a part that has ended
+
+
+def _advance(steps: Steps, error: BaseException | None) -> int | None:
+    """Take a part one step further, raising ``error`` (its last fsync's) inside
+    it if given: what it asks for next (None, or a descriptor to fsync), or
+    _DONE.  Raises what the part raises."""
+    try:
+        return steps.throw(error) if error is not None else next(steps)
+    except StopIteration:
+        return _DONE
+
+
 def run_to_end(steps: Steps | None) -> None:
     """Run a part's steps one after the other, with the fsyncs it asks for (a
     plain function's None: nothing left).  A failed fsync is raised inside the
     part, where its step would have raised it."""
     if steps is None:
         return
-    error: OSError | None = None
-    while True:  # ends: a part yields a fixed, small number of times
-        try:
-            fd = steps.throw(error) if error is not None else next(steps)
-        except StopIteration:
-            return
+    error: BaseException | None = None
+    while (fd := _advance(steps, error)) != _DONE:  # ends: a part yields a few times
         error = None
         if fd is not None:
             try:
@@ -210,27 +219,26 @@ class GroupCommitter:
         """Every part of every job, stepped together (see the module docstring);
         per job the first error of its parts, or None."""
         errors: list[BaseException | None] = [None] * len(batch)
-        running: list[tuple[int, Steps, OSError | None]] = [
+        running: list[tuple[int, Steps, BaseException | None]] = [
             (i, _steps(part), None) for i, (_, parts, _, _, _) in enumerate(batch) for part in parts]
         while running:  # ends: each pass takes every part one step further, and parts end
-            still: list[tuple[int, Steps, OSError | None]] = []
-            fds: list[int] = []
+            still: list[tuple[int, Steps, BaseException | None]] = []
+            fds: list[int | None] = []
             for i, steps, error in running:
                 try:
-                    fd = steps.throw(error) if error is not None else next(steps)
-                except StopIteration:
-                    continue
+                    fd = _advance(steps, error)
                 except BaseException as e:
                     errors[i] = errors[i] or e
                     continue
-                still.append((i, steps, None))
-                fds.append(-1 if fd is None else fd)
+                if fd != _DONE:
+                    still.append((i, steps, None))
+                    fds.append(fd)
             failed = self._fsync_all(fds)
             running = [(i, steps, failed.get(n)) for n, (i, steps, _) in enumerate(still)]
         return errors
 
-    def _fsync_all(self, fds: list[int]) -> dict[int, OSError]:
-        """fsync the descriptors the parts asked for (-1: none), at the same time
+    def _fsync_all(self, fds: list[int | None]) -> dict[int, BaseException]:
+        """fsync the descriptors the parts asked for (None: none), at the same time
         when there are several; the errors by position.
 
         On this machine's disk each fsync is a flush, and under load a flush
@@ -240,8 +248,8 @@ class GroupCommitter:
         layer, so a few threads that do nothing but the fsync syscall (it
         releases the GIL) save most of that wait.
         """
-        wanted = [(n, fd) for n, fd in enumerate(fds) if fd >= 0]
-        failed: dict[int, OSError] = {}
+        wanted = [(n, fd) for n, fd in enumerate(fds) if fd is not None]
+        failed: dict[int, BaseException] = {}
         if len(wanted) == 1:
             n, fd = wanted[0]
             try:
@@ -259,10 +267,8 @@ class GroupCommitter:
         futures = [(n, pool.submit(os.fsync, fd)) for n, fd in wanted]
         for n, future in futures:
             error = future.exception()
-            if isinstance(error, OSError):
+            if error is not None:
                 failed[n] = error
-            elif error is not None:
-                failed[n] = OSError(str(error))
         return failed
 
     def _run_batch(self, batch: list[Job]) -> None:
