@@ -6,6 +6,7 @@ import ctypes
 import functools
 import os
 from pathlib import Path
+from typing import Any
 
 
 def write_all(fd: int, data: bytes) -> None:
@@ -50,14 +51,7 @@ def start_write_out(fd: int) -> None:
     """Start writing a file's data to the disk without waiting for it (Linux
     sync_file_range(2) with SYNC_FILE_RANGE_WRITE); :func:`write_out` or an
     fsync later waits for it.  Does nothing where that call is missing."""
-    try:
-        call = _libc().sync_file_range
-    except AttributeError:
-        return
-    call.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
-    if call(fd, 0, 0, _SYNC_FILE_RANGE_WRITE) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+    _sync_file_range(fd, _SYNC_FILE_RANGE_WRITE)
 
 
 def write_out(fd: int) -> None:
@@ -67,15 +61,30 @@ def write_out(fd: int) -> None:
     complete) cannot reach the disk before the data it vouches for: any journal
     commit that carries it also carries the data's block allocation, made here,
     and flushes the disk's cache first."""
+    if not _sync_file_range(fd, _SYNC_FILE_RANGE_ALL):
+        os.fdatasync(fd)
+
+
+def _sync_file_range(fd: int, flags: int) -> bool:
+    """sync_file_range(2) over the whole file; False where libc lacks it."""
+    call = _sync_file_range_call()
+    if call is None:
+        return False
+    if call(fd, 0, 0, flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return True
+
+
+@functools.cache
+def _sync_file_range_call() -> Any:
+    """libc's sync_file_range with its argument types set (once), or None."""
     try:
         call = _libc().sync_file_range
     except AttributeError:
-        os.fdatasync(fd)
-        return
+        return None
     call.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
-    if call(fd, 0, 0, _SYNC_FILE_RANGE_ALL) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+    return call
 
 
 @functools.cache
