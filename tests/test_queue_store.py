@@ -11,6 +11,7 @@ import time
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
@@ -45,13 +46,18 @@ def envelope_for(queue_id: str) -> Envelope:
                      Recipient("b@y.test", RecipientKind.REMOTE, "b@y.test")], time.time())
 
 
-async def queue_one(store: QueueStore, message: bytes = MESSAGE, buffered: bool = True) -> Envelope:
-    """Queue a message; return once any spares its commit asked for are made too
-    (they are made on another thread, and tests look at the directory)."""
+def commit_one(store: QueueStore, message: bytes = MESSAGE, buffered: bool = True) -> Deferred[Envelope]:
+    """Queue a message: fires with its envelope once it is committed."""
     writer = store.new_message(buffered=buffered)
     writer.write(message)
     env = envelope_for(writer.id)
-    await writer.commit_async(env)
+    return writer.commit_async(env).addCallback(lambda _: env)
+
+
+async def queue_one(store: QueueStore, message: bytes = MESSAGE, buffered: bool = True) -> Envelope:
+    """Queue a message; return once any spares its commit asked for are made too
+    (they are made on another thread, and tests look at the directory)."""
+    env = await commit_one(store, message, buffered)
     deadline = time.monotonic() + 5
     while store.making_spares() and time.monotonic() < deadline:
         await deferLater(reactor, 0.001, lambda: None)
@@ -452,11 +458,8 @@ async def test_making_spares_never_holds_up_a_new_message(store, monkeypatch):
             release.wait(10)
         return real_open(path, flags, *args, **kwargs)
 
-    def queue_within_5s():
-        writer = store.new_message(buffered=True)
-        writer.write(MESSAGE)
-        env = envelope_for(writer.id)
-        return writer.commit_async(env).addCallback(lambda _: env).addTimeout(5, reactor)
+    def queue_within_5s():  # without queue_one's wait for the spares, which are stuck
+        return commit_one(store).addTimeout(5, reactor)
 
     monkeypatch.setattr(store_module.os, "open", slow_open)
     try:
