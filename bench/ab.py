@@ -6,8 +6,9 @@
 
 REV_A and REV_B are git revisions of this repository (each checked out in a
 temporary worktree; "WORKTREE" means the files as they are now, uncommitted
-changes included; a directory is used as it is).  Both versions run at once, each as ``twistd -n mta``
-started by start_mta.py on its own port, relaying to one smtp-sink.  Then:
+changes included; a directory is used as it is).  Both versions run at once,
+each as ``twistd -n mta`` started by start_mta.py on its own port, relaying
+to one smtp-sink.  Then:
 
 * throughput: ROUNDS rounds; in each, smtp-source sends MESSAGES messages of
   4 KB over 20 sessions to one version, then to the other (the order reversed

@@ -21,13 +21,14 @@ time, under a fresh queue id, write-only (mode ``RECEIVING``, 0200, as
 Postfix marks an unfinished queue file by its mode), in batches whose
 directory entries one directory fsync made durable (a group commit,
 :mod:`mta.queue.commit`, on the thread that also removes finished messages,
-so that making them never delays a commit).  The commit writes the header and the message into
-the spare, makes it readable (``READY``, 0600) and fsyncs it: one fsync, no
-new directory entry, between the client's final dot and our 250.  Without a
-spare (the first message after start-up, a burst that emptied the pool), it
-is written in ``tmp/``, fsynced, renamed into ``msg/`` and the directory
-fsynced.  A file in mode ``RECEIVING`` is not a message: readers treat it as
-absent (:class:`MessageNotReady`) and :meth:`QueueStore.recover` removes it.
+so that making them never delays a commit).  The commit writes the header
+and the message into the spare, makes it readable (``READY``, 0600) and
+fsyncs it: one fsync, no new directory entry, between the client's final dot
+and our 250.  Without a spare (the first message after start-up, a burst
+that emptied the pool), it is written in ``tmp/``, fsynced, renamed into
+``msg/`` and the directory fsynced.  A file in mode ``RECEIVING`` is not a
+message: readers treat it as absent (:class:`MessageNotReady`) and
+:meth:`QueueStore.recover` removes it.
 
 A message too big to hold is written to ``tmp/`` as it arrives, without a
 header; its envelope is written beside it and renamed into ``msg/`` *before*
