@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import sys
 import threading
 import time
 
@@ -12,6 +14,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import DeferredList
 from twisted.internet.task import deferLater
 
+from mta.aiofsync import AioFsync
 from mta.config import ConfigError, config_from_dict
 from mta.queue import commit as commit_module
 from mta.queue.commit import GroupCommitter
@@ -219,26 +222,8 @@ async def test_parts_run_a_step_at_a_time_together_then_finishes_in_order(tmp_pa
     assert len(synced) == committer.batches  # one directory sync per batch
 
 
-@pytest_twisted.ensureDeferred
-async def test_fsyncs_asked_for_in_one_step_run_together_and_errors_go_back_to_the_part(
-        tmp_path, monkeypatch):
-    """A part yields a descriptor to have it fsynced: the committer fsyncs those
-    of one step at the same time (so the kernel can merge the disk flushes), then
-    goes on with each part; a failed fsync is raised inside its part."""
-    monkeypatch.setattr(commit_module, "fsync_dir", lambda path: None)
-    together = threading.Barrier(2, timeout=5)  # passes only if two fsyncs overlap
-    fsynced = []
-
-    def fake_fsync(fd):
-        if fd == 13:
-            raise OSError(5, "Input/output error")
-        together.wait()
-        fsynced.append((fd, threading.current_thread().name))
-
-    monkeypatch.setattr(commit_module.os, "fsync", fake_fsync)
-    committer = GroupCommitter(reactor, tmp_path, fsync=True)
-    seen = []
-
+def _fsync_parts(fds, seen):
+    """One part per descriptor: it asks for its fsync, and records what came of it."""
     def part(fd):
         def steps():
             try:
@@ -248,22 +233,107 @@ async def test_fsyncs_asked_for_in_one_step_run_together_and_errors_go_back_to_t
                 raise
             seen.append((fd, "after"))
         return steps
+    return [part(fd) for fd in fds]
 
+
+async def _one_batch(committer, fds, seen):
+    """Submit one operation per descriptor so that they form one batch; their results."""
     gate = Hold()
     try:
         first = gate.hold(committer)  # the jobs submitted next form one batch
-        ds = [committer.submit(lambda: None, parts=[part(11)]),
-              committer.submit(lambda: None, parts=[part(12)]),
-              committer.submit(lambda: None, parts=[part(13)])]
+        ds = [committer.submit(lambda: None, parts=[part]) for part in _fsync_parts(fds, seen)]
         gate.release()
         results = await DeferredList([first, *ds], consumeErrors=True)
     finally:
         committer.stop()
-    assert [ok for ok, _ in results] == [True, True, True, False]
-    assert results[3][1].check(OSError)
+    return results[1:]
+
+
+@pytest_twisted.ensureDeferred
+async def test_fsyncs_asked_for_in_one_step_are_submitted_together_and_errors_go_back_to_the_part(
+        tmp_path, monkeypatch):
+    """A part yields a descriptor to have it fsynced: the committer submits those
+    of one step in one AIO call (so the kernel can merge the disk flushes), then
+    goes on with each part; a failed fsync is raised inside its part."""
+    monkeypatch.setattr(commit_module, "fsync_dir", lambda path: None)
+    submitted = []
+
+    def fake_fsync_all(aio, fds):
+        submitted.append((list(fds), threading.current_thread().name))
+        return [5 if fd == 13 else 0 for fd in fds]  # EIO for 13
+
+    monkeypatch.setattr(AioFsync, "fsync_all", fake_fsync_all)
+    plain = []
+    monkeypatch.setattr(os, "fsync", plain.append)
+    seen = []
+    results = await _one_batch(GroupCommitter(reactor, tmp_path, fsync=True), [11, 12, 13], seen)
+    assert [ok for ok, _ in results] == [True, True, False]
+    assert results[2][1].check(OSError) and results[2][1].value.errno == 5
     assert sorted(seen) == [(11, "after"), (12, "after"), (13, 5)]
-    assert sorted(fd for fd, _ in fsynced) == [11, 12]
-    assert all(name.startswith("queue-commit-fsync") for _, name in fsynced)
+    assert submitted == [([11, 12, 13], "queue-commit")]  # one call, on the committer thread
+    assert plain == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_of_real_files_is_fsynced_through_aio(tmp_path, monkeypatch):
+    """Real files, the real kernel: the batch's fsyncs all go through AIO (a plain
+    fsync would fail the test) and succeed; a pipe, which has no fsync, gets
+    its EINVAL in its own part only."""
+    aio = AioFsync.open()
+    assert sys.platform == "linux" and aio is not None  # the product's platform
+    aio.close()
+    monkeypatch.setattr(commit_module, "fsync_dir", lambda path: None)
+    fds = []
+    for n in range(3):
+        fd = os.open(tmp_path / f"f{n}", os.O_WRONLY | os.O_CREAT, 0o600)
+        os.write(fd, b"x" * 4096)
+        fds.append(fd)
+    reader, writer = os.pipe()
+    plain = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (plain.append(fd), real_fsync(fd)))
+    seen = []
+    try:
+        results = await _one_batch(GroupCommitter(reactor, tmp_path, fsync=True), [*fds, writer], seen)
+    finally:
+        for fd in (*fds, reader, writer):
+            os.close(fd)
+    assert [ok for ok, _ in results] == [True, True, True, False]
+    assert sorted(seen) == sorted([(fd, "after") for fd in fds] + [(writer, errno.EINVAL)])
+    assert plain == [writer]  # refused by io_submit, so tried plainly, which says why
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_aio_the_fsyncs_are_made_one_after_the_other(tmp_path, monkeypatch):
+    """Where AIO cannot be used (another platform, aio-max-nr reached), or once it
+    failed, each file is fsynced with a plain fsync; its error still goes to its part."""
+    monkeypatch.setattr(commit_module, "fsync_dir", lambda path: None)
+    fsynced = []
+
+    def fake_fsync(fd):
+        fsynced.append(fd)
+        if fd == 13:
+            raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(commit_module.os, "fsync", fake_fsync)
+    monkeypatch.setattr(AioFsync, "open", classmethod(lambda cls, capacity=128: None))
+    seen = []
+    results = await _one_batch(GroupCommitter(reactor, tmp_path, fsync=True), [11, 12, 13], seen)
+    assert [ok for ok, _ in results] == [True, True, False]
+    assert fsynced == [11, 12, 13] and sorted(seen) == [(11, "after"), (12, "after"), (13, 5)]
+
+    def broken(aio, fds):
+        raise OSError(errno.EFAULT, "io_getevents: Bad address")
+
+    monkeypatch.undo()
+    monkeypatch.setattr(commit_module, "fsync_dir", lambda path: None)
+    monkeypatch.setattr(commit_module.os, "fsync", fake_fsync)
+    monkeypatch.setattr(AioFsync, "fsync_all", broken)
+    fsynced.clear()
+    committer = GroupCommitter(reactor, tmp_path, fsync=True)
+    results = await _one_batch(committer, [11, 12], [])
+    assert [ok for ok, _ in results] == [True, True] and fsynced == [11, 12]
+    assert not committer._aio_usable  # not tried again
 
 
 def test_parts_run_to_the_end_without_fsync(tmp_path):
