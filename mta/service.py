@@ -19,6 +19,7 @@ from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, mayb
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
+from mta import fastpoll
 from mta.config import Config, ConfigError, load_config
 from mta.logs import speed_up_text_log
 from mta.proxy import listening_endpoint
@@ -141,6 +142,7 @@ class MTAService(MultiService):
 
     def startService(self) -> None:  # noqa: N802
         super().startService()
+        fastpoll.install(self.reactor)
         if self.worker_fds is None:
             # twistd's text log: the same lines, time stamps cached, one flush per turn
             speed_up_text_log(self.reactor)
