@@ -7,6 +7,7 @@ without the final CRLF, folded with CRLF + tab).
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime
@@ -50,7 +51,6 @@ def received_header(info: TraceInfo, queue_id: str | None = None) -> bytes:
     The ``for`` clause names the recipient only when there is exactly one, so
     the header never reveals the other (possibly Bcc) recipients.
     """
-    when = info.when or datetime.now(UTC)
     from_part = _clean(info.helo) or "unknown"
     tcp_info = f"[{info.client_ip}]"
     if info.client_name:
@@ -62,13 +62,26 @@ def received_header(info: TraceInfo, queue_id: str | None = None) -> bytes:
     lines.append(f"{by} id {info.queue_id if queue_id is None else queue_id}")
     if info.tls_version:
         lines.append(f"\t(version={_clean(info.tls_version)} cipher={_clean(info.tls_cipher)})")
-    stamp = format_datetime(when)
+    stamp = format_datetime(info.when) if info.when is not None else _now_stamp()
     if len(info.recipients) == 1:
         lines.append(f"\tfor <{info.recipients[0]}>; {stamp}")
     else:
         lines[-1] += ";"
         lines.append(f"\t{stamp}")
     return "\r\n".join(lines).encode("utf-8")
+
+
+_last_stamp: tuple[int, str] = (-1, "")
+
+
+def _now_stamp() -> str:
+    """The date-time of now for the header (RFC 5322 §3.3, whole seconds, UTC),
+    formatted once per second: every message of that second shares it."""
+    global _last_stamp
+    second = int(time.time())
+    if _last_stamp[0] != second:
+        _last_stamp = (second, format_datetime(datetime.fromtimestamp(second, UTC)))
+    return _last_stamp[1]
 
 
 def count_received(header_names: list[bytes]) -> int:

@@ -8,6 +8,7 @@ can give a client.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 
@@ -19,15 +20,7 @@ class Reply(NamedTuple):
 
     def format(self) -> bytes:
         """The wire form; multi-line when the text contains newlines (RFC 5321 §4.2.1)."""
-        lines = self.text.split("\n")
-        out = []
-        for i, line in enumerate(lines):
-            sep = " " if i == len(lines) - 1 else "-"
-            prefix = f"{self.code}{sep}"
-            if self.enhanced:
-                prefix += self.enhanced + " "
-            out.append(prefix + line + "\r\n")
-        return "".join(out).encode("utf-8")
+        return _wire_form(self)
 
     @property
     def is_error(self) -> bool:
@@ -35,6 +28,21 @@ class Reply(NamedTuple):
 
     def __str__(self) -> str:
         return f"{self.code} {self.enhanced} {self.text}".replace("  ", " ")
+
+
+@functools.lru_cache(maxsize=256)
+def _wire_form(reply: Reply) -> bytes:
+    """:meth:`Reply.format`, made once per distinct reply: most replies are the
+    same few (250 Ok, 354, 221) on every message."""
+    lines = reply.text.split("\n")
+    out = []
+    for i, line in enumerate(lines):
+        sep = " " if i == len(lines) - 1 else "-"
+        prefix = f"{reply.code}{sep}"
+        if reply.enhanced:
+            prefix += reply.enhanced + " "
+        out.append(prefix + line + "\r\n")
+    return "".join(out).encode("utf-8")
 
 
 def multiline(code: int, lines: list[str]) -> bytes:
