@@ -23,21 +23,24 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.main import CONNECTION_DONE
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 
 from mta.fsutil import write_all
 from mta.logs import worker_log_observer, write_log_text
 from mta.queue.envelope import Envelope
-from mta.queue.store import SPARE_MAX_AGE
+from mta.queue.store import SPARE_KEEP, SPARE_MAX_AGE
 
 log = Logger()
 
@@ -57,6 +60,7 @@ class _WorkerProtocol(ProcessProtocol):
             verb, _, rest = line.partition(b" ")
             queue_id, _, envelope = rest.partition(b" ")
             if verb == b"queued" and queue_id:
+                self.pool.owe_spare(self.index)
                 self.pool.queued(queue_id.decode("ascii", "replace"), envelope)
 
     def errReceived(self, data: bytes) -> None:  # noqa: N802
@@ -89,6 +93,11 @@ class WorkerPool(Service):
         self.stopping = False
         self._sweep: Any = None  # the delayed removal of an ended worker's spares
         self.fds: list[tuple[str, int, int]] = []
+        # Spares each worker used (one per message it announced) and has not had
+        # back yet; the files of finished messages go back to it (see owe_spare).
+        self.spares_owed: dict[int, int] = {}
+        self._spares_out: dict[int, list[str]] = {}  # to send at the end of this turn
+        mta_service.context.store.spare_outlet = self._spare_outlet
 
     def spawn_all(self, ports: list[Any]) -> None:
         self.fds = [(listener.name, port.fileno(), port.addressFamily)
@@ -125,8 +134,50 @@ class WorkerPool(Service):
         else:
             runner.flush(queue_id)
 
+    # --- spares: a finished message's file goes back to a worker as its next spare ---
+
+    def owe_spare(self, index: int) -> None:
+        """Worker ``index`` announced a message: it used up a spare, and the queue
+        store's next recycled file goes to it (mta.queue.store.remove_async), so
+        the worker need not make spares of its own (a new file costs ext4 an
+        inode and blocks; a recycled one has both).  Bounded by SPARE_KEEP."""
+        self.spares_owed[index] = min(self.spares_owed.get(index, 0) + 1, SPARE_KEEP)
+
+    def _spare_outlet(self) -> Callable[[str], None] | None:
+        """Where the store's next recycled spare goes: the live worker owed the
+        most, or None (the store keeps it, or removes the file)."""
+        owed = [(n, index) for index, n in self.spares_owed.items() if n > 0 and index in self.workers]
+        if not owed:
+            return None
+        _, index = max(owed)
+        self.spares_owed[index] -= 1
+        return lambda spare_id: self._send_spare(index, spare_id)
+
+    def _send_spare(self, index: int, spare_id: str) -> None:
+        """Queue ``spare_id`` for worker ``index``: the spares of one reactor turn
+        go in one line on its stdin (``spares ID ID ...``)."""
+        if index not in self.workers:  # it ended meanwhile: ours instead
+            self.mta.context.store.add_spares([spare_id])
+            return
+        if not self._spares_out:
+            self.mta.reactor.callLater(0, self._flush_spares)
+        self._spares_out.setdefault(index, []).append(spare_id)
+
+    def _flush_spares(self) -> None:
+        out, self._spares_out = self._spares_out, {}
+        for index, ids in out.items():
+            transport = self.workers.get(index)
+            if transport is None:
+                self.mta.context.store.add_spares(ids)
+                continue
+            try:
+                transport.writeToChild(0, b"spares " + " ".join(ids).encode("ascii") + b"\n")
+            except Exception:  # its pipe is gone: the files are swept (see ended) or recovered
+                log.failure("could not hand spares to worker {index}", index=index)
+
     def ended(self, protocol: _WorkerProtocol) -> None:
         self.workers.pop(protocol.index, None)
+        self.spares_owed.pop(protocol.index, None)
         if not self.stopping:
             log.error("worker {index} ended; starting it again", index=protocol.index)
             self.mta.reactor.callLater(1.0, self._respawn, protocol.index)
@@ -218,6 +269,7 @@ def run_worker(spec: dict[str, Any]) -> None:
         write_all(1, data)
 
     service.context.store.subscribe(announce)
+    reactor.addReader(_SpareReader(service.context.store))
     # A message acknowledged in the reactor's last turn is still announced.
     reactor.addSystemEventTrigger("after", "shutdown", send_announcements)
     service.startService()
@@ -225,6 +277,49 @@ def run_worker(spec: dict[str, Any]) -> None:
     # Ignore SIGINT from a terminal's Ctrl-C: the main process stops us with SIGTERM.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     reactor.run()
+
+
+_SPARE_ID = re.compile(rb"[0-9a-f]{20}")
+
+
+class _SpareReader:
+    """The worker's stdin: lines ``spares ID ID ...`` from the main process, each
+    ID a spare queue file it made of a finished message for us (see
+    WorkerPool.owe_spare).  They join our store's pool."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self._buffer = b""
+        os.set_blocking(0, False)
+
+    def fileno(self) -> int:
+        return 0
+
+    def logPrefix(self) -> str:  # noqa: N802
+        return "spares"
+
+    def doRead(self) -> Any:  # noqa: N802
+        try:
+            data = os.read(0, 65536)
+        except BlockingIOError:
+            return None
+        except OSError as e:
+            return e
+        if not data:
+            return CONNECTION_DONE  # the main process is gone; we get SIGTERM
+        self._buffer += data
+        *lines, self._buffer = self._buffer.split(b"\n")
+        if len(self._buffer) > 65536:  # no line is that long: not from the main process
+            self._buffer = b""
+        for line in lines:
+            verb, _, rest = line.partition(b" ")
+            if verb == b"spares":
+                ids = [i.decode("ascii") for i in rest.split() if _SPARE_ID.fullmatch(i)]
+                self.store.add_spares(ids)
+        return None
+
+    def connectionLost(self, reason: Any) -> None:  # noqa: N802
+        pass
 
 
 def adopt_port(reactor: Any, fd: int, family: int, factory: Any) -> Any:

@@ -473,3 +473,80 @@ async def test_making_spares_never_holds_up_a_new_message(store, monkeypatch):
         release.set()
     await spares_made(store, count=store_module.SPARE_LOW)
     assert sorted(store.ids()) == sorted(env.id for env in queued)
+
+
+# --- a finished message's file recycled as the next spare ---------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_finished_messages_file_becomes_a_spare_that_the_next_message_fills(store, monkeypatch):
+    """remove_async renames the data file to a fresh id in mode RECEIVING (the
+    message is gone to every reader), removes its state file, and the pool has
+    the new spare; the next message overwrites the same inode and is cut to its
+    own length, so nothing of the old one is left in it."""
+    monkeypatch.setattr(store, "_refill", lambda: None)  # no spares but the recycled one
+    long_body = MESSAGE + b"x" * 8000 + b"\r\n"
+    old = await queue_one(store, long_body)  # no spare yet: written in tmp/ and renamed
+    old.recipients[0].state = RecipientState.DELIVERED
+    await store.save_async(old)  # it has a state file too
+    inode = store.data_path(old.id).stat().st_ino
+    await store.remove_async(old.id)
+    assert not store.exists(old.id) and store.ids() == [] and message_files(store.msg_dir) == []
+    assert not store.envelope_path(old.id).exists()
+    [(spare, made)] = list(store._spares)
+    assert spare != old.id and abs(made - time.time()) < 5
+    st = store.data_path(spare).stat()
+    assert (st.st_ino, stat.S_IMODE(st.st_mode)) == (inode, RECEIVING)
+    assert abs(st.st_mtime - time.time()) < 5  # a spare's age counts from now (sweep_unfinished)
+    with pytest.raises(MessageNotReady):
+        store.load(spare)
+
+    new = await queue_one(store)  # shorter than what the file held
+    assert new.id == spare and store.data_path(new.id).stat().st_ino == inode
+    assert store.data_path(new.id).read_bytes() == envelope_header(new.to_bytes()) + MESSAGE
+    assert mode_and_size(store.data_path(new.id))[0] == READY
+    with open_message(store.data_path(new.id)) as f:
+        assert f.read() == MESSAGE
+    assert store.ids() == [new.id]
+
+
+@pytest_twisted.ensureDeferred
+async def test_with_enough_spares_a_finished_message_is_removed(store):
+    """Past SPARE_KEEP spares in the pool the file is unlinked, as without spares."""
+    await spares_made(store)
+    store.add_spares([store_module.new_queue_id() for _ in range(store_module.SPARE_KEEP)])
+    count = store.spare_count()
+    env = await queue_one(store)
+    assert store.spare_count() == count - 1
+    await store.remove_async(env.id)
+    assert store.spare_count() == count - 1 and not store.data_path(env.id).exists()
+
+
+def test_spares_handed_over_past_the_limit_or_after_shutdown_are_removed(tmp_path):
+    store = QueueStore(tmp_path / "q", fsync=False)
+    ids = [store_module.new_queue_id() for _ in range(store_module.SPARE_KEEP + SPARE_BATCH + 2)]
+    for spare_id in ids:
+        store.data_path(spare_id).touch(mode=RECEIVING)
+    store.add_spares(ids)
+    assert store.spare_count() == store_module.SPARE_KEEP + SPARE_BATCH
+    assert sorted(p.name[:-4] for p in store.msg_dir.iterdir()) == sorted(ids[:-2])
+    store.discard_spares()
+    late = store_module.new_queue_id()
+    store.data_path(late).touch(mode=RECEIVING)
+    store.add_spares([late])
+    assert store.spare_count() == 0 and list(store.msg_dir.iterdir()) == []
+
+
+def test_recovery_removes_a_recycled_file_whose_mode_change_a_crash_lost(tmp_path):
+    """A READY file whose embedded envelope names another id is a finished
+    message's file recycled as a spare, not a message: recovery removes it
+    (delivering it again would send a message twice); real messages stay."""
+    store = QueueStore(tmp_path / "q", fsync=False)
+    kept = envelope_for("6b0a3e032267e810cec1")
+    old = envelope_for("6b0a3e032267e810cec2")
+    store.data_path(kept.id).write_bytes(envelope_header(kept.to_bytes()) + MESSAGE)
+    store.data_path("6b0a3e032267e810cec3").write_bytes(envelope_header(old.to_bytes()) + MESSAGE)
+    for name in ("6b0a3e032267e810cec1", "6b0a3e032267e810cec3"):
+        os.chmod(store.data_path(name), READY)
+    assert store.recover() == [kept.id]
+    assert message_files(store.msg_dir) == [f"{kept.id}.msg"]

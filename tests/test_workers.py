@@ -141,6 +141,7 @@ def test_the_main_process_takes_the_envelope_from_the_workers_line(tmp_path):
                                                  flush=runner.flushed.append))
     pool = WorkerPool.__new__(WorkerPool)
     pool.mta = mta
+    pool.spares_owed = {}
     proto = _WorkerProtocol(pool, 1)
     env = Envelope("6b09c8822d5b28ff9734", "s@x.test",
                    [Recipient("a@y.test", RecipientKind.REMOTE, "a@y.test")], 1.5e9, size=42)
@@ -151,6 +152,7 @@ def test_the_main_process_takes_the_envelope_from_the_workers_line(tmp_path):
         proto.outReceived(data[i:i + 7])
     assert [e.to_bytes() for e in runner.committed] == [env.to_bytes()]
     assert runner.flushed == ["6b09c8822d5b28ff9735", "6b09c8822d5b28ff9736"]
+    assert pool.spares_owed == {1: 3}  # each announced message used up one of its spares
 
 
 def test_a_message_a_dead_worker_never_announced_is_delivered(tmp_path):
@@ -211,3 +213,74 @@ def test_an_ended_workers_spares_are_swept_after_the_session_lifetime(tmp_path):
     assert respawned == [1]
     for call in clock.getDelayedCalls():  # the second respawn
         call.cancel()
+
+
+def test_finished_messages_files_go_back_to_the_worker_that_used_spares(tmp_path):
+    """Each message a worker announced used up one of its spares: the store's
+    next recycled files go to that worker, in one ``spares`` line per reactor
+    turn on its stdin, while the worker is owed any; then the store keeps them."""
+    from twisted.internet.task import Clock
+
+    from mta.queue.store import RECEIVING, QueueStore
+
+    store = QueueStore(tmp_path / "queue", fsync=False)
+    clock = Clock()
+    sent = []
+    transport = SimpleNamespace(writeToChild=lambda fd, data: sent.append((fd, data)))
+    mta = SimpleNamespace(runner=None, reactor=clock, context=SimpleNamespace(store=store),
+                          config=SimpleNamespace(limits=SimpleNamespace(session_timeout=1800.0)))
+    pool = WorkerPool(mta, 2, {})
+    pool.workers[1] = transport
+    pool.owe_spare(1)
+    pool.owe_spare(1)
+    ids = []
+    for n in range(3):
+        writer = store.new_message()
+        writer.write(b"Subject: %d\r\n\r\nbody\r\n" % n)
+        writer.commit(Envelope(writer.id, "s@x.test", [Recipient("a@y.test", RecipientKind.REMOTE, "a@y.test")],
+                               time.time()))
+        ids.append(writer.id)
+    inodes = [store.data_path(queue_id).stat().st_ino for queue_id in ids]
+    for queue_id in ids:
+        store.remove_async(queue_id)
+    assert sent == [] and store.spare_count() == 1  # the third: the worker is owed no more
+    clock.advance(0)  # the end of the turn
+    [(fd, line)] = sent
+    verb, *spares = line.decode().split()
+    assert fd == 0 and verb == "spares" and len(spares) == 2 and line.endswith(b"\n")
+    for spare_id, inode in zip(spares, inodes, strict=False):
+        st = store.data_path(spare_id).stat()
+        assert (st.st_ino, st.st_mode & 0o777) == (inode, RECEIVING)
+    assert pool.spares_owed == {1: 0} and store.ids() == []
+
+
+def test_the_worker_takes_the_spares_its_stdin_brings(tmp_path):
+    """``spares`` lines in pieces, as a pipe delivers them; ids that are not queue
+    ids (a path, anything odd) are ignored."""
+    from mta.queue.store import RECEIVING, QueueStore
+    from mta.workers import _SpareReader
+
+    store = QueueStore(tmp_path / "queue", fsync=False)
+    good = ["6b0a3e032267e810cec1", "6b0a3e032267e810cec2"]
+    for spare_id in good:
+        store.data_path(spare_id).touch(mode=RECEIVING)
+    reader, writer = os.pipe()
+    saved = os.dup(0)
+    os.dup2(reader, 0)
+    try:
+        spares = _SpareReader(store)
+        data = f"spares {good[0]} ../../etc/passwd\nspares {good[1]} 6B0A3E032267E810CEC3\n".encode()
+        for i in range(0, len(data), 9):
+            os.write(writer, data[i:i + 9])
+            assert spares.doRead() is None
+        assert spares.doRead() is None  # nothing to read: no harm
+        os.close(writer)
+        writer = -1
+        assert spares.doRead() is not None  # the main process is gone
+    finally:
+        os.dup2(saved, 0)
+        os.close(saved)
+        os.close(reader)
+        if writer >= 0:
+            os.close(writer)
+    assert [spare_id for spare_id, _ in store._spares] == good

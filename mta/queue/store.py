@@ -39,7 +39,12 @@ Every later change to the envelope is an atomic rewrite of ``ID.json`` (tmp,
 fsync, rename, directory fsync), so a crash leaves either the old or the new
 state, never a mixture.  A finished message is removed data first: once
 ``ID.msg`` is gone the message is, and an ``ID.json`` left by a crash is
-cleaned up by :meth:`QueueStore.recover`.
+cleaned up by :meth:`QueueStore.recover`.  While spares are wanted, the data
+file of a finished message is not unlinked but recycled into the next spare
+(made ``RECEIVING``, then renamed to a fresh id): the blocks and the inode
+are reused, and a commit into it cuts it to the new message's length.  A
+file whose embedded envelope names another id than its own is such a spare
+(:meth:`QueueStore.recover` removes it).
 
 Readers of the message data open it with :func:`open_message`, which skips
 the envelope header; a file without one (a big message, or a queue written
@@ -49,6 +54,7 @@ by an older version) starts with the message.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import secrets
 import stat
@@ -92,6 +98,9 @@ READY = 0o600
 SPARE_BATCH = 32
 SPARE_LOW = 16
 SPARE_MAX_AGE = 60.0
+# A finished message's file becomes a spare (see QueueStore.remove_async) while
+# a process keeps fewer than SPARE_KEEP of them.
+SPARE_KEEP = 2 * SPARE_BATCH
 # How long a removal may wait for others to share its directory sync (seconds):
 # a crash in that time delivers those messages again, as one just before the
 # sync would.
@@ -360,7 +369,9 @@ class MessageWriter:
         self._embedded = True
         fd = os.open(self.store.data_path(self.id), os.O_WRONLY | os.O_CLOEXEC)
         try:
-            write_all(fd, b"".join(chunks))
+            data = b"".join(chunks)
+            write_all(fd, data)
+            os.ftruncate(fd, len(data))  # a recycled spare: the end of what it held before
             if self.store.fsync:
                 # The data on disk before the READY mode can be (a journal commit
                 # of someone else's could carry the chmod before our fsync).
@@ -478,6 +489,15 @@ def load_envelope(msg_dir: Path, queue_id: str) -> Envelope:
     return Envelope.from_bytes(embedded)
 
 
+def _embedded_id(envelope_json: bytes) -> str | None:
+    """The queue id an embedded envelope names, or None if it cannot be read."""
+    try:
+        found = json.loads(envelope_json).get("id")
+    except (ValueError, AttributeError):
+        return None
+    return found if isinstance(found, str) else None
+
+
 def _unlink_quietly(path: Path) -> None:
     try:
         path.unlink()
@@ -517,6 +537,10 @@ class QueueStore:
         self._refilling = False
         self._making: set[str] = set()  # ids of a batch of spares being made
         self._closed = False  # discard_spares() was called: no more spares
+        self._recycling = 0  # finished messages' files on their way into our pool
+        # Set by the main process's worker pool: a function giving where a
+        # recycled spare should go (a worker that needs spares), or None.
+        self.spare_outlet: Callable[[], Callable[[str], None] | None] | None = None
         for d in (self.root, self.tmp_dir, self.msg_dir):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
 
@@ -715,10 +739,86 @@ class QueueStore:
 
     def remove_async(self, queue_id: str) -> Deferred[None]:
         """:meth:`remove` on the removals' group-commit thread (``remover``): the
-        files are gone and the directory synced when the Deferred fires, at most
-        REMOVAL_LINGER later than it could (removals share their syncs).  The
-        caller awaits any earlier write of the message's state first."""
-        return self.remover.submit(lambda: self._remove_files(queue_id), may_wait=True)
+        message is gone and the directory synced when the Deferred fires, at
+        most REMOVAL_LINGER later than it could (removals share their syncs).
+        The caller awaits any earlier write of the message's state first.
+
+        While spares are wanted (here, or by a worker process: ``spare_outlet``)
+        the data file is not unlinked but *recycled*: made ``RECEIVING``,
+        renamed to a fresh queue id, its time stamp set to now, and handed over
+        as a spare (its state file, if any, is removed).  The rename is the
+        moment the message is gone, as the unlink was.  An unlink and the
+        making of a new file cost ext4 an inode and its blocks freed (trimmed
+        at once on a disk mounted with ``discard``) and allocated again; a
+        rename keeps both, and the next message overwrites the same blocks.
+        A recycled file still holds the old message until it is overwritten:
+        in mode ``RECEIVING`` it is no message to any reader, and its embedded
+        envelope names the old id, which :meth:`recover` checks."""
+        taker = self._spare_taker()
+        if taker is None:
+            return self.remover.submit(lambda: self._remove_files(queue_id), may_wait=True)
+        spare_id = new_queue_id(self.clock())
+        recycled: list[str] = []
+
+        def recycle() -> None:
+            if self._recycle_file(queue_id, spare_id):
+                recycled.append(spare_id)
+
+        def hand_over(_: None) -> None:
+            if recycled:
+                taker(spare_id)
+
+        return self.remover.submit(recycle, may_wait=True).addCallback(hand_over)
+
+    def _recycle_file(self, queue_id: str, spare_id: str) -> bool:
+        """Make ``queue_id``'s data file the spare ``spare_id`` (on the remover's
+        thread); whether it did.  If it cannot, the message is removed."""
+        path = self.data_path(queue_id)
+        try:
+            os.chmod(path, RECEIVING)  # no message any more, to any reader
+            os.rename(path, self.data_path(spare_id))
+            os.utime(self.data_path(spare_id))  # a spare's age counts from now (sweep_unfinished)
+        except OSError:
+            self._remove_files(queue_id)
+            _unlink_quietly(self.data_path(spare_id))
+            return False
+        _unlink_quietly(self.envelope_path(queue_id))
+        return True
+
+    def _spare_taker(self) -> Callable[[str], None] | None:
+        """Where the spare a finished message's file would become goes: a worker
+        process that needs spares (``spare_outlet``), else our own pool while it
+        holds fewer than SPARE_KEEP; None: nobody wants one (then the file is
+        removed)."""
+        if not self.spares or self._closed:
+            return None
+        if self.spare_outlet is not None:
+            outlet = self.spare_outlet()
+            if outlet is not None:
+                return outlet
+        if len(self._spares) + self._recycling >= SPARE_KEEP:
+            return None
+        self._recycling += 1
+        return self._take_recycled
+
+    def _take_recycled(self, spare_id: str) -> None:
+        self._recycling -= 1
+        self.add_spares([spare_id])
+
+    def add_spares(self, ids: list[str]) -> None:
+        """Spares made elsewhere (a recycled file, here or in the main process)
+        join the pool as made now; past SPARE_KEEP more, or after
+        :meth:`discard_spares`, they are removed instead."""
+        now = self.clock()
+        extra = []
+        for spare_id in ids:
+            if self._closed or len(self._spares) >= SPARE_KEEP + SPARE_BATCH:
+                extra.append(spare_id)
+            else:
+                self._spares.append((spare_id, now))
+        if extra:
+            # No fsync: a removed spare that a crash brings back is removed by recovery.
+            self.remover.submit(lambda: self._unlink_all(extra), sync_directory=False)
 
     def update_recipient(self, envelope: Envelope, recipient: Recipient, state: RecipientState,
                          reply: str = "", next_attempt: float = 0.0, remote_mta: str = "") -> None:
@@ -784,6 +884,12 @@ class QueueStore:
                     continue
                 if embedded is None:
                     log.info("removing uncommitted message {name}", name=name)
+                    _unlink_quietly(self.msg_dir / name)
+                elif embedded and _embedded_id(embedded) not in (None, name[:-4]):
+                    # A finished message's file recycled as a spare (remove_async),
+                    # whose RECEIVING mode a crash lost while its rename survived.
+                    log.info("removing {name}: a recycled spare still holding message {old}",
+                             name=name, old=_embedded_id(embedded))
                     _unlink_quietly(self.msg_dir / name)
                 elif not embedded:
                     corrupt = self.root / "corrupt"
