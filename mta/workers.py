@@ -143,20 +143,25 @@ class WorkerPool(Service):
         inode and blocks; a recycled one has both).  Bounded by SPARE_KEEP."""
         self.spares_owed[index] = min(self.spares_owed.get(index, 0) + 1, SPARE_KEEP)
 
-    def _spare_outlet(self) -> Callable[[str], None] | None:
+    def _spare_outlet(self) -> Callable[[str | None], None] | None:
         """Where the store's next recycled spare goes: the live worker owed the
         most, or None (the store keeps it, or removes the file)."""
         owed = [(n, index) for index, n in self.spares_owed.items() if n > 0 and index in self.workers]
-        if not owed:
+        if not owed or self.stopping:
             return None
         _, index = max(owed)
         self.spares_owed[index] -= 1
         return lambda spare_id: self._send_spare(index, spare_id)
 
-    def _send_spare(self, index: int, spare_id: str) -> None:
+    def _send_spare(self, index: int, spare_id: str | None) -> None:
         """Queue ``spare_id`` for worker ``index``: the spares of one reactor turn
-        go in one line on its stdin (``spares ID ID ...``)."""
-        if index not in self.workers:  # it ended meanwhile: ours instead
+        go in one line on its stdin (``spares ID ID ...``).  None: the file
+        could not be recycled, so the worker is still owed one."""
+        if spare_id is None:
+            if index in self.workers:
+                self.owe_spare(index)
+            return
+        if index not in self.workers or self.stopping:  # ours instead (or removed, if we stop)
             self.mta.context.store.add_spares([spare_id])
             return
         if not self._spares_out:
@@ -167,7 +172,7 @@ class WorkerPool(Service):
         out, self._spares_out = self._spares_out, {}
         for index, ids in out.items():
             transport = self.workers.get(index)
-            if transport is None:
+            if transport is None or self.stopping:
                 self.mta.context.store.add_spares(ids)
                 continue
             try:

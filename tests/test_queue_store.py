@@ -550,3 +550,47 @@ def test_recovery_removes_a_recycled_file_whose_mode_change_a_crash_lost(tmp_pat
         os.chmod(store.data_path(name), READY)
     assert store.recover() == [kept.id]
     assert message_files(store.msg_dir) == [f"{kept.id}.msg"]
+
+
+def test_a_file_that_cannot_be_recycled_is_removed_and_owes_nothing(tmp_path, monkeypatch):
+    """If the rename fails, the message is removed as before; the pool's count of
+    spares on their way goes back down, so recycling goes on for the next ones,
+    and a worker that was to get the spare is still owed one."""
+    store = QueueStore(tmp_path / "q", fsync=False)
+    told = []
+    store.spare_outlet = lambda: told.append
+    writer = store.new_message()
+    writer.write(MESSAGE)
+    writer.commit(envelope_for(writer.id))
+    real_rename = os.rename
+    monkeypatch.setattr(store_module.os, "rename", lambda *a: (_ for _ in ()).throw(OSError(28, "full")))
+    store.remove_async(writer.id)
+    monkeypatch.setattr(store_module.os, "rename", real_rename)
+    assert told == [None] and not store.data_path(writer.id).exists() and list(store.msg_dir.iterdir()) == []
+
+    store.spare_outlet = None  # now our own pool takes them
+    writer = store.new_message()
+    writer.write(MESSAGE)
+    writer.commit(envelope_for(writer.id))
+    monkeypatch.setattr(store_module.os, "rename", lambda *a: (_ for _ in ()).throw(OSError(28, "full")))
+    store.remove_async(writer.id)
+    monkeypatch.setattr(store_module.os, "rename", real_rename)
+    assert store._recycling == 0 and store.spare_count() == 0
+    writer = store.new_message()
+    writer.write(MESSAGE)
+    writer.commit(envelope_for(writer.id))
+    store.remove_async(writer.id)
+    assert store._recycling == 0 and store.spare_count() == 1  # recycled
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_shutdown_during_a_recycling_leaves_no_spare_behind(tmp_path):
+    """The removal lingers (REMOVAL_LINGER) when the process stops: the recycled
+    file is removed with the other spares, and its late hand-over changes nothing."""
+    store = QueueStore(tmp_path / "q", fsync=True, reactor=reactor, spares=True)
+    env = await queue_one(store)
+    d = store.remove_async(env.id)
+    store.discard_spares()
+    assert list(store.msg_dir.iterdir()) == []
+    await d
+    assert list(store.msg_dir.iterdir()) == [] and store.spare_count() == 0

@@ -284,3 +284,20 @@ def test_the_worker_takes_the_spares_its_stdin_brings(tmp_path):
         if writer >= 0:
             os.close(writer)
     assert [spare_id for spare_id, _ in store._spares] == good
+
+
+def test_a_worker_is_still_owed_a_spare_whose_file_could_not_be_recycled(tmp_path):
+    from twisted.internet.task import Clock
+
+    from mta.queue.store import QueueStore
+
+    store = QueueStore(tmp_path / "queue", fsync=False)
+    mta = SimpleNamespace(runner=None, reactor=Clock(), context=SimpleNamespace(store=store),
+                          config=SimpleNamespace(limits=SimpleNamespace(session_timeout=1800.0)))
+    pool = WorkerPool(mta, 2, {})
+    pool.workers[1] = SimpleNamespace()
+    pool.owe_spare(1)
+    taker = pool._spare_outlet()
+    assert pool.spares_owed == {1: 0} and pool._spare_outlet() is None
+    taker(None)
+    assert pool.spares_owed == {1: 1}

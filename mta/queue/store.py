@@ -538,9 +538,10 @@ class QueueStore:
         self._making: set[str] = set()  # ids of a batch of spares being made
         self._closed = False  # discard_spares() was called: no more spares
         self._recycling = 0  # finished messages' files on their way into our pool
+        self._recycled_pending: set[str] = set()  # ids of spares being recycled, any taker
         # Set by the main process's worker pool: a function giving where a
         # recycled spare should go (a worker that needs spares), or None.
-        self.spare_outlet: Callable[[], Callable[[str], None] | None] | None = None
+        self.spare_outlet: Callable[[], Callable[[str | None], None] | None] | None = None
         for d in (self.root, self.tmp_dir, self.msg_dir):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
 
@@ -657,14 +658,17 @@ class QueueStore:
 
     def discard_spares(self) -> None:
         """At shutdown: make no more spares and remove the unused ones, also those
-        of a batch still being made (waits for the group-commit threads to finish
-        what it was given).  No fsync: recovery removes any a crash brought back."""
+        of a batch still being made and the finished messages' files being
+        recycled (waits for the group-commit threads to finish what they were
+        given).  No fsync: recovery removes any a crash brought back."""
         self._closed = True
         self.committer.stop()
         self.remover.stop()
         spares, self._spares = list(self._spares), deque()
-        self._unlink_all([queue_id for queue_id, _ in spares] + sorted(self._making))
+        self._unlink_all([queue_id for queue_id, _ in spares] + sorted(self._making)
+                         + sorted(self._recycled_pending))
         self._making.clear()
+        self._recycled_pending.clear()
 
     def subscribe(self, listener: Callable[[Envelope], None]) -> None:
         """Call ``listener(envelope)`` after each message is committed."""
@@ -759,16 +763,18 @@ class QueueStore:
             return self.remover.submit(lambda: self._remove_files(queue_id), may_wait=True)
         spare_id = new_queue_id(self.clock())
         recycled: list[str] = []
+        self._recycled_pending.add(spare_id)  # discard_spares removes it if still here
 
         def recycle() -> None:
             if self._recycle_file(queue_id, spare_id):
                 recycled.append(spare_id)
 
-        def hand_over(_: None) -> None:
-            if recycled:
-                taker(spare_id)
+        def hand_over(result: Any) -> Any:
+            self._recycled_pending.discard(spare_id)
+            taker(spare_id if recycled else None)  # None: removed instead, no spare
+            return result
 
-        return self.remover.submit(recycle, may_wait=True).addCallback(hand_over)
+        return self.remover.submit(recycle, may_wait=True).addBoth(hand_over)
 
     def _recycle_file(self, queue_id: str, spare_id: str) -> bool:
         """Make ``queue_id``'s data file the spare ``spare_id`` (on the remover's
@@ -785,11 +791,12 @@ class QueueStore:
         _unlink_quietly(self.envelope_path(queue_id))
         return True
 
-    def _spare_taker(self) -> Callable[[str], None] | None:
+    def _spare_taker(self) -> Callable[[str | None], None] | None:
         """Where the spare a finished message's file would become goes: a worker
         process that needs spares (``spare_outlet``), else our own pool while it
         holds fewer than SPARE_KEEP; None: nobody wants one (then the file is
-        removed)."""
+        removed).  The taker is called once, with the spare's id, or with None
+        if the file could not be recycled."""
         if not self.spares or self._closed:
             return None
         if self.spare_outlet is not None:
@@ -801,9 +808,10 @@ class QueueStore:
         self._recycling += 1
         return self._take_recycled
 
-    def _take_recycled(self, spare_id: str) -> None:
+    def _take_recycled(self, spare_id: str | None) -> None:
         self._recycling -= 1
-        self.add_spares([spare_id])
+        if spare_id is not None:
+            self.add_spares([spare_id])
 
     def add_spares(self, ids: list[str]) -> None:
         """Spares made elsewhere (a recycled file, here or in the main process)
@@ -816,7 +824,9 @@ class QueueStore:
                 extra.append(spare_id)
             else:
                 self._spares.append((spare_id, now))
-        if extra:
+        if extra and self._closed:  # shutting down: the remover's thread is stopped
+            self._unlink_all(extra)
+        elif extra:
             # No fsync: a removed spare that a crash brings back is removed by recovery.
             self.remover.submit(lambda: self._unlink_all(extra), sync_directory=False)
 
