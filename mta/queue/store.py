@@ -815,8 +815,8 @@ class QueueStore:
 
     def add_spares(self, ids: list[str]) -> None:
         """Spares made elsewhere (a recycled file, here or in the main process)
-        join the pool as made now; past SPARE_KEEP more, or after
-        :meth:`discard_spares`, they are removed instead."""
+        join the pool as made now; those that would take it past SPARE_KEEP +
+        SPARE_BATCH, or come after :meth:`discard_spares`, are removed instead."""
         now = self.clock()
         extra = []
         for spare_id in ids:
@@ -895,11 +895,11 @@ class QueueStore:
                 if embedded is None:
                     log.info("removing uncommitted message {name}", name=name)
                     _unlink_quietly(self.msg_dir / name)
-                elif embedded and _embedded_id(embedded) not in (None, name[:-4]):
+                elif embedded and (old := _embedded_id(embedded)) not in (None, name[:-4]):
                     # A finished message's file recycled as a spare (remove_async),
                     # whose RECEIVING mode a crash lost while its rename survived.
                     log.info("removing {name}: a recycled spare still holding message {old}",
-                             name=name, old=_embedded_id(embedded))
+                             name=name, old=old)
                     _unlink_quietly(self.msg_dir / name)
                 elif not embedded:
                     corrupt = self.root / "corrupt"
