@@ -28,9 +28,13 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import platform
 from collections.abc import Sequence
+from typing import Any
+
+from mta.fsutil import _libc
 
 # io_setup, io_destroy, io_getevents, io_submit (asm/unistd_64.h; the generic
 # table for arm64 and riscv64).
@@ -77,7 +81,7 @@ class AioFsync:
 
     def __init__(self, numbers: tuple[int, int, int, int], context: ctypes.c_ulong,
                  capacity: int) -> None:
-        self._setup, self._destroy, self._getevents, self._submit = numbers
+        _, self._destroy, self._getevents, self._submit = numbers
         self._context: ctypes.c_ulong | None = context
         self.capacity = capacity
         self._iocbs = (_IOCB * capacity)()
@@ -89,7 +93,7 @@ class AioFsync:
     def open(cls, capacity: int = 128) -> AioFsync | None:
         """A new context, or None where Linux AIO fsync cannot be used here."""
         numbers = _SYSCALLS.get(platform.machine())
-        if numbers is None or not hasattr(_libc(), "syscall"):
+        if numbers is None or _syscall_call() is None:
             return None
         context = ctypes.c_ulong(0)
         if _syscall(numbers[0], ctypes.c_long(capacity), ctypes.byref(context)) != 0:
@@ -157,17 +161,17 @@ def _plain_fsync(fd: int) -> int:
     return 0
 
 
-_libc_handle: ctypes.CDLL | None = None
-
-
-def _libc() -> ctypes.CDLL:
-    global _libc_handle
-    if _libc_handle is None:
-        _libc_handle = ctypes.CDLL(None, use_errno=True)
-        _libc_handle.syscall.restype = ctypes.c_long
-    return _libc_handle
+@functools.cache
+def _syscall_call() -> Any:
+    """libc's syscall(2) with its result type set (once), or None."""
+    try:
+        call = _libc().syscall
+    except AttributeError:
+        return None
+    call.restype = ctypes.c_long
+    return call
 
 
 def _syscall(number: int, *args: object) -> int:
     """syscall(2); the GIL is released while it runs (a ctypes CDLL call)."""
-    return int(_libc().syscall(ctypes.c_long(number), *args))
+    return int(_syscall_call()(ctypes.c_long(number), *args))
