@@ -172,7 +172,32 @@ async def test_auth_errors(mta):
 
     no_mech, unknown, bad = await in_thread(run)
     assert no_mech[0] == 504 and unknown[0] == 504
-    assert bad[0] == 535
+    assert bad[0] == 501 and "5.5.2" in bad[1]
+
+
+@pytest_twisted.ensureDeferred
+async def test_auth_plain_undecodable_base64_is_501_and_not_a_failure(mta):
+    """RFC 4954 §4: a response that is not base64 gets 501 5.5.2, as initial response
+    and as continuation line; it is no failed attempt (max_auth_failures is 3 here,
+    so counting would have closed the session before the right password)."""
+    def run():
+        c = tls_client(mta.port("submission"))
+        c.cmd("EHLO client.test")
+        out = [c.cmd("AUTH PLAIN !!!notbase64"),
+               c.cmd("AUTH PLAIN AGFsaWNl="),  # wrong padding
+               c.cmd("AUTH PLAIN " + base64.b64encode(b"\0alice\0\xff\xfe").decode()),  # not UTF-8
+               c.cmd("AUTH PLAIN"), c.cmd("not base64 at all"),
+               c.cmd("AUTH PLAIN"), c.cmd("AGFsaWNl=")]
+        out.append(c.cmd("AUTH PLAIN " + plain("alice@example.test", PASSWORD)))
+        c.close()
+        return out
+
+    out = await in_thread(run)
+    codes = [code for code, _ in out]
+    assert codes == [501, 501, 501, 334, 501, 334, 501, 235], out
+    for code, text in out:
+        if code == 501:
+            assert "501 5.5.2 Cannot decode the authentication data" in text
 
 
 @pytest_twisted.ensureDeferred

@@ -405,6 +405,11 @@ class SASLCancelled(SASLError):
     """The client sent ``*`` to cancel the exchange (RFC 4954 §4)."""
 
 
+class SASLUndecodable(SASLError):
+    """A response that is not base64 (or not UTF-8 once decoded): RFC 4954 §4 asks
+    for ``501 5.5.2``, and it is no guess at a password, so it is not counted."""
+
+
 # RFC 4648 §4 base64 with its padding, as RFC 4954 §4 requires.
 _BASE64 = re.compile(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?\Z")
 
@@ -414,15 +419,15 @@ def _b64_text(text: str) -> str:
     if text == "*":
         raise SASLCancelled()
     if not _BASE64.match(text):
-        raise SASLError("invalid base64")
+        raise SASLUndecodable("invalid base64")
     try:
         raw = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        raise SASLError("invalid base64") from None
+        raise SASLUndecodable("invalid base64") from None
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise SASLError("not UTF-8") from None
+        raise SASLUndecodable("not UTF-8") from None
 
 
 def decode_plain(b64: str) -> tuple[str, str, str]:

@@ -572,7 +572,12 @@ class SMTPSession(Protocol):
         return decode_b64_line(line.strip())
 
     def _auth_plain(self, line: str) -> Reply | Deferred[Reply]:
-        from mta.policy.auth import SASLCancelled, SASLError, decode_plain
+        """The PLAIN response (RFC 4616), as initial response or continuation line.
+
+        Undecodable base64 is ``501 5.5.2`` and not counted as a failure (RFC 4954 §4,
+        as for LOGIN); a decodable message without its two NULs or with an empty
+        identity or password is a failed attempt (535, counted)."""
+        from mta.policy.auth import SASLCancelled, SASLError, SASLUndecodable, decode_plain
 
         self.phase = Phase.COMMAND
         line = line.strip()
@@ -582,6 +587,8 @@ class SMTPSession(Protocol):
             _authzid, authcid, password = decode_plain("" if line == "=" else line)
         except SASLCancelled:
             return R.AUTH_CANCELLED
+        except SASLUndecodable:
+            return R.AUTH_SYNTAX
         except SASLError:
             return self._auth_failed()
         return self._check_password(authcid, password)
