@@ -72,7 +72,9 @@ class Limits:
     auth_failure_delay: float = 1.0  # before each 535; grows with each failure in a session
     max_auth_failures: int = 3  # per session, then 421 and close
     # Per client IP and per account: this many AUTH failures within auth_block_window
-    # seconds block AUTH from that IP / for that account for auth_block_time seconds.
+    # seconds block AUTH from that IP / for that account for auth_block_time seconds
+    # (never extended; blocked attempts get 454 and are not counted; the rule is in
+    # mta.policy.limits.AbuseLimits).
     auth_block_failures: int = 10
     auth_block_window: float = 600.0
     auth_block_time: float = 900.0

@@ -164,8 +164,11 @@ async def start_mta(tmp_path: Path, runner: Any = False, **kwargs: Any) -> Runni
 class RawClient:
     """A plain socket speaking bytes; read_reply() returns (code, full text)."""
 
-    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 10.0,
+                 source: str | None = None) -> None:
+        # ``source``: another loopback address (127.0.0.2, ...) to connect from.
+        self.sock = socket.create_connection((host, port), timeout=timeout,
+                                             source_address=(source, 0) if source else None)
         self.buf = b""
 
     def send(self, data: bytes) -> None:

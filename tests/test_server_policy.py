@@ -19,8 +19,9 @@ def plain(user: str, password: str) -> str:
     return base64.b64encode(f"\0{user}\0{password}".encode()).decode()
 
 
-def login(port: int, user: str = "alice@example.test", password: str = PASSWORD) -> tuple[RawClient, int]:
-    c = RawClient(port)
+def login(port: int, user: str = "alice@example.test", password: str = PASSWORD,
+          source: str | None = None) -> tuple[RawClient, int]:
+    c = RawClient(port, source=source)
     c.read_reply()
     c.cmd("EHLO client.test")
     c.cmd("STARTTLS")
@@ -84,6 +85,63 @@ async def test_auth_lockout_per_ip_across_sessions(tmp_path):
         assert (first, second) == (535, 535)
         assert third == 454  # blocked from now on
         assert blocked == 454
+    finally:
+        await mta.stop()
+
+
+def auth_once(port: int, source: str, password: str, user: str = "alice@example.test") -> tuple[int, str]:
+    """One session from ``source``: AUTH PLAIN once; the (code, text) of its reply."""
+    c = RawClient(port, source=source)
+    c.read_reply()
+    c.cmd("EHLO client.test")
+    c.cmd("STARTTLS")
+    c.starttls()
+    c.cmd("EHLO client.test")
+    reply = c.cmd("AUTH PLAIN " + plain(user, password))
+    c.close()
+    return reply
+
+
+@pytest_twisted.ensureDeferred
+async def test_auth_block_answers_454_is_not_extended_and_spares_the_known_address(tmp_path):
+    """The AbuseLimits rule through real sessions, on a fake clock: three failures for
+    alice from three addresses block the account for 900 s from the third; during the
+    block the right password gets 454 4.7.0 (as a wrong one does), those attempts do not
+    extend it, and the address alice last logged in from still gets in; an address
+    block holds even for that address."""
+    from twisted.internet.task import Clock
+
+    from mta.policy.limits import AbuseLimits
+
+    mta = await start_mta(tmp_path, extra={"limits": {
+        "auth_block_failures": 3, "auth_block_window": 600, "auth_block_time": 900,
+        "auth_failure_delay": 0.01, "max_auth_failures": 5}})
+    clock = Clock()
+    mta.context.abuse = AbuseLimits(mta.config.limits, clock)
+    port = mta.port("submission")
+    try:
+        def run(source, password, user="alice@example.test"):
+            return in_thread(lambda: auth_once(port, source, password, user))
+
+        assert (await run("127.0.0.2", PASSWORD))[0] == 235  # alice's usual address
+        for attacker in ("127.0.0.3", "127.0.0.4", "127.0.0.5"):
+            assert (await run(attacker, "guess"))[0] == 535
+        right = await run("127.0.0.6", PASSWORD)
+        wrong = await run("127.0.0.6", "guess")
+        assert right[0] == 454 and "454 4.7.0 " in right[1]
+        assert wrong == right  # tells nothing about the password
+        assert (await run("127.0.0.2", PASSWORD))[0] == 235  # the real user is not locked out
+        clock.advance(800)
+        for _ in range(3):  # attempts during the block: not counted, no extension
+            assert (await run("127.0.0.3", "guess"))[0] == 454
+        assert (await run("127.0.0.6", PASSWORD))[0] == 454
+        clock.advance(101)  # 901 s after the block began
+        assert (await run("127.0.0.6", PASSWORD))[0] == 235
+        # An address block is not lifted by having logged in before.
+        for user in ("bob@example.test", "carol@example.test", "dave@example.test"):
+            assert (await run("127.0.0.2", "guess", user))[0] == 535
+        assert (await run("127.0.0.2", PASSWORD))[0] == 454
+        assert (await run("127.0.0.7", PASSWORD))[0] == 235  # alice herself is not blocked
     finally:
         await mta.stop()
 

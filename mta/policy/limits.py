@@ -37,6 +37,9 @@ class SlidingWindow:
             return None
         return events
 
+    def forget(self, key: str) -> None:
+        self._events.pop(key, None)
+
     def count(self, key: str) -> int:
         events = self._recent(key)
         return len(events) if events else 0
@@ -55,8 +58,33 @@ class SlidingWindow:
         return len(events) <= self.limit
 
 
+# How long a successful AUTH as an account from an address exempts that address from
+# the account's block (not from the address's own block).
+KNOWN_ADDRESS_TIME = 86400.0
+
+
 class AbuseLimits:
-    """The per-process limits shared by all sessions."""
+    """The per-process limits shared by all sessions.
+
+    AUTH blocking (per client address and per account, each counted on its own):
+
+    * ``auth_block_failures`` failed attempts within ``auth_block_window`` seconds
+      start a block of ``auth_block_time`` seconds, from that moment; a block is
+      never extended.
+    * During a block every attempt is answered ``454 4.7.0`` whether the password is
+      right or wrong (so the answer tells an attacker nothing) and is not counted;
+      when the block ends, counting starts afresh.
+    * An address from which the account authenticated successfully within the last
+      ``KNOWN_ADDRESS_TIME`` seconds is exempt from that account's block (but not from
+      its own address block), so failures from elsewhere cannot lock the real user out.
+      The (account, address) pairs are kept in memory, at most ``MAX_KEYS`` of them.
+
+    Compared with Postfix's anvil (a per-client rate of AUTH commands, no per-account
+    state) this adds the per-account block; compared with Dovecot's auth_penalty (a
+    per-IP delay doubling up to 15 s, reset by a success) the per-IP part here is a
+    fixed block rather than a delay, and a success does not clear an address's count,
+    so one valid account cannot be used to reset guesses at others.
+    """
 
     def __init__(self, limits: Limits, clock: Any) -> None:
         self.clock = clock
@@ -65,6 +93,8 @@ class AbuseLimits:
         self.auth_failures = SlidingWindow(clock, limits.auth_block_failures, limits.auth_block_window)
         self.block_time = limits.auth_block_time
         self._blocked_until: dict[str, float] = {}
+        # (account, address) -> when that address last authenticated as the account.
+        self._known: OrderedDict[tuple[str, str], float] = OrderedDict()
 
     def connection_allowed(self, ip: str) -> bool:
         return self.connections.hit(ip)
@@ -72,25 +102,53 @@ class AbuseLimits:
     def message_allowed(self, user: str) -> bool:
         return self.messages.hit(user)
 
-    def auth_blocked(self, ip: str, account: str | None = None) -> bool:
-        now = self.clock.seconds()
-        for key in (f"ip:{ip}", f"user:{account}" if account else None):
-            if key is None:
-                continue
-            until = self._blocked_until.get(key)
-            if until is not None:
-                if until > now:
-                    return True
-                del self._blocked_until[key]
+    def _blocked(self, key: str, now: float) -> bool:
+        until = self._blocked_until.get(key)
+        if until is None:
+            return False
+        if until > now:
+            return True
+        del self._blocked_until[key]
         return False
 
+    def _known_address(self, account: str, ip: str, now: float) -> bool:
+        when = self._known.get((account, ip))
+        if when is None:
+            return False
+        if now - when < KNOWN_ADDRESS_TIME:
+            return True
+        del self._known[(account, ip)]
+        return False
+
+    def auth_blocked(self, ip: str, account: str | None = None) -> bool:
+        """Whether AUTH from ``ip`` (as ``account``, lower-case, when known) is blocked."""
+        now = self.clock.seconds()
+        if self._blocked(f"ip:{ip}", now):
+            return True
+        if account is None or not self._blocked(f"user:{account}", now):
+            return False
+        return not self._known_address(account, ip, now)
+
     def auth_failed(self, ip: str, account: str | None) -> None:
-        """Count a failure; past the limit, block the IP (and the account) for a while."""
+        """Count a failure outside a block; reaching the limit starts a block
+        (``auth_block_time`` from now, never extended) and clears the count."""
+        if self.auth_failures.limit <= 0:
+            return
+        now = self.clock.seconds()
         for key in (f"ip:{ip}", f"user:{account.lower()}" if account else None):
-            if key is None:
+            if key is None or self._blocked(key, now):
                 continue
             self.auth_failures.hit(key)
-            if self.auth_failures.limit > 0 and self.auth_failures.count(key) >= self.auth_failures.limit:
+            if self.auth_failures.count(key) >= self.auth_failures.limit:
                 if len(self._blocked_until) > MAX_KEYS:
                     self._blocked_until.clear()
-                self._blocked_until[key] = self.clock.seconds() + self.block_time
+                self._blocked_until[key] = now + self.block_time
+                self.auth_failures.forget(key)
+
+    def auth_succeeded(self, ip: str, account: str) -> None:
+        """Remember that ``ip`` authenticated as ``account`` (lower-case) just now."""
+        key = (account, ip)
+        self._known[key] = self.clock.seconds()
+        self._known.move_to_end(key)
+        if len(self._known) > MAX_KEYS:
+            self._known.popitem(last=False)

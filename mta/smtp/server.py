@@ -542,7 +542,7 @@ class SMTPSession(Protocol):
         if self.txn is not None:
             return R.AUTH_IN_TRANSACTION
         if self.ctx.abuse is not None and self.ctx.abuse.auth_blocked(self.client_ip):
-            return R.AUTH_BLOCKED
+            return self._auth_blocked()
         words = arg.split()
         if not words or len(words) > 2:
             return R.AUTH_UNKNOWN_MECHANISM
@@ -620,19 +620,31 @@ class SMTPSession(Protocol):
 
     def _check_password(self, user: str, password: str) -> Deferred[Reply] | Reply:
         if self.ctx.abuse is not None and self.ctx.abuse.auth_blocked(self.client_ip, user.lower()):
-            # Even a right password is refused while the account is under attack.
-            return self._auth_failed(user, "blocked")
+            # The password is not even checked: right or wrong, the answer is the same.
+            return self._auth_blocked(user)
         d = maybeDeferred(self.ctx.users.authenticate, user, password)
 
         def checked(canonical: str | None) -> Reply | Deferred[Reply]:
             if canonical:
                 self.auth_user = canonical
+                if self.ctx.abuse is not None:
+                    self.ctx.abuse.auth_succeeded(self.client_ip, user.lower())
                 log.info("auth ok for {user} from {ip}", user=canonical, ip=self.client_ip,
                          event="auth", result="ok")
                 return R.AUTH_OK
             return self._auth_failed(user, "bad_credentials")
 
         return d.addCallback(checked)
+
+    def _auth_blocked(self, user: str | None = None) -> Reply:
+        """``454 4.7.0`` while the address or the account is blocked (RFC 4954 §6,
+        temporary authentication failure; see AbuseLimits for the rule).  Not counted
+        towards any block, so it cannot extend one; it does count towards this
+        session's max_auth_failures, so one session cannot ask for ever."""
+        log.info("auth blocked for {user} from {ip}", user=(user or "-")[:64], ip=self.client_ip,
+                 event="auth", result="blocked")
+        self.auth_failures += 1
+        return R.AUTH_TOO_MANY if self.auth_failures >= self.limits.max_auth_failures else R.AUTH_BLOCKED
 
     def _auth_failed(self, user: str | None = None, reason: str = "malformed") -> Deferred[Reply]:
         """535 after a delay that grows with each failure; too many close the session,
