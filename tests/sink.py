@@ -28,6 +28,8 @@ Scripting, all optional:
   server timing out an idle connection just as the client reuses it),
   ``replies={"MAIL:reused": "421 ..."}`` refuses it.
 * ``max_recipients=N`` -- 452 4.5.3 for RCPTs past N in a transaction.
+* ``max_errors=N`` -- as chasquid: the Nth 4xx/5xx reply of a session is replaced
+  by ``421 4.5.0 Too many errors, bye`` and the connection closes.
 * ``starttls_inject=b"..."`` -- bytes written right after the 220 to STARTTLS,
   in the same write, before the handshake (a response-injection attacker).
 * ``lmtp=True`` -- speak LMTP (RFC 2033): LHLO is answered (stage "LHLO"),
@@ -107,6 +109,7 @@ class SinkOptions:
     auth_requires_tls: bool = True
     auth_required: bool = False
     max_recipients: int | None = None
+    max_errors: int | None = None
     starttls_inject: bytes = b""
     lmtp: bool = False
 
@@ -129,6 +132,7 @@ class SinkProtocol(Protocol):
         self._auth_login_user = ""
         self._stalled = False
         self._broken_tls = False
+        self._errors = 0
 
     # connection
 
@@ -196,7 +200,21 @@ class SinkProtocol(Protocol):
     # replies
 
     def _write(self, lines: list[str]) -> None:
+        if self._too_many_errors(lines):
+            return
         self.transport.write(b"".join(line.encode("utf-8") + b"\r\n" for line in lines))
+
+    def _too_many_errors(self, lines: list[str]) -> bool:
+        """``max_errors``: True (and 421 sent, connection closing) instead of the Nth error."""
+        code = lines[-1][:3]
+        if self.opts.max_errors is None or not code.isdigit() or int(code) < 400:
+            return False
+        self._errors += 1
+        if self._errors < self.opts.max_errors:
+            return False
+        self.transport.write(b"421 4.5.0 Too many errors, bye\r\n")
+        self.transport.loseConnection()
+        return True
 
     def _reply(self, stage: str, default: str, key: str | None = None, extra: bytes = b"") -> int:
         """Answer at ``stage`` (or stall/drop as scripted); returns the code sent (0: none)."""
@@ -210,6 +228,8 @@ class SinkProtocol(Protocol):
             return 0
         text = self.opts.replies.get(key or "", self.opts.replies.get(stage, default))
         lines = text.split("\n")
+        if self._too_many_errors(lines):
+            return 421
         self.transport.write(b"".join(x.encode("utf-8") + b"\r\n" for x in lines) + extra)
         code = int(lines[-1][:3]) if lines[-1][:3].isdigit() else 0
         if code == 421:

@@ -200,6 +200,53 @@ async def test_5xx_on_mail_fails_every_recipient(tmp_path: Path, pipelining: boo
 
 
 @pytest_twisted.ensureDeferred
+async def test_421_after_a_refused_sender_still_fails_every_recipient(tmp_path: Path) -> None:
+    """chasquid closes with 421 at the third error: MAIL 553, RCPT 503, then 421.
+    The 553 came first, so every recipient fails (a DSN, not a deferral for the
+    queue lifetime); the 421 only ends the session."""
+    path = message(tmp_path)
+    async with running(max_errors=3, replies={"MAIL": "553 5.7.1 sender rejected"}) as sink:
+        result = await deliver(sink, [tx(path, ("b@dst.test", "c@dst.test", "d@dst.test"))])
+    assert outcomes(result) == dict.fromkeys(("b@dst.test", "c@dst.test", "d@dst.test"),
+                                             (553, Outcome.FAILED))
+    assert result.transactions[0].unanswered() == []
+    assert result.connection_error is not None and "421 4.5.0 Too many errors" in result.connection_error
+    assert sink.messages == []
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+@pytest_twisted.ensureDeferred
+async def test_421_after_refused_recipients_applies_the_earlier_replies(tmp_path: Path,
+                                                                         pipelining: bool) -> None:
+    """RCPT 250, 550, 550, then 421 instead of the third error: the two refused
+    recipients fail; the accepted one and the one the 421 answered stay unanswered
+    (for the next server or a retry); nothing is delivered."""
+    path = message(tmp_path)
+    replies = {"RCPT:b@dst.test": "550 5.1.1 no such user", "RCPT:c@dst.test": "550 5.1.1 no such user",
+               "RCPT:d@dst.test": "450 4.2.1 mailbox busy"}
+    rcpts = ("ok@dst.test", "b@dst.test", "c@dst.test", "d@dst.test")
+    async with running(pipelining=pipelining, max_errors=3, replies=replies) as sink:
+        result = await deliver(sink, [tx(path, rcpts)])
+    assert outcomes(result) == {"b@dst.test": (550, Outcome.FAILED), "c@dst.test": (550, Outcome.FAILED)}
+    assert result.transactions[0].unanswered() == ["ok@dst.test", "d@dst.test"]
+    assert result.connection_error is not None and "421 4.5.0 Too many errors" in result.connection_error
+    assert "in reply to RCPT TO" in result.connection_error
+    assert sink.messages == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_421_to_pipelined_data_after_every_recipient_refused(tmp_path: Path) -> None:
+    """Both RCPTs 550, then 421 in reply to the pipelined DATA: both fail at once."""
+    path = message(tmp_path)
+    replies = {"RCPT:b@dst.test": "550 5.1.1 no such user", "RCPT:c@dst.test": "550 5.7.1 refused"}
+    async with running(max_errors=3, replies=replies) as sink:
+        result = await deliver(sink, [tx(path, ("b@dst.test", "c@dst.test"))])
+    assert outcomes(result) == {"b@dst.test": (550, Outcome.FAILED), "c@dst.test": (550, Outcome.FAILED)}
+    assert result.connection_error is not None and "in reply to DATA" in result.connection_error
+    assert verbs(sink) == ["EHLO", "MAIL", "RCPT", "RCPT", "DATA"]
+
+
+@pytest_twisted.ensureDeferred
 async def test_4xx_on_mail_means_next_server(tmp_path: Path) -> None:
     path = message(tmp_path)
     async with running(replies={"MAIL": "451 4.3.0 try later"}) as sink:

@@ -129,3 +129,33 @@ async def test_mixed_recipient_replies_and_one_dsn(tmp_path):
     finally:
         await runner.stop()
         await sink.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_421_after_refused_recipients_bounces_them_in_one_dsn(tmp_path):
+    """A next hop that refuses both recipients and then answers the pipelined DATA
+    with 421 (chasquid after three errors): both recipients fail at once and the
+    sender gets one DSN naming both, as Postfix does; nothing is left deferred."""
+    sink = await start_sink(max_errors=3, replies={"RCPT:gone@dst.test": "550 5.1.1 no such user",
+                                                   "RCPT:nope@dst.test": "550 5.7.1 not here"})
+    clock = Clock()
+    clock.advance(time.time())
+    store, runner = build(tmp_path, sink.port, clock)
+    env = enqueue(store, "sender@src.test", ["gone@dst.test", "nope@dst.test"])
+    runner.start()
+    try:
+        await settle(clock, lambda: env.id not in store.ids() and len(sink.messages) >= 1)
+        bounces = [m for m in sink.messages if m.sender == ""]
+        assert len(bounces) == 1 and bounces[0].recipients == ["sender@src.test"]
+        assert len(sink.messages) == 1
+        report = email.message_from_bytes(bounces[0].data, policy=policy.compat32)
+        blocks = report.get_payload()[1].get_payload()
+        failed = {b["Final-Recipient"].replace(" ", ""): (b["Action"], b["Status"], b["Diagnostic-Code"])
+                  for b in blocks[1:]}
+        assert failed.keys() == {"rfc822;gone@dst.test", "rfc822;nope@dst.test"}
+        assert failed["rfc822;gone@dst.test"][:2] == ("failed", "5.1.1")
+        assert "550 5.1.1 no such user" in failed["rfc822;gone@dst.test"][2]
+        assert failed["rfc822;nope@dst.test"][:2] == ("failed", "5.7.1")
+    finally:
+        await runner.stop()
+        await sink.stop()

@@ -809,6 +809,11 @@ class _Session:
             raise _refused(reply, stage)
         return reply
 
+    async def _read_any(self, timeout: float, stage: str) -> Reply:
+        """A reply, 421 included: for the transaction's replies, where those that came
+        before a 421 must still be applied (the 421 ends the session afterwards)."""
+        return await self.proto.read_reply(timeout, f"the reply to {stage}")
+
     async def _command(self, line: str, timeout: float, stage: str | None = None) -> Reply:
         self.proto.write_lines([line])
         return await self._read(timeout, stage or line.split(" ", 1)[0])
@@ -948,38 +953,65 @@ class _Session:
         return " ".join([f"MAIL FROM:<{tx.sender}>", *params])
 
     async def _transaction(self, tr: TransactionResult, recipients: list[str]) -> tuple[bool, list[str]]:
-        """Run MAIL/RCPT/DATA; returns (ended with a DATA reply, recipients to retry)."""
+        """Run MAIL/RCPT/DATA; returns (ended with a DATA reply, recipients to retry).
+
+        A 421 among the MAIL/RCPT/DATA replies (RFC 5321 §3.8: the server closes, as
+        chasquid does after three errors) ends the reading there; every reply that came
+        before it is still applied (a 5xx MAIL fails every recipient, a 5xx/4xx RCPT
+        fails/defers its recipient), and only then does the 421 end the session, with
+        the recipients still open left unanswered (for the next server or a retry).
+        """
         if not recipients or self._refuse_locally(tr, recipients):
             return True, []
         tx = tr.transaction
         mail_line = self._mail_command(tx)
         rcpt_lines = [f"RCPT TO:<{r}>" for r in recipients]
         pipelined = self.caps.has("PIPELINING")
+        closing: tuple[Reply, str] | None = None  # a 421 and what it answered
+        rcpt_replies: list[Reply] = []
+        data: Reply | None = None
         self._enter(State.MAIL)
         if pipelined:  # RFC 2920 §3.1: MAIL, the RCPTs and DATA in one group
             self.proto.write_lines([mail_line, *rcpt_lines, "DATA"])
             mail = await self._read(self.t.mail, "MAIL FROM")
             self._enter(State.RCPT)
-            rcpt_replies = [await self._read(self.t.rcpt, "RCPT TO") for _ in recipients]
-            self._enter(State.DATA)
-            data: Reply | None = await self._read(self.t.data_init, "DATA")
+            for _ in recipients:
+                reply = await self._read_any(self.t.rcpt, "RCPT TO")
+                if reply.code == 421:
+                    closing = (reply, "RCPT TO")
+                    break
+                rcpt_replies.append(reply)
+            if closing is None:
+                self._enter(State.DATA)
+                data = await self._read_any(self.t.data_init, "DATA")
+                if data.code == 421:
+                    closing, data = (data, "DATA"), None
         else:
             mail = await self._command(mail_line, self.t.mail, "MAIL FROM")
-            rcpt_replies, data = [], None
             if mail.kind == 2:
                 self._enter(State.RCPT)
                 for line in rcpt_lines:
-                    rcpt_replies.append(await self._command(line, self.t.rcpt, "RCPT TO"))
+                    self.proto.write_lines([line])
+                    reply = await self._read_any(self.t.rcpt, "RCPT TO")
+                    if reply.code == 421:
+                        closing = (reply, "RCPT TO")
+                        break
+                    rcpt_replies.append(reply)
 
         if mail.kind != 2:
-            await self._drain_unwanted_data(data)
             if mail.kind == 5:  # the whole transaction fails
                 for r in recipients:
                     tr.replies[r] = mail.as_recipient_reply(Outcome.FAILED)
+            if closing is not None:
+                raise _refused(*closing)
+            await self._drain_unwanted_data(data)
+            if mail.kind == 5:
                 return False, []
             raise _refused(mail, "MAIL FROM")
 
-        accepted, retry = self._sort_rcpt_replies(tr, recipients, rcpt_replies)
+        accepted, retry = self._sort_rcpt_replies(tr, recipients[:len(rcpt_replies)], rcpt_replies)
+        if closing is not None:  # the accepted and the unread stay unanswered
+            raise _refused(*closing)
         if not accepted:  # RFC 2920 §3.1: DATA then gets 503/554
             await self._drain_unwanted_data(data)
             return False, retry
