@@ -185,6 +185,9 @@ class Config:
     sender_binding: bool = True
     # Also check the From header's addresses of authenticated mail the same way.
     sender_binding_from: bool = False
+    # The EHLO/HELO name: "normal" a host name or address literal (single labels
+    # and underscores allowed), "strict" also fully qualified, "off" any word.
+    helo_check: str = "normal"
     # Secret for SRS (forwarded mail); unset: generated once in data_dir/srs-secret.
     srs_secret: str | None = None
     metrics_endpoint: str | None = None
@@ -316,6 +319,7 @@ def config_from_dict(raw: dict[str, Any], base: Path, overrides: dict[str, Any] 
         "hostname", "local_domains", "data_dir", "queue_dir", "mail_dir", "domains_dir",
         "control_socket", "relay_networks", "metrics", "log_json", "fsync", "sender_binding", "sender_binding_from", "queue_sync",
         "workers",
+        "helo_check",
         "srs_secret",
         "listeners", "tls", "limits", "spf", "dns", "aliases", "delivery", "dkim", "dmarc",
     }
@@ -534,6 +538,7 @@ def config_from_dict(raw: dict[str, Any], base: Path, overrides: dict[str, Any] 
         workers=_workers(raw),
         sender_binding=_get(raw, "sender_binding", bool, "", True),
         sender_binding_from=_get(raw, "sender_binding_from", bool, "", False),
+        helo_check=_choice(raw, "helo_check", ("strict", "normal", "off"), "normal"),
         srs_secret=_get(raw, "srs_secret", str, "", None),
     )
 

@@ -150,6 +150,21 @@ async def test_rsa_and_ed25519_signatures_verify(signer, dns):
 
 
 @pytest_twisted.ensureDeferred
+async def test_signatures_fit_998_octet_lines_with_an_overlong_list_field(signer, dns):
+    """A List-* field name too long for h= is not signed (h= cannot be cut), so every
+    line of the signature stays within RFC 5322's limit, and it still verifies."""
+    _server, dns_txt = dns
+    name = b"List-" + b"x" * 990
+    message = MESSAGE.replace(b"X-Mailer: test\r\n", b"X-Mailer: test\r\n" + name + b": v\r\n")
+    headers = signer.sign(message, DOMAIN)
+    assert headers and all(len(line) <= 78 for h in headers for line in h.split(b"\r\n"))
+    assert all(name.lower() not in h.lower() for h in headers)
+    assert all(b"list-id" in h.lower() for h in headers)
+    results = await check(b"".join(h + b"\r\n" for h in headers) + message, dns_txt)
+    assert [r.result for r in results] == ["pass", "pass"]
+
+
+@pytest_twisted.ensureDeferred
 async def test_header_b_is_the_start_of_each_signature(signer, dns):
     _server, dns_txt = dns
     sig_headers = signer.sign(MESSAGE, DOMAIN)

@@ -685,3 +685,63 @@ def test_every_reply_in_the_table_is_ascii():
     for reply in replies:
         assert reply.format().isascii(), reply
         assert reply.format().endswith(b"\r\n") and reply.format()[:3].isdigit()
+
+
+# --- the EHLO/HELO name (helo_check) ---------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [
+    "..", "<script>", "a" * 2040, "mail..example.org", ".example.org", "a" * 64 + ".example.org",
+    "[127.0.0.1", "[1.2.3]", "[IPv6:zz::1]", "[IPv6:::1", "mail.example.org/x", "mail@example.org",
+])
+@pytest_twisted.ensureDeferred
+async def test_bad_helo_names_are_refused(mta, name):
+    replies = await in_thread(dialog, mta.port(), [
+        (f"EHLO {name}", 501), (f"HELO {name}", 501), ("MAIL FROM:<a@remote.test>", 503)])
+    for _code, text in replies[1:3]:
+        assert text.startswith("501 5.5.2 Invalid EHLO/HELO name"), text
+
+
+@pytest.mark.parametrize("name", [
+    "[127.0.0.1]", "[IPv6:::1]", "[IPv6:2001:db8::1]", "localhost", "mail.example.org.",
+    "mail.example.org", "DESKTOP-1A2B", "my_host.example.org", "a" * 63 + ".example.org",
+])
+@pytest_twisted.ensureDeferred
+async def test_good_helo_names_are_accepted(mta, name):
+    await in_thread(dialog, mta.port(), [(f"EHLO {name}", 250), ("MAIL FROM:<a@remote.test>", 250)])
+
+
+@pytest_twisted.ensureDeferred
+async def test_strict_helo_check_wants_an_fqdn_on_mx_only(tmp_path):
+    mta = await start_mta(tmp_path, extra={"helo_check": "strict"})
+    try:
+        replies = await in_thread(dialog, mta.port(), [
+            ("EHLO localhost", 501), ("EHLO my_host.example.org", 501), ("EHLO 192.0.2.1", 501),
+            ("EHLO mail.example.org.", 250), ("EHLO [192.0.2.1]", 250)])
+        assert replies[1][1].startswith("501 5.5.2 EHLO/HELO name must be a fully-qualified domain name")
+        assert replies[2][1].startswith("501 5.5.2 Invalid EHLO/HELO name")
+        # Submission clients (laptops) keep the normal check.
+        await in_thread(dialog, mta.port("submission"), [("EHLO localhost", 250), ("EHLO ..", 501)])
+    finally:
+        await mta.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_helo_check_off_and_relay_networks_accept_any_word(tmp_path):
+    off = await start_mta(tmp_path / "off", extra={"helo_check": "off"})
+    trusted = await start_mta(tmp_path / "trusted", extra={"relay_networks": ["127.0.0.0/8"]})
+    try:
+        for running in (off, trusted):
+            await in_thread(dialog, running.port(), [("EHLO <script>", 250), ("EHLO ..", 250)])
+    finally:
+        await off.stop()
+        await trusted.stop()
+
+
+def test_helo_check_setting(tmp_path):
+    from mta.config import ConfigError, config_from_dict
+
+    assert config_from_dict({"hostname": "h.test"}, tmp_path).helo_check == "normal"
+    assert config_from_dict({"hostname": "h.test", "helo_check": "off"}, tmp_path).helo_check == "off"
+    with pytest.raises(ConfigError, match="helo_check.*strict, normal, off"):
+        config_from_dict({"hostname": "h.test", "helo_check": "lenient"}, tmp_path)

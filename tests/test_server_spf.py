@@ -135,3 +135,55 @@ async def test_input_while_a_check_is_pending_is_kept_in_order_and_bounded(spf_m
     # MAIL, RCPT, the over-long junk line, QUIT.
     assert await in_thread(finish) == [250, 250, 500, 221]
     c.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_2040_octet_helo_never_makes_a_header_line_over_998(tmp_path, dns_server):
+    """helo_check = "off" takes a 2040-character EHLO name; Received-SPF (helo=) and
+    Authentication-Results (smtp.helo for a null sender) carry it, yet every header
+    line in the queue file is at most 998 octets, and the message passes through
+    our own server, which refuses longer lines (550 5.6.0)."""
+    from mta.delivery.base import Outcome
+    from mta.delivery.client import ClientOptions, Transaction, send
+
+    dns_server.load(ZONE)
+    host, port = dns_server.address
+    name = "x" * 2040
+    mta = await start_mta(tmp_path / "a", extra={
+        "helo_check": "off", "spf": {"enabled": True, "timeout": 3.0},
+        "dns": {"servers": [f"{host}:{port}"], "timeout": 1.0}})
+    other = await start_mta(tmp_path / "b")
+    try:
+        def run():
+            c = RawClient(mta.port())
+            c.read_reply()
+            replies = [c.cmd(f"EHLO {name}")]
+            for sender in ("user@pass.test", ""):
+                replies += [c.cmd(f"MAIL FROM:<{sender}>"), c.cmd("RCPT TO:<alice@example.test>"),
+                            c.cmd("DATA"), c.cmd(b"Subject: long helo\r\n\r\nbody\r\n.")]
+            c.close()
+            return [code for code, _ in replies]
+
+        assert await in_thread(run) == [250] + [250, 250, 354, 250] * 2
+        messages = [mta.message_bytes(env.id) for env in mta.queued()]
+        assert len(messages) == 2
+        for data in messages:
+            header = data.split(b"\r\n\r\n")[0]
+            assert max(len(line) for line in header.split(b"\r\n")) <= 998
+            assert b"Received-SPF: " in header and b"Authentication-Results: " in header
+        assert any(b"smtp.helo=xxx" in data for data in messages)
+        assert all(b"helo=" + b"x" * 900 in data for data in messages)  # cut, not dropped
+
+        for i, data in enumerate(messages):
+            path = tmp_path / f"msg{i}"
+            path.write_bytes(data)
+            result = await send(reactor, ("127.0.0.1", other.port()),
+                                [Transaction("user@pass.test", ["alice@example.test"], path, len(data))],
+                                ClientOptions("client.test"))
+            assert result.connection_error is None
+            (reply,) = result.transactions[0].replies.values()
+            assert reply.outcome is Outcome.DELIVERED, str(reply)
+        assert len(other.queued()) == 2
+    finally:
+        await mta.stop()
+        await other.stop()

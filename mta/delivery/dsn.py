@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from email.utils import format_datetime
 from pathlib import Path
 
+from mta.headers import fold_header
 from mta.queue.envelope import Envelope, Recipient, RecipientKind
 from mta.queue.store import open_message
 
@@ -234,7 +235,7 @@ def build_dsn(envelope: Envelope, failed: Sequence[FailedRecipient], hostname: s
     else:
         headers_type, headers_cte = "message/global-headers", "8bit"  # RFC 6533 §6.3
     out = [
-        "\r\n".join(top).encode("utf-8") + b"\r\n",
+        "\r\n".join(fold_header(line) for line in top).encode("utf-8") + b"\r\n",
         f"--{boundary}\r\n".encode(),
         f"Content-Description: Notification\r\nContent-Type: text/plain; charset={charset}\r\n"
         f"Content-Transfer-Encoding: {cte}\r\n\r\n".encode(),

@@ -62,6 +62,7 @@ from twisted.logger import Logger
 
 from mta.config import DNSConfig
 from mta.dns import RESOLV_CONF
+from mta.headers import fold_header_bytes
 from mta.policy.spf import make_dns_lookup
 from mta.smtp.address import AddressError, normalize_domain
 
@@ -230,10 +231,15 @@ def _write_new_file(path: Path, data: bytes) -> None:
 # --- signing ---------------------------------------------------------------------
 
 
+MAX_LIST_NAME = 64
+
+
 def _fields_to_sign(names: Iterable[bytes]) -> list[bytes]:
     """h= for a message whose header field names are ``names`` (in order)."""
     present = [n.lower() for n in names]
-    chosen = [n for n in present if n in SIGNED_FIELDS or n.startswith(b"list-")]
+    # A List-* name longer than any registered one (RFC 2369, RFC 2919) is left
+    # out: h= cannot be cut to fit a line (RFC 5322 §2.1.1) without breaking it.
+    chosen = [n for n in present if n in SIGNED_FIELDS or (n.startswith(b"list-") and len(n) <= MAX_LIST_NAME)]
     return chosen + [n for n in OVERSIGNED_FIELDS if n in present]
 
 
@@ -302,7 +308,8 @@ class DKIMSigner:
                                      include_headers=include)
             except dkim.DKIMException as e:
                 raise DKIMSignError(f"signing with {key.selector}: {e}") from None
-            out.append(header.rstrip(b"\r\n"))
+            # Folding at whitespace leaves the relaxed-canonical form, so the signature, intact.
+            out.append(fold_header_bytes(header.rstrip(b"\r\n")))
         return out
 
 

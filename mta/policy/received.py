@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
+from mta.headers import fold_header
+
 _UNSAFE = re.compile(r"[^\x21-\x7e]|[()\\]")
 
 
@@ -68,7 +70,7 @@ def received_header(info: TraceInfo, queue_id: str | None = None) -> bytes:
     else:
         lines[-1] += ";"
         lines.append(f"\t{stamp}")
-    return "\r\n".join(lines).encode("utf-8")
+    return fold_header("\r\n".join(lines)).encode("utf-8")
 
 
 _last_stamp: tuple[int, str] = (-1, "")

@@ -51,6 +51,7 @@ from twisted.logger import Logger
 
 from mta.config import DNSConfig, SPFConfig
 from mta.dns import RESOLV_CONF, nameservers
+from mta.headers import fold_header  # re-exported: callers fold Received-SPF with it
 
 log = Logger()
 
@@ -330,17 +331,6 @@ def authentication_results_spf(result: SPFResult, sender: str, helo: str,
     return authres.SPFAuthenticationResult(result=result.result, result_comment=comment,
                                            smtp_helo=helo)
 
-
-def fold_header(line: str, width: int = 78) -> str:
-    """Fold a header line at spaces (RFC 5322 §2.2.3); unfolding gives ``line`` back."""
-    words = line.split(" ")
-    lines = [words[0]]
-    for word in words[1:]:
-        if len(lines[-1]) + 1 + len(word) > width:
-            lines.append(" " + word)
-        else:
-            lines[-1] += " " + word
-    return "\r\n".join(lines)
 
 
 def trace_headers(result: SPFResult, client_ip: str, sender: str, helo: str,

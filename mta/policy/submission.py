@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from email.utils import make_msgid
 
+from mta.headers import fold_header_bytes
 from mta.smtp.data import unfold_headers
 
 
@@ -21,5 +22,5 @@ def complete_headers(lines: list[bytes], hostname: str, now: Callable[[], str]) 
     if b"date" not in names:
         out.append(b"Date: " + now().encode("ascii"))
     if b"message-id" not in names:
-        out.append(b"Message-ID: " + make_msgid(domain=hostname).encode("ascii"))
+        out.append(fold_header_bytes(b"Message-ID: " + make_msgid(domain=hostname).encode("ascii")))
     return out

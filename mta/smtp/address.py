@@ -206,3 +206,49 @@ def fold_local(local: str, drop: str = "", suffix_separators: str = "") -> str:
     for ch in drop:
         local = local.replace(ch, "")
     return local
+
+
+# --- the EHLO/HELO name (RFC 5321 §4.1.1.1, §4.1.3) ----------------------------------
+
+# A host name label as clients really send them: letters (any script), digits,
+# hyphen and underscore.  The octet limits are checked separately.
+_HELO_LABEL = re.compile(r"[\w-]+\Z")
+MAX_LABEL_OCTETS = 63  # RFC 1035 §2.3.4
+
+
+def helo_name_problem(name: str, strict: bool = False) -> str | None:
+    """What is wrong with ``name`` as the argument of EHLO/HELO, or None.
+
+    Accepted: an address literal (``[192.0.2.1]``, ``[IPv6:2001:db8::1]``), or a
+    host name whose labels are 1-63 octets of letters, digits, hyphen and
+    underscore, 255 octets at most, a trailing dot allowed, no empty label (a bare
+    single label such as ``localhost`` too).  ``strict`` also wants a fully
+    qualified LDH name (RFC 5321 §4.1.1.1: the FQDN or a literal), as Postfix's
+    reject_invalid_helo_hostname + reject_non_fqdn_helo_hostname: a bare address
+    must then be written as a literal.  Returns ``"invalid"`` or ``"not_fqdn"``.
+    """
+    if name.startswith("["):
+        if not name.endswith("]"):
+            return "invalid"
+        try:
+            _normalize_literal(name)
+        except AddressError:
+            return "invalid"
+        return None
+    host = name[:-1] if name.endswith(".") else name
+    if not host or len(host.encode("utf-8")) > MAX_DOMAIN_OCTETS:
+        return "invalid"
+    labels = host.split(".")
+    for label in labels:
+        if not _HELO_LABEL.match(label) or len(label.encode("utf-8")) > MAX_LABEL_OCTETS:
+            return "invalid"
+    if strict:
+        try:
+            normalize_domain(host)
+        except AddressError:
+            return "invalid"
+        if len(labels) < 2:
+            return "not_fqdn"
+        if labels[-1].isdigit():  # 192.0.2.1 without brackets: not a domain
+            return "invalid"
+    return None

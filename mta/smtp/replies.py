@@ -97,6 +97,13 @@ def helo_ok(hostname: str, ip: str) -> Reply:
     return Reply(250, "", f"{hostname} Hello [{ip}]")
 
 
+# --- the EHLO/HELO name check (helo_check; RFC 5321 §4.1.1.1) -----------------
+HELO_INVALID = Reply(501, "5.5.2", "Invalid EHLO/HELO name: give a host name or an address literal "
+                                   "such as [192.0.2.1] (RFC 5321 section 4.1.1.1)")
+HELO_NOT_FQDN = Reply(501, "5.5.2", "EHLO/HELO name must be a fully-qualified domain name "
+                                    "or an address literal (RFC 5321 section 4.1.1.1)")
+
+
 # --- MAIL ---------------------------------------------------------------------
 NEED_HELO = Reply(503, "5.5.1", "Send EHLO or HELO first")
 NESTED_MAIL = Reply(503, "5.5.1", "Sender already given; use RSET to start over")

@@ -455,9 +455,18 @@ class SMTPSession(Protocol):
         return None
 
     def _hello(self, arg: str, esmtp: bool) -> Reply:
+        """EHLO/HELO: the name is checked as ``helo_check`` says (501 5.5.2 when refused;
+        not for relay_networks clients, whose own set-up is trusted)."""
         name = arg.strip()
         if not name or " " in name or not name.isprintable():
             return R.HELO_SYNTAX
+        check = self.config.helo_check
+        if check != "off" and not self._trusted:
+            from mta.smtp.address import helo_name_problem
+
+            problem = helo_name_problem(name, strict=check == "strict" and self.listener.kind == "mx")
+            if problem is not None:
+                return self._rejected("helo", R.HELO_NOT_FQDN if problem == "not_fqdn" else R.HELO_INVALID)
         self.helo = name
         self.esmtp = esmtp
         self._reset_transaction()  # RFC 5321 §4.1.4: EHLO resets the state
