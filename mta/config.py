@@ -183,6 +183,9 @@ class Config:
     sender_binding: bool = True
     # Also check the From header's addresses of authenticated mail the same way.
     sender_binding_from: bool = False
+    # MAIL FROM/RCPT TO paths must be in angle brackets (RFC 5321 §4.1.2); false
+    # also takes a bare ``user@domain``, as Postfix's strict_rfc821_envelopes = no.
+    strict_envelopes: bool = False
     # Secret for SRS (forwarded mail); unset: generated once in data_dir/srs-secret.
     srs_secret: str | None = None
     metrics_endpoint: str | None = None
@@ -313,7 +316,7 @@ def config_from_dict(raw: dict[str, Any], base: Path, overrides: dict[str, Any] 
     top = {
         "hostname", "local_domains", "data_dir", "queue_dir", "mail_dir", "domains_dir",
         "control_socket", "relay_networks", "metrics", "log_json", "fsync", "sender_binding", "sender_binding_from", "queue_sync",
-        "workers",
+        "workers", "strict_envelopes",
         "srs_secret",
         "listeners", "tls", "limits", "spf", "dns", "aliases", "delivery", "dkim", "dmarc",
     }
@@ -532,6 +535,7 @@ def config_from_dict(raw: dict[str, Any], base: Path, overrides: dict[str, Any] 
         workers=_workers(raw),
         sender_binding=_get(raw, "sender_binding", bool, "", True),
         sender_binding_from=_get(raw, "sender_binding_from", bool, "", False),
+        strict_envelopes=_get(raw, "strict_envelopes", bool, "", False),
         srs_secret=_get(raw, "srs_secret", str, "", None),
     )
 

@@ -651,7 +651,7 @@ class SMTPSession(Protocol):
         if arg[:5].upper() != "FROM:":
             return R.MAIL_SYNTAX
         try:
-            path, params = split_path_and_params(arg[5:])
+            path, params = split_path_and_params(arg[5:], strict=self.config.strict_envelopes)
         except AddressError:
             return R.MAIL_SYNTAX
         if params and not self.esmtp:
@@ -721,7 +721,7 @@ class SMTPSession(Protocol):
         if arg[:3].upper() != "TO:":
             return R.RCPT_SYNTAX
         try:
-            path, params = split_path_and_params(arg[3:])
+            path, params = split_path_and_params(arg[3:], strict=self.config.strict_envelopes)
         except AddressError:
             return R.RCPT_SYNTAX
         if params:
