@@ -151,6 +151,7 @@ class SMTPSession(Protocol):
         # The next message's queue writer with its trace headers, made right after
         # the 354 went out, while the client sends the message (see _prepare_writer).
         self._ready_writer: MessageWriter | None = None
+        self._ready_trace = b""  # its trace headers, written by _open_writer
         self._prepare_after_flush = False
         self._after_reply: list[Any] = []  # done once an asynchronous reply has gone out
         self._queue_id = ""
@@ -804,30 +805,37 @@ class SMTPSession(Protocol):
         if self.phase is not Phase.DATA or self._ready_writer is not None or self._writer is not None:
             return
         try:
-            self._ready_writer = self._new_writer()
+            self._ready_writer, self._ready_trace = self._new_writer()
         except (QueueError, OSError):
             self._ready_writer = None
 
-    def _new_writer(self) -> MessageWriter:
-        """A buffered queue writer holding the trace headers that go first in the message."""
+    def _new_writer(self) -> tuple[MessageWriter, bytes]:
+        """A buffered queue writer (still empty) and the trace headers for the top of
+        its message: Received-SPF above our Received (RFC 7208 §9.1: prepended,
+        above the Received field of the receiver that did the check)."""
         writer = self.ctx.store.new_message(buffered=True)
         # The queue id goes into the Received header (RFC 5321 §4.4 "id").
         received = received_header(self._trace, queue_id=writer.id)
         assert self.txn is not None
-        writer.write(b"\r\n".join([received, *self.txn.spf_headers]) + b"\r\n")
-        return writer
+        return writer, b"\r\n".join([*self.txn.spf_headers, received]) + b"\r\n"
 
     def _open_writer(self, extra_headers: list[bytes], buffered: bool = False) -> MessageWriter:
-        """The queue writer with the trace headers, then ``extra_headers`` (``buffered``:
+        """The queue writer with ``extra_headers``, then the trace headers (``buffered``:
         a message already in memory, written out by the group commit; else the
-        file in tmp/ is started now and the rest written to it as it arrives)."""
+        file in tmp/ is started now and the rest written to it as it arrives).
+
+        ``extra_headers`` (Authentication-Results, our DKIM-Signature) are made
+        last, at the end of DATA, and so go on top: each field is prepended to
+        the header as the hop adds it (RFC 8601 §5, RFC 6376 §5.6)."""
         writer, self._ready_writer = self._ready_writer, None
+        trace, self._ready_trace = self._ready_trace, b""
         self._prepare_after_flush = False
         if writer is None:
-            writer = self._new_writer()
+            writer, trace = self._new_writer()
         try:
             if extra_headers:
                 writer.write(b"\r\n".join(extra_headers) + b"\r\n")
+            writer.write(trace)
             if not buffered:
                 writer.spill()
         except BaseException:
