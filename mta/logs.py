@@ -22,6 +22,9 @@ SMTP server (namespace ``mta.smtp.server``):
 ``spf``         each SPF check: ``result`` (RFC 7208 §2.6 name: ``pass``, ``fail``,
                 ``softfail``, ``neutral``, ``none``, ``temperror``, ``permerror``),
                 ``sender``, ``ip``.
+A ``sender`` field is the envelope sender's address, and ``<>`` for the null
+sender (never an empty string); the text lines print it as ``from=<>``.
+
 ``rejected``    each refused step of a mail transaction: ``stage``
                 (``connect``/``mail``/``rcpt``/``data``), ``reply`` (full reply
                 text), ``code``, ``enhanced`` (RFC 3463 code), ``reason`` (short

@@ -14,6 +14,7 @@ import threading
 from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -25,6 +26,7 @@ from twisted.logger import (
     LogPublisher,
     formatEvent,
     formatTime,
+    globalLogPublisher,
     textFileLogObserver,
 )
 
@@ -34,6 +36,7 @@ from mta.logs import (
     JSONLinesObserver,
     Scrubbing,
     classic_formatter,
+    event_as_json,
     install_scrubber,
     json_file_observer,
     json_log_service,
@@ -373,3 +376,49 @@ def test_scrubber_checks_every_new_field_name_and_remembers_the_harmless_ones():
     assert scrub({"options": options, "size": 2}) == {"options": {"port": 25}, "size": 2}
     assert options == {"port": 25, "Password": "p"}
     assert scrub({"api_token": "again", "queue_id": "q2"}) == {"queue_id": "q2"}
+
+
+# --- what the lines say ------------------------------------------------------------------
+
+
+def null_sender_session(port: int) -> None:
+    c = RawClient(port)
+    try:
+        c.read_reply()
+        assert c.cmd("EHLO client.test")[0] == 250
+        assert c.cmd("MAIL FROM:<>")[0] == 250
+        assert c.cmd("RCPT TO:<nobody@example.test>")[0] == 550
+        assert c.cmd("RCPT TO:<alice@example.test>")[0] == 250
+        assert c.cmd("DATA")[0] == 354
+        c.send(b"Subject: bounce\r\n\r\nreport\r\n.\r\n")
+        assert c.read_reply()[0] == 250
+        assert c.cmd("QUIT")[0] == 221
+    finally:
+        c.close()
+
+
+async def events_of(tmp_path: Path, session: Any, listener: str = "mx", **kwargs: Any) -> list[dict]:
+    """The events a real MTA logs while ``session(port)`` runs (until it has stopped)."""
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        running = await start_mta(tmp_path, **kwargs)
+        try:
+            await in_thread(session, running.port(listener))
+        finally:
+            await running.stop()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    return events
+
+
+@pytest_twisted.ensureDeferred
+async def test_null_sender_is_logged_as_angle_brackets(tmp_path):
+    events = await events_of(tmp_path, null_sender_session)
+    text = classic_formatter()
+    (queued,) = [e for e in events if e.get("event") == "queued"]
+    assert queued["sender"] == "<>"
+    assert " from=<> to=alice@example.test " in text(queued)
+    (rejected,) = [e for e in events if e.get("event") == "rejected"]
+    assert rejected["sender"] == "<>" and rejected["recipient"] == "nobody@example.test"
+    assert json.loads(event_as_json(rejected))["sender"] == "<>"

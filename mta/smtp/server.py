@@ -685,7 +685,7 @@ class SMTPSession(Protocol):
             if (self.config.sender_binding and self.ctx.identities is not None
                     and not self.ctx.identities.may_send_as(self.auth_user, txn.sender_text)):
                 return self._rejected("mail", R.sender_not_owned(txn.sender_text),
-                                      sender=txn.sender_text, reason="sender_binding")
+                                      sender=txn.sender_text or "<>", reason="sender_binding")
             if self.ctx.abuse is not None and not self.ctx.abuse.message_allowed(self.auth_user):
                 log.info("message rate limit for {user}", user=self.auth_user, event="limit",
                          limit="user_messages")
@@ -703,10 +703,10 @@ class SMTPSession(Protocol):
 
         def decided(result: Any) -> Reply:
             log.info("spf {result} for {sender} from {ip}", result=result.result,
-                     sender=txn.sender_text, ip=self.client_ip, event="spf")
+                     sender=txn.sender_text or "<>", ip=self.client_ip, event="spf")
             if result.result == "fail" and self.config.spf.reject_fail:
                 return self._rejected("mail", R.spf_fail(result.explanation or "not permitted"),
-                                      sender=txn.sender_text, reason="spf")
+                                      sender=txn.sender_text or "<>", reason="spf")
             txn.spf = result
             txn.spf_headers = [spf_policy.fold_header(spf_policy.received_spf_header(
                 result, self.client_ip, txn.sender_text, self.helo or "", self.config.hostname
@@ -728,7 +728,7 @@ class SMTPSession(Protocol):
         if params:
             return R.PARAM_UNKNOWN
         if len(self.txn.rcpt_addresses) >= self.limits.max_recipients:
-            return self._rejected("rcpt", R.TOO_MANY_RECIPIENTS, sender=self.txn.sender_text,
+            return self._rejected("rcpt", R.TOO_MANY_RECIPIENTS, sender=self.txn.sender_text or "<>",
                                   reason="max_recipients")
         if path.lower() == "<postmaster>" and self.config.local_domains:
             # RFC 5321 §4.1.1.3: "Postmaster" without a domain must be accepted.
@@ -746,7 +746,7 @@ class SMTPSession(Protocol):
             srs=self.ctx.srs,
         )
         if decision.reply is not None:
-            return self._rejected("rcpt", decision.reply, sender=self.txn.sender_text,
+            return self._rejected("rcpt", decision.reply, sender=self.txn.sender_text or "<>",
                                   recipient=str(address))
         original = str(address)
         if original not in self.txn.rcpt_addresses:
@@ -919,7 +919,7 @@ class SMTPSession(Protocol):
         elif not self._from_header_allowed(txn):
             reply = R.FROM_NOT_OWNED
         if reply is not None:
-            self._rejected("data", reply, sender=txn.sender_text,
+            self._rejected("data", reply, sender=txn.sender_text or "<>",
                            rcpts=",".join(txn.rcpt_addresses))
             self._reset_transaction()
             return reply
@@ -967,7 +967,8 @@ class SMTPSession(Protocol):
             # Also drops the queue writer made ready after the 354, whose Received
             # header names this transaction's recipient: never reused by the next one.
             self._reset_transaction()
-            return self._rejected("data", verdict.reject, sender=txn.sender_text, reason="dmarc")
+            return self._rejected("data", verdict.reject, sender=txn.sender_text or "<>",
+                                  reason="dmarc")
         return await self._store(message, verdict.headers, envelope, txn)
 
     async def _sign_then_store(self, message: bytes, domain: str, envelope: Envelope,
@@ -1011,8 +1012,8 @@ class SMTPSession(Protocol):
         # client has gone meanwhile.
         self._after_reply.append(partial(self.ctx.store.notify, envelope))
         self._after_reply.append(partial(
-            log.info, "queued {queue_id} from=<{sender}> to={rcpts} size={size} client={ip}",
-            queue_id=envelope.id, sender=envelope.sender, rcpts=",".join(txn.rcpt_addresses),
+            log.info, "queued {queue_id} from={sender} to={rcpts} size={size} client={ip}",
+            queue_id=envelope.id, sender=envelope.sender or "<>", rcpts=",".join(txn.rcpt_addresses),
             size=envelope.size, ip=self.client_ip, event="queued",
             auth=self.auth_user or "-", tls=self.tls_version or "no", kind=self.listener.kind,
         ))
