@@ -406,6 +406,51 @@ class _CachedTime:
         return self._text
 
 
+def _escape_line_breaks(text: str) -> str:
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
+class _Escaped:
+    """A field value as the text log shows it: whatever it formats to, with CR and
+    LF written as ``\\r`` and ``\\n``.  Indexing, attributes and calls (the format
+    string's ``{d[k]}``, ``{p.name}``, twisted's ``{f()}``) give escaped values too."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: Any) -> None:
+        self._value = value
+
+    def __format__(self, spec: str) -> str:
+        return _escape_line_breaks(format(self._value, spec))
+
+    def __str__(self) -> str:
+        return _escape_line_breaks(str(self._value))
+
+    def __repr__(self) -> str:
+        return _escape_line_breaks(repr(self._value))
+
+    def __getitem__(self, key: Any) -> _Escaped:
+        return _Escaped(self._value[key])
+
+    def __getattr__(self, name: str) -> _Escaped:
+        return _Escaped(getattr(self._value, name))
+
+    def __call__(self) -> _Escaped:
+        return _Escaped(self._value())
+
+
+_UNESCAPED_TYPES = frozenset({int, float, bool, type(None)})
+
+
+def escaped_fields(event: LogEvent) -> LogEvent:
+    """A copy of ``event`` whose fields (all but twisted's ``log_*`` keys) format
+    without raw CR or LF, so that no value can start a line of its own in the text
+    log (a header value, a client's reply text, an exception message)."""
+    return {key: value if (type(value) in _UNESCAPED_TYPES or not isinstance(key, str)
+                           or key.startswith("log_")) else _Escaped(value)
+            for key, value in event.items()}
+
+
 def classic_formatter(system_prefix: str = "") -> Any:
     """An event formatter giving twistd's classic line; ``system_prefix`` goes before
     ``namespace#level`` in the brackets (``worker1 ``).
@@ -415,6 +460,12 @@ def classic_formatter(system_prefix: str = "") -> Any:
     ``string.Formatter``; anything else (a failure, twisted's ``{f()}`` call
     syntax, a missing field) goes through twisted's own formatter.  The text is
     the same either way.
+
+    Every event is one line whatever its fields hold: CR and LF inside a field
+    value are written as ``\\r`` and ``\\n`` (:func:`escaped_fields`; the plain
+    line pays only a scan of its text for them).  A line break in the format
+    string itself, or in a failure's traceback, continues the line after a tab,
+    as twisted writes it.
     """
     format_time = _CachedTime()
 
@@ -428,6 +479,8 @@ def classic_formatter(system_prefix: str = "") -> Any:
         if isinstance(fmt, str) and "log_failure" not in event and "()" not in fmt:
             try:
                 text = fmt.format_map(event)
+                if "\n" in text or "\r" in text:
+                    text = fmt.format_map(escaped_fields(event))
             except Exception:  # noqa: BLE001 - twisted's formatter reports it in the line
                 text = None
             if text is not None:
@@ -435,8 +488,9 @@ def classic_formatter(system_prefix: str = "") -> Any:
                     return None
                 text = text.replace("\n", "\n\t")
                 return f"{format_time(event.get('log_time'))} [{system}] {text}\n"
+        event = escaped_fields(event)
         if system_prefix:
-            event = dict(event, log_system=system)
+            event["log_system"] = system
         return formatEventAsClassicLogText(event, formatTime=format_time)
 
     return format_event

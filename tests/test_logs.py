@@ -422,3 +422,49 @@ async def test_null_sender_is_logged_as_angle_brackets(tmp_path):
     (rejected,) = [e for e in events if e.get("event") == "rejected"]
     assert rejected["sender"] == "<>" and rejected["recipient"] == "nobody@example.test"
     assert json.loads(event_as_json(rejected))["sender"] == "<>"
+
+
+class _Boom(Exception):
+    pass
+
+
+def test_no_field_value_can_break_a_text_log_line():
+    """CR and LF inside any field value are written as \\r and \\n: each event is one
+    line of the text log (and of a worker's), whatever a client or header put in it."""
+    events = []
+    log = Logger(namespace="mta.test", observer=LogPublisher(events.append))
+    log.info("helo={helo} reply={reply}", helo="evil\r\n2026-01-01 [fake#info] queued X",
+             reply="550 no\rsuch")
+    log.info("err={err} first={d[k]} {p!r}", err=_Boom("line one\nline two"),
+             d={"k": "a\nb"}, p="x\ny")
+    log.info("call {f()}", f=lambda: "called\r\n")
+    try:
+        raise _Boom("in a traceback")
+    except _Boom:
+        log.failure("failed for {who}", who="a\r\nb")
+    log.info("plain {n} {t:.1f}", n=7, t=0.25)
+    out, worker_out = io.StringIO(), io.StringIO()
+    observer = textFileLogObserver(out)
+    observer.formatEvent = classic_formatter()
+    worker = worker_log_observer(2, worker_out)
+    for event in events:
+        event["log_time"] = 1700000000.0
+        observer(event)
+        worker(event)
+    lines = [line for line in out.getvalue().split("\n") if not line.startswith("\t")]
+    assert "\r" not in out.getvalue() and len(lines) == len(events) + 1 and lines[-1] == ""
+    assert lines[0].endswith(
+        r"helo=evil\r\n2026-01-01 [fake#info] queued X reply=550 no\rsuch")
+    assert lines[1].endswith(r"err=line one\nline two first=a\nb 'x\ny'")
+    assert lines[2].endswith(r"call called\r\n")
+    assert lines[3].endswith(r"failed for a\r\nb")  # its traceback follows, tab-indented
+    assert lines[4].endswith("plain 7 0.2")
+    assert "\tTraceback" in out.getvalue()
+    assert worker_out.getvalue().count("[worker2 mta.test#") == 5
+    assert "\r" not in worker_out.getvalue()
+    # The JSON log: one line per event, and the value itself kept exactly.
+    stream = io.StringIO()
+    json_observer = JSONLinesObserver(stream)
+    json_observer(events[0])
+    (line,) = stream.getvalue().splitlines()
+    assert json.loads(line)["helo"] == "evil\r\n2026-01-01 [fake#info] queued X"

@@ -12,7 +12,9 @@ import base64
 import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred
+from twisted.logger import globalLogPublisher
 
+from mta.logs import classic_formatter
 from mta.policy.dkim import DKIMSigner, dns_record_name, generate_key, make_dns_txt, verify
 from tests.harness import PASSWORD, RawClient, in_thread, start_mta
 
@@ -83,9 +85,17 @@ async def test_inbound_signed_message_gets_one_authentication_results(tmp_path, 
     signed = b"\r\n".join(signer.sign(body, SIGNED_DOMAIN)) + b"\r\n" + body
     forged = b"Authentication-Results: mx.example.test; dkim=pass header.d=bank.test\r\n"
     mta = await start(tmp_path, dns_server)
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
     try:
         code, _ = await in_thread(send, mta.port(), f"someone@{SIGNED_DOMAIN}", forged + signed)
         assert code == 250
+        # The log line holds the header's value unfolded: one line, no CR/LF.
+        (logged,) = [e for e in events if e.get("event") == "msgauth"]
+        assert "\r" not in logged["header"] and "\n" not in logged["header"]
+        assert logged["header"].startswith("Authentication-Results: mx.example.test;")
+        assert "dkim=pass" in logged["header"] and "dmarc=pass" in logged["header"]
+        assert classic_formatter()(logged).count("\n") == 1
         (env,) = mta.queued()
         headers = headers_of(mta.message_bytes(env.id))
         assert headers.count("Authentication-Results:") == 1
@@ -99,6 +109,7 @@ async def test_inbound_signed_message_gets_one_authentication_results(tmp_path, 
         assert headers.index("Authentication-Results:") < headers.index(
             "Received-SPF:") < headers.index("Received:") < headers.index("DKIM-Signature:")
     finally:
+        globalLogPublisher.removeObserver(events.append)
         await mta.stop()
 
 
