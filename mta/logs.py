@@ -66,6 +66,15 @@ string-keyed dicts of those; exceptions, paths and enums are written as
 text; other values are left out).  A field whose name clashes with one of
 those keys is written with a ``_`` prefix.
 
+Left out
+--------
+
+twisted's own lines for each DNS question's UDP port ("DNSDatagramProtocol
+starting on N", "(UDP Port N Closed)", "Starting protocol ...") are not
+written by the text, worker or JSON log (:func:`is_resolver_chatter`), and no
+line of the text log is broken by a CR or LF inside a field value
+(:func:`classic_formatter`).
+
 Secrets
 -------
 
@@ -86,6 +95,7 @@ import functools
 import json
 import math
 import os
+import re
 import threading
 import time
 from collections.abc import Mapping
@@ -237,6 +247,31 @@ class Scrubbing:
         self.observer(scrubbed(event))
 
 
+# --- twisted's resolver chatter ------------------------------------------------------------
+#
+# twisted.names asks each DNS question from a new UDP port (a random source port,
+# against spoofed answers), and twisted's UDP port logs its start and its close
+# through the legacy log whatever the protocol's ``noisy`` says:
+# "DNSDatagramProtocol starting on 40213", "(UDP Port 40213 Closed)", and with
+# ``noisy`` also "Starting/Stopping protocol <...DNSDatagramProtocol object ...>".
+# That is two to four lines per lookup, of no use to an operator, so the log
+# writers here (the text log, a worker's log, the JSON log) leave them out.  The
+# MTA opens no other UDP ports, so every UDP port close is the resolver's.
+
+_RESOLVER_CHATTER = re.compile(
+    r"DNSDatagramProtocol starting on \d+|\(UDP Port \d+ Closed\)"
+    r"|(?:Starting|Stopping) protocol <twisted\.names\.dns\.DNSDatagramProtocol object at \w+>")
+
+
+def is_resolver_chatter(event: LogEvent) -> bool:
+    """True for twisted's per-lookup UDP port lines (see above); a dict look-up for
+    any event of our own."""
+    if event.get("log_namespace") != "log_legacy":
+        return False
+    text = event.get("log_text")
+    return isinstance(text, str) and _RESOLVER_CHATTER.fullmatch(text) is not None
+
+
 # --- JSON lines ----------------------------------------------------------------------------
 
 
@@ -316,6 +351,8 @@ class JSONLinesObserver:
         self._lock = threading.Lock()
 
     def __call__(self, event: LogEvent) -> None:
+        if is_resolver_chatter(event):
+            return
         line = event_as_json(event) + "\n"
         with self._lock:
             if self.stream is None:
@@ -470,6 +507,8 @@ def classic_formatter(system_prefix: str = "") -> Any:
     format_time = _CachedTime()
 
     def format_event(event: LogEvent) -> str | None:
+        if is_resolver_chatter(event):
+            return None
         system = event.get("log_system")
         if system is None or (system_prefix and system == "-"):
             level = event.get("log_level")

@@ -468,3 +468,39 @@ def test_no_field_value_can_break_a_text_log_line():
     json_observer(events[0])
     (line,) = stream.getvalue().splitlines()
     assert json.loads(line)["helo"] == "evil\r\n2026-01-01 [fake#info] queued X"
+
+
+@pytest_twisted.ensureDeferred
+async def test_resolver_lookups_leave_no_udp_port_lines_in_the_logs(dns_server):
+    """twisted.names opens and closes a UDP port per question and logs both; the
+    MTA's log writers (text, worker, JSON) leave those lines out, and only those."""
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    from mta.delivery.mx import MXResolver
+    from mta.dns import make_resolver
+
+    dns_server.load({"dst.test": {"MX": [(10, "mx.dst.test")]}, "mx.dst.test": {"A": ["127.0.0.1"]}})
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        resolver = MXResolver(make_resolver(dns_server.dns_config()))
+        hosts = await resolver.resolve("dst.test")
+        await deferLater(reactor, 0.05, lambda: None)  # the ports close on a later turn
+        Logger(namespace="mta.test").info("after the lookups")
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert [h.name for h in hosts] == ["mx.dst.test"]
+    raw = "\n".join(formatEvent(e) for e in events)
+    assert "DNSDatagramProtocol starting on" in raw and "Closed)" in raw  # twisted said them
+    text, worker, json_out = io.StringIO(), io.StringIO(), io.StringIO()
+    observer = textFileLogObserver(text)
+    observer.formatEvent = classic_formatter()
+    observers = [observer, worker_log_observer(1, worker), JSONLinesObserver(json_out)]
+    for event in events:
+        for o in observers:
+            o(event)
+    for out in (text, worker, json_out):
+        written = out.getvalue()
+        assert "DNSDatagramProtocol" not in written and "UDP Port" not in written, written
+        assert "after the lookups" in written
