@@ -29,6 +29,11 @@ sender (never an empty string); the text lines print it as ``from=<>``.
                 (``connect``/``mail``/``rcpt``/``data``), ``reply`` (full reply
                 text), ``code``, ``enhanced`` (RFC 3463 code), ``reason`` (short
                 name, optional), ``ip``, ``sender``, ``recipient`` (at RCPT).
+``rejected_summary``  at the end of a session that refused more recipients than
+                it logged one by one (the first 10 get ``rejected`` events):
+                ``stage`` (``rcpt``), ``count`` (those not logged), ``statuses``
+                (RFC 3463 code: count), ``sample`` (comma-separated, first 5),
+                ``logged``, ``ip``, ``helo``, ``auth``.
 ``queued``      each accepted message: ``queue_id`` (older code: ``id``),
                 ``sender``, ``rcpts`` (comma-separated), ``size`` (octets), ``ip``.
 ``limit``       an abuse limit hit: ``limit`` (``connection_rate``,

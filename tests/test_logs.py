@@ -504,3 +504,47 @@ async def test_resolver_lookups_leave_no_udp_port_lines_in_the_logs(dns_server):
         written = out.getvalue()
         assert "DNSDatagramProtocol" not in written and "UDP Port" not in written, written
         assert "after the lookups" in written
+
+
+def many_refused_recipients(port: int) -> None:
+    c = RawClient(port)
+    try:
+        c.read_reply()
+        assert c.cmd("EHLO client.test")[0] == 250
+        assert c.cmd("MAIL FROM:<s@remote.test>")[0] == 250
+        for i in range(20):  # a dictionary attack: 550 5.1.1 each
+            assert c.cmd(f"RCPT TO:<guess{i}@example.test>")[0] == 550
+        assert c.cmd("RCPT TO:<alice@example.test>")[0] == 250
+        assert c.cmd("RCPT TO:<bob@example.test>")[0] == 250
+        for i in range(30):  # past limits.max_recipients: 452 4.5.3 each
+            assert c.cmd(f"RCPT TO:<more{i}@example.test>")[0] == 452
+        assert c.cmd("QUIT")[0] == 221
+    finally:
+        c.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_session_of_refused_recipients_logs_the_first_ten_then_one_summary(tmp_path):
+    from mta.metrics import Metrics
+
+    events = await events_of(tmp_path, many_refused_recipients,
+                             extra={"limits": {"max_recipients": 2, "max_errors": 1000}})
+    rejected = [e for e in events if e.get("event") == "rejected"]
+    assert [e["recipient"] for e in rejected] == [f"guess{i}@example.test" for i in range(10)]
+    (summary,) = [e for e in events if e.get("event") == "rejected_summary"]
+    assert summary["count"] == 40 and summary["statuses"] == {"4.5.3": 30, "5.1.1": 10}
+    assert summary["sample"] == ",".join(f"guess{i}@example.test" for i in range(10, 15))
+    assert classic_formatter()(summary).endswith(
+        "rcpt rejected for 127.0.0.1: 40 more recipients refused in this session "
+        "(4.5.3 x30, 5.1.1 x10); sample: guess10@example.test,guess11@example.test,"
+        "guess12@example.test,guess13@example.test,guess14@example.test\n")
+    (session,) = [e for e in events if e.get("event") == "session"]
+    assert events.index(summary) < events.index(session)
+    # The metrics still count every refusal.
+    metrics = Metrics()
+    for event in events:
+        metrics.observe_event(event)
+    counted = sum(metrics.registry.get_sample_value(
+        "mta_smtp_rejections_total", {"stage": "rcpt", "enhanced": code}) or 0
+        for code in ("5.1.1", "4.5.3"))
+    assert counted == 50

@@ -60,6 +60,11 @@ MAX_AUTH_LINE = 12288
 # Octets of unprocessed input kept while a reply is pending; past it the
 # session stops reading until the reply has gone out.
 BUSY_READ_LIMIT = 64 * 1024
+# Refused recipients logged one by one per session; past that they are counted
+# and logged in one line when the session ends (an enumeration or dictionary
+# attack must not write a line per guess), with this many of them as a sample.
+RCPT_REFUSALS_LOGGED = 10
+RCPT_REFUSAL_SAMPLE = 5
 
 
 class Phase(Enum):
@@ -144,6 +149,9 @@ class SMTPSession(Protocol):
         self.auth_user: str | None = None
         self.auth_failures = 0
         self.errors = 0
+        self._rcpt_refusals = 0  # refused RCPTs in this session (see _rcpt_rejected)
+        self._unlogged_refusals: dict[str, int] = {}  # past the first few: by RFC 3463 code
+        self._refusal_sample: list[str] = []
         self.txn: Transaction | None = None
         self._auth_step: Any = None
         self._data: DataReader | None = None
@@ -228,6 +236,8 @@ class SMTPSession(Protocol):
             if timer is not None and timer.active():
                 timer.cancel()
         self._abort_message()
+        if was_session and self._unlogged_refusals:
+            self._log_refusal_summary()
         if was_session:
             log.info(
                 "session {client_ip} helo={helo} tls={tls} auth={auth} accepted={accepted} "
@@ -301,6 +311,34 @@ class SMTPSession(Protocol):
                  code=reply.code, enhanced=reply.enhanced, ip=self.client_ip,
                  helo=self.helo or "-", auth=self.auth_user or "-", event="rejected", **fields)
         return reply
+
+    def _rcpt_rejected(self, reply: Reply, recipient: str, **fields: Any) -> Reply:
+        """A refused RCPT: logged like any refused step (:meth:`_rejected`) for the
+        first RCPT_REFUSALS_LOGGED of the session, then only counted, by RFC 3463
+        code, for the one summary line at its end (event ``rejected_summary``).
+
+        limits.max_errors closes the session after that many 5xx replies, so a
+        dictionary attack meets the 421 after ten 550s by default; 4xx refusals
+        (452 4.5.3 past limits.max_recipients) are not errors and have no such
+        bound, and max_errors may be set high: hence the summary."""
+        self._rcpt_refusals += 1
+        if self._rcpt_refusals <= RCPT_REFUSALS_LOGGED:
+            return self._rejected("rcpt", reply, recipient=recipient, **fields)
+        self._unlogged_refusals[reply.enhanced] = self._unlogged_refusals.get(reply.enhanced, 0) + 1
+        if len(self._refusal_sample) < RCPT_REFUSAL_SAMPLE:
+            self._refusal_sample.append(recipient)
+        return reply
+
+    def _log_refusal_summary(self) -> None:
+        count = sum(self._unlogged_refusals.values())
+        statuses = dict(sorted(self._unlogged_refusals.items()))
+        log.info("rcpt rejected for {ip}: {count} more recipients refused in this session "
+                 "({codes}); sample: {sample}", ip=self.client_ip, count=count,
+                 codes=", ".join(f"{code} x{n}" for code, n in statuses.items()),
+                 sample=",".join(self._refusal_sample), statuses=statuses,
+                 logged=RCPT_REFUSALS_LOGGED, stage="rcpt", helo=self.helo or "-",
+                 auth=self.auth_user or "-", event="rejected_summary")
+        self._unlogged_refusals = {}
 
     def _reply(self, reply: Reply) -> None:
         """Send a reply to a client command, counting client errors (RFC 5321 §4.3.2)."""
@@ -728,8 +766,8 @@ class SMTPSession(Protocol):
         if params:
             return R.PARAM_UNKNOWN
         if len(self.txn.rcpt_addresses) >= self.limits.max_recipients:
-            return self._rejected("rcpt", R.TOO_MANY_RECIPIENTS, sender=self.txn.sender_text or "<>",
-                                  reason="max_recipients")
+            return self._rcpt_rejected(R.TOO_MANY_RECIPIENTS, path[1:-1], sender=self.txn.sender_text or "<>",
+                                       reason="max_recipients")
         if path.lower() == "<postmaster>" and self.config.local_domains:
             # RFC 5321 §4.1.1.3: "Postmaster" without a domain must be accepted.
             path = f"<postmaster@{self.config.local_domains[0]}>"
@@ -746,8 +784,8 @@ class SMTPSession(Protocol):
             srs=self.ctx.srs,
         )
         if decision.reply is not None:
-            return self._rejected("rcpt", decision.reply, sender=self.txn.sender_text or "<>",
-                                  recipient=str(address))
+            return self._rcpt_rejected(decision.reply, str(address),
+                                       sender=self.txn.sender_text or "<>")
         original = str(address)
         if original not in self.txn.rcpt_addresses:
             self.txn.rcpt_addresses.append(original)
