@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: run test setup lint bench clean
+.PHONY: run test deps setup lint bench clean
 
 $(BIN)/twistd: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,9 +17,15 @@ setup: $(BIN)/twistd
 run: setup
 	$(BIN)/twistd -n --pidfile= mta
 
-test: setup
+# The system tools the tests talk to (swaks, Postfix's smtp-sink/smtp-source):
+# installed when missing as root on Debian, else one line says what to install.
+deps:
+	@PYTHON=$(PYTHON) VENV=$(VENV) bash tests/deps.sh
+
+# smtp-sink and smtp-source are in /usr/sbin, not on a normal user's PATH.
+test: deps setup
 	$(BIN)/ruff check mta tests twisted bench
-	$(BIN)/python -m pytest -q -p no:randomly
+	PATH="$$PATH:/usr/sbin:/sbin" $(BIN)/python -m pytest -q -p no:randomly
 
 lint: setup
 	$(BIN)/ruff check mta tests twisted bench

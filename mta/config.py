@@ -158,6 +158,10 @@ class DeliveryConfig:
     # Per-stage client timeouts ([delivery.timeouts]: greeting, ehlo, tls, mail, rcpt,
     # data_init, data_block, data_end, quit); unset stages keep RFC 5321 §4.5.3.2 values.
     stage_timeouts: tuple[tuple[str, float], ...] = ()
+    # The From: address of bounces and delay notices (their envelope sender is
+    # always <>, RFC 5321 §4.5.5). Loading fills in MAILER-DAEMON@ the first local
+    # domain (the host name without one); None here means MAILER-DAEMON@hostname.
+    bounce_from: str | None = None
 
 
 @dataclass(frozen=True)
@@ -188,6 +192,9 @@ class Config:
     # The EHLO/HELO name: "normal" a host name or address literal (single labels
     # and underscores allowed), "strict" also fully qualified, "off" any word.
     helo_check: str = "normal"
+    # MAIL FROM/RCPT TO paths must be in angle brackets (RFC 5321 §4.1.2); false
+    # also takes a bare ``user@domain``, as Postfix's strict_rfc821_envelopes = no.
+    strict_envelopes: bool = False
     # Secret for SRS (forwarded mail); unset: generated once in data_dir/srs-secret.
     srs_secret: str | None = None
     metrics_endpoint: str | None = None
@@ -318,8 +325,7 @@ def config_from_dict(raw: dict[str, Any], base: Path, overrides: dict[str, Any] 
     top = {
         "hostname", "local_domains", "data_dir", "queue_dir", "mail_dir", "domains_dir",
         "control_socket", "relay_networks", "metrics", "log_json", "fsync", "sender_binding", "sender_binding_from", "queue_sync",
-        "workers",
-        "helo_check",
+        "workers", "helo_check", "strict_envelopes",
         "srs_secret",
         "listeners", "tls", "limits", "spf", "dns", "aliases", "delivery", "dkim", "dmarc",
     }
@@ -472,6 +478,7 @@ def config_from_dict(raw: dict[str, Any], base: Path, overrides: dict[str, Any] 
         "max_connections_per_destination": int, "connect_timeout": float, "mx_port": int,
         "connection_cache_time": float,
         "mailbox_command": str, "lmtp": str, "pipe_timeout": float,
+        "bounce_from": str,
     }
     delivery = _dataclass_from(dl, DeliveryConfig, "delivery.", types)
     smarthosts = overrides.get("smarthosts") or delivery.smarthosts
@@ -498,7 +505,8 @@ def config_from_dict(raw: dict[str, Any], base: Path, overrides: dict[str, Any] 
         if name not in smarthosts:
             raise ConfigError(f'delivery.relay."{name}"', "is not one of delivery.smarthosts")
     delivery = replace(delivery, smarthosts=tuple(smarthosts), retry_schedule=schedule, mx_port=mx_port,
-                       stage_timeouts=tuple(stages), relays=tuple(relays))
+                       stage_timeouts=tuple(stages), relays=tuple(relays),
+                       bounce_from=_bounce_from(delivery.bounce_from, local_domains, hostname))
 
     relay_networks = tuple(_get(raw, "relay_networks", list, "", []))
     import ipaddress
@@ -539,8 +547,22 @@ def config_from_dict(raw: dict[str, Any], base: Path, overrides: dict[str, Any] 
         sender_binding=_get(raw, "sender_binding", bool, "", True),
         sender_binding_from=_get(raw, "sender_binding_from", bool, "", False),
         helo_check=_choice(raw, "helo_check", ("strict", "normal", "off"), "normal"),
+        strict_envelopes=_get(raw, "strict_envelopes", bool, "", False),
         srs_secret=_get(raw, "srs_secret", str, "", None),
     )
+
+
+def _bounce_from(value: str | None, local_domains: list[str], hostname: str) -> str:
+    """``delivery.bounce_from`` checked, or its default: MAILER-DAEMON at the primary
+    (first) local domain, where replies to a bounce can be read, else the host name."""
+    from mta.smtp.address import AddressError, parse_mailbox
+
+    if value is None:
+        return f"MAILER-DAEMON@{local_domains[0] if local_domains else hostname}"
+    try:
+        return str(parse_mailbox(value, smtputf8=True))
+    except AddressError as e:
+        raise ConfigError("delivery.bounce_from", f"{value!r} is not an address: {e}") from None
 
 
 def _workers(raw: dict[str, Any]) -> int:

@@ -22,10 +22,18 @@ SMTP server (namespace ``mta.smtp.server``):
 ``spf``         each SPF check: ``result`` (RFC 7208 §2.6 name: ``pass``, ``fail``,
                 ``softfail``, ``neutral``, ``none``, ``temperror``, ``permerror``),
                 ``sender``, ``ip``.
+A ``sender`` field is the envelope sender's address, and ``<>`` for the null
+sender (never an empty string); the text lines print it as ``from=<>``.
+
 ``rejected``    each refused step of a mail transaction: ``stage``
                 (``connect``/``mail``/``rcpt``/``data``), ``reply`` (full reply
                 text), ``code``, ``enhanced`` (RFC 3463 code), ``reason`` (short
                 name, optional), ``ip``, ``sender``, ``recipient`` (at RCPT).
+``rejected_summary``  at the end of a session that refused more recipients than
+                it logged one by one (the first 10 get ``rejected`` events):
+                ``stage`` (``rcpt``), ``count`` (those not logged), ``statuses``
+                (RFC 3463 code: count), ``sample`` (comma-separated, first 5),
+                ``logged``, ``ip``, ``helo``, ``auth``.
 ``queued``      each accepted message: ``queue_id`` (older code: ``id``),
                 ``sender``, ``rcpts`` (comma-separated), ``size`` (octets), ``ip``.
 ``limit``       an abuse limit hit: ``limit`` (``connection_rate``,
@@ -63,6 +71,15 @@ string-keyed dicts of those; exceptions, paths and enums are written as
 text; other values are left out).  A field whose name clashes with one of
 those keys is written with a ``_`` prefix.
 
+Left out
+--------
+
+twisted's own lines for each DNS question's UDP port ("DNSDatagramProtocol
+starting on N", "(UDP Port N Closed)", "Starting protocol ...") are not
+written by the text, worker or JSON log (:func:`is_resolver_chatter`), and no
+line of the text log is broken by a CR or LF inside a field value
+(:func:`classic_formatter`).
+
 Secrets
 -------
 
@@ -83,6 +100,7 @@ import functools
 import json
 import math
 import os
+import re
 import threading
 import time
 from collections.abc import Mapping
@@ -234,6 +252,31 @@ class Scrubbing:
         self.observer(scrubbed(event))
 
 
+# --- twisted's resolver chatter ------------------------------------------------------------
+#
+# twisted.names asks each DNS question from a new UDP port (a random source port,
+# against spoofed answers), and twisted's UDP port logs its start and its close
+# through the legacy log whatever the protocol's ``noisy`` says:
+# "DNSDatagramProtocol starting on 40213", "(UDP Port 40213 Closed)", and with
+# ``noisy`` also "Starting/Stopping protocol <...DNSDatagramProtocol object ...>".
+# That is two to four lines per lookup, of no use to an operator, so the log
+# writers here (the text log, a worker's log, the JSON log) leave them out.  The
+# MTA opens no other UDP ports, so every UDP port close is the resolver's.
+
+_RESOLVER_CHATTER = re.compile(
+    r"DNSDatagramProtocol starting on \d+|\(UDP Port \d+ Closed\)"
+    r"|(?:Starting|Stopping) protocol <twisted\.names\.dns\.DNSDatagramProtocol object at \w+>")
+
+
+def is_resolver_chatter(event: LogEvent) -> bool:
+    """True for twisted's per-lookup UDP port lines (see above); a dict look-up for
+    any event of our own."""
+    if event.get("log_namespace") != "log_legacy":
+        return False
+    text = event.get("log_text")
+    return isinstance(text, str) and _RESOLVER_CHATTER.fullmatch(text) is not None
+
+
 # --- JSON lines ----------------------------------------------------------------------------
 
 
@@ -313,6 +356,8 @@ class JSONLinesObserver:
         self._lock = threading.Lock()
 
     def __call__(self, event: LogEvent) -> None:
+        if is_resolver_chatter(event):
+            return
         line = event_as_json(event) + "\n"
         with self._lock:
             if self.stream is None:
@@ -403,6 +448,51 @@ class _CachedTime:
         return self._text
 
 
+def _escape_line_breaks(text: str) -> str:
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
+class _Escaped:
+    """A field value as the text log shows it: whatever it formats to, with CR and
+    LF written as ``\\r`` and ``\\n``.  Indexing, attributes and calls (the format
+    string's ``{d[k]}``, ``{p.name}``, twisted's ``{f()}``) give escaped values too."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: Any) -> None:
+        self._value = value
+
+    def __format__(self, spec: str) -> str:
+        return _escape_line_breaks(format(self._value, spec))
+
+    def __str__(self) -> str:
+        return _escape_line_breaks(str(self._value))
+
+    def __repr__(self) -> str:
+        return _escape_line_breaks(repr(self._value))
+
+    def __getitem__(self, key: Any) -> _Escaped:
+        return _Escaped(self._value[key])
+
+    def __getattr__(self, name: str) -> _Escaped:
+        return _Escaped(getattr(self._value, name))
+
+    def __call__(self) -> _Escaped:
+        return _Escaped(self._value())
+
+
+_UNESCAPED_TYPES = frozenset({int, float, bool, type(None)})
+
+
+def escaped_fields(event: LogEvent) -> LogEvent:
+    """A copy of ``event`` whose fields (all but twisted's ``log_*`` keys) format
+    without raw CR or LF, so that no value can start a line of its own in the text
+    log (a header value, a client's reply text, an exception message)."""
+    return {key: value if (type(value) in _UNESCAPED_TYPES or not isinstance(key, str)
+                           or key.startswith("log_")) else _Escaped(value)
+            for key, value in event.items()}
+
+
 def classic_formatter(system_prefix: str = "") -> Any:
     """An event formatter giving twistd's classic line; ``system_prefix`` goes before
     ``namespace#level`` in the brackets (``worker1 ``).
@@ -412,10 +502,18 @@ def classic_formatter(system_prefix: str = "") -> Any:
     ``string.Formatter``; anything else (a failure, twisted's ``{f()}`` call
     syntax, a missing field) goes through twisted's own formatter.  The text is
     the same either way.
+
+    Every event is one line whatever its fields hold: CR and LF inside a field
+    value are written as ``\\r`` and ``\\n`` (:func:`escaped_fields`; the plain
+    line pays only a scan of its text for them).  A line break in the format
+    string itself, or in a failure's traceback, continues the line after a tab,
+    as twisted writes it.
     """
     format_time = _CachedTime()
 
     def format_event(event: LogEvent) -> str | None:
+        if is_resolver_chatter(event):
+            return None
         system = event.get("log_system")
         if system is None or (system_prefix and system == "-"):
             level = event.get("log_level")
@@ -425,6 +523,8 @@ def classic_formatter(system_prefix: str = "") -> Any:
         if isinstance(fmt, str) and "log_failure" not in event and "()" not in fmt:
             try:
                 text = fmt.format_map(event)
+                if "\n" in text or "\r" in text:
+                    text = fmt.format_map(escaped_fields(event))
             except Exception:  # noqa: BLE001 - twisted's formatter reports it in the line
                 text = None
             if text is not None:
@@ -432,8 +532,9 @@ def classic_formatter(system_prefix: str = "") -> Any:
                     return None
                 text = text.replace("\n", "\n\t")
                 return f"{format_time(event.get('log_time'))} [{system}] {text}\n"
+        event = escaped_fields(event)
         if system_prefix:
-            event = dict(event, log_system=system)
+            event["log_system"] = system
         return formatEventAsClassicLogText(event, formatTime=format_time)
 
     return format_event

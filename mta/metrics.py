@@ -230,6 +230,7 @@ class Metrics:
             "auth": self._on_auth,
             "spf": self._on_spf,
             "rejected": self._on_rejected,
+            "rejected_summary": self._on_rejected_summary,
             "queued": self._on_queued,
             "limit": self._on_limit,
             "delivery": self._on_delivery,
@@ -291,6 +292,15 @@ class Metrics:
         self.rejections.labels(stage=_label(event.get("stage"), STAGES), enhanced=enhanced).inc()
         if enhanced[1:] == ".4.6":  # RFC 3463: X.4.6 routing loop detected
             self.loops.inc()
+
+    def _on_rejected_summary(self, event: Mapping[str, Any]) -> None:
+        # The refusals a session did not log one by one, by RFC 3463 code.
+        statuses = event.get("statuses")
+        for enhanced, count in (statuses.items() if isinstance(statuses, Mapping) else ()):
+            n = _number(count)
+            if n is not None and n > 0:
+                self.rejections.labels(stage=_label(event.get("stage"), STAGES),
+                                       enhanced=_enhanced({"enhanced": enhanced})).inc(n)
 
     def _on_queued(self, event: Mapping[str, Any]) -> None:
         self.accepted.inc()

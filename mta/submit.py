@@ -163,8 +163,8 @@ def submit_message(store: QueueStore, config: Config, aliases: Any, sender: str,
         writer.commit(envelope)
     except QueueError as e:
         raise SubmitError(f"cannot write to the queue: {e}", TEMPORARY) from None
-    log.info("queued {id} from=<{sender}> to={rcpts} size={size} client=local uid={uid}",
-             id=envelope.id, sender=sender_text, rcpts=",".join(originals),
+    log.info("queued {id} from={sender} to={rcpts} size={size} client=local uid={uid}",
+             id=envelope.id, sender=sender_text or "<>", rcpts=",".join(originals),
              size=envelope.size, uid=submitter.uid, event="queued")
     return envelope.id
 

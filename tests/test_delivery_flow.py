@@ -9,16 +9,18 @@ import email
 import time
 from email import policy
 
+import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import Clock, deferLater
 
-from mta.config import DeliveryConfig
+from mta.config import ConfigError, DeliveryConfig
 from mta.delivery.mx import MXHost
 from mta.delivery.remote import RemoteCourier
 from mta.queue.envelope import Envelope, Recipient, RecipientKind, RecipientState
 from mta.queue.runner import QueueRunner, Router
 from mta.queue.store import QueueStore
+from tests import harness
 from tests.sink import start_sink
 from tests.test_remote import FakeResolver, make_config
 
@@ -46,14 +48,15 @@ async def settle(clock: Clock, predicate, timeout: float = 10.0) -> None:
         await deferLater(reactor, 0.02, lambda: None)
 
 
-def build(tmp_path, sink_port: int, clock: Clock) -> tuple[QueueStore, QueueRunner]:
+def build(tmp_path, sink_port: int, clock: Clock,
+          delivery: DeliveryConfig | None = None) -> tuple[QueueStore, QueueRunner]:
     store = QueueStore(tmp_path / "queue", fsync=False, clock=clock.seconds)
     config = make_config(tmp_path, mx_port=sink_port)
     resolver = FakeResolver({"dst.test": [MXHost("mx.dst.test", 10, ("127.0.0.1",))],
                              "src.test": [MXHost("mx.src.test", 10, ("127.0.0.1",))]})
     courier = RemoteCourier(config, resolver, reactor)
     router = Router({"remote": courier, "local": NoLocal(), "pipe": NoLocal()})
-    delivery = DeliveryConfig(retry_schedule=(60.0, 300.0), retry_jitter=0.0)
+    delivery = delivery or DeliveryConfig(retry_schedule=(60.0, 300.0), retry_jitter=0.0)
     runner = QueueRunner(store, router, clock, delivery, "out.example.test")
     return store, runner
 
@@ -159,3 +162,37 @@ async def test_421_after_refused_recipients_bounces_them_in_one_dsn(tmp_path):
     finally:
         await runner.stop()
         await sink.stop()
+
+
+@pytest.mark.parametrize("extra,expected", [
+    ({}, "MAILER-DAEMON@example.test"),  # the primary local domain, not the host name
+    ({"local_domains": []}, "MAILER-DAEMON@mx.example.test"),  # none: the host name
+    ({"delivery": {"bounce_from": "Bounces@Example.TEST"}}, "Bounces@example.test"),
+])
+@pytest_twisted.ensureDeferred
+async def test_bounce_from_header_is_the_configured_sender(tmp_path, extra, expected):
+    """The bounce's From: is delivery.bounce_from (by default MAILER-DAEMON at the
+    first local domain); its envelope sender stays <> (RFC 5321 §4.5.5)."""
+    config = harness.make_config(tmp_path, tls=False, extra=extra)
+    assert config.hostname == "mx.example.test"
+    sink = await start_sink(replies={"RCPT:gone@dst.test": "550 5.1.1 no such user"})
+    clock = Clock()
+    clock.advance(time.time())
+    store, runner = build(tmp_path, sink.port, clock, config.delivery)
+    enqueue(store, "sender@src.test", ["gone@dst.test"])
+    runner.start()
+    try:
+        await settle(clock, lambda: any(m.sender == "" for m in sink.messages))
+        (bounce,) = [m for m in sink.messages if m.sender == ""]
+        report = email.message_from_bytes(bounce.data, policy=policy.compat32)
+        assert report["From"] == f"Mail Delivery System <{expected}>"
+        assert bounce.recipients == ["sender@src.test"]
+    finally:
+        await runner.stop()
+        await sink.stop()
+
+
+@pytest.mark.parametrize("value", ["nobody", "a@b@", "x@-bad-.test", ""])
+def test_bounce_from_is_checked_at_load(tmp_path, value):
+    with pytest.raises(ConfigError, match="delivery.bounce_from: .* is not an address"):
+        harness.make_config(tmp_path, tls=False, extra={"delivery": {"bounce_from": value}})

@@ -14,6 +14,7 @@ import threading
 from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -25,6 +26,7 @@ from twisted.logger import (
     LogPublisher,
     formatEvent,
     formatTime,
+    globalLogPublisher,
     textFileLogObserver,
 )
 
@@ -34,6 +36,7 @@ from mta.logs import (
     JSONLinesObserver,
     Scrubbing,
     classic_formatter,
+    event_as_json,
     install_scrubber,
     json_file_observer,
     json_log_service,
@@ -373,3 +376,175 @@ def test_scrubber_checks_every_new_field_name_and_remembers_the_harmless_ones():
     assert scrub({"options": options, "size": 2}) == {"options": {"port": 25}, "size": 2}
     assert options == {"port": 25, "Password": "p"}
     assert scrub({"api_token": "again", "queue_id": "q2"}) == {"queue_id": "q2"}
+
+
+# --- what the lines say ------------------------------------------------------------------
+
+
+def null_sender_session(port: int) -> None:
+    c = RawClient(port)
+    try:
+        c.read_reply()
+        assert c.cmd("EHLO client.test")[0] == 250
+        assert c.cmd("MAIL FROM:<>")[0] == 250
+        assert c.cmd("RCPT TO:<nobody@example.test>")[0] == 550
+        assert c.cmd("RCPT TO:<alice@example.test>")[0] == 250
+        assert c.cmd("DATA")[0] == 354
+        c.send(b"Subject: bounce\r\n\r\nreport\r\n.\r\n")
+        assert c.read_reply()[0] == 250
+        assert c.cmd("QUIT")[0] == 221
+    finally:
+        c.close()
+
+
+async def events_of(tmp_path: Path, session: Any, listener: str = "mx", **kwargs: Any) -> list[dict]:
+    """The events a real MTA logs while ``session(port)`` runs (until it has stopped)."""
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        running = await start_mta(tmp_path, **kwargs)
+        try:
+            await in_thread(session, running.port(listener))
+        finally:
+            await running.stop()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    return events
+
+
+@pytest_twisted.ensureDeferred
+async def test_null_sender_is_logged_as_angle_brackets(tmp_path):
+    events = await events_of(tmp_path, null_sender_session)
+    text = classic_formatter()
+    (queued,) = [e for e in events if e.get("event") == "queued"]
+    assert queued["sender"] == "<>"
+    assert " from=<> to=alice@example.test " in text(queued)
+    (rejected,) = [e for e in events if e.get("event") == "rejected"]
+    assert rejected["sender"] == "<>" and rejected["recipient"] == "nobody@example.test"
+    assert json.loads(event_as_json(rejected))["sender"] == "<>"
+
+
+class _Boom(Exception):
+    pass
+
+
+def test_no_field_value_can_break_a_text_log_line():
+    """CR and LF inside any field value are written as \\r and \\n: each event is one
+    line of the text log (and of a worker's), whatever a client or header put in it."""
+    events = []
+    log = Logger(namespace="mta.test", observer=LogPublisher(events.append))
+    log.info("helo={helo} reply={reply}", helo="evil\r\n2026-01-01 [fake#info] queued X",
+             reply="550 no\rsuch")
+    log.info("err={err} first={d[k]} {p!r}", err=_Boom("line one\nline two"),
+             d={"k": "a\nb"}, p="x\ny")
+    log.info("call {f()}", f=lambda: "called\r\n")
+    try:
+        raise _Boom("in a traceback")
+    except _Boom:
+        log.failure("failed for {who}", who="a\r\nb")
+    log.info("plain {n} {t:.1f}", n=7, t=0.25)
+    out, worker_out = io.StringIO(), io.StringIO()
+    observer = textFileLogObserver(out)
+    observer.formatEvent = classic_formatter()
+    worker = worker_log_observer(2, worker_out)
+    for event in events:
+        event["log_time"] = 1700000000.0
+        observer(event)
+        worker(event)
+    lines = [line for line in out.getvalue().split("\n") if not line.startswith("\t")]
+    assert "\r" not in out.getvalue() and len(lines) == len(events) + 1 and lines[-1] == ""
+    assert lines[0].endswith(
+        r"helo=evil\r\n2026-01-01 [fake#info] queued X reply=550 no\rsuch")
+    assert lines[1].endswith(r"err=line one\nline two first=a\nb 'x\ny'")
+    assert lines[2].endswith(r"call called\r\n")
+    assert lines[3].endswith(r"failed for a\r\nb")  # its traceback follows, tab-indented
+    assert lines[4].endswith("plain 7 0.2")
+    assert "\tTraceback" in out.getvalue()
+    assert worker_out.getvalue().count("[worker2 mta.test#") == 5
+    assert "\r" not in worker_out.getvalue()
+    # The JSON log: one line per event, and the value itself kept exactly.
+    stream = io.StringIO()
+    json_observer = JSONLinesObserver(stream)
+    json_observer(events[0])
+    (line,) = stream.getvalue().splitlines()
+    assert json.loads(line)["helo"] == "evil\r\n2026-01-01 [fake#info] queued X"
+
+
+@pytest_twisted.ensureDeferred
+async def test_resolver_lookups_leave_no_udp_port_lines_in_the_logs(dns_server):
+    """twisted.names opens and closes a UDP port per question and logs both; the
+    MTA's log writers (text, worker, JSON) leave those lines out, and only those."""
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    from mta.delivery.mx import MXResolver
+    from mta.dns import make_resolver
+
+    dns_server.load({"dst.test": {"MX": [(10, "mx.dst.test")]}, "mx.dst.test": {"A": ["127.0.0.1"]}})
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        resolver = MXResolver(make_resolver(dns_server.dns_config()))
+        hosts = await resolver.resolve("dst.test")
+        await deferLater(reactor, 0.05, lambda: None)  # the ports close on a later turn
+        Logger(namespace="mta.test").info("after the lookups")
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert [h.name for h in hosts] == ["mx.dst.test"]
+    raw = "\n".join(formatEvent(e) for e in events)
+    assert "DNSDatagramProtocol starting on" in raw and "Closed)" in raw  # twisted said them
+    text, worker, json_out = io.StringIO(), io.StringIO(), io.StringIO()
+    observer = textFileLogObserver(text)
+    observer.formatEvent = classic_formatter()
+    observers = [observer, worker_log_observer(1, worker), JSONLinesObserver(json_out)]
+    for event in events:
+        for o in observers:
+            o(event)
+    for out in (text, worker, json_out):
+        written = out.getvalue()
+        assert "DNSDatagramProtocol" not in written and "UDP Port" not in written, written
+        assert "after the lookups" in written
+
+
+def many_refused_recipients(port: int) -> None:
+    c = RawClient(port)
+    try:
+        c.read_reply()
+        assert c.cmd("EHLO client.test")[0] == 250
+        assert c.cmd("MAIL FROM:<s@remote.test>")[0] == 250
+        for i in range(20):  # a dictionary attack: 550 5.1.1 each
+            assert c.cmd(f"RCPT TO:<guess{i}@example.test>")[0] == 550
+        assert c.cmd("RCPT TO:<alice@example.test>")[0] == 250
+        assert c.cmd("RCPT TO:<bob@example.test>")[0] == 250
+        for i in range(30):  # past limits.max_recipients: 452 4.5.3 each
+            assert c.cmd(f"RCPT TO:<more{i}@example.test>")[0] == 452
+        assert c.cmd("QUIT")[0] == 221
+    finally:
+        c.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_session_of_refused_recipients_logs_the_first_ten_then_one_summary(tmp_path):
+    from mta.metrics import Metrics
+
+    events = await events_of(tmp_path, many_refused_recipients,
+                             extra={"limits": {"max_recipients": 2, "max_errors": 1000}})
+    rejected = [e for e in events if e.get("event") == "rejected"]
+    assert [e["recipient"] for e in rejected] == [f"guess{i}@example.test" for i in range(10)]
+    (summary,) = [e for e in events if e.get("event") == "rejected_summary"]
+    assert summary["count"] == 40 and summary["statuses"] == {"4.5.3": 30, "5.1.1": 10}
+    assert summary["sample"] == ",".join(f"guess{i}@example.test" for i in range(10, 15))
+    assert classic_formatter()(summary).endswith(
+        "rcpt rejected for 127.0.0.1: 40 more recipients refused in this session "
+        "(4.5.3 x30, 5.1.1 x10); sample: guess10@example.test,guess11@example.test,"
+        "guess12@example.test,guess13@example.test,guess14@example.test\n")
+    (session,) = [e for e in events if e.get("event") == "session"]
+    assert events.index(summary) < events.index(session)
+    # The metrics still count every refusal.
+    metrics = Metrics()
+    for event in events:
+        metrics.observe_event(event)
+    counted = sum(metrics.registry.get_sample_value(
+        "mta_smtp_rejections_total", {"stage": "rcpt", "enhanced": code}) or 0
+        for code in ("5.1.1", "4.5.3"))
+    assert counted == 50

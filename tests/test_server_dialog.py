@@ -567,7 +567,7 @@ async def test_bad_addresses(mta):
     long_local = "a" * 250
     replies = await in_thread(dialog, mta.port(), [
         ("EHLO client.test", 250),
-        ("MAIL FROM:s@remote.test", 501),
+        ("MAIL FROM:<s@remote.test", 501),
         ("MAIL FROM:<s@xn--.test>", 501),
         (f"MAIL FROM:<{long_local}@remote.test>", 501),
         ("MAIL FROM:<s@remote.test>", 250),
@@ -577,6 +577,50 @@ async def test_bad_addresses(mta):
     ])
     assert "5.1.8" in replies[3][1]
     assert "5.1.2" in replies[6][1]
+
+
+@pytest_twisted.ensureDeferred
+async def test_paths_without_angle_brackets_are_accepted_by_default(mta):
+    """Postfix's strict_rfc821_envelopes = no: a bare address is the first word
+    after the colon; parameters still follow it, <> is still the null sender."""
+    replies = await in_thread(dialog, mta.port(), [
+        ("EHLO client.test", 250),
+        ("MAIL FROM:", 501),
+        ("MAIL FROM: ", 501),
+        ("MAIL FROM: s@remote.test SIZE=100", 250),
+        ("RCPT TO:", 501),
+        ("RCPT TO: alice@example.test", 250),
+        ("RCPT TO:bob@example.test NOTIFY=NEVER", 555),
+        ("RCPT TO:bob@example.test", 250),
+        ("RCPT TO: \"a b\"@example.test", 501),  # a quoted space needs the brackets
+        ("RCPT TO: postmaster", 250),
+        ("RSET", 250),
+        ("MAIL FROM: s@remote.test SIZE=999999999999", 552),
+        ("MAIL FROM: <>", 250),
+        ("RCPT TO: alice@example.test", 250),
+        ("DATA", 354),
+        ("Subject: bare\r\n\r\nhi\r\n.", 250),
+    ])
+    assert "5.5.4" in replies[2][1] and "5.5.4" in replies[5][1]
+    (env,) = mta.queued()
+    assert env.sender == ""
+    assert [r.address for r in env.recipients] == ["alice@example.test"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_strict_envelopes_require_angle_brackets(tmp_path):
+    running = await start_mta(tmp_path, extra={"strict_envelopes": True})
+    try:
+        await in_thread(dialog, running.port(), [
+            ("EHLO client.test", 250),
+            ("MAIL FROM: s@remote.test", 501),
+            ("MAIL FROM:s@remote.test SIZE=100", 501),
+            ("MAIL FROM: <s@remote.test> SIZE=100", 250),
+            ("RCPT TO: alice@example.test", 501),
+            ("RCPT TO:<alice@example.test>", 250),
+        ])
+    finally:
+        await running.stop()
 
 
 @pytest_twisted.ensureDeferred

@@ -12,7 +12,9 @@ import base64
 import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred
+from twisted.logger import globalLogPublisher
 
+from mta.logs import classic_formatter
 from mta.policy.dkim import DKIMSigner, dns_record_name, generate_key, make_dns_txt, verify
 from tests.harness import PASSWORD, RawClient, in_thread, start_mta
 
@@ -83,9 +85,17 @@ async def test_inbound_signed_message_gets_one_authentication_results(tmp_path, 
     signed = b"\r\n".join(signer.sign(body, SIGNED_DOMAIN)) + b"\r\n" + body
     forged = b"Authentication-Results: mx.example.test; dkim=pass header.d=bank.test\r\n"
     mta = await start(tmp_path, dns_server)
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
     try:
         code, _ = await in_thread(send, mta.port(), f"someone@{SIGNED_DOMAIN}", forged + signed)
         assert code == 250
+        # The log line holds the header's value unfolded: one line, no CR/LF.
+        (logged,) = [e for e in events if e.get("event") == "msgauth"]
+        assert "\r" not in logged["header"] and "\n" not in logged["header"]
+        assert logged["header"].startswith("Authentication-Results: mx.example.test;")
+        assert "dkim=pass" in logged["header"] and "dmarc=pass" in logged["header"]
+        assert classic_formatter()(logged).count("\n") == 1
         (env,) = mta.queued()
         headers = headers_of(mta.message_bytes(env.id))
         assert headers.count("Authentication-Results:") == 1
@@ -93,9 +103,13 @@ async def test_inbound_signed_message_gets_one_authentication_results(tmp_path, 
         ar_text = " ".join(ar)
         assert "spf=pass" in ar_text and "dkim=pass" in ar_text and "dmarc=pass" in ar_text
         assert "bank.test" not in headers  # the forged field is gone
-        assert headers.index("Received:") < headers.index("Received-SPF:") < headers.index(
-            "Authentication-Results:") < headers.index("DKIM-Signature:")
+        # Each hop's fields go on top (RFC 8601 §5, RFC 7208 §9.1): A-R (made last),
+        # Received-SPF, our Received, then the message's own header.
+        assert headers.startswith("Authentication-Results:")
+        assert headers.index("Authentication-Results:") < headers.index(
+            "Received-SPF:") < headers.index("Received:") < headers.index("DKIM-Signature:")
     finally:
+        globalLogPublisher.removeObserver(events.append)
         await mta.stop()
 
 
@@ -149,7 +163,7 @@ async def test_transaction_after_dmarc_refusal_has_its_own_received_header(tmp_p
         headers = headers_of(mta.message_bytes(env.id))
         assert headers.count("Received:") == 1
         assert "for <bob@example.test>" in headers and "alice@example.test>;" not in headers
-        assert env.id in headers.split("Received-SPF:")[0]  # the Received header's own id
+        assert env.id in headers.split("Received:")[1]  # the Received header's own id
     finally:
         await mta.stop()
 
@@ -169,10 +183,14 @@ async def test_submission_is_dkim_signed_and_verifies(tmp_path, dns_server, key)
         (env,) = mta.queued()
         data = mta.message_bytes(env.id)
         assert b"DKIM-Signature:" in data and b"d=signed.test" in data
+        # Our signature is on top, above our Received (each hop prepends its fields).
+        assert data.startswith(b"DKIM-Signature:")
         # What leaves (minus our own Received header) verifies against the published key.
-        message = data.split(b"\r\n", 1)[1]
-        while message.startswith((b"\t", b" ")):
-            message = message.split(b"\r\n", 1)[1]
+        above, _, below = data.partition(b"\r\nReceived: ")
+        below = below.split(b"\r\n", 1)[1]
+        while below.startswith((b"\t", b" ")):
+            below = below.split(b"\r\n", 1)[1]
+        message = above + b"\r\n" + below
         host, port = dns_server.address
         from mta.config import DNSConfig
 
@@ -196,5 +214,8 @@ async def test_large_message_streamed_with_spf_only(tmp_path, dns_server, key):
         assert data.endswith(body)
         headers = headers_of(data)
         assert "spf=pass" in headers and "dkim=" not in headers
+        # Streamed to disk as it came, the trace fields still stand in order on top.
+        assert data.startswith(b"Authentication-Results:")
+        assert headers.index("Received-SPF:") < headers.index("Received:")
     finally:
         await mta.stop()

@@ -70,6 +70,10 @@ async def test_spf_other_results_accepted_and_recorded(spf_mta, domain, result):
     assert f"Received-SPF: {result}" in headers
     assert f"spf={result}" in headers
     assert "Authentication-Results: mx.example.test;" in headers
+    # RFC 7208 §9.1: Received-SPF is prepended, above our own Received; the
+    # Authentication-Results made at the end of DATA goes above both (RFC 8601 §5).
+    names = [line.split(":")[0] for line in headers.split("\r\n") if line[:1] not in ("\t", " ")]
+    assert names[:3] == ["Authentication-Results", "Received-SPF", "Received"]
 
 
 @pytest_twisted.ensureDeferred

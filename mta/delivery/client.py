@@ -1223,11 +1223,11 @@ def _log_result(result: SessionResult, protocol: str) -> None:
         outcomes = ", ".join(f"{r}={tr.replies[r].outcome}" if r in tr.replies else f"{r}=unanswered"
                              for r in dict.fromkeys(tx.recipients))
         log.info(
-            "{protocol} to {server} ({tls}): from=<{sender}> {outcomes}{error}",
+            "{protocol} to {server} ({tls}): from={sender} {outcomes}{error}",
             protocol=protocol,
             server=result.server,
             tls=result.tls or "no TLS",
-            sender=tx.sender,
+            sender=tx.sender or "<>",
             outcomes=outcomes,
             error=f"; server failed: {result.connection_error}" if result.connection_error else "",
             replies={r: str(reply) for r, reply in tr.replies.items()},

@@ -195,12 +195,15 @@ def _status_part(envelope: Envelope, failed: Sequence[FailedRecipient], hostname
 
 def build_dsn(envelope: Envelope, failed: Sequence[FailedRecipient], hostname: str,
               data_path: Path, action: str = "failed", now: float | None = None, *,
-              retry_until: float | None = None, max_header_bytes: int = MAX_HEADER_BYTES) -> bytes:
+              retry_until: float | None = None, max_header_bytes: int = MAX_HEADER_BYTES,
+              from_address: str | None = None) -> bytes:
     """The complete report for ``failed`` recipients of ``envelope`` as bytes (CRLF lines).
 
     ``action`` is ``failed`` (a bounce) or ``delayed`` (a warning; give
     ``retry_until``, the time the queue gives up, for Will-Retry-Until).
     The caller must not build one for the null sender (RFC 5321 §4.5.5).
+    ``from_address`` is the From: field's address (``delivery.bounce_from``),
+    by default ``MAILER-DAEMON@hostname``; the envelope sender stays ``<>``.
     """
     if action not in ("failed", "delayed"):
         raise ValueError(f"unknown DSN action {action!r}")
@@ -215,9 +218,10 @@ def build_dsn(envelope: Envelope, failed: Sequence[FailedRecipient], hostname: s
     human = _human_part(envelope, failed, hostname, action, retry_until)
     report = _status_part(envelope, failed, hostname, action, now, retry_until)
     headers = read_headers(data_path, max_header_bytes)
+    from_address = from_address or f"MAILER-DAEMON@{hostname}"
 
     top = [
-        f"From: Mail Delivery System <MAILER-DAEMON@{hostname}>",
+        f"From: Mail Delivery System <{_one_line(from_address, 300)}>",
         f"To: <{_one_line(envelope.sender, 300)}>",
         f"Subject: {subject}",
         f"Date: {_date(now)}",

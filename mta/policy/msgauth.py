@@ -70,7 +70,9 @@ class MessageAuthenticator:
             return Verdict([])
         header = authentication_results(self.config.hostname, spf=spf, sender=sender, helo=helo,
                                         dkim=dkim_results, dmarc=dmarc_result)
-        log.info("message authentication: {header}", header=header.decode("utf-8", "replace"),
+        # Unfolded (RFC 5322 §2.2.3) for the log: one line, as the header reads.
+        log.info("message authentication: {header}",
+                 header=header.replace(b"\r\n", b"").decode("utf-8", "replace"),
                  event="msgauth", dmarc=dmarc_result.result if dmarc_result else "none")
         reject = None
         if (dmarc_result is not None and dmarc_result.disposition == "reject"

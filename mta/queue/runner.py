@@ -661,7 +661,7 @@ class QueueRunner:
         now = self._now()
         try:
             data = build_dsn(env, items, self.hostname, data_path, action, now,
-                             retry_until=retry_until)
+                             retry_until=retry_until, from_address=self.config.bounce_from)
             writer = self.store.new_message()
             try:
                 writer.write(data)

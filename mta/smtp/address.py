@@ -156,14 +156,27 @@ def parse_path(text: str, smtputf8: bool = False, allow_null: bool = False) -> A
     return parse_mailbox(inner, smtputf8)
 
 
-def split_path_and_params(arg: str) -> tuple[str, dict[str, str | None]]:
+def split_path_and_params(arg: str, strict: bool = True) -> tuple[str, dict[str, str | None]]:
     """Split ``<path> KEY=VALUE KEY`` into the path and an upper-cased parameter dict.
 
     The path ends at the ``>`` that closes it, respecting quoted local parts.
+
+    With ``strict`` false, a path without angle brackets (``user@domain``, as
+    scripts and old devices send it; Postfix's ``strict_rfc821_envelopes = no``)
+    is the first word after the colon, and is returned inside brackets so that
+    :func:`parse_path` reads it like any other.  The parameters still follow it
+    (``user@domain SIZE=100``).  A quoted local part holding a space needs the
+    brackets there, since the word ends at the first space; an empty path is
+    refused either way (the null sender is ``<>``).
     """
     arg = arg.lstrip(" ")
     if not arg.startswith("<"):
-        raise AddressError("path must be enclosed in <>")
+        if strict:
+            raise AddressError("path must be enclosed in <>")
+        word, _, rest = arg.partition(" ")
+        if not word:
+            raise AddressError("empty path")
+        arg = f"<{word}> {rest}" if rest else f"<{word}>"
     in_quote = False
     escaped = False
     end = -1

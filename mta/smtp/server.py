@@ -60,6 +60,11 @@ MAX_AUTH_LINE = 12288
 # Octets of unprocessed input kept while a reply is pending; past it the
 # session stops reading until the reply has gone out.
 BUSY_READ_LIMIT = 64 * 1024
+# Refused recipients logged one by one per session; past that they are counted
+# and logged in one line when the session ends (an enumeration or dictionary
+# attack must not write a line per guess), with this many of them as a sample.
+RCPT_REFUSALS_LOGGED = 10
+RCPT_REFUSAL_SAMPLE = 5
 
 
 class Phase(Enum):
@@ -144,6 +149,9 @@ class SMTPSession(Protocol):
         self.auth_user: str | None = None
         self.auth_failures = 0
         self.errors = 0
+        self._rcpt_refusals = 0  # refused RCPTs in this session (see _rcpt_rejected)
+        self._unlogged_refusals: dict[str, int] = {}  # past the first few: by RFC 3463 code
+        self._refusal_sample: list[str] = []
         self.txn: Transaction | None = None
         self._auth_step: Any = None
         self._data: DataReader | None = None
@@ -151,6 +159,7 @@ class SMTPSession(Protocol):
         # The next message's queue writer with its trace headers, made right after
         # the 354 went out, while the client sends the message (see _prepare_writer).
         self._ready_writer: MessageWriter | None = None
+        self._ready_trace = b""  # its trace headers, written by _open_writer
         self._prepare_after_flush = False
         self._after_reply: list[Any] = []  # done once an asynchronous reply has gone out
         self._queue_id = ""
@@ -227,6 +236,8 @@ class SMTPSession(Protocol):
             if timer is not None and timer.active():
                 timer.cancel()
         self._abort_message()
+        if was_session and self._unlogged_refusals:
+            self._log_refusal_summary()
         if was_session:
             log.info(
                 "session {client_ip} helo={helo} tls={tls} auth={auth} accepted={accepted} "
@@ -300,6 +311,34 @@ class SMTPSession(Protocol):
                  code=reply.code, enhanced=reply.enhanced, ip=self.client_ip,
                  helo=self.helo or "-", auth=self.auth_user or "-", event="rejected", **fields)
         return reply
+
+    def _rcpt_rejected(self, reply: Reply, recipient: str, **fields: Any) -> Reply:
+        """A refused RCPT: logged like any refused step (:meth:`_rejected`) for the
+        first RCPT_REFUSALS_LOGGED of the session, then only counted, by RFC 3463
+        code, for the one summary line at its end (event ``rejected_summary``).
+
+        limits.max_errors closes the session after that many 5xx replies, so a
+        dictionary attack meets the 421 after ten 550s by default; 4xx refusals
+        (452 4.5.3 past limits.max_recipients) are not errors and have no such
+        bound, and max_errors may be set high: hence the summary."""
+        self._rcpt_refusals += 1
+        if self._rcpt_refusals <= RCPT_REFUSALS_LOGGED:
+            return self._rejected("rcpt", reply, recipient=recipient, **fields)
+        self._unlogged_refusals[reply.enhanced] = self._unlogged_refusals.get(reply.enhanced, 0) + 1
+        if len(self._refusal_sample) < RCPT_REFUSAL_SAMPLE:
+            self._refusal_sample.append(recipient)
+        return reply
+
+    def _log_refusal_summary(self) -> None:
+        count = sum(self._unlogged_refusals.values())
+        statuses = dict(sorted(self._unlogged_refusals.items()))
+        log.info("rcpt rejected for {ip}: {count} more recipients refused in this session "
+                 "({codes}); sample: {sample}", ip=self.client_ip, count=count,
+                 codes=", ".join(f"{code} x{n}" for code, n in statuses.items()),
+                 sample=",".join(self._refusal_sample), statuses=statuses,
+                 logged=RCPT_REFUSALS_LOGGED, stage="rcpt", helo=self.helo or "-",
+                 auth=self.auth_user or "-", event="rejected_summary")
+        self._unlogged_refusals = {}
 
     def _reply(self, reply: Reply) -> None:
         """Send a reply to a client command, counting client errors (RFC 5321 §4.3.2)."""
@@ -679,7 +718,7 @@ class SMTPSession(Protocol):
         if arg[:5].upper() != "FROM:":
             return R.MAIL_SYNTAX
         try:
-            path, params = split_path_and_params(arg[5:])
+            path, params = split_path_and_params(arg[5:], strict=self.config.strict_envelopes)
         except AddressError:
             return R.MAIL_SYNTAX
         if params and not self.esmtp:
@@ -712,7 +751,7 @@ class SMTPSession(Protocol):
             if (self.config.sender_binding and self.ctx.identities is not None
                     and not self.ctx.identities.may_send_as(self.auth_user, txn.sender_text)):
                 return self._rejected("mail", R.sender_not_owned(txn.sender_text),
-                                      sender=txn.sender_text, reason="sender_binding")
+                                      sender=txn.sender_text or "<>", reason="sender_binding")
             if self.ctx.abuse is not None and not self.ctx.abuse.message_allowed(self.auth_user):
                 log.info("message rate limit for {user}", user=self.auth_user, event="limit",
                          limit="user_messages")
@@ -730,10 +769,10 @@ class SMTPSession(Protocol):
 
         def decided(result: Any) -> Reply:
             log.info("spf {result} for {sender} from {ip}", result=result.result,
-                     sender=txn.sender_text, ip=self.client_ip, event="spf")
+                     sender=txn.sender_text or "<>", ip=self.client_ip, event="spf")
             if result.result == "fail" and self.config.spf.reject_fail:
                 return self._rejected("mail", R.spf_fail(result.explanation or "not permitted"),
-                                      sender=txn.sender_text, reason="spf")
+                                      sender=txn.sender_text or "<>", reason="spf")
             txn.spf = result
             txn.spf_headers = [spf_policy.fold_header(spf_policy.received_spf_header(
                 result, self.client_ip, txn.sender_text, self.helo or "", self.config.hostname
@@ -749,14 +788,14 @@ class SMTPSession(Protocol):
         if arg[:3].upper() != "TO:":
             return R.RCPT_SYNTAX
         try:
-            path, params = split_path_and_params(arg[3:])
+            path, params = split_path_and_params(arg[3:], strict=self.config.strict_envelopes)
         except AddressError:
             return R.RCPT_SYNTAX
         if params:
             return R.PARAM_UNKNOWN
         if len(self.txn.rcpt_addresses) >= self.limits.max_recipients:
-            return self._rejected("rcpt", R.TOO_MANY_RECIPIENTS, sender=self.txn.sender_text,
-                                  reason="max_recipients")
+            return self._rcpt_rejected(R.TOO_MANY_RECIPIENTS, path[1:-1], sender=self.txn.sender_text or "<>",
+                                       reason="max_recipients")
         if path.lower() == "<postmaster>" and self.config.local_domains:
             # RFC 5321 §4.1.1.3: "Postmaster" without a domain must be accepted.
             path = f"<postmaster@{self.config.local_domains[0]}>"
@@ -773,8 +812,8 @@ class SMTPSession(Protocol):
             srs=self.ctx.srs,
         )
         if decision.reply is not None:
-            return self._rejected("rcpt", decision.reply, sender=self.txn.sender_text,
-                                  recipient=str(address))
+            return self._rcpt_rejected(decision.reply, str(address),
+                                       sender=self.txn.sender_text or "<>")
         original = str(address)
         if original not in self.txn.rcpt_addresses:
             self.txn.rcpt_addresses.append(original)
@@ -832,30 +871,37 @@ class SMTPSession(Protocol):
         if self.phase is not Phase.DATA or self._ready_writer is not None or self._writer is not None:
             return
         try:
-            self._ready_writer = self._new_writer()
+            self._ready_writer, self._ready_trace = self._new_writer()
         except (QueueError, OSError):
             self._ready_writer = None
 
-    def _new_writer(self) -> MessageWriter:
-        """A buffered queue writer holding the trace headers that go first in the message."""
+    def _new_writer(self) -> tuple[MessageWriter, bytes]:
+        """A buffered queue writer (still empty) and the trace headers for the top of
+        its message: Received-SPF above our Received (RFC 7208 §9.1: prepended,
+        above the Received field of the receiver that did the check)."""
         writer = self.ctx.store.new_message(buffered=True)
         # The queue id goes into the Received header (RFC 5321 §4.4 "id").
         received = received_header(self._trace, queue_id=writer.id)
         assert self.txn is not None
-        writer.write(b"\r\n".join([received, *self.txn.spf_headers]) + b"\r\n")
-        return writer
+        return writer, b"\r\n".join([*self.txn.spf_headers, received]) + b"\r\n"
 
     def _open_writer(self, extra_headers: list[bytes], buffered: bool = False) -> MessageWriter:
-        """The queue writer with the trace headers, then ``extra_headers`` (``buffered``:
+        """The queue writer with ``extra_headers``, then the trace headers (``buffered``:
         a message already in memory, written out by the group commit; else the
-        file in tmp/ is started now and the rest written to it as it arrives)."""
+        file in tmp/ is started now and the rest written to it as it arrives).
+
+        ``extra_headers`` (Authentication-Results, our DKIM-Signature) are made
+        last, at the end of DATA, and so go on top: each field is prepended to
+        the header as the hop adds it (RFC 8601 §5, RFC 6376 §5.6)."""
         writer, self._ready_writer = self._ready_writer, None
+        trace, self._ready_trace = self._ready_trace, b""
         self._prepare_after_flush = False
         if writer is None:
-            writer = self._new_writer()
+            writer, trace = self._new_writer()
         try:
             if extra_headers:
                 writer.write(b"\r\n".join(extra_headers) + b"\r\n")
+            writer.write(trace)
             if not buffered:
                 writer.spill()
         except BaseException:
@@ -939,7 +985,7 @@ class SMTPSession(Protocol):
         elif not self._from_header_allowed(txn):
             reply = R.FROM_NOT_OWNED
         if reply is not None:
-            self._rejected("data", reply, sender=txn.sender_text,
+            self._rejected("data", reply, sender=txn.sender_text or "<>",
                            rcpts=",".join(txn.rcpt_addresses))
             self._reset_transaction()
             return reply
@@ -987,7 +1033,8 @@ class SMTPSession(Protocol):
             # Also drops the queue writer made ready after the 354, whose Received
             # header names this transaction's recipient: never reused by the next one.
             self._reset_transaction()
-            return self._rejected("data", verdict.reject, sender=txn.sender_text, reason="dmarc")
+            return self._rejected("data", verdict.reject, sender=txn.sender_text or "<>",
+                                  reason="dmarc")
         return await self._store(message, verdict.headers, envelope, txn)
 
     async def _sign_then_store(self, message: bytes, domain: str, envelope: Envelope,
@@ -1031,8 +1078,8 @@ class SMTPSession(Protocol):
         # client has gone meanwhile.
         self._after_reply.append(partial(self.ctx.store.notify, envelope))
         self._after_reply.append(partial(
-            log.info, "queued {queue_id} from=<{sender}> to={rcpts} size={size} client={ip}",
-            queue_id=envelope.id, sender=envelope.sender, rcpts=",".join(txn.rcpt_addresses),
+            log.info, "queued {queue_id} from={sender} to={rcpts} size={size} client={ip}",
+            queue_id=envelope.id, sender=envelope.sender or "<>", rcpts=",".join(txn.rcpt_addresses),
             size=envelope.size, ip=self.client_ip, event="queued",
             auth=self.auth_user or "-", tls=self.tls_version or "no", kind=self.listener.kind,
         ))
