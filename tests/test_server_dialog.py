@@ -549,7 +549,7 @@ async def test_mail_parameters(mta):
         ("MAIL FROM:<s@remote.test> SIZE=abc", 501),
         ("MAIL FROM:<s@remote.test> SMTPUTF8=yes", 501),
         ("MAIL FROM:<s@remote.test> BODY=8BITMIME SIZE=100 SMTPUTF8", 250),
-        ("RCPT TO:<alice@example.test> NOTIFY=NEVER", 555),
+        ("RCPT TO:<alice@example.test> XFOO=1", 555),
     ])
     assert "5.5.4" in replies[2][1]
 

@@ -27,6 +27,14 @@ class AddressError(ValueError):
         self.bad_domain = bad_domain
 
 
+class DuplicateParameter(AddressError):
+    """An ESMTP parameter keyword appears twice in one MAIL or RCPT command."""
+
+    def __init__(self, keyword: str) -> None:
+        super().__init__(f"parameter {keyword} given more than once")
+        self.keyword = keyword
+
+
 @dataclass(frozen=True)
 class Address:
     """A parsed mailbox. ``local`` keeps its original case; ``domain`` is normalised."""
@@ -160,6 +168,7 @@ def split_path_and_params(arg: str) -> tuple[str, dict[str, str | None]]:
     """Split ``<path> KEY=VALUE KEY`` into the path and an upper-cased parameter dict.
 
     The path ends at the ``>`` that closes it, respecting quoted local parts.
+    A keyword given twice (in any case) raises :class:`DuplicateParameter`.
     """
     arg = arg.lstrip(" ")
     if not arg.startswith("<"):
@@ -187,7 +196,10 @@ def split_path_and_params(arg: str) -> tuple[str, dict[str, str | None]]:
         key, eq, value = word.partition("=")
         if not _PARAM.match(key):
             raise AddressError(f"bad parameter {word!r}")
-        params[key.upper()] = value if eq else None
+        key = key.upper()
+        if key in params:
+            raise DuplicateParameter(key)
+        params[key] = value if eq else None
     return path, params
 
 
