@@ -17,7 +17,9 @@ Scripting, all optional:
 * ``drop={"MAIL"}`` -- close the connection instead of answering at that stage.
 * ``stall={"DATA_END"}`` -- never answer at that stage (``session.stalled_at``).
 * extensions: ``pipelining``, ``size`` (None: not offered; 0: no limit),
-  ``eightbitmime``, ``smtputf8``, ``enhancedstatuscodes``; ``tls`` (a
+  ``eightbitmime``, ``smtputf8``, ``enhancedstatuscodes``, ``dsn`` (RFC 3461:
+  RET/ENVID on MAIL and NOTIFY/ORCPT on RCPT are accepted only when it is
+  offered, else 555); ``tls`` (a
   ``trustme.LeafCert``) offers STARTTLS (``tls_broken``: a handshake that
   always fails); ``auth={"user": "password"}`` offers
   AUTH (``auth_mechanisms``, default PLAIN LOGIN; only under TLS unless
@@ -102,6 +104,7 @@ class SinkOptions:
     eightbitmime: bool = True
     smtputf8: bool = True
     enhancedstatuscodes: bool = True
+    dsn: bool = False
     tls: Any = None  # trustme.LeafCert
     tls_broken: bool = False  # answers the ClientHello with plain text: the handshake fails
     auth: dict[str, str] | None = None
@@ -263,6 +266,8 @@ class SinkProtocol(Protocol):
             ext.append("SMTPUTF8")
         if o.enhancedstatuscodes:
             ext.append("ENHANCEDSTATUSCODES")
+        if o.dsn:
+            ext.append("DSN")
         if o.tls is not None and not self.session.tls:
             ext.append("STARTTLS")
         if o.auth is not None and (self.session.tls or not o.auth_requires_tls):
@@ -404,6 +409,8 @@ class SinkProtocol(Protocol):
                 pass
             elif key == "SMTPUTF8" and "SMTPUTF8" in offered:
                 pass
+            elif key in ("RET", "ENVID") and "DSN" in offered:
+                pass
             else:
                 return f"555 5.5.4 unsupported parameter {p}"
         return None
@@ -415,7 +422,11 @@ class SinkProtocol(Protocol):
         if not arg.upper().startswith("TO:<") or ">" not in arg:
             self._write(["501 5.5.4 syntax: RCPT TO:<address>"])
             return
-        address = arg[4:].partition(">")[0]
+        address, _, rest = arg[4:].partition(">")
+        for p in rest.split():
+            if p.partition("=")[0].upper() not in ("NOTIFY", "ORCPT") or not self.opts.dsn:
+                self._write([f"555 5.5.4 unsupported parameter {p}"])
+                return
         self._rcpt_count += 1
         limit = self.opts.max_recipients
         default = "250 2.1.5 Ok"

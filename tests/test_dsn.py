@@ -222,3 +222,29 @@ def test_no_dsn_for_null_sender_or_nobody(data_path: Path) -> None:
 ])
 def test_enhanced_status(reply: str, status: str) -> None:
     assert enhanced_status(reply) == status
+
+
+def test_ret_full_returns_the_message_up_to_the_bound(data_path: Path) -> None:
+    remote, _, _ = failed_recipients()
+    env = Envelope(id="q6", sender="alice@example.org", recipients=[remote], created=CREATED,
+                   ret="FULL", dsn=True)
+    items = [(remote, "5.1.1", "550 5.1.1 unknown user", "")]
+    data = build_dsn(env, items, "mx.example.com", data_path, "failed", NOW)
+    assert_crlf_only(data)
+    returned = list(parse(data).iter_parts())[2]
+    assert returned.get_content_type() == "message/rfc822"
+    assert returned["Content-Description"] == "Undelivered message"
+    (original,) = returned.get_payload()
+    assert original["Subject"] == "quarterly report"
+    assert original.get_payload().encode() == BODY
+    # Larger than the bound: the header only, and the text says why.
+    data = build_dsn(env, items, "mx.example.com", data_path, "failed", NOW,
+                     max_return_bytes=len(BODY) // 2)
+    human, _, returned = parse(data).iter_parts()
+    assert returned.get_content_type() == "text/rfc822-headers"
+    assert b"SECRET BODY LINE" not in data
+    assert "too large to be returned whole" in human.get_content()
+    # A delay warning carries the header whatever RET says (RFC 3461 §4.3).
+    data = build_dsn(env, [(remote, "4.2.1", "451 later", "")], "mx.example.com", data_path,
+                     "delayed", NOW)
+    assert list(parse(data).iter_parts())[2].get_content_type() == "text/rfc822-headers"

@@ -668,3 +668,108 @@ def test_crash_at_any_point_gives_exactly_once(tmp_path: Path, crash_at: int) ->
     # without first rewriting its envelope (the removal is the durable record).
     if crash_at <= 7:
         assert crashed  # the scenario really has this many effects
+
+
+# --- DSN (RFC 3461 §5.2): success notices, NOTIFY and delays, with a fake clock ------------
+
+
+def dsn_remote(address: str, notify: str) -> Recipient:
+    return Recipient(address=address, kind=RecipientKind.REMOTE, original=address, notify=notify)
+
+
+def queue_dsn(store: QueueStore, *recipients: Recipient, sender: str = SENDER) -> str:
+    writer = store.new_message()
+    writer.write(DATA)
+    writer.commit(Envelope(id=writer.id, sender=sender, recipients=list(recipients),
+                           created=store.clock(), dsn=True))
+    return writer.id
+
+
+def test_notify_delay_without_delay_warning_is_warned_after_four_hours(world: Any) -> None:
+    def decide(env: Envelope, r: Recipient) -> tuple[Outcome, str]:
+        return (Outcome.DELIVERED, "250 ok") if env.sender == "" else (
+            Outcome.DEFERRED, "451 4.7.1 greylisted")
+
+    config = DeliveryConfig(retry_schedule=(3600.0,), retry_jitter=0.0, delay_warning=None,
+                            max_queue_lifetime=86400.0)
+    w = world(config=config, remote_courier=FakeCourier(decide))
+    w.runner.start()
+    qid = queue_dsn(w.store, dsn_remote("bob@one.example", "DELAY"),
+                    dsn_remote("carol@one.example", ""),
+                    dsn_remote("dave@one.example", "SUCCESS,FAILURE"))
+    w.clock.advance(0)
+    for _ in range(3):
+        w.clock.advance(3600)
+    w.clock.advance(3599)
+    assert w.remote.dsns() == []
+    w.clock.advance(1)  # four hours: DSN_DELAY_AFTER
+    w.clock.advance(0)
+    [dsn] = w.remote.dsns()
+    assert dsn["Subject"] == "Delayed Mail (still being retried)"
+    # Only the recipient that asked: no delay_warning configured for the others.
+    assert [b["Final-Recipient"] for b in dsn_recipients(dsn)] == ["rfc822;bob@one.example"]
+    assert w.envelope(qid).delay_warned
+
+
+def test_null_sender_gets_no_success_notice(world: Any) -> None:
+    w = world()
+    w.runner.start()
+    queue_dsn(w.store, dsn_remote("bob@one.example", "SUCCESS"), sender="")
+    w.clock.advance(0)
+    w.clock.advance(0)
+    # One call: the message itself (its sender is null too), no notice after it.
+    assert [c.addresses for c in w.remote.calls] == [["bob@one.example"]]
+    assert w.local.calls == []
+    assert w.store.ids() == []
+
+
+def test_next_hop_with_dsn_owns_the_success_notice(world: Any) -> None:
+    class DSNHop(FakeCourier):
+        def deliver(self, envelope, recipients, data_path):
+            self.calls.append(Call(envelope.id, envelope.sender, [r.address for r in recipients],
+                                   data_path.read_bytes()))
+            return succeed([DeliveryResult(r, Outcome.DELIVERED, "250 ok", dsn_passed=True)
+                            for r in recipients])
+
+    w = world(remote_courier=DSNHop())
+    w.runner.start()
+    queue_dsn(w.store, dsn_remote("bob@one.example", "SUCCESS"))
+    w.clock.advance(0)
+    w.clock.advance(0)
+    assert w.remote.dsns() == [] and w.local.calls == []
+    assert w.store.ids() == []
+
+
+@pytest.mark.parametrize("crash_at", range(1, 6))
+def test_success_notice_survives_a_crash_at_any_point(tmp_path: Path, crash_at: int) -> None:
+    """Queued, then marked: a crash in between repeats the notice, never loses it."""
+    clock = Clock()
+    clock.advance(T0)
+    root = tmp_path / "queue"
+    store1 = CrashingStore(root, fsync=False, clock=clock.seconds, crash_at=0)
+    remote1 = FakeCourier(alive=lambda: not store1.dead)
+    w1 = Env(tmp_path, store=store1, clock=clock, remote_courier=remote1)
+    w1.local.alive = lambda: not store1.dead
+    qid = queue_dsn(store1, dsn_remote("bob@x.example", "SUCCESS"))
+    store1.crash_at = store1.effects + crash_at
+    w1.runner.start()
+    for _ in range(5):
+        clock.advance(0)
+        clock.advance(60)
+    w1.stop()
+    disk = QueueStore(root, fsync=False)
+    marked = qid not in disk.ids() or disk.load(qid).recipients[0].dsn_sent
+    queued_before = {i for i in disk.ids() if i != qid} | {
+        c.queue_id for c in remote1.calls if c.sender == ""}
+
+    w2 = Env(tmp_path, store=QueueStore(root, fsync=False, clock=clock.seconds), clock=clock)
+    w2.runner.start()
+    w2.run_until_empty()
+    w2.stop()
+    notices = {c.queue_id for c in remote1.calls + w2.remote.calls if c.sender == ""}
+    assert notices, "the success notice was lost"
+    assert len(notices) == 1 or (len(notices) == 2 and len(queued_before) == 1 and not marked)
+    assert remote1.delivered_to("bob@x.example") + w2.remote.delivered_to("bob@x.example") >= 1
+    for dsn in remote1.dsns() + w2.remote.dsns():
+        [block] = dsn_recipients(dsn)
+        assert (block["Action"], block["Final-Recipient"]) == ("relayed", "rfc822;bob@x.example")

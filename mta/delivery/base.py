@@ -35,6 +35,9 @@ class DeliveryResult:
     status: str = ""
     # Outbound TLS of the connection that gave the reply ("TLSv1.3 <cipher>"; "" = none).
     tls: str = ""
+    # The next hop took the recipient's DSN parameters (it offered DSN, RFC 3461
+    # §5.2): success and delay notices are its job from now on, not ours.
+    dsn_passed: bool = False
 
 
 class Courier(Protocol):

@@ -107,6 +107,11 @@ class Transaction:
     size: int
     body_8bit: bool = False
     smtputf8: bool = False
+    # DSN (RFC 3461), sent only to a server that offers it: the MAIL parameters
+    # (RET=, ENVID=, already encoded) and, per recipient address, its RCPT
+    # parameters (NOTIFY=, ORCPT=); None/empty for mail without DSN.
+    dsn_mail: list[str] | None = None
+    dsn_rcpt: dict[str, str] | None = None
 
     @property
     def needs_smtputf8(self) -> bool:
@@ -150,6 +155,9 @@ class RecipientReply:
 class TransactionResult:
     transaction: Transaction
     replies: dict[str, RecipientReply] = field(default_factory=dict)
+    # The server offered DSN (RFC 3461) when the transaction's RCPTs were sent:
+    # the DSN parameters went with them, and their notices are now its job.
+    dsn: bool = False
 
     def unanswered(self) -> list[str]:
         """Recipients without a final reply here: to be tried on the next server."""
@@ -950,6 +958,8 @@ class _Session:
             params.append("BODY=8BITMIME")  # RFC 6152 §2
         if tx.needs_smtputf8:
             params.append("SMTPUTF8")  # RFC 6531 §3.4
+        if tx.dsn_mail and self.caps.has("DSN"):
+            params.extend(tx.dsn_mail)  # RFC 3461 §4.3, §4.4
         return " ".join([f"MAIL FROM:<{tx.sender}>", *params])
 
     async def _transaction(self, tr: TransactionResult, recipients: list[str]) -> tuple[bool, list[str]]:
@@ -966,6 +976,10 @@ class _Session:
         tx = tr.transaction
         mail_line = self._mail_command(tx)
         rcpt_lines = [f"RCPT TO:<{r}>" for r in recipients]
+        if tx.dsn_rcpt and self.caps.has("DSN"):  # RFC 3461 §4.1, §4.2
+            tr.dsn = True
+            rcpt_lines = [f"{line} {tx.dsn_rcpt[r]}" if tx.dsn_rcpt.get(r) else line
+                          for line, r in zip(rcpt_lines, recipients, strict=True)]
         pipelined = self.caps.has("PIPELINING")
         closing: tuple[Reply, str] | None = None  # a 421 and what it answered
         rcpt_replies: list[Reply] = []

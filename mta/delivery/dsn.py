@@ -9,6 +9,21 @@ parts:
 3. ``text/rfc822-headers``: the original message's header only, read from the
    queue file up to a size bound, never its body (RFC 3462 §2 allows this
    instead of the whole message, and it avoids re-sending large attachments).
+   This is what every report carries unless the sender asked for the whole
+   message with ``RET=FULL`` (RFC 3461 §4.3): a *failure* report then carries
+   it as ``message/rfc822`` when it is at most ``max_return_bytes`` (1 MiB),
+   else the header as above, saying so.  ``RET=HDRS`` and no RET both give
+   the header (no RET leaves the choice to us: the header, as before).
+   Success and delay reports always carry the header: RET is about failed
+   DSNs (RFC 3461 §4.3).
+
+Actions (RFC 3464 §2.3.3): ``failed`` (a bounce), ``delayed`` (a warning),
+and, for NOTIFY=SUCCESS (RFC 3461 §5.2), ``delivered`` (final delivery here)
+and ``relayed`` (passed to a next hop that does not offer DSN), which can be
+mixed in one success report.  ``Original-Envelope-Id`` is the ENVID the
+sender gave (RFC 3464 §2.2.1); ``Original-Recipient`` is the recipient's
+ORCPT when it gave one (§2.3.1), else, as before, the RCPT address we
+received (the address a relay would add as ORCPT, RFC 3461 §4.2).
 
 Addresses that are not ASCII use the ``utf-8`` address type of RFC 6533 §3 in
 its ``utf-8-addr-xtext`` form (``\\x{HEX}`` escapes), so the report part stays
@@ -29,8 +44,12 @@ from pathlib import Path
 from mta.headers import fold_header
 from mta.queue.envelope import Envelope, Recipient, RecipientKind
 from mta.queue.store import open_message
+from mta.smtp.dsnparams import report_orcpt
 
 MAX_HEADER_BYTES = 64 * 1024
+MAX_RETURN_BYTES = 1024 * 1024  # RET=FULL: a bigger message comes back as its header
+ACTIONS = ("failed", "delayed", "delivered", "relayed")
+SUCCESS_ACTIONS = ("delivered", "relayed")
 MAX_FIELD_TEXT = 900  # keeps every report line below RFC 5322's 998 octets
 
 # A failed recipient for the report: (recipient, RFC 3463 status, the reply that
@@ -133,9 +152,44 @@ def read_headers(data_path: Path, limit: int = MAX_HEADER_BYTES) -> bytes:
     return b"".join(out)
 
 
+def read_whole(data_path: Path, limit: int = MAX_RETURN_BYTES) -> bytes | None:
+    """The whole queued message if it is at most ``limit`` bytes, else None (also
+    when it cannot be read)."""
+    try:
+        with open_message(data_path) as f:
+            data = f.read(limit + 1)
+    except OSError:
+        return None
+    return data if len(data) <= limit else None
+
+
+def _success_lines(envelope: Envelope, items: Sequence[FailedRecipient],
+                   actions: Sequence[str]) -> list[str]:
+    lines = ["Your message was successfully delivered to the destinations listed below.",
+             "", f"Queue id: {envelope.id}", ""]
+    for (rcpt, _status, reply, remote), action in zip(items, actions, strict=True):
+        what = rcpt.original if rcpt.original == final_recipient(rcpt) else (
+            f"{final_recipient(rcpt)} (from {rcpt.original})")
+        lines.append(f"<{_one_line(what, 300)}>:")
+        if action == "relayed":
+            lines.append("    relayed to a mail system that does not send delivery notices;")
+            lines.append("    you will get no further notice about this recipient.")
+        else:
+            lines.append("    delivered to the mailbox.")
+        if remote:
+            lines.append(f"    host {_one_line(remote, 255)} said:")
+        if reply:
+            lines.append(f"    {_one_line(reply)}")
+        lines.append("")
+    return lines
+
+
 def _human_part(envelope: Envelope, failed: Sequence[FailedRecipient], hostname: str,
-                action: str, retry_until: float | None) -> str:
+                action: str, retry_until: float | None, actions: Sequence[str],
+                headers_only: bool) -> str:
     lines = [f"This is the mail system at host {hostname}.", ""]
+    if action in SUCCESS_ACTIONS:
+        return "\r\n".join(lines + _success_lines(envelope, failed, actions)) + "\r\n"
     if action == "delayed":
         lines += [
             "Your message could not be delivered yet to the recipients below.",
@@ -160,25 +214,30 @@ def _human_part(envelope: Envelope, failed: Sequence[FailedRecipient], hostname:
         if reply:
             lines.append(f"    {_one_line(reply)}")
         lines.append("")
+    if headers_only:  # RET=FULL, but the message is too big to send back
+        lines += ["The message was too large to be returned whole; only its header", "follows.", ""]
     return "\r\n".join(lines) + "\r\n"
 
 
 def _status_part(envelope: Envelope, failed: Sequence[FailedRecipient], hostname: str,
-                 action: str, now: float, retry_until: float | None) -> str:
+                 action: str, now: float, retry_until: float | None,
+                 actions: Sequence[str]) -> str:
     # Per-message fields, RFC 3464 §2.2.
     fields = [f"Reporting-MTA: dns; {_ascii_line(hostname, 255)}"]
-    envid = envelope.extra.get("envid")
+    envid = envelope.envid or envelope.extra.get("envid")
     if isinstance(envid, str) and envid:
         fields.append(f"Original-Envelope-Id: {_ascii_line(envid, 100)}")
     fields.append(f"X-Queue-ID: {envelope.id}")
     fields.append(f"Arrival-Date: {_date(envelope.created)}")
     blocks = ["\r\n".join(fields)]
     # Per-recipient fields, RFC 3464 §2.3.
-    for rcpt, status, reply, remote in failed:
+    for (rcpt, status, reply, remote), item_action in zip(failed, actions, strict=True):
+        original = (_ascii_line(report_orcpt(rcpt.orcpt)) if rcpt.orcpt
+                    else typed_address(rcpt.original))
         f = [
-            f"Original-Recipient: {typed_address(rcpt.original)}",
+            f"Original-Recipient: {original}",
             f"Final-Recipient: {typed_address(final_recipient(rcpt))}",
-            f"Action: {action}",
+            f"Action: {item_action}",
             f"Status: {status}",
         ]
         if remote:
@@ -196,28 +255,44 @@ def _status_part(envelope: Envelope, failed: Sequence[FailedRecipient], hostname
 def build_dsn(envelope: Envelope, failed: Sequence[FailedRecipient], hostname: str,
               data_path: Path, action: str = "failed", now: float | None = None, *,
               retry_until: float | None = None, max_header_bytes: int = MAX_HEADER_BYTES,
+              actions: Sequence[str] | None = None,
+              max_return_bytes: int = MAX_RETURN_BYTES,
               from_address: str | None = None) -> bytes:
     """The complete report for ``failed`` recipients of ``envelope`` as bytes (CRLF lines).
 
-    ``action`` is ``failed`` (a bounce) or ``delayed`` (a warning; give
-    ``retry_until``, the time the queue gives up, for Will-Retry-Until).
-    The caller must not build one for the null sender (RFC 5321 §4.5.5).
+    ``action`` is ``failed`` (a bounce), ``delayed`` (a warning; give
+    ``retry_until``, the time the queue gives up, for Will-Retry-Until), or
+    ``delivered``/``relayed`` (a success report; ``actions`` may then give
+    each recipient's own, either of the two).  The caller must not build one
+    for the null sender (RFC 5321 §4.5.5).
     ``from_address`` is the From: field's address (``delivery.bounce_from``),
     by default ``MAILER-DAEMON@hostname``; the envelope sender stays ``<>``.
     """
-    if action not in ("failed", "delayed"):
+    if action not in ACTIONS:
         raise ValueError(f"unknown DSN action {action!r}")
+    if actions is None:
+        actions = [action] * len(failed)
+    elif len(actions) != len(failed) or (
+            action in SUCCESS_ACTIONS and not set(actions) <= set(SUCCESS_ACTIONS)):
+        raise ValueError("actions must name one success action per recipient")
     if not failed:
         raise ValueError("a DSN needs at least one recipient")
     if envelope.sender == "":
         raise ValueError("never a DSN for the null sender (RFC 5321 §4.5.5)")
     now = time.time() if now is None else now
     boundary = f"=_{secrets.token_hex(12)}"
-    subject = ("Delayed Mail (still being retried)" if action == "delayed"
-               else "Undelivered Mail Returned to Sender")
-    human = _human_part(envelope, failed, hostname, action, retry_until)
-    report = _status_part(envelope, failed, hostname, action, now, retry_until)
-    headers = read_headers(data_path, max_header_bytes)
+    if action == "delayed":
+        subject = "Delayed Mail (still being retried)"
+    elif action in SUCCESS_ACTIONS:
+        subject = "Successful Mail Delivery Report"
+    else:
+        subject = "Undelivered Mail Returned to Sender"
+    whole = (read_whole(data_path, max_return_bytes)
+             if action == "failed" and envelope.ret == "FULL" else None)
+    human = _human_part(envelope, failed, hostname, action, retry_until, actions,
+                        headers_only=action == "failed" and envelope.ret == "FULL" and whole is None)
+    report = _status_part(envelope, failed, hostname, action, now, retry_until, actions)
+    headers = read_headers(data_path, max_header_bytes) if whole is None else b""
     from_address = from_address or f"MAILER-DAEMON@{hostname}"
 
     top = [
@@ -234,7 +309,14 @@ def build_dsn(envelope: Envelope, failed: Sequence[FailedRecipient], hostname: s
         "",
     ]
     charset, cte = ("us-ascii", "7bit") if human.isascii() else ("utf-8", "8bit")
-    if headers.isascii():
+    description = ("Delivered message headers" if action in SUCCESS_ACTIONS
+                   else "Undelivered message headers")
+    if whole is not None:  # RET=FULL (RFC 3461 §4.3; RFC 6533 §6.3 for message/global)
+        description, headers = "Undelivered message", whole
+        ascii_header = read_headers(data_path, max_header_bytes).isascii()
+        headers_type = "message/rfc822" if ascii_header else "message/global"
+        headers_cte = "7bit" if whole.isascii() else "8bit"
+    elif headers.isascii():
         headers_type, headers_cte = "text/rfc822-headers", "7bit"
     else:
         headers_type, headers_cte = "message/global-headers", "8bit"  # RFC 6533 §6.3
@@ -248,7 +330,7 @@ def build_dsn(envelope: Envelope, failed: Sequence[FailedRecipient], hostname: s
         b"Content-Description: Delivery report\r\nContent-Type: message/delivery-status\r\n\r\n",
         report.encode("ascii"),
         f"\r\n--{boundary}\r\n".encode(),
-        f"Content-Description: Undelivered message headers\r\nContent-Type: {headers_type}\r\n"
+        f"Content-Description: {description}\r\nContent-Type: {headers_type}\r\n"
         f"Content-Transfer-Encoding: {headers_cte}\r\n\r\n".encode(),
         headers,
         f"\r\n--{boundary}--\r\n".encode(),

@@ -19,6 +19,11 @@ With the "opportunistic" TLS policy a server whose TLS handshake fails is tried
 once more on the same address in plaintext (as Postfix does at security level
 "may"); "require" and "verify" never fall back.
 
+DSN (RFC 3461 §5.2): the envelope's RET/ENVID and each recipient's
+NOTIFY/ORCPT go to a server that offers DSN (the client leaves them out for
+one that does not); a recipient it accepts is then reported ``dsn_passed``,
+and its success and delay notices are that server's job.
+
 ``deliver`` never errbacks: an unexpected exception becomes a DEFERRED result
 with the reason, so the queue retries later.
 """
@@ -47,6 +52,7 @@ from mta.delivery.client import (
 )
 from mta.delivery.mx import DNSError
 from mta.queue.envelope import Envelope, Recipient
+from mta.smtp.dsnparams import mail_params, rcpt_params
 
 log = Logger()
 
@@ -195,11 +201,15 @@ class RemoteCourier:
             nonlocal last
             tx = Transaction(sender=sender, recipients=list(waiting), data_path=data_path,
                              size=size, body_8bit=envelope.body_8bit, smtputf8=envelope.smtputf8)
+            if envelope.dsn:
+                _add_dsn(tx, envelope, waiting)
             session = await self._attempt(route, tx)
+            dsn = session.transactions[0].dsn
             for address, reply in session.transactions[0].replies.items():
                 for r in waiting.pop(address, []):
                     results.append(DeliveryResult(r, reply.outcome, str(reply), route.name,
-                                                  reply.enhanced, tls=session.tls))
+                                                  reply.enhanced, tls=session.tls,
+                                                  dsn_passed=dsn and bool(r.notify or r.orcpt)))
             if session.connection_error is not None:
                 last = (f"{route.display}: {session.connection_error}",
                         session.error_status or "4.4.2", route.name)
@@ -258,3 +268,16 @@ class RemoteCourier:
                                                  **again.transactions[0].replies}
                 return again
         return session
+
+
+def _add_dsn(tx: Transaction, envelope: Envelope, waiting: dict[str, list[Recipient]]) -> None:
+    """Give ``tx`` the DSN parameters to pass on (RFC 3461 §5.2.1 ff.).  Recipients
+    that share an address share one RCPT: the first with parameters speaks for it."""
+    tx.dsn_mail = mail_params(envelope.ret, envelope.envid)
+    tx.dsn_rcpt = {}
+    for address, group in waiting.items():
+        for r in group:
+            params = rcpt_params(r.notify, r.orcpt, r.original)
+            if params:
+                tx.dsn_rcpt[address] = params
+                break

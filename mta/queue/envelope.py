@@ -49,17 +49,27 @@ class Recipient:
     dsn_sent: bool = False
     # For local recipients: the mailbox owner "user@domain" (after alias expansion).
     mailbox: str = ""
+    # DSN (RFC 3461 §4.1, §4.2), as mta.smtp.dsnparams keeps them; "" = not given.
+    # An alias's targets all carry the NOTIFY/ORCPT of the RCPT that named it.
+    # For a DELIVERED recipient whose NOTIFY has SUCCESS, dsn_sent is the
+    # success notice (ours, or the next hop's when it took the parameters).
+    notify: str = ""  # "NEVER" or e.g. "SUCCESS,FAILURE"
+    orcpt: str = ""  # "rfc822;alice@example.org"
 
     def to_json(self) -> dict[str, Any]:
         # Written out field by field: dataclasses.asdict deep-copies and is slow
         # on this hot path (every envelope save).
-        return {
+        d = {
             "address": self.address, "kind": str(self.kind), "original": self.original,
             "state": str(self.state), "attempts": self.attempts,
             "next_attempt": self.next_attempt, "last_reply": self.last_reply,
             "remote_mta": self.remote_mta, "updated": self.updated, "dsn_sent": self.dsn_sent,
             "mailbox": self.mailbox,
         }
+        if self.notify or self.orcpt:
+            # Only then: the envelope of mail without DSN is what it always was.
+            d["notify"], d["orcpt"] = self.notify, self.orcpt
+        return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Recipient:
@@ -75,6 +85,8 @@ class Recipient:
             updated=float(d.get("updated", 0.0)),
             dsn_sent=bool(d.get("dsn_sent", False)),
             mailbox=str(d.get("mailbox", "")),
+            notify=str(d.get("notify", "")),
+            orcpt=str(d.get("orcpt", "")),
         )
 
 
@@ -93,6 +105,12 @@ class Envelope:
     tls: str = ""
     first_attempt: float = 0.0
     delay_warned: bool = False
+    # DSN (RFC 3461 §4.3, §4.4); "" = not given.  ``dsn`` is set when the client
+    # gave any DSN parameter (on MAIL or on any RCPT): the runner reads the
+    # per-recipient NOTIFY only then, so mail without DSN costs nothing more.
+    ret: str = ""  # "FULL" or "HDRS"
+    envid: str = ""  # decoded from xtext
+    dsn: bool = False
     # The sender before SRS rewriting, when forwarding rewrote it.
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -142,7 +160,7 @@ class Envelope:
 
     def _fields(self) -> dict[str, Any]:
         """Every field but the recipients."""
-        return {
+        fields = {
             "id": self.id, "sender": self.sender,
             "created": self.created, "size": self.size, "body_8bit": self.body_8bit,
             "smtputf8": self.smtputf8, "client_ip": self.client_ip,
@@ -150,6 +168,9 @@ class Envelope:
             "first_attempt": self.first_attempt, "delay_warned": self.delay_warned,
             "extra": self.extra, "version": ENVELOPE_VERSION,
         }
+        if self.dsn:  # only then, as for the recipients
+            fields["dsn"], fields["ret"], fields["envid"] = True, self.ret, self.envid
+        return fields
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Envelope:
@@ -178,5 +199,8 @@ class Envelope:
             tls=str(d.get("tls", "")),
             first_attempt=float(d.get("first_attempt", 0.0)),
             delay_warned=bool(d.get("delay_warned", False)),
+            ret=str(d.get("ret", "")),
+            envid=str(d.get("envid", "")),
+            dsn=bool(d.get("dsn", False)),
             extra=dict(d.get("extra", {})),
         )

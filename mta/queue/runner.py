@@ -19,6 +19,25 @@ for a destination slot and a global slot), and then:
 Only one pass per message runs at a time; a trigger that arrives during a
 pass (new commit, flush, timer) runs another pass right after it.
 
+DSN (RFC 3461 §5.2, RFC 3464), only for a message whose client gave DSN
+parameters (``Envelope.dsn``; mail without them takes none of these paths):
+
+* a recipient whose NOTIFY has SUCCESS gets a success notice once delivered:
+  ``Action: delivered`` for a local mailbox, a pipe or an LMTP server (final
+  delivery on this host), ``relayed`` for a next hop without DSN; none when
+  the next hop took the parameters (the courier says ``dsn_passed``), which
+  then owns the notices.  The success notice is its own message, apart from
+  a bounce in the same pass (subject and text say which it is);
+* NOTIFY=NEVER, or a NOTIFY without FAILURE, settles the failure without a
+  bounce (logged, ``dsn_sent`` set);
+* a delay warning names the deferred recipients whose NOTIFY has DELAY, and
+  those without NOTIFY when ``delivery.delay_warning`` is configured (as for
+  all mail); it is due ``delay_warning`` after arrival, or, for NOTIFY=DELAY
+  with no delay_warning configured, ``DSN_DELAY_AFTER`` (4 hours).
+
+Every notice follows the bounce's order: queued durably, then marked
+``dsn_sent`` and saved (a crash in between duplicates it, never loses it).
+
 Expired recipients are recorded as failed with a reply starting ``4.4.7``
 (RFC 3463 X.4.7, delivery time expired), and the bounce says
 ``Action: failed`` / ``Status: 4.4.7`` as Postfix does.  For the null sender
@@ -50,6 +69,9 @@ log = Logger()
 
 # Timers and float sums may land a hair before next_attempt; treat that as due.
 _DUE_SLACK = 1e-3
+
+# NOTIFY=DELAY without delivery.delay_warning configured: warn after this long.
+DSN_DELAY_AFTER = 4 * 3600.0
 
 # The recorded reply, and the bounce's Status, for ``mta queue bounce`` (RFC 3463 X.0.0).
 ADMIN_BOUNCE_REPLY = "5.0.0 delivery cancelled by the mail administrator"
@@ -142,6 +164,16 @@ def dsn_status(rcpt: Recipient) -> str:
     """The RFC 3463 status a bounce reports for a failed recipient."""
     status = enhanced_status(rcpt.last_reply, "5.0.0")
     return status if status[0] in "45" else "5.0.0"
+
+
+def success_owed(r: Recipient) -> bool:
+    """A delivered recipient whose NOTIFY asks for a success notice not yet sent."""
+    return r.state is RecipientState.DELIVERED and not r.dsn_sent and "SUCCESS" in r.notify
+
+
+def success_action(r: Recipient) -> str:
+    """RFC 3461 §5.2.2/§5.2.3: ``relayed`` to a next hop, ``delivered`` on this host."""
+    return "relayed" if r.kind is RecipientKind.REMOTE else "delivered"
 
 
 def _age_text(seconds: float) -> str:
@@ -420,10 +452,25 @@ class QueueRunner:
 
     def _warning_due(self, env: Envelope) -> float | None:
         """When a delay warning is owed for ``env``, or None."""
+        if env.dsn:
+            return self._dsn_warning_due(env)
         if (self.config.delay_warning is None or env.delay_warned or env.sender == ""
                 or not any(r.state is RecipientState.DEFERRED for r in env.recipients)):
             return None
         return env.created + self.config.delay_warning
+
+    def _wants_delay_notice(self, r: Recipient) -> bool:
+        """RFC 3461 §4.1: NOTIFY with DELAY asks for one, any other NOTIFY declines;
+        without NOTIFY the configured delay_warning decides, as for all mail."""
+        return "DELAY" in r.notify if r.notify else self.config.delay_warning is not None
+
+    def _dsn_warning_due(self, env: Envelope) -> float | None:
+        if env.delay_warned or env.sender == "" or not any(
+                r.state is RecipientState.DEFERRED and self._wants_delay_notice(r)
+                for r in env.recipients):
+            return None
+        after = self.config.delay_warning
+        return env.created + (DSN_DELAY_AFTER if after is None else after)
 
     def _next_wake(self, env: Envelope, now: float) -> float | None:
         """When the next pass for ``env`` is needed; None when nothing is left to do."""
@@ -438,7 +485,9 @@ class QueueRunner:
 
     @staticmethod
     def _bounce_owed(env: Envelope) -> bool:
-        return any(r.state is RecipientState.FAILED and not r.dsn_sent for r in env.recipients)
+        """A bounce, or (DSN) a success notice, is still to be queued."""
+        return any(r.state is RecipientState.FAILED and not r.dsn_sent for r in env.recipients) or (
+            env.dsn and any(success_owed(r) for r in env.recipients))
 
     def _finished(self, env: Envelope) -> bool:
         return all(r.state.final for r in env.recipients) and not self._bounce_owed(env)
@@ -464,6 +513,8 @@ class QueueRunner:
             if due and self._running:
                 await self._deliver(env, due, data_path)
             self._send_bounce(env, data_path)
+            if env.dsn:
+                self._send_success_notice(env, data_path)
             self._send_delay_warning(env, data_path)
         except Exception:
             # Typically the envelope could not be saved (disk full): the state on
@@ -595,6 +646,8 @@ class QueueRunner:
             r.remote_mta = res.remote_mta
         if res.outcome is Outcome.DELIVERED:
             r.state, r.next_attempt = RecipientState.DELIVERED, 0.0
+            if res.dsn_passed:  # the next hop took NOTIFY: its notices, not ours
+                r.dsn_sent = True
         elif res.outcome is Outcome.FAILED:
             r.state, r.next_attempt = RecipientState.FAILED, 0.0
         elif now >= self._expiry(env):
@@ -621,6 +674,10 @@ class QueueRunner:
                 r.dsn_sent = True
             self.store.save(env)
             return
+        if env.dsn:
+            owed = self._drop_unwanted_bounces(env, owed)
+            if not owed:
+                return
         items: list[FailedRecipient] = [(r, dsn_status(r), r.last_reply, r.remote_mta)
                                         for r in owed]
         if not self._enqueue_dsn(env, items, data_path, "failed"):
@@ -631,11 +688,51 @@ class QueueRunner:
             r.dsn_sent = True
         self.store.save(env)
 
+    def _drop_unwanted_bounces(self, env: Envelope, owed: list[Recipient]) -> list[Recipient]:
+        """RFC 3461 §4.1: no failure notice for a NOTIFY that is NEVER or lacks FAILURE.
+        Those are settled (``dsn_sent``) and saved; the rest are returned."""
+        wanted = [r for r in owed if not r.notify or "FAILURE" in r.notify]
+        if len(wanted) == len(owed):
+            return owed
+        for r in owed:
+            if r.notify and "FAILURE" not in r.notify:
+                log.info("message {queue_id} to {recipient} failed ({reply}); its NOTIFY={notify} "
+                         "asks for no bounce", queue_id=env.id, recipient=r.original,
+                         reply=r.last_reply, notify=r.notify, log_event="bounce_not_requested")
+                r.dsn_sent = True
+        self.store.save(env)
+        return wanted
+
+    def _send_success_notice(self, env: Envelope, data_path: Path) -> None:
+        """RFC 3461 §5.2.2, §5.2.3: one success notice for the recipients that asked
+        and were delivered here or relayed to a next hop without DSN."""
+        owed = [r for r in env.recipients if success_owed(r)]
+        if not owed:
+            return
+        if env.sender != "":
+            items: list[FailedRecipient] = []
+            for r in owed:
+                status = enhanced_status(r.last_reply, "2.0.0")
+                items.append((r, status if status[0] == "2" else "2.0.0", r.last_reply,
+                              r.remote_mta))
+            actions = [success_action(r) for r in owed]
+            if not self._enqueue_dsn(env, items, data_path, actions[0], actions=actions):
+                return  # still owed: the next pass tries again
+        else:  # never a notice to the null sender (RFC 5321 §4.5.5): settled without one
+            log.info("message {queue_id} delivered to {recipients}; the sender is null, so no "
+                     "success notice is sent", queue_id=env.id, log_event="dsn_dropped",
+                     recipients=", ".join(r.original for r in owed))
+        for r in owed:
+            r.dsn_sent = True
+        self.store.save(env)
+
     def _send_delay_warning(self, env: Envelope, data_path: Path) -> None:
         due = self._warning_due(env)
         if due is None or self._now() < due:
             return
         waiting = [r for r in env.recipients if r.state is RecipientState.DEFERRED]
+        if env.dsn:
+            waiting = [r for r in waiting if self._wants_delay_notice(r)]
         items: list[FailedRecipient] = []
         for r in waiting:
             status = enhanced_status(r.last_reply, "4.0.0")
@@ -657,11 +754,13 @@ class QueueRunner:
         return Recipient(address=sender, kind=RecipientKind.REMOTE, original=sender)
 
     def _enqueue_dsn(self, env: Envelope, items: list[FailedRecipient], data_path: Path,
-                     action: str, retry_until: float | None = None) -> bool:
+                     action: str, retry_until: float | None = None,
+                     actions: list[str] | None = None) -> bool:
         now = self._now()
         try:
             data = build_dsn(env, items, self.hostname, data_path, action, now,
-                             retry_until=retry_until, from_address=self.config.bounce_from)
+                             retry_until=retry_until, actions=actions,
+                             from_address=self.config.bounce_from)
             writer = self.store.new_message()
             try:
                 writer.write(data)

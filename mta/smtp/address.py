@@ -27,6 +27,14 @@ class AddressError(ValueError):
         self.bad_domain = bad_domain
 
 
+class DuplicateParameter(AddressError):
+    """An ESMTP parameter keyword appears twice in one MAIL or RCPT command."""
+
+    def __init__(self, keyword: str) -> None:
+        super().__init__(f"parameter {keyword} given more than once")
+        self.keyword = keyword
+
+
 @dataclass(frozen=True)
 class Address:
     """A parsed mailbox. ``local`` keeps its original case; ``domain`` is normalised."""
@@ -168,6 +176,8 @@ def split_path_and_params(arg: str, strict: bool = True) -> tuple[str, dict[str,
     (``user@domain SIZE=100``).  A quoted local part holding a space needs the
     brackets there, since the word ends at the first space; an empty path is
     refused either way (the null sender is ``<>``).
+
+    A keyword given twice (in any case) raises :class:`DuplicateParameter`.
     """
     arg = arg.lstrip(" ")
     if not arg.startswith("<"):
@@ -200,7 +210,10 @@ def split_path_and_params(arg: str, strict: bool = True) -> tuple[str, dict[str,
         key, eq, value = word.partition("=")
         if not _PARAM.match(key):
             raise AddressError(f"bad parameter {word!r}")
-        params[key.upper()] = value if eq else None
+        key = key.upper()
+        if key in params:
+            raise DuplicateParameter(key)
+        params[key] = value if eq else None
     return path, params
 
 

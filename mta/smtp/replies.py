@@ -187,3 +187,16 @@ AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
 AUTH_TOO_MANY = Reply(421, "4.7.0", "Too many authentication failures, closing connection", close=True)
 AUTH_BLOCKED = Reply(454, "4.7.0", "Too many authentication failures, try again later")
 AUTH_NOT_AVAILABLE = Reply(503, "5.5.1", "AUTH not available")
+
+# --- DSN parameters (RFC 3461 §4) and repeated parameters -----------------------
+# Each names the parameter and the syntax it wants (RFC 3461 §4.1-§4.4);
+# 501 5.5.4 is "invalid command arguments" (RFC 3463 §3.6).
+BAD_RET = Reply(501, "5.5.4", "RET must be FULL or HDRS (RFC 3461 section 4.3)")
+BAD_ENVID = Reply(501, "5.5.4", "ENVID must be xtext of at most 100 printable US-ASCII characters (RFC 3461 section 4.4)")
+BAD_NOTIFY = Reply(501, "5.5.4", "NOTIFY must be NEVER or a list of SUCCESS, FAILURE, DELAY without repeats (RFC 3461 section 4.1)")
+BAD_ORCPT = Reply(501, "5.5.4", "ORCPT must be addr-type;xtext, e.g. rfc822;user+40example.org (RFC 3461 section 4.2)")
+
+
+def duplicate_param(keyword: str) -> Reply:
+    # A keyword given twice has no single meaning: refused rather than guessed.
+    return Reply(501, "5.5.4", f"Parameter {keyword} given more than once")

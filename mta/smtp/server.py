@@ -47,8 +47,15 @@ from mta.policy.srs import rewrite_forwarded
 from mta.policy.submission import complete_headers
 from mta.queue.envelope import Envelope, Recipient, RecipientKind
 from mta.queue.store import MessageWriter, QueueError, QueueStore
+from mta.smtp import dsnparams
 from mta.smtp import replies as R
-from mta.smtp.address import Address, AddressError, parse_path, split_path_and_params
+from mta.smtp.address import (
+    Address,
+    AddressError,
+    DuplicateParameter,
+    parse_path,
+    split_path_and_params,
+)
 from mta.smtp.data import DataError, DataReader, unfold_headers
 from mta.smtp.replies import Reply
 
@@ -117,6 +124,10 @@ class Transaction:
     spf_headers: list[bytes] = field(default_factory=list)
     spf: Any = None  # mta.policy.spf.SPFResult when SPF ran
     header_lines: list[bytes] = field(default_factory=list)  # the message's header section
+    # DSN (RFC 3461): RET and ENVID from MAIL; dsn is set by any DSN parameter.
+    ret: str = ""
+    envid: str = ""
+    dsn: bool = False
 
     @property
     def sender_text(self) -> str:
@@ -518,6 +529,7 @@ class SMTPSession(Protocol):
             "8BITMIME",
             "SMTPUTF8",
             "ENHANCEDSTATUSCODES",
+            "DSN",  # RFC 3461 §4
         ]
         if self.ctx.tls is not None and not self.tls_active:
             ext.append("STARTTLS")
@@ -719,6 +731,8 @@ class SMTPSession(Protocol):
             return R.MAIL_SYNTAX
         try:
             path, params = split_path_and_params(arg[5:], strict=self.config.strict_envelopes)
+        except DuplicateParameter as e:
+            return R.duplicate_param(e.keyword)
         except AddressError:
             return R.MAIL_SYNTAX
         if params and not self.esmtp:
@@ -741,6 +755,16 @@ class SMTPSession(Protocol):
                 txn.smtputf8 = True
             elif key == "AUTH":
                 pass  # RFC 4954 §5: we may ignore it.
+            elif key == "RET":  # RFC 3461 §4.3
+                ret = dsnparams.parse_ret(value)
+                if isinstance(ret, Reply):
+                    return ret
+                txn.ret, txn.dsn = ret, True
+            elif key == "ENVID":  # RFC 3461 §4.4
+                envid = dsnparams.parse_envid(value)
+                if isinstance(envid, Reply):
+                    return envid
+                txn.envid, txn.dsn = envid, True
             else:
                 return R.PARAM_UNKNOWN
         try:
@@ -789,10 +813,18 @@ class SMTPSession(Protocol):
             return R.RCPT_SYNTAX
         try:
             path, params = split_path_and_params(arg[3:], strict=self.config.strict_envelopes)
+        except DuplicateParameter as e:
+            return R.duplicate_param(e.keyword)
         except AddressError:
             return R.RCPT_SYNTAX
-        if params:
-            return R.PARAM_UNKNOWN
+        notify = orcpt = ""
+        if params:  # only DSN's NOTIFY and ORCPT (RFC 3461 §4.1, §4.2)
+            if not self.esmtp:
+                return R.PARAM_NEEDS_EHLO
+            dsn = dsnparams.parse_rcpt_params(params, self.txn.smtputf8)
+            if isinstance(dsn, Reply):
+                return dsn
+            notify, orcpt = dsn
         if len(self.txn.rcpt_addresses) >= self.limits.max_recipients:
             return self._rcpt_rejected(R.TOO_MANY_RECIPIENTS, path[1:-1], sender=self.txn.sender_text or "<>",
                                        reason="max_recipients")
@@ -826,8 +858,11 @@ class SMTPSession(Protocol):
                 continue
             known.add(key)
             self.txn.recipients.append(
-                Recipient(address=target.address, kind=kind, original=original, mailbox=target.mailbox)
+                Recipient(address=target.address, kind=kind, original=original, mailbox=target.mailbox,
+                          notify=notify, orcpt=orcpt)
             )
+        if params:
+            self.txn.dsn = True
         return R.RECIPIENT_OK
 
     def smtp_DATA(self, arg: str) -> Reply | None:  # noqa: N802
@@ -1000,6 +1035,9 @@ class SMTPSession(Protocol):
             client_helo=self.helo or "",
             auth_user=self.auth_user or "",
             tls=f"{self.tls_version} {self.tls_cipher}".strip(),
+            ret=txn.ret,
+            envid=txn.envid,
+            dsn=txn.dsn,
         )
         rewrite_forwarded(envelope, self.ctx.srs, self.config.local_domains)
         if writer is not None:
