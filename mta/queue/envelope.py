@@ -98,6 +98,8 @@ class Envelope:
     created: float
     size: int = 0
     body_8bit: bool = False
+    # Received with BODY=BINARYMIME (RFC 3030 §3): may only leave by BDAT.
+    binarymime: bool = False
     smtputf8: bool = False
     client_ip: str = ""
     client_helo: str = ""
@@ -163,6 +165,7 @@ class Envelope:
         fields = {
             "id": self.id, "sender": self.sender,
             "created": self.created, "size": self.size, "body_8bit": self.body_8bit,
+            "binarymime": self.binarymime,
             "smtputf8": self.smtputf8, "client_ip": self.client_ip,
             "client_helo": self.client_helo, "auth_user": self.auth_user, "tls": self.tls,
             "first_attempt": self.first_attempt, "delay_warned": self.delay_warned,
@@ -192,6 +195,7 @@ class Envelope:
             created=float(d["created"]),
             size=int(d.get("size", 0)),
             body_8bit=bool(d.get("body_8bit", False)),
+            binarymime=bool(d.get("binarymime", False)),  # absent before CHUNKING support
             smtputf8=bool(d.get("smtputf8", False)),
             client_ip=str(d.get("client_ip", "")),
             client_helo=str(d.get("client_helo", "")),

@@ -12,6 +12,11 @@ Rules (RFC 5321 §4.1.1.4, §4.5.2, §2.3.8):
   reader keeps scanning for the terminator, so the session stays in step.
 * Memory is bounded: only the header section and one partial line are kept.
 
+:class:`ChunkReader` is the same reader for BDAT (RFC 3030): it takes the
+raw octets of the chunks (no terminator, no dot-unstuffing) and applies the
+same limits and header hooks; under BODY=BINARYMIME only the header section is
+read as lines, the body is stored as it came.
+
 The reader works on whole chunks with ``bytes`` methods (split, count, find)
 rather than one Python call per line, and hands the stored bytes to ``sink``
 as it goes.  Header lines are collected and handed to ``on_headers`` once,
@@ -24,6 +29,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from enum import Enum
+from typing import Any
 
 CRLF = b"\r\n"
 
@@ -41,6 +47,9 @@ _FIELD = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")
 
 class DataReader:
     """Feed it raw bytes; it says when the message has ended and what came after."""
+
+    # Dot-unstuffing (RFC 5321 §4.5.2): DATA only, never for BDAT octets.
+    _unstuff = True
 
     def __init__(
         self,
@@ -150,12 +159,13 @@ class DataReader:
             self._error(DataError.LINE_TOO_LONG)
         lines.append(b"")
         block = CRLF.join(lines)
-        # RFC 5321 §4.5.2: remove the first "." of a line that starts with one
-        # (every element of ``lines`` starts a line; the block ends with CRLF).
-        if block[:1] == b".":
-            block = block[1:]
-        if b"\r\n." in block:
-            block = block.replace(b"\r\n.", b"\r\n")
+        if self._unstuff:
+            # RFC 5321 §4.5.2: remove the first "." of a line that starts with one
+            # (every element of ``lines`` starts a line; the block ends with CRLF).
+            if block[:1] == b".":
+                block = block[1:]
+            if b"\r\n." in block:
+                block = block.replace(b"\r\n.", b"\r\n")
         self._write(block)
 
     def _write(self, block: bytes) -> None:
@@ -179,7 +189,7 @@ class DataReader:
                 # Not a header: the body starts here without a blank line.
                 self._end_headers()
                 return lines[i:]
-            if line[:1] == b".":
+            if line[:1] == b"." and self._unstuff:
                 line = line[1:]
             self._header_size += len(line) + 2
             if self._header_size > self.max_header_size:
@@ -203,6 +213,91 @@ class DataReader:
         if self._in_headers:
             self._end_headers()
         self.done = True
+
+
+class ChunkReader(DataReader):
+    """The BDAT reader (RFC 3030 §2): the message is the octets of its chunks, exactly.
+
+    :meth:`feed` takes any part of any chunk; :meth:`end` is called after the
+    LAST chunk.  There is no terminator to look for and nothing is
+    un-stuffed: ``CRLF.CRLF`` or ``LF.LF`` inside a chunk is plain content.
+    The checks are DataReader's (size, header size, header hooks; line
+    length and bare CR/LF), except that with ``binary`` (BODY=BINARYMIME,
+    RFC 3030 §3) the body after the header section is binary: no line rules
+    apply to it and it is stored octet for octet.  The header section is
+    still read as lines (its size bounded, each line bounded).
+
+    A text message whose last line lacks its CRLF gets one (RFC 5322 §2.1:
+    lines end in CRLF; DATA can only ever store such messages); a binary body
+    is kept exactly as sent.
+    """
+
+    _unstuff = False
+
+    def __init__(self, *args: Any, binary: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.binary = binary
+
+    def feed(self, data: bytes) -> None:  # type: ignore[override]
+        """Consume octets of a chunk (never the end of the message: see :meth:`end`)."""
+        assert not self.done
+        if self._pending:
+            data = self._pending + data
+            self._pending = b""
+        if self.binary and not self._in_headers:
+            self._write(data)
+            return
+        end = data.rfind(CRLF)
+        if end < 0:
+            self._keep_partial(data)
+            return
+        complete, rest = data[: end + 2], data[end + 2 :]
+        lines = complete.split(CRLF)
+        lines.pop()  # the empty string after the final CRLF
+        skip_first = self._overlong
+        self._overlong = False
+        if not self.binary:
+            self._check_line_endings(complete, len(complete) - 2, len(lines))
+        if skip_first and lines:
+            lines = lines[1:]  # the tail of an over-long line: already an error, not stored
+        self._store(lines)
+        if self.binary and not self._in_headers:
+            if rest:
+                self._write(rest)
+            return
+        self._keep_partial(rest)
+
+    def _store(self, lines: list[bytes]) -> None:
+        if not self.binary:
+            super()._store(lines)
+            return
+        if not lines:
+            return
+        if self._in_headers:
+            lines = self._take_headers(lines)
+            if not lines:
+                return
+        lines.append(b"")
+        self._write(CRLF.join(lines))  # binary body: no line length rule
+
+    def _keep_partial(self, data: bytes) -> None:
+        if self.binary and len(data) > self.max_line + 1:
+            # Binary content with no line end in sight: not a header line, so the
+            # body starts here (as for any line that is not a header field).
+            self._end_headers()
+            self._write(data)
+            return
+        super()._keep_partial(data)
+
+    def end(self) -> None:
+        """The LAST chunk has been read: store what is pending and close the header section."""
+        if self._pending:
+            if self.binary and not self._in_headers:
+                self._write(self._pending)
+                self._pending = b""
+            else:
+                self.feed(CRLF)  # completes the last line (or the over-long one's tail)
+        self._finish()
 
 
 def unfold_headers(lines: list[bytes]) -> list[tuple[bytes, list[bytes]]]:

@@ -78,7 +78,7 @@ SENDER_OK = Reply(250, "2.1.0", "Sender ok")
 RECIPIENT_OK = Reply(250, "2.1.5", "Recipient ok")
 NOOP_OK = Reply(250, "2.0.0", "Ok")
 RSET_OK = Reply(250, "2.0.0", "Ok, transaction reset")
-HELP = Reply(214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT HELP VRFY STARTTLS AUTH\n"
+HELP = Reply(214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT HELP VRFY STARTTLS AUTH\n"
                          "See RFC 5321 and https://www.rfc-editor.org/rfc/rfc5321")
 VRFY = Reply(252, "2.0.0", "Cannot VRFY user, but will accept message and attempt delivery")
 EXPN = Reply(502, "5.5.1", "EXPN not available")
@@ -113,7 +113,7 @@ BAD_SENDER_DOMAIN = Reply(501, "5.1.8", "Bad sender address domain")
 PARAM_UNKNOWN = Reply(555, "5.5.4", "Unsupported parameter")
 PARAM_NEEDS_EHLO = Reply(555, "5.5.4", "Parameters need EHLO, not HELO")
 BAD_SIZE = Reply(501, "5.5.4", "SIZE parameter must be a number")
-BAD_BODY = Reply(501, "5.5.4", "BODY must be 7BIT or 8BITMIME")
+BAD_BODY = Reply(501, "5.5.4", "BODY must be 7BIT, 8BITMIME or BINARYMIME")
 BAD_SMTPUTF8 = Reply(501, "5.5.4", "SMTPUTF8 takes no value")
 TOO_BIG_DECLARED = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
 NEED_STARTTLS = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
@@ -164,6 +164,19 @@ BARE_LINE_ENDING = Reply(550, "5.6.0", "Message contains a bare CR or LF; lines 
 DATA_LINE_TOO_LONG = Reply(550, "5.6.0", "Message has a line longer than 998 octets (RFC 5322 section 2.1.1)")
 LOOP_DETECTED = Reply(554, "5.4.6", "Too many Received headers: mail loop detected")
 EIGHTBIT_WITHOUT_8BITMIME = Reply(554, "5.6.1", "8-bit data in a message not declared BODY=8BITMIME")
+
+
+# --- BDAT (CHUNKING and BINARYMIME, RFC 3030) -----------------------------------
+BDAT_SYNTAX = Reply(501, "5.5.4", "Syntax: BDAT <size> [LAST]")
+# RFC 3030 §3: a BODY=BINARYMIME message can only be sent with BDAT.
+DATA_AFTER_BINARYMIME = Reply(503, "5.5.1", "BODY=BINARYMIME requires BDAT, not DATA")
+# RFC 3030 §2: one transaction uses DATA or BDAT, never both.
+DATA_AFTER_BDAT = Reply(503, "5.5.1", "DATA not allowed after BDAT in the same transaction")
+
+
+def chunk_received(size: int) -> Reply:
+    """The reply to a BDAT chunk that is not the LAST one (RFC 3030 §2)."""
+    return Reply(250, "2.0.0", f"{size} octets received")
 
 
 def queued(queue_id: str) -> Reply:

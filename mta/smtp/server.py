@@ -16,7 +16,10 @@ Input handling is strict and bounded:
   linear) and answered with 500 once its CRLF comes;
 * after STARTTLS, everything the client sent before the handshake is thrown
   away and the session starts over (RFC 3207 §4.2);
-* the DATA phase is handled by :class:`mta.smtp.data.DataReader`.
+* the DATA phase is handled by :class:`mta.smtp.data.DataReader`;
+* BDAT (CHUNKING, RFC 3030) reads exactly the announced octets after its
+  line, whatever the reply, into a :class:`mta.smtp.data.ChunkReader` (the
+  same checks, no dot-unstuffing; BODY=BINARYMIME skips the body's line rules).
 
 Decisions (who may relay, which recipients exist, SPF) come from the policy
 objects in :class:`ServerContext`; the session only asks and replies.
@@ -24,6 +27,7 @@ objects in :class:`ServerContext`; the session only asks and replies.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from email.utils import format_datetime
@@ -56,7 +60,7 @@ from mta.smtp.address import (
     parse_path,
     split_path_and_params,
 )
-from mta.smtp.data import DataError, DataReader, unfold_headers
+from mta.smtp.data import ChunkReader, DataError, DataReader, unfold_headers
 from mta.smtp.replies import Reply
 
 log = Logger()
@@ -72,12 +76,16 @@ BUSY_READ_LIMIT = 64 * 1024
 # attack must not write a line per guess), with this many of them as a sample.
 RCPT_REFUSALS_LOGGED = 10
 RCPT_REFUSAL_SAMPLE = 5
+# RFC 3030 §2: "BDAT" SP chunk-size [SP "LAST"]; at most 20 digits (the size is
+# bounded: whatever it is, that many octets are read before the reply).
+_BDAT_ARGS = re.compile(r"([0-9]{1,20})(?: (LAST))? *", re.IGNORECASE)
 
 
 class Phase(Enum):
     COMMAND = "command"
     AUTH = "auth"  # waiting for a SASL response line
     DATA = "data"
+    BDAT = "bdat"  # reading the octets of a BDAT chunk (RFC 3030)
     CLOSED = "closed"
 
 
@@ -117,6 +125,7 @@ class Transaction:
 
     sender: Address | None
     body_8bit: bool = False
+    binarymime: bool = False  # BODY=BINARYMIME (RFC 3030 §3): BDAT only
     smtputf8: bool = False
     declared_size: int | None = None
     recipients: list[Recipient] = field(default_factory=list)
@@ -184,6 +193,14 @@ class SMTPSession(Protocol):
         self._held = 0
         self._trace: TraceInfo | None = None
         self._out: list[bytes] | None = None  # replies batched while input is processed
+        # The BDAT chunk being read (RFC 3030): octets still to come, whether it
+        # is the LAST one, the refusal decided at the command (its octets are
+        # then dropped), and the octets of this message's chunks so far.
+        self._bdat_left = 0
+        self._bdat_size = 0
+        self._bdat_last = False
+        self._bdat_refusal: Reply | None = None
+        self._bdat_octets = 0
 
     # --- connection -------------------------------------------------------------
 
@@ -370,7 +387,7 @@ class SMTPSession(Protocol):
             log.info("early talker {ip}", ip=self.client_ip, event="limit", limit="early_talker")
             self._send(R.EARLY_TALKER)
             return
-        if self.phase is Phase.DATA:
+        if self.phase is Phase.DATA or self.phase is Phase.BDAT:
             # Message content: any progress restarts the wait; session_timeout
             # bounds a slow sender.  Commands restart it only when complete (_process).
             self._reset_idle_timer()
@@ -403,6 +420,11 @@ class SMTPSession(Protocol):
                 self._buf = rest
                 self._run(self._end_of_data)
                 continue
+            if self.phase is Phase.BDAT:
+                if self._read_chunk():
+                    self._run(self._chunk_done)
+                    continue
+                return
             line = self._next_line()
             if line is None:
                 return
@@ -530,6 +552,8 @@ class SMTPSession(Protocol):
             "SMTPUTF8",
             "ENHANCEDSTATUSCODES",
             "DSN",  # RFC 3461 §4
+            "CHUNKING",  # RFC 3030 §2
+            "BINARYMIME",  # RFC 3030 §3
         ]
         if self.ctx.tls is not None and not self.tls_active:
             ext.append("STARTTLS")
@@ -746,9 +770,10 @@ class SMTPSession(Protocol):
                 if txn.declared_size > self.limits.max_message_size:
                     return R.TOO_BIG_DECLARED
             elif key == "BODY":
-                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                if value is None or value.upper() not in ("7BIT", "8BITMIME", "BINARYMIME"):
                     return R.BAD_BODY
                 txn.body_8bit = value.upper() == "8BITMIME"
+                txn.binarymime = value.upper() == "BINARYMIME"
             elif key == "SMTPUTF8":
                 if value is not None:
                     return R.BAD_SMTPUTF8
@@ -870,8 +895,20 @@ class SMTPSession(Protocol):
             return R.NEED_MAIL
         if not self.txn.rcpt_addresses:
             return R.NO_RECIPIENTS
+        if self._data is not None:
+            return R.DATA_AFTER_BDAT
+        if self.txn.binarymime:
+            return R.DATA_AFTER_BINARYMIME
         if arg.strip():
             return R.NO_ARGUMENTS
+        self._begin_message(chunked=False)
+        self.phase = Phase.DATA
+        self._prepare_after_flush = True
+        return R.START_DATA
+
+    def _begin_message(self, chunked: bool) -> None:
+        """Set up the reader of the message (DATA's, or BDAT's for ``chunked``)."""
+        assert self.txn is not None
         # The message is held in memory up to dkim.max_message_size (one write at
         # the end, and room to add DKIM/Authentication-Results headers on top);
         # past that it spills to the queue file and streams (see _collect).
@@ -885,6 +922,16 @@ class SMTPSession(Protocol):
             authenticated=self.auth_user is not None, smtputf8=self.txn.smtputf8,
             recipients=tuple(self.txn.rcpt_addresses),
         )
+        if chunked:
+            self._data = ChunkReader(
+                sink=self._collect,
+                on_headers=self._on_headers,
+                max_size=self.limits.max_message_size,
+                max_line_length=self.limits.max_line_length,
+                max_header_size=self.limits.max_header_size,
+                binary=self.txn.binarymime,
+            )
+            return
         self._data = DataReader(
             sink=self._collect,
             on_headers=self._on_headers,
@@ -892,9 +939,85 @@ class SMTPSession(Protocol):
             max_line_length=self.limits.max_line_length,
             max_header_size=self.limits.max_header_size,
         )
-        self.phase = Phase.DATA
-        self._prepare_after_flush = True
-        return R.START_DATA
+
+    # --- BDAT (CHUNKING, RFC 3030) ---------------------------------------------------
+
+    def smtp_BDAT(self, arg: str) -> Reply | Deferred[Reply] | None:  # noqa: N802
+        """``BDAT <size> [LAST]`` (RFC 3030 §2), followed by exactly <size> octets.
+
+        Whatever the answer, those octets are read before it goes out (and
+        dropped when the chunk is refused: no MAIL, no valid RCPT, over the
+        size limit), so the session stays in step with a client that pipelines
+        its chunks, and the replies go out in order.  A chunk that is not the
+        LAST gets its 250 once its octets are in; the LAST chunk's 250 comes
+        only once the message is on disk, as for DATA.  Only a syntax error is
+        answered at once: the size is then unknown (501).
+        """
+        m = _BDAT_ARGS.fullmatch(arg)
+        if m is None:
+            return R.BDAT_SYNTAX
+        size = int(m[1])
+        refusal: Reply | None = None
+        if self.txn is None:
+            refusal = R.NEED_MAIL
+        elif not self.txn.rcpt_addresses:
+            refusal = R.NO_RECIPIENTS
+        else:
+            if self._data is None:  # the first chunk of this message
+                self._begin_message(chunked=True)
+                self._bdat_octets = 0
+                self._prepare_after_flush = True
+            if self._bdat_octets + size > self.limits.max_message_size:
+                refusal = R.TOO_BIG
+            self._bdat_octets += size
+        self._bdat_left, self._bdat_last, self._bdat_refusal = size, m[2] is not None, refusal
+        self._bdat_size = size
+        if size:
+            self.phase = Phase.BDAT
+            return None
+        return self._chunk_done()
+
+    def _read_chunk(self) -> bool:
+        """Take the chunk's octets from the input (to the reader, or dropped when
+        the chunk is refused); True once all of them are in."""
+        available = len(self._buf) - self._pos
+        take = min(self._bdat_left, available)
+        if take == available:
+            chunk = self._buf[self._pos :] if self._pos else self._buf
+            self._buf, self._pos, self._scan = b"", 0, 0
+        else:
+            chunk = self._buf[self._pos : self._pos + take]
+            self._pos += take
+            self._scan = self._pos
+        self._bdat_left -= take
+        if self._bdat_refusal is None:
+            assert isinstance(self._data, ChunkReader)
+            self._data.feed(chunk)
+        if self._bdat_left:
+            return False
+        self.phase = Phase.COMMAND
+        return True
+
+    def _chunk_done(self) -> Reply | Deferred[Reply]:
+        """The reply to a BDAT chunk whose octets are all in.
+
+        A refused chunk discards the whole message of its transaction (RFC 3030
+        §2: the client must not go on with it), as a refused DATA does."""
+        refusal, reader, txn = self._bdat_refusal, self._data, self.txn
+        self._bdat_refusal = None
+        if refusal is not None:
+            if refusal is R.TOO_BIG and txn is not None:
+                self._rejected("data", refusal, sender=txn.sender_text,
+                               rcpts=",".join(txn.rcpt_addresses))
+                self._reset_transaction()
+            return refusal
+        assert isinstance(reader, ChunkReader)
+        if self._bdat_last:
+            reader.end()
+            return self._end_of_data()
+        if reader.error is not None or self._chunks is None:
+            return self._end_of_data()  # answers the error and ends the transaction
+        return R.chunk_received(self._bdat_size)
 
     def _prepare_writer(self) -> None:
         """Make the queue writer and the Received header now that the 354 has gone
@@ -903,7 +1026,7 @@ class SMTPSession(Protocol):
         start of the transfer, as in Postfix's Received.)  A failure here is
         left for the end of the message, which tries again and answers 451."""
         self._prepare_after_flush = False
-        if self.phase is not Phase.DATA or self._ready_writer is not None or self._writer is not None:
+        if self._data is None or self._ready_writer is not None or self._writer is not None:
             return
         try:
             self._ready_writer, self._ready_trace = self._new_writer()
@@ -1030,6 +1153,7 @@ class SMTPSession(Protocol):
             recipients=txn.recipients,
             created=time.time(),
             body_8bit=txn.body_8bit or reader.eight_bit,
+            binarymime=txn.binarymime,
             smtputf8=txn.smtputf8,
             client_ip=self.client_ip,
             client_helo=self.helo or "",
