@@ -39,6 +39,13 @@ Scripting, all optional:
   recipient in RCPT order, each scriptable as ``"DATA_END:<address>"`` (falling
   back to ``"DATA_END"``; ``stall``/``drop`` take the same keys).  A message
   records the recipients that got a 2xx in ``delivered_to``.
+* ``chunking=True`` offers CHUNKING (RFC 3030) and ``binarymime=True``
+  BINARYMIME: ``BDAT n [LAST]`` reads exactly n octets; a non-LAST chunk is
+  answered at stage "BDAT" (default ``250 2.0.0 n octets received``), the
+  LAST one at "DATA_END"; a chunk without MAIL or RCPT gets 503/554 and its
+  octets are dropped.  The message's ``data`` and ``raw`` are the chunks'
+  octets, ``chunks`` their sizes.  A message over ``MAX_MESSAGE`` octets
+  (DATA or BDAT) is refused with 552 and the connection closed.
 """
 
 from __future__ import annotations
@@ -60,6 +67,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 MAX_LINE = 4096
+MAX_MESSAGE = 64 * 1024 * 1024  # the sink keeps messages in memory: bounded
 
 
 @dataclass
@@ -74,6 +82,7 @@ class SinkMessage:
     helo: str
     accepted: bool = True
     delivered_to: list[str] = field(default_factory=list)  # recipients given a 2xx after DATA
+    chunks: list[int] = field(default_factory=list)  # BDAT: the size of each chunk (empty: DATA)
 
 
 @dataclass
@@ -115,6 +124,8 @@ class SinkOptions:
     max_errors: int | None = None
     starttls_inject: bytes = b""
     lmtp: bool = False
+    chunking: bool = False
+    binarymime: bool = False
 
 
 @implementer(IHandshakeListener)
@@ -136,6 +147,14 @@ class SinkProtocol(Protocol):
         self._stalled = False
         self._broken_tls = False
         self._errors = 0
+        # BDAT: octets of the current chunk still to come, whether it is LAST,
+        # the reply when it is refused (its octets are dropped), and the message so far.
+        self._bdat_left: int | None = None
+        self._bdat_last = False
+        self._bdat_refusal: str | None = None
+        self._chunks = bytearray()
+        self._chunk_sizes: list[int] = []
+        self._chunk_start = 0  # where the current chunk starts in _chunks
 
     # connection
 
@@ -170,6 +189,10 @@ class SinkProtocol(Protocol):
                 if not self._take_data():
                     break
                 continue
+            if self._bdat_left is not None:
+                if not self._take_chunk():
+                    break
+                continue
             end = self._buffer.find(b"\n")
             if end < 0:
                 if len(self._buffer) > MAX_LINE:
@@ -193,11 +216,29 @@ class SinkProtocol(Protocol):
         self._buffer.clear()
         end = self._data.find(b"\r\n.\r\n", start)
         if end < 0:
+            if len(self._data) > MAX_MESSAGE:
+                self._write(["552 5.3.4 message too big for the sink"])
+                self.transport.loseConnection()
             return False
         raw = bytes(self._data[2 : end + 5])
         self._buffer += self._data[end + 5 :]
         self._data = None
         self._end_of_data(raw)
+        return True
+
+    def _take_chunk(self) -> bool:
+        """Move a BDAT chunk's octets out of the buffer; True once it is complete."""
+        assert self._bdat_left is not None
+        take = min(self._bdat_left, len(self._buffer))
+        if self._bdat_refusal is None:
+            self._chunks += self._buffer[:take]
+        del self._buffer[:take]
+        self._bdat_left -= take
+        self.session.data_bytes_received += take
+        if self._bdat_left:
+            return False
+        self._bdat_left = None
+        self._end_of_chunk()
         return True
 
     # replies
@@ -268,6 +309,10 @@ class SinkProtocol(Protocol):
             ext.append("ENHANCEDSTATUSCODES")
         if o.dsn:
             ext.append("DSN")
+        if o.chunking:
+            ext.append("CHUNKING")
+        if o.binarymime:
+            ext.append("BINARYMIME")
         if o.tls is not None and not self.session.tls:
             ext.append("STARTTLS")
         if o.auth is not None and (self.session.tls or not o.auth_requires_tls):
@@ -405,6 +450,9 @@ class SinkProtocol(Protocol):
             if key == "SIZE" and "SIZE" in offered:
                 if self.opts.size and int(value) > self.opts.size:
                     return "552 5.3.4 message size exceeds fixed maximum message size"
+            elif key == "BODY" and value.upper() == "BINARYMIME":
+                if "BINARYMIME" not in offered:
+                    return f"555 5.5.4 unsupported parameter {p}"
             elif key == "BODY" and "8BITMIME" in offered:
                 pass
             elif key == "SMTPUTF8" and "SMTPUTF8" in offered:
@@ -445,15 +493,53 @@ class SinkProtocol(Protocol):
         if self._reply("DATA", "354 End data with <CR><LF>.<CR><LF>") == 354:
             self._data = bytearray(b"\r\n")
 
+    def _do_BDAT(self, arg: str) -> None:
+        words = arg.split()
+        if (not self.opts.chunking or not 1 <= len(words) <= 2 or not words[0].isdigit()
+                or (len(words) == 2 and words[1].upper() != "LAST")):
+            self._write(["501 5.5.4 syntax: BDAT size [LAST]"])
+            return
+        size = int(words[0])
+        self._bdat_last = len(words) == 2
+        self._bdat_refusal = None
+        if self._sender is None:
+            self._bdat_refusal = "503 5.5.1 need MAIL command"
+        elif not self._rcpts:
+            self._bdat_refusal = "554 5.5.1 Error: no valid recipients"
+        elif len(self._chunks) + size > MAX_MESSAGE:
+            self._write(["552 5.3.4 message too big for the sink"])
+            self.transport.loseConnection()
+            return
+        self._bdat_left, self._chunk_start = size, len(self._chunks)
+        if size == 0:
+            self._bdat_left = None
+            self._end_of_chunk()
+
+    def _end_of_chunk(self) -> None:
+        if self._bdat_refusal is not None:
+            self._write([self._bdat_refusal])
+            return
+        self._chunk_sizes.append(len(self._chunks) - self._chunk_start)
+        if not self._bdat_last:
+            self._reply("BDAT", f"250 2.0.0 {self._chunk_sizes[-1]} octets received")
+            return
+        data = bytes(self._chunks)
+        self._chunks = bytearray()
+        self._store_message(data, data)
+
     def _end_of_data(self, raw: bytes) -> None:
         body = b"" if raw == b".\r\n" else raw[:-3]
         if body.startswith(b"."):
             body = body[1:]
         body = body.replace(b"\r\n.", b"\r\n")  # RFC 5321 §4.5.2: drop the first dot of a line
+        self._store_message(body, raw)
+
+    def _store_message(self, body: bytes, raw: bytes) -> None:
         message = SinkMessage(
             sender=self._sender or "", recipients=list(self._rcpts), data=body, raw=raw,
             mail_params=list(self._params), tls=self.session.tls,
             auth_user=self.session.auth_user, helo=self.session.helo,
+            chunks=self._chunk_sizes,
         )
         self.session.messages.append(message)
         number = sum(len(s.messages) for s in self.sink.sessions)
@@ -489,6 +575,7 @@ class SinkProtocol(Protocol):
 
     def _reset(self) -> None:
         self._sender, self._params, self._rcpts, self._rcpt_count = None, [], [], 0
+        self._chunks, self._chunk_sizes = bytearray(), []
 
 
 def _unb64(text: str) -> str:

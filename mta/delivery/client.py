@@ -31,6 +31,16 @@ Deliberate choices:
 * RSET is sent before a transaction only when the previous one did not end
   with a DATA reply (RFC 5321 §4.1.1.5); after a completed DATA a new MAIL may
   follow directly.
+* To a server that offers CHUNKING the message goes out with BDAT (RFC 3030
+  §2), octet for octet, without dot-stuffing: a message of at most
+  ``SMALL_BODY`` octets as one ``BDAT n LAST`` (pipelined with MAIL and the
+  RCPTs under PIPELINING), a bigger one after the RCPT replies, in
+  ``CHUNK_SIZE`` chunks read from the file as they go, at most
+  ``BDAT_WINDOW`` chunks unanswered (one without PIPELINING).  A BDAT
+  message's transaction ends with an RSET unless its LAST chunk got a 2xx.
+  A BODY=BINARYMIME message (RFC 3030 §3) can only go that way: to a server
+  without CHUNKING and BINARYMIME all its recipients fail with 554 5.6.3.
+  LMTP keeps DATA (a BINARYMIME message is refused the same way there).
 * Credentials are only ever sent under TLS (RFC 4954 §4 and RFC 8314 spirit);
   configured credentials on a plaintext connection fail that server.
 
@@ -76,6 +86,8 @@ CHUNK_SIZE = 64 * 1024
 SMALL_BODY = 16 * 1024  # sent in one write without a producer (fits any socket send buffer)
 MAX_REPLY_LINE = 4096  # RFC 5321 §4.5.3.1.5 says 512; real servers send longer lines
 MAX_REPLY_LINES = 100
+BDAT_WINDOW = 2  # BDAT chunks sent and not yet answered, with PIPELINING (RFC 3030 §4.2)
+MAX_BDAT_CHUNKS = 1 << 20  # bound of the chunk loop: 64 GiB at CHUNK_SIZE
 
 
 # --- values ------------------------------------------------------------------------------
@@ -112,6 +124,7 @@ class Transaction:
     # parameters (NOTIFY=, ORCPT=); None/empty for mail without DSN.
     dsn_mail: list[str] | None = None
     dsn_rcpt: dict[str, str] | None = None
+    binarymime: bool = False  # received with BODY=BINARYMIME: BDAT only (RFC 3030 §3)
 
     @property
     def needs_smtputf8(self) -> bool:
@@ -352,6 +365,11 @@ class DotStuffer:
         return out + b".\r\n"
 
 
+def bdat_command(chunk: bytes, last: bool) -> bytes:
+    """``BDAT <size> [LAST]`` and the chunk: the size is exactly the chunk's (RFC 3030 §2)."""
+    return b"BDAT %d%s\r\n%s" % (len(chunk), b" LAST" if last else b"", chunk)
+
+
 # --- errors that end a session -----------------------------------------------------------
 
 
@@ -527,10 +545,19 @@ class SMTPClientProtocol(Protocol):
     def _while(self) -> str:
         return f" while waiting for {self._waiting_for_text}" if self._waiting_for else ""
 
-    def write_lines(self, lines: list[str]) -> None:
-        """Send commands (one write, so a pipelined group leaves in one segment)."""
+    def write_lines(self, lines: list[str], tail: bytes = b"") -> None:
+        """Send commands (one write, so a pipelined group leaves in one segment);
+        ``tail``: bytes that follow them in the same write (a BDAT chunk)."""
         self.ensure_idle()
-        send_now(self.transport, b"".join(line.encode("utf-8") + b"\r\n" for line in lines))
+        send_now(self.transport, b"".join(line.encode("utf-8") + b"\r\n" for line in lines) + tail)
+
+    def write_chunk(self, chunk: bytes, last: bool) -> None:
+        """Send one BDAT command with its octets (RFC 3030 §2), in one write.
+
+        Replies to earlier chunks may be waiting (they are read later): no idle check."""
+        if self._failure is not None:
+            raise self._failure
+        send_now(self.transport, bdat_command(chunk, last))
 
     def ensure_idle(self) -> None:
         """Nothing may have arrived that we did not ask for (RFC 5321 §4.2: a reply per command)."""
@@ -713,6 +740,8 @@ class State(Enum):
     DATA = "DATA"
     DATA_BODY = "message data"
     DATA_DONE = "end of data"
+    BDAT = "BDAT"  # RFC 3030: chunks sent, their replies coming
+    BDAT_DONE = "end of BDAT"  # the LAST chunk got a 2xx: the transaction is over
     RSET = "RSET"
     QUIT = "QUIT"
     CLOSED = "closed"
@@ -733,10 +762,12 @@ _TRANSITIONS: dict[State, frozenset[State]] = {
     S.LHLO_AFTER_TLS: frozenset({S.AUTH, S.MAIL, S.QUIT}),
     S.AUTH: frozenset({S.MAIL, S.QUIT}),
     S.MAIL: frozenset({S.RCPT, S.RSET, S.QUIT}),
-    S.RCPT: frozenset({S.DATA, S.RSET, S.QUIT}),
+    S.RCPT: frozenset({S.DATA, S.BDAT, S.RSET, S.QUIT}),
     S.DATA: frozenset({S.DATA_BODY, S.DATA_DONE, S.RSET, S.QUIT}),
     S.DATA_BODY: frozenset({S.DATA_DONE}),
     S.DATA_DONE: frozenset({S.MAIL, S.RSET, S.QUIT}),
+    S.BDAT: frozenset({S.BDAT_DONE, S.RSET, S.QUIT}),
+    S.BDAT_DONE: frozenset({S.MAIL, S.RSET, S.QUIT}),
     S.RSET: frozenset({S.MAIL, S.QUIT}),
     S.QUIT: frozenset(),
     S.CLOSED: frozenset(),
@@ -762,7 +793,7 @@ class _Session:
     @property
     def reusable(self) -> bool:
         """Still open, idle and between transactions (for :class:`ConnectionCache`)."""
-        return self.state in (State.DATA_DONE, State.RSET) and self.proto.idle
+        return self.state in (State.DATA_DONE, State.BDAT_DONE, State.RSET) and self.proto.idle
 
     def _enter(self, state: State) -> None:
         if state not in _TRANSITIONS[self.state]:
@@ -944,6 +975,11 @@ class _Session:
             reason = RecipientReply(552, "5.3.4", f"message size {tx.size} exceeds the limit "
                                     f"{self.caps.size_limit} of {self.result.server} (RFC 1870)",
                                     Outcome.FAILED)
+        elif tx.binarymime and not (self._chunking and self.caps.has("BINARYMIME")):
+            # RFC 3030 §3: no downgrade of binary content; RFC 3463 5.6.3.
+            reason = RecipientReply(554, "5.6.3", f"conversion required but not supported: the "
+                                    f"message is BINARYMIME and {self.result.server} does not "
+                                    "offer CHUNKING and BINARYMIME (RFC 3030)", Outcome.FAILED)
         if reason is None:
             return False
         for r in recipients:
@@ -954,7 +990,9 @@ class _Session:
         params = []
         if self.caps.has("SIZE"):
             params.append(f"SIZE={tx.size}")  # RFC 1870 §5
-        if tx.body_8bit and self.caps.has("8BITMIME"):
+        if tx.binarymime:
+            params.append("BODY=BINARYMIME")  # RFC 3030 §3 (only sent with CHUNKING)
+        elif tx.body_8bit and self.caps.has("8BITMIME"):
             params.append("BODY=8BITMIME")  # RFC 6152 §2
         if tx.needs_smtputf8:
             params.append("SMTPUTF8")  # RFC 6531 §3.4
@@ -984,9 +1022,13 @@ class _Session:
         closing: tuple[Reply, str] | None = None  # a 421 and what it answered
         rcpt_replies: list[Reply] = []
         data: Reply | None = None
+        chunked = self._chunking
+        small = self._small_chunk(tx) if chunked and pipelined else None
+        last: Reply | None = None  # the reply to a pipelined BDAT LAST
         self._enter(State.MAIL)
-        if pipelined:  # RFC 2920 §3.1: MAIL, the RCPTs and DATA in one group
-            self.proto.write_lines([mail_line, *rcpt_lines, "DATA"])
+        if pipelined:  # RFC 2920 §3.1: MAIL, the RCPTs and DATA (or a small BDAT LAST) in one group
+            self.proto.write_lines([mail_line, *rcpt_lines, *(() if chunked else ("DATA",))],
+                                   tail=small or b"")
             mail = await self._read(self.t.mail, "MAIL FROM")
             self._enter(State.RCPT)
             for _ in recipients:
@@ -995,7 +1037,11 @@ class _Session:
                     closing = (reply, "RCPT TO")
                     break
                 rcpt_replies.append(reply)
-            if closing is None:
+            if closing is None and small is not None:
+                last = await self._read_pipelined_last()
+                if last.code == 421:
+                    closing, last = (last, "BDAT LAST"), None
+            elif closing is None and not chunked:
                 self._enter(State.DATA)
                 data = await self._read_any(self.t.data_init, "DATA")
                 if data.code == 421:
@@ -1029,6 +1075,8 @@ class _Session:
         if not accepted:  # RFC 2920 §3.1: DATA then gets 503/554
             await self._drain_unwanted_data(data)
             return False, retry
+        if chunked:
+            return await self._bdat(tr, accepted, last), retry
         if data is None:
             self._enter(State.DATA)
             data = await self._command("DATA", self.t.data_init)
@@ -1112,6 +1160,106 @@ class _Session:
         except OSError as e:  # the queue file could not be read: not the server's fault
             raise SessionError(f"cannot read the message file: {e.strerror}", "4.3.0") from None
         self._enter(State.DATA_DONE)
+        return None
+
+    # BDAT (CHUNKING, RFC 3030)
+
+    @property
+    def _chunking(self) -> bool:
+        """Send with BDAT: the server offers CHUNKING (LMTP keeps DATA)."""
+        return not self.options.lmtp and self.caps.has("CHUNKING")
+
+    def _small_chunk(self, tx: Transaction) -> bytes | None:
+        """The whole message as one ``BDAT n LAST``, if it is at most SMALL_BODY octets."""
+        try:
+            head = read_message_start(tx.data_path, SMALL_BODY + 1)
+        except OSError as e:  # not the server's fault; nothing was sent yet
+            raise SessionError(f"cannot read the message file: {e.strerror}", "4.3.0",
+                               polite=True) from None
+        return bdat_command(head, True) if len(head) <= SMALL_BODY else None
+
+    async def _read_pipelined_last(self) -> Reply:
+        """The reply to the BDAT LAST sent with MAIL and the RCPTs (whatever theirs were:
+        the server read and answered it in any case, RFC 3030 §2); a 421 is returned
+        too, for the caller to apply the replies before it first."""
+        self.body_started = True
+        self._enter(State.BDAT)
+        return await self._read_any(self.t.data_end, "BDAT LAST")
+
+    async def _bdat(self, tr: TransactionResult, accepted: list[str], last: Reply | None) -> bool:
+        """Send the message with BDAT (unless a pipelined BDAT LAST already carried
+        it: ``last``) and give the accepted recipients its result.  True when the
+        LAST chunk got a 2xx (the transaction is over; otherwise RSET follows)."""
+        if last is None:
+            self._enter(State.BDAT)
+            last = await self._send_chunks(tr.transaction)
+        self._final(tr, accepted, last, "BDAT")
+        if last.kind != 2:
+            return False
+        self._enter(State.BDAT_DONE)
+        return True
+
+    async def _send_chunks(self, tx: Transaction) -> Reply:
+        """Stream the file as BDAT chunks; the reply that decides the message: the
+        LAST chunk's, or the first refusal of a chunk (no more are sent then).
+
+        Each chunk is one read of the file, its size exact; a chunk is read
+        ahead to know which one is LAST (an empty message is ``BDAT 0 LAST``).
+        Every chunk sent has its reply read before this returns, so the
+        session stays in step.  Non-LAST replies wait ``data_block`` at most,
+        the LAST one ``data_end`` (RFC 5321 §4.5.3.2.5-6)."""
+        self.body_started = True
+        window = BDAT_WINDOW if self.caps.has("PIPELINING") else 1
+        due = 0  # chunks sent whose reply has not been read
+        refusal: Reply | None = None
+        try:
+            with open_message(tx.data_path) as f:
+                chunk = f.read(CHUNK_SIZE)
+                for _ in range(MAX_BDAT_CHUNKS):
+                    following = f.read(CHUNK_SIZE) if chunk else b""
+                    self.proto.write_chunk(chunk, not following)
+                    due += 1
+                    if not following:
+                        break
+                    chunk = following
+                    while due >= window and refusal is None:
+                        reply = await self._read(self.t.data_block, "BDAT")
+                        due -= 1
+                        if reply.kind != 2:
+                            refusal = reply
+                    if refusal is not None:
+                        break
+                else:
+                    raise RuntimeError("SMTP client: BDAT chunk loop did not end")
+        except OSError as e:  # the queue file could not be read: not the server's fault
+            raise SessionError(f"cannot read the message file: {e.strerror}", "4.3.0") from None
+        except SessionError:
+            early = self._early_refusal(due)  # a server that refused a chunk and closed
+            if early is None:
+                raise
+            return early
+        if refusal is not None:  # no LAST was sent: the replies due, to stay in step
+            for _ in range(due):
+                await self._read(self.t.data_block, "BDAT")
+            return refusal
+        for _ in range(due - 1):
+            reply = await self._read(self.t.data_block, "BDAT")
+            if reply.kind != 2 and refusal is None:
+                refusal = reply
+        final = await self._read(self.t.data_end, "BDAT LAST")
+        return refusal or final
+
+    def _early_refusal(self, due: int) -> Reply | None:
+        """After the connection failed while sending chunks: a refusal among the
+        (at most ``due``) replies already received, if any."""
+        for _ in range(due):
+            reply = self.proto.take_reply()
+            if reply is None:
+                return None
+            if reply.code == 421:
+                raise _refused(reply, "BDAT")
+            if reply.kind != 2:
+                return reply
         return None
 
     async def _quit(self) -> None:

@@ -97,7 +97,8 @@ class LMTPCourier:
     async def _send(self, envelope: Envelope, mailboxes: list[str], data_path: Path) -> SessionResult:
         size = envelope.size or os.stat(data_path).st_size
         tx = Transaction(sender=envelope.sender, recipients=mailboxes, data_path=data_path,
-                         size=size, body_8bit=envelope.body_8bit, smtputf8=envelope.smtputf8)
+                         size=size, body_8bit=envelope.body_8bit, smtputf8=envelope.smtputf8,
+                         binarymime=envelope.binarymime)
         # The default "opportunistic" policy means no STARTTLS for LMTP (see client.py).
         options = ClientOptions(helo_name=self.hostname, timeouts=self.timeouts, lmtp=True)
         endpoint = clientFromString(self.reactor, self.endpoint_description)

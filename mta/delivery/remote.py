@@ -200,7 +200,8 @@ class RemoteCourier:
         async def attempt(route: Route) -> None:
             nonlocal last
             tx = Transaction(sender=sender, recipients=list(waiting), data_path=data_path,
-                             size=size, body_8bit=envelope.body_8bit, smtputf8=envelope.smtputf8)
+                             size=size, body_8bit=envelope.body_8bit, smtputf8=envelope.smtputf8,
+                             binarymime=envelope.binarymime)
             if envelope.dsn:
                 _add_dsn(tx, envelope, waiting)
             session = await self._attempt(route, tx)
