@@ -12,12 +12,16 @@ import time
 
 import pytest
 import pytest_twisted
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
 
 from mta.queue.envelope import Envelope
 from mta.queue.store import read_embedded_envelope
 from tests.harness import RawClient, in_thread, message_files, start_mta
+from tests.sink import start_sink
 from tests.test_commit import Hold
+from tests.test_server_policy import login
 
 
 @pytest.fixture
@@ -425,3 +429,79 @@ def test_envelope_without_binarymime_field_still_loads():
     assert Envelope.from_bytes(json.dumps(fields).encode()).binarymime is False
     assert Envelope.from_bytes(Envelope(id="y", sender="", recipients=[], created=1.0,
                                         binarymime=True).to_bytes()).binarymime is True
+
+
+@pytest_twisted.ensureDeferred
+async def test_submission_over_bdat_completes_headers_and_binds_from(tmp_path):
+    """On the submission port the same hooks run for BDAT: missing Date and
+    Message-ID are added, and a From the user does not own is refused."""
+    running = await start_mta(tmp_path, extra={"sender_binding_from": True})
+    try:
+        def run():
+            c, code = login(running.port("submission"))
+            assert code == 235
+            assert c.cmd("MAIL FROM:<alice@example.test>")[0] == 250
+            assert c.cmd("RCPT TO:<bob@example.test>")[0] == 250
+            ok = send_chunk(c, b"From: alice@example.test\r\nSubject: s\r\n\r\nbody\r\n", last=True)
+            assert c.cmd("MAIL FROM:<alice@example.test>")[0] == 250
+            assert c.cmd("RCPT TO:<bob@example.test>")[0] == 250
+            c.send(bdat(b"From: bob@example.test\r\n"))
+            first = c.read_reply()
+            forged = send_chunk(c, b"Subject: not mine\r\n\r\nbody\r\n", last=True)
+            c.close()
+            return ok, first, forged
+
+        ok, first, forged = await in_thread(run)
+        assert ok[0] == 250 and first[0] == 250
+        assert forged[0] == 553 and "5.7.1" in forged[1]
+        (envelope,) = running.queued()
+        data = stored(running, envelope.id)
+        assert b"\r\nMessage-ID: <" in data and b"\r\nDate: " in data
+        assert data.startswith(b"From: alice@example.test\r\nSubject: s\r\n")
+        assert data.endswith(b"\r\n\r\nbody\r\n")
+    finally:
+        await running.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_bdat_message_reaches_the_maildir_and_leaves_by_bdat(tmp_path, dns_server):
+    """End to end: received in chunks, delivered to a local Maildir and relayed to
+    a remote MX that offers CHUNKING, which gets it byte for byte."""
+    dns_server.load({"remote.test": {"MX": [(10, "mx.remote.test")]},
+                     "mx.remote.test": {"A": ["127.0.0.1"]}})
+    sink = await start_sink(chunking=True)
+    host, port = dns_server.address
+    running = None
+    try:
+        running = await start_mta(tmp_path, runner=None, extra={
+            "dns": {"servers": [f"{host}:{port}"], "timeout": 1.0},
+            "delivery": {"mx_port": sink.port},
+            "relay_networks": ["127.0.0.0/8"],
+        })
+
+        def run():
+            c = greeted(running.port())
+            assert c.cmd("MAIL FROM:<sender@example.test>")[0] == 250
+            assert c.cmd("RCPT TO:<alice@example.test>")[0] == 250
+            assert c.cmd("RCPT TO:<friend@remote.test>")[0] == 250
+            c.send(bdat(MESSAGE[:33]) + bdat(MESSAGE[33:], last=True))
+            replies = [c.read_reply() for _ in range(2)]
+            c.close()
+            return replies
+
+        replies = await in_thread(run)
+        assert [code for code, _ in replies] == [250, 250]
+        new = tmp_path / "var" / "mail" / "example.test" / "alice" / "new"
+        deadline = time.monotonic() + 15
+        while not (sink.messages and new.exists() and any(new.iterdir())):
+            assert time.monotonic() < deadline, "not delivered"
+            await deferLater(reactor, 0.05, lambda: None)
+        (remote,) = sink.messages
+        assert remote.chunks and remote.data.endswith(b"\r\n" + MESSAGE)
+        assert remote.data.startswith(b"Received: from client.test")
+        (local,) = new.iterdir()
+        assert local.read_bytes().endswith(b"\n" + MESSAGE.replace(b"\r\n", b"\n"))
+    finally:
+        if running is not None:
+            await running.stop()
+        await sink.stop()
