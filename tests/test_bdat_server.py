@@ -244,11 +244,14 @@ async def test_size_limit_counts_all_chunks(tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_bdat_and_data_do_not_mix(mta):
+    """DATA (or another RCPT) once chunks have begun is refused, and the BDAT
+    transaction goes on; after DATA ended a transaction, BDAT has no MAIL."""
     def run():
         c = greeted(mta.port())
         open_transaction(c)
         chunk = send_chunk(c, MESSAGE[:10])
         data = c.cmd("DATA")
+        rcpt = c.cmd("RCPT TO:<bob@example.test>")
         last = send_chunk(c, MESSAGE[10:], last=True)  # the BDAT transaction goes on
         open_transaction(c)
         assert c.cmd("DATA")[0] == 354
@@ -256,11 +259,12 @@ async def test_bdat_and_data_do_not_mix(mta):
         by_data = c.read_reply()
         then_bdat = send_chunk(c, b"hello\r\n", last=True)
         c.close()
-        return chunk, data, last, by_data, then_bdat
+        return chunk, data, rcpt, last, by_data, then_bdat
 
-    chunk, data, last, by_data, then_bdat = await in_thread(run)
+    chunk, data, rcpt, last, by_data, then_bdat = await in_thread(run)
     assert chunk[0] == 250
     assert data == (503, "503 5.5.1 DATA not allowed after BDAT in the same transaction")
+    assert rcpt == (503, "503 5.5.1 RCPT not allowed after BDAT in the same transaction")
     assert last[0] == 250 and "queued as" in last[1]
     assert by_data[0] == 250 and "queued as" in by_data[1]
     assert then_bdat == (503, "503 5.5.1 Send MAIL FROM first")  # DATA ended that transaction

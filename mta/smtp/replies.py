@@ -172,6 +172,7 @@ BDAT_SYNTAX = Reply(501, "5.5.4", "Syntax: BDAT <size> [LAST]")
 DATA_AFTER_BINARYMIME = Reply(503, "5.5.1", "BODY=BINARYMIME requires BDAT, not DATA")
 # RFC 3030 §2: one transaction uses DATA or BDAT, never both.
 DATA_AFTER_BDAT = Reply(503, "5.5.1", "DATA not allowed after BDAT in the same transaction")
+RCPT_AFTER_BDAT = Reply(503, "5.5.1", "RCPT not allowed after BDAT in the same transaction")
 
 
 def chunk_received(size: int) -> Reply:

@@ -834,6 +834,8 @@ class SMTPSession(Protocol):
     def smtp_RCPT(self, arg: str) -> Reply:  # noqa: N802
         if self.txn is None:
             return R.NEED_MAIL
+        if self._data is not None:  # RFC 3030 §2: the chunks of the message have begun
+            return R.RCPT_AFTER_BDAT
         if arg[:3].upper() != "TO:":
             return R.RCPT_SYNTAX
         try:
