@@ -192,6 +192,16 @@ async def test_421_to_a_chunk_fails_the_server(tmp_path: Path) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_421_to_a_pipelined_bdat_last_keeps_the_rcpt_replies_before_it(tmp_path: Path) -> None:
+    async with running(chunking=True, replies={"RCPT:c@dst.test": "550 5.1.1 unknown",
+                                               "DATA_END": "421 4.3.2 going down"}) as sink:
+        result = await deliver(sink, [tx(message(tmp_path), ("b@dst.test", "c@dst.test"))])
+    assert result.connection_error is not None and "421" in result.connection_error
+    assert outcomes(result) == {"c@dst.test": (550, Outcome.FAILED)}
+    assert result.transactions[0].unanswered() == ["b@dst.test"]
+
+
+@pytest_twisted.ensureDeferred
 async def test_stalled_chunk_reply_times_out_after_data_block(tmp_path: Path) -> None:
     clock = Clock()
     async with running(chunking=True, stall={"BDAT"}) as sink:
