@@ -53,7 +53,9 @@ async def start(tmp_path, dns_server, **extra):
     return await start_mta(tmp_path, extra=settings)
 
 
-def send(port: int, sender: str, body: bytes, login: str | None = None) -> tuple[int, str]:
+def send(port: int, sender: str, body: bytes, login: str | None = None,
+         chunked: bool = False) -> tuple[int, str]:
+    """One message by DATA, or (``chunked``) in two BDAT chunks (RFC 3030)."""
     c = RawClient(port)
     c.read_reply()
     c.cmd("EHLO client.test")
@@ -65,8 +67,14 @@ def send(port: int, sender: str, body: bytes, login: str | None = None) -> tuple
         assert c.cmd("AUTH PLAIN " + token)[0] == 235
     assert c.cmd(f"MAIL FROM:<{sender}>")[0] == 250
     assert c.cmd("RCPT TO:<alice@example.test>")[0] == 250
-    assert c.cmd("DATA")[0] == 354
-    c.send(body + b".\r\n")
+    if chunked:
+        half = len(body) // 2
+        c.send(b"BDAT %d\r\n%s" % (half, body[:half]))
+        assert c.read_reply()[0] == 250
+        c.send(b"BDAT %d LAST\r\n%s" % (len(body) - half, body[half:]))
+    else:
+        assert c.cmd("DATA")[0] == 354
+        c.send(body + b".\r\n")
     reply = c.read_reply()
     c.close()
     return reply
@@ -76,8 +84,10 @@ def headers_of(data: bytes) -> str:
     return data.split(b"\r\n\r\n")[0].decode()
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["DATA", "BDAT"])
 @pytest_twisted.ensureDeferred
-async def test_inbound_signed_message_gets_one_authentication_results(tmp_path, dns_server, key):
+async def test_inbound_signed_message_gets_one_authentication_results(tmp_path, dns_server, key,
+                                                                      chunked):
     path, txt = key
     dns_server.load(zone(txt))
     signer = DKIMSigner({SIGNED_DOMAIN: [("sel1", path)]})
@@ -88,7 +98,8 @@ async def test_inbound_signed_message_gets_one_authentication_results(tmp_path, 
     events: list[dict] = []
     globalLogPublisher.addObserver(events.append)
     try:
-        code, _ = await in_thread(send, mta.port(), f"someone@{SIGNED_DOMAIN}", forged + signed)
+        code, _ = await in_thread(send, mta.port(), f"someone@{SIGNED_DOMAIN}", forged + signed,
+                                  chunked=chunked)
         assert code == 250
         # The log line holds the header's value unfolded: one line, no CR/LF.
         (logged,) = [e for e in events if e.get("event") == "msgauth"]
@@ -168,8 +179,9 @@ async def test_transaction_after_dmarc_refusal_has_its_own_received_header(tmp_p
         await mta.stop()
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["DATA", "BDAT"])
 @pytest_twisted.ensureDeferred
-async def test_submission_is_dkim_signed_and_verifies(tmp_path, dns_server, key):
+async def test_submission_is_dkim_signed_and_verifies(tmp_path, dns_server, key, chunked):
     path, txt = key
     dns_server.load(zone(txt))
     mta = await start(tmp_path, dns_server, dkim={
@@ -178,7 +190,8 @@ async def test_submission_is_dkim_signed_and_verifies(tmp_path, dns_server, key)
     mta.service.reload()
     try:
         code, _ = await in_thread(send, mta.port("submission"), f"alice@{SIGNED_DOMAIN}",
-                                  message_from(SIGNED_DOMAIN), login="alice@example.test")
+                                  message_from(SIGNED_DOMAIN), login="alice@example.test",
+                                  chunked=chunked)
         assert code == 250
         (env,) = mta.queued()
         data = mta.message_bytes(env.id)
