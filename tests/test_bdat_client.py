@@ -251,6 +251,31 @@ async def test_connection_is_reused_after_bdat(tmp_path: Path) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_lmtp_over_bdat_answers_each_recipient_after_last(tmp_path: Path) -> None:
+    """RFC 2033 §4.2 with CHUNKING: one reply per accepted RCPT after the LAST chunk,
+    for a small pipelined message and a large one sent chunk by chunk."""
+    replies = {"RCPT:d@dst.test": "550 5.1.1 unknown", "DATA_END:c@dst.test": "452 4.2.2 full"}
+    big = big_message(2 * CHUNK + 5)
+    async with running(lmtp=True, chunking=True, replies=replies) as sink:
+        result = await deliver(sink, [tx(message(tmp_path), ("b@dst.test", "c@dst.test", "d@dst.test")),
+                                      tx(message(tmp_path, big, "big"), ("b@dst.test", "c@dst.test"))],
+                               lmtp=True)
+    for index in (0, 1):
+        assert outcomes(result, index) == {
+            "b@dst.test": (250, Outcome.DELIVERED), "c@dst.test": (452, Outcome.DEFERRED),
+            **({"d@dst.test": (550, Outcome.FAILED)} if index == 0 else {})}
+    assert result.connection_error is None
+    assert [(m.data, m.delivered_to, m.chunks) for m in sink.messages] == [
+        (BODY, ["b@dst.test"], [len(BODY)]), (big, ["b@dst.test"], [CHUNK, CHUNK, 5])]
+    # The transaction ended with the replies to LAST: the next MAIL needs no RSET.
+    assert verbs(sink) == ["LHLO", "MAIL", "RCPT", "RCPT", "RCPT", "BDAT",
+                           "MAIL", "RCPT", "RCPT", "BDAT", "BDAT", "BDAT", "QUIT"]
+    # Large message: each chunk waited for its reply (one command per read).
+    assert [b for b in sink.sessions[0].command_batches if b[0].startswith("BDAT")] == [
+        [f"BDAT {CHUNK}"], [f"BDAT {CHUNK}"], ["BDAT 5 LAST"]]
+
+
+@pytest_twisted.ensureDeferred
 async def test_our_own_server_receives_chunks_byte_exact(tmp_path: Path) -> None:
     """Client to our server, both speaking BDAT for real: the queued message is the file."""
     running_mta = await start_mta(tmp_path / "mta", tls=False)

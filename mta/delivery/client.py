@@ -40,7 +40,9 @@ Deliberate choices:
   message's transaction ends with an RSET unless its LAST chunk got a 2xx.
   A BODY=BINARYMIME message (RFC 3030 §3) can only go that way: to a server
   without CHUNKING and BINARYMIME all its recipients fail with 554 5.6.3.
-  LMTP keeps DATA (a BINARYMIME message is refused the same way there).
+  LMTP uses BDAT the same way when offered (RFC 3030 allows it), with the
+  LMTP rule for the end: one reply per accepted RCPT after the LAST chunk
+  (RFC 2033 §4.2), and no chunk sent before the previous one is answered.
 * Credentials are only ever sent under TLS (RFC 4954 §4 and RFC 8314 spirit);
   configured credentials on a plaintext connection fail that server.
 
@@ -50,7 +52,8 @@ STARTTLS unless the TLS policy is "require" or "verify" (an LMTP server is
 usually a local socket, so "opportunistic" does not try it); and after the end
 of DATA one reply per accepted RCPT, in RCPT order, each deciding that
 recipient alone (§4.2).  A connection failure in the middle of those replies
-leaves the remaining recipients unanswered.
+leaves the remaining recipients unanswered.  The same holds for the
+replies to a LAST BDAT chunk when the LMTP server offers CHUNKING.
 """
 
 from __future__ import annotations
@@ -1166,8 +1169,8 @@ class _Session:
 
     @property
     def _chunking(self) -> bool:
-        """Send with BDAT: the server offers CHUNKING (LMTP keeps DATA)."""
-        return not self.options.lmtp and self.caps.has("CHUNKING")
+        """Send with BDAT: the server (SMTP or LMTP) offers CHUNKING."""
+        return self.caps.has("CHUNKING")
 
     def _small_chunk(self, tx: Transaction) -> bytes | None:
         """The whole message as one ``BDAT n LAST``, if it is at most SMALL_BODY octets."""
@@ -1189,19 +1192,31 @@ class _Session:
     async def _bdat(self, tr: TransactionResult, accepted: list[str], last: Reply | None) -> bool:
         """Send the message with BDAT (unless a pipelined BDAT LAST already carried
         it: ``last``) and give the accepted recipients its result.  True when the
-        LAST chunk got a 2xx (the transaction is over; otherwise RSET follows)."""
+        LAST chunk got a 2xx (the transaction is over; otherwise RSET follows).
+
+        LMTP: the LAST chunk is answered once per accepted recipient, in RCPT
+        order (RFC 2033 §4.2); ``last`` is then the first of those replies, and
+        the transaction is over whatever they say."""
+        answered_last = True
         if last is None:
             self._enter(State.BDAT)
-            last = await self._send_chunks(tr.transaction)
+            last, answered_last = await self._send_chunks(tr.transaction)
+        if self.options.lmtp and answered_last:
+            self._final(tr, accepted[:1], last, f"BDAT LAST for <{accepted[0]}>")
+            await self._lmtp_replies(tr, accepted[1:])
+            self._enter(State.BDAT_DONE)
+            return True
         self._final(tr, accepted, last, "BDAT")
         if last.kind != 2:
             return False
         self._enter(State.BDAT_DONE)
         return True
 
-    async def _send_chunks(self, tx: Transaction) -> Reply:
+    async def _send_chunks(self, tx: Transaction) -> tuple[Reply, bool]:
         """Stream the file as BDAT chunks; the reply that decides the message: the
-        LAST chunk's, or the first refusal of a chunk (no more are sent then).
+        LAST chunk's (with True), or the first refusal of a chunk (with False; no
+        more are sent then).  LMTP waits for each chunk's reply before the next
+        one, so its LAST is only sent once every other chunk was accepted.
 
         Each chunk is one read of the file, its size exact; a chunk is read
         ahead to know which one is LAST (an empty message is ``BDAT 0 LAST``).
@@ -1209,7 +1224,7 @@ class _Session:
         session stays in step.  Non-LAST replies wait ``data_block`` at most,
         the LAST one ``data_end`` (RFC 5321 §4.5.3.2.5-6)."""
         self.body_started = True
-        window = BDAT_WINDOW if self.caps.has("PIPELINING") else 1
+        window = BDAT_WINDOW if self.caps.has("PIPELINING") and not self.options.lmtp else 1
         due = 0  # chunks sent whose reply has not been read
         refusal: Reply | None = None
         try:
@@ -1237,17 +1252,17 @@ class _Session:
             early = self._early_refusal(due)  # a server that refused a chunk and closed
             if early is None:
                 raise
-            return early
+            return early, False
         if refusal is not None:  # no LAST was sent: the replies due, to stay in step
             for _ in range(due):
                 await self._read(self.t.data_block, "BDAT")
-            return refusal
+            return refusal, False
         for _ in range(due - 1):
             reply = await self._read(self.t.data_block, "BDAT")
             if reply.kind != 2 and refusal is None:
                 refusal = reply
         final = await self._read(self.t.data_end, "BDAT LAST")
-        return refusal or final
+        return (refusal, False) if refusal is not None else (final, True)
 
     def _early_refusal(self, due: int) -> Reply | None:
         """After the connection failed while sending chunks: a refusal among the
