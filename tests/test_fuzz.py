@@ -552,19 +552,20 @@ def test_envelope_writes_every_field_and_round_trips():
 
     from mta.queue.envelope import Recipient, RecipientKind
 
-    # With DSN parameters (RFC 3461), every field is written ...
+    # With DSN parameters (RFC 3461) and BINARYMIME (RFC 3030), every field is written ...
     r = Recipient("a@b.test", RecipientKind.REMOTE, "a@b.test", mailbox="", notify="NEVER")
-    env = Envelope("q1", "s@x.test", [r], 1.5, extra={"srs_sender": "x"}, dsn=True, ret="HDRS")
+    env = Envelope("q1", "s@x.test", [r], 1.5, extra={"srs_sender": "x"}, dsn=True, ret="HDRS",
+                   binarymime=True)
     doc = json.loads(env.to_bytes())
     assert set(doc) - {"version"} == {f.name for f in dataclasses.fields(Envelope)}
     assert set(doc["recipients"][0]) == {f.name for f in dataclasses.fields(Recipient)}
     assert Envelope.from_bytes(env.to_bytes()) == env
-    # ... without them, all but the DSN ones, which are only written when given.
+    # ... without them, all but those, which are only written when given.
     r = Recipient("a@b.test", RecipientKind.REMOTE, "a@b.test", mailbox="")
     env = Envelope("q1", "s@x.test", [r], 1.5, extra={"srs_sender": "x"})
     doc = json.loads(env.to_bytes())
     assert set(doc) - {"version"} == {f.name for f in dataclasses.fields(Envelope)} - {
-        "dsn", "ret", "envid"}
+        "dsn", "ret", "envid", "binarymime"}
     assert set(doc["recipients"][0]) == {f.name for f in dataclasses.fields(Recipient)} - {
         "notify", "orcpt"}
     assert Envelope.from_bytes(env.to_bytes()) == env

@@ -165,7 +165,6 @@ class Envelope:
         fields = {
             "id": self.id, "sender": self.sender,
             "created": self.created, "size": self.size, "body_8bit": self.body_8bit,
-            "binarymime": self.binarymime,
             "smtputf8": self.smtputf8, "client_ip": self.client_ip,
             "client_helo": self.client_helo, "auth_user": self.auth_user, "tls": self.tls,
             "first_attempt": self.first_attempt, "delay_warned": self.delay_warned,
@@ -173,6 +172,8 @@ class Envelope:
         }
         if self.dsn:  # only then, as for the recipients
             fields["dsn"], fields["ret"], fields["envid"] = True, self.ret, self.envid
+        if self.binarymime:  # only then: every other envelope stays as it was
+            fields["binarymime"] = True
         return fields
 
     @classmethod
