@@ -244,6 +244,14 @@ def test_ret_full_returns_the_message_up_to_the_bound(data_path: Path) -> None:
     assert returned.get_content_type() == "text/rfc822-headers"
     assert b"SECRET BODY LINE" not in data
     assert "too large to be returned whole" in human.get_content()
+    # A BINARYMIME message cannot be returned inside the report: its header only.
+    env.binarymime = True
+    data = build_dsn(env, items, "mx.example.com", data_path, "failed", NOW)
+    human, _, returned = parse(data).iter_parts()
+    assert returned.get_content_type() == "text/rfc822-headers"
+    assert b"SECRET BODY LINE" not in data
+    assert "binary (BODY=BINARYMIME) and cannot be returned whole" in human.get_content()
+    env.binarymime = False
     # A delay warning carries the header whatever RET says (RFC 3461 §4.3).
     data = build_dsn(env, [(remote, "4.2.1", "451 later", "")], "mx.example.com", data_path,
                      "delayed", NOW)

@@ -214,7 +214,10 @@ def _human_part(envelope: Envelope, failed: Sequence[FailedRecipient], hostname:
         if reply:
             lines.append(f"    {_one_line(reply)}")
         lines.append("")
-    if headers_only:  # RET=FULL, but the message is too big to send back
+    if headers_only and envelope.binarymime:  # RET=FULL, but binary content
+        lines += ["The message is binary (BODY=BINARYMIME) and cannot be returned whole;",
+                  "only its header follows.", ""]
+    elif headers_only:  # RET=FULL, but the message is too big to send back
         lines += ["The message was too large to be returned whole; only its header", "follows.", ""]
     return "\r\n".join(lines) + "\r\n"
 
@@ -287,8 +290,10 @@ def build_dsn(envelope: Envelope, failed: Sequence[FailedRecipient], hostname: s
         subject = "Successful Mail Delivery Report"
     else:
         subject = "Undelivered Mail Returned to Sender"
+    # A BINARYMIME message (RFC 3030 §3) is binary: it cannot go back inside this
+    # 7bit/8bit report, so RET=FULL gives its header, as for a message too big.
     whole = (read_whole(data_path, max_return_bytes)
-             if action == "failed" and envelope.ret == "FULL" else None)
+             if action == "failed" and envelope.ret == "FULL" and not envelope.binarymime else None)
     human = _human_part(envelope, failed, hostname, action, retry_until, actions,
                         headers_only=action == "failed" and envelope.ret == "FULL" and whole is None)
     report = _status_part(envelope, failed, hostname, action, now, retry_until, actions)
