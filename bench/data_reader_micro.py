@@ -4,7 +4,7 @@
   python3 bench/data_reader_micro.py [--size 102400] [--chunk 65536] [--repeat 200]
 
 Prints the best of 5 rounds, in milliseconds per message: how long
-mta.smtp.data.DataReader takes to find the end, check line endings and
+mta.mail.reader.DataReader takes to find the end, check line endings and
 lengths, and unstuff a message of --size octets fed in --chunk pieces.
 """
 
@@ -16,7 +16,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mta.smtp.data import DataReader  # noqa: E402
+from mta.mail.reader import DataReader  # noqa: E402
 
 
 def main() -> None:

@@ -357,7 +357,7 @@ def cmd_queue_bounce(config: Config, args: argparse.Namespace) -> int:
 
 
 def _local_domain(config: Config, domain: str) -> str:
-    from mta.smtp.address import AddressError, normalize_domain
+    from mta.mail.address import AddressError, normalize_domain
 
     try:
         normalized = normalize_domain(domain)
@@ -511,10 +511,10 @@ def _srs_rewriter(config: Config) -> Any:
 
 
 def cmd_alias_resolve(config: Config, args: argparse.Namespace) -> int:
+    from mta.mail.address import AddressError, parse_mailbox
     from mta.policy.aliases import AliasFileError, AliasResolver
     from mta.policy.auth import UserDB, UsersFileError
     from mta.policy.relay import check_recipient
-    from mta.smtp.address import AddressError, parse_mailbox
 
     try:
         users = UserDB.load(config.domains_dir, config.local_domains)
@@ -660,8 +660,8 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
 
 def cmd_dkim_keygen(config: Config, args: argparse.Namespace) -> int:
     """Write a new DKIM key and print the DNS record to publish and the config to add."""
+    from mta.mail.address import AddressError, normalize_domain
     from mta.policy.dkim import dns_record_name, generate_key
-    from mta.smtp.address import AddressError, normalize_domain
 
     try:
         domain = normalize_domain(args.domain)

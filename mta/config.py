@@ -343,7 +343,7 @@ def config_from_dict(raw: dict[str, Any], base: Path, overrides: dict[str, Any] 
     for i, d in enumerate(domains):
         if not isinstance(d, str) or not d:
             raise ConfigError(f"local_domains[{i}]", "must be a non-empty string")
-        from mta.smtp.address import AddressError, normalize_domain
+        from mta.mail.address import AddressError, normalize_domain
 
         try:
             local_domains.append(normalize_domain(d))
@@ -555,7 +555,7 @@ def config_from_dict(raw: dict[str, Any], base: Path, overrides: dict[str, Any] 
 def _bounce_from(value: str | None, local_domains: list[str], hostname: str) -> str:
     """``delivery.bounce_from`` checked, or its default: MAILER-DAEMON at the primary
     (first) local domain, where replies to a bounce can be read, else the host name."""
-    from mta.smtp.address import AddressError, parse_mailbox
+    from mta.mail.address import AddressError, parse_mailbox
 
     if value is None:
         return f"MAILER-DAEMON@{local_domains[0] if local_domains else hostname}"

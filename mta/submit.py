@@ -7,7 +7,7 @@ the same building blocks so there is one way to build a queued message:
 * each recipient is checked with :func:`mta.policy.relay.check_recipient`
   (local domains expanded through the aliases; other domains relayed, since a
   local user may send anywhere), at most ``limits.max_recipients`` of them;
-* the message goes through :class:`mta.smtp.data.DataReader`: lines must end
+* the message goes through :class:`mta.mail.reader.DataReader`: lines must end
   in CRLF (bare CR or LF refused), line and size limits apply;
 * our Received header comes first (:mod:`mta.policy.received`); Bcc is removed
   and Date / Message-ID are added when missing (RFC 6409 §8);
@@ -27,14 +27,15 @@ from typing import Any
 from twisted.logger import Logger
 
 from mta.config import Config
+from mta.mail.address import AddressError, parse_mailbox
+from mta.mail.headers import unfold_headers
+from mta.mail.reader import DataError, DataReader
 from mta.policy.received import TraceInfo, count_received, received_header
 from mta.policy.relay import check_recipient
 from mta.policy.srs import rewrite_forwarded
 from mta.policy.submission import complete_headers
 from mta.queue.envelope import Envelope, Recipient, RecipientKind
 from mta.queue.store import QueueError, QueueStore
-from mta.smtp.address import AddressError, parse_mailbox
-from mta.smtp.data import DataError, DataReader, unfold_headers
 
 log = Logger()
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 
 from mta.config import AliasConfig
+from mta.mail.address import Address
 from mta.policy.aliases import (
     AliasFileError,
     AliasLoopError,
@@ -22,7 +23,6 @@ from mta.policy.aliases import (
     parse_aliases,
 )
 from mta.policy.auth import UserDB
-from mta.smtp.address import Address
 
 D = "example.test"
 

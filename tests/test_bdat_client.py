@@ -19,9 +19,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock, deferLater
 
 from mta.delivery import client
-from mta.delivery.base import Outcome
 from mta.delivery.cache import ConnectionCache
 from mta.delivery.client import ClientOptions, Timeouts, send
+from mta.queue.courier import Outcome
 from tests.harness import start_mta
 from tests.sink import wait_until
 from tests.test_client import (

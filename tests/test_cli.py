@@ -42,8 +42,8 @@ from mta.control import (
     control_service,
     prepare_socket_path,
 )
-from mta.delivery.base import DeliveryResult, Outcome
 from mta.policy.auth import add_user, read_users_file
+from mta.queue.courier import DeliveryResult, Outcome
 from mta.queue.envelope import Envelope, Recipient
 from mta.queue.store import open_message
 from mta.service import MTAService

@@ -31,7 +31,6 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
 from mta.delivery import client
-from mta.delivery.base import Outcome
 from mta.delivery.client import (
     ClientOptions,
     ReplyError,
@@ -41,6 +40,7 @@ from mta.delivery.client import (
     Transaction,
     send,
 )
+from mta.queue.courier import Outcome
 from tests.sink import Sink, start_sink, wait_until
 
 CA = trustme.CA()

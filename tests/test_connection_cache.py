@@ -21,10 +21,10 @@ from twisted.internet.ssl import Certificate
 from twisted.internet.task import Clock, deferLater
 
 from mta.config import DeliveryConfig
-from mta.delivery.base import Outcome
 from mta.delivery.cache import ConnectionCache
 from mta.delivery.mx import MXHost
 from mta.delivery.remote import RemoteCourier
+from mta.queue.courier import Outcome
 from mta.queue.envelope import Envelope, Recipient, RecipientKind
 from mta.queue.runner import QueueRunner, Router
 from mta.queue.store import QueueStore

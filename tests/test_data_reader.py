@@ -9,7 +9,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mta.smtp.data import DataError, DataReader
+from mta.mail.reader import DataError, DataReader
 
 
 def read(stream: bytes, cuts: list[int] | None = None, max_size: int = 10**6):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mta.delivery.dsn import build_dsn, enhanced_status, read_headers, typed_address
+from mta.queue.dsn import build_dsn, enhanced_status, read_headers, typed_address
 from mta.queue.envelope import Envelope, Recipient, RecipientKind, RecipientState
 
 CREATED = 1_700_000_000.0

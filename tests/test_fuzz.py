@@ -1,6 +1,6 @@
 """Property-based fuzzing (hypothesis) of everything that parses untrusted input.
 
-* address parsing (mta.smtp.address): only AddressError escapes, and a parsed
+* address parsing (mta.mail.address): only AddressError escapes, and a parsed
   address re-serialises to text that parses to the same Address;
 * SASL decoding (mta.policy.auth): only SASLError escapes;
 * aliases files (mta.policy.aliases): only AliasFileError escapes;
@@ -31,12 +31,7 @@ from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.threads import deferToThread
 
-from mta.policy import dkim, dmarc
-from mta.policy.aliases import AliasFileError, parse_aliases
-from mta.policy.auth import SASLError, decode_b64_line, decode_plain
-from mta.policy.authresults import strip_forged
-from mta.queue.envelope import Envelope, Recipient, RecipientKind, RecipientState
-from mta.smtp.address import (
+from mta.mail.address import (
     MAX_PATH_OCTETS,
     Address,
     AddressError,
@@ -45,6 +40,11 @@ from mta.smtp.address import (
     parse_path,
     split_path_and_params,
 )
+from mta.policy import dkim, dmarc
+from mta.policy.aliases import AliasFileError, parse_aliases
+from mta.policy.auth import SASLError, decode_b64_line, decode_plain
+from mta.policy.authresults import strip_forged
+from mta.queue.envelope import Envelope, Recipient, RecipientKind, RecipientState
 from tests.harness import start_mta
 
 # The autouse no_leaks fixture is function-scoped: it wraps the whole

@@ -1,8 +1,8 @@
-"""mta.headers.fold_header: the one helper every header the MTA writes goes through."""
+"""mta.mail.headers.fold_header: the one helper every header the MTA writes goes through."""
 
 from __future__ import annotations
 
-from mta.headers import MAX_LINE, TRUNCATED, fold_header, fold_header_bytes
+from mta.mail.headers import MAX_LINE, TRUNCATED, fold_header, fold_header_bytes
 
 
 def octets(text: str) -> list[int]:

@@ -24,10 +24,10 @@ from twisted.internet.endpoints import clientFromString
 from twisted.internet.ssl import Certificate
 
 from mta.config import ConfigError, config_from_dict
-from mta.delivery.base import DeliveryResult, Outcome
 from mta.delivery.client import ClientOptions, Timeouts, Transaction, send
 from mta.delivery.lmtp import LMTPCourier
 from mta.delivery.wiring import build_couriers
+from mta.queue.courier import DeliveryResult, Outcome
 from mta.queue.envelope import Envelope, Recipient, RecipientKind
 from tests.sink import Sink, start_sink
 

@@ -20,7 +20,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import reactor
 
-from mta.delivery.base import Outcome
 from mta.delivery.local import (
     CHUNK_SIZE,
     CommandCourier,
@@ -29,6 +28,7 @@ from mta.delivery.local import (
     PipeCourier,
     escape_maildir_host,
 )
+from mta.queue.courier import Outcome
 from mta.queue.envelope import Envelope, Recipient, RecipientKind
 
 SENDER = "alice@example.org"

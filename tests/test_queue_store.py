@@ -15,11 +15,11 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
-from mta.delivery.dsn import read_headers
 from mta.delivery.local import MaildirCourier
 from mta.fsutil import fsync_dir as real_fsync_dir
 from mta.queue import commit as commit_module
 from mta.queue import store as store_module
+from mta.queue.dsn import read_headers
 from mta.queue.envelope import Envelope, Recipient, RecipientKind, RecipientState
 from mta.queue.store import (
     READY,

@@ -20,10 +20,10 @@ from twisted.internet import reactor
 from twisted.internet.ssl import Certificate
 
 from mta.config import Config, DeliveryConfig
-from mta.delivery.base import DeliveryResult, Outcome
 from mta.delivery.client import Timeouts
 from mta.delivery.mx import MXHost, PermanentDNSError, TemporaryDNSError
 from mta.delivery.remote import RemoteCourier, parse_smarthost
+from mta.queue.courier import DeliveryResult, Outcome
 from mta.queue.envelope import Envelope, Recipient, RecipientKind
 from tests.sink import Sink, start_sink
 

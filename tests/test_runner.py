@@ -16,7 +16,7 @@ from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 
 from mta.config import DeliveryConfig
-from mta.delivery.base import DeliveryResult, Outcome
+from mta.queue.courier import DeliveryResult, Outcome
 from mta.queue.envelope import Envelope, Recipient, RecipientKind, RecipientState
 from mta.queue.runner import QueueRunner, Router, retry_delay
 from mta.queue.store import MessageWriter, QueueStore, new_queue_id

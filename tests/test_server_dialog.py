@@ -720,7 +720,7 @@ async def test_same_mailbox_through_suffix_and_alias_gets_one_copy(mta):
 
 def test_every_reply_in_the_table_is_ascii():
     """Replies go to clients that did not ask for SMTPUTF8: ASCII only (RFC 5321 §4.2)."""
-    import mta.smtp.replies as R
+    import mta.mail.replies as R
 
     replies = [v for v in vars(R).values() if isinstance(v, R.Reply)]
     replies += [R.greeting("mx.test"), R.queued("abc"), R.unknown_user("a@b.test"),

@@ -147,8 +147,8 @@ async def test_a_2040_octet_helo_never_makes_a_header_line_over_998(tmp_path, dn
     Authentication-Results (smtp.helo for a null sender) carry it, yet every header
     line in the queue file is at most 998 octets, and the message passes through
     our own server, which refuses longer lines (550 5.6.0)."""
-    from mta.delivery.base import Outcome
     from mta.delivery.client import ClientOptions, Transaction, send
+    from mta.queue.courier import Outcome
 
     dns_server.load(ZONE)
     host, port = dns_server.address

@@ -7,10 +7,10 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 
-from mta.delivery.base import Outcome
 from mta.delivery.mx import MXHost
 from mta.delivery.remote import RemoteCourier
 from mta.policy.srs import SRSError, SRSRewriter, load_or_create_secret
+from mta.queue.courier import Outcome
 from mta.queue.envelope import Envelope, Recipient, RecipientKind
 from tests.harness import RawClient, in_thread, start_mta
 from tests.sink import start_sink

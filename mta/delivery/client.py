@@ -77,9 +77,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mta.delivery.base import Outcome
 from mta.delivery.cache import ConnectionCache
 from mta.netio import send_now
+from mta.queue.courier import Outcome
 from mta.queue.store import open_message, read_message_start
 
 log = Logger()

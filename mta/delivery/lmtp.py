@@ -1,6 +1,6 @@
 """The LMTP courier: local recipients handed to a mail store (Dovecot, Cyrus) over LMTP.
 
-It implements :class:`mta.delivery.base.Courier` for recipients of kind
+It implements :class:`mta.queue.courier.Courier` for recipients of kind
 ``local``, as the third way of local delivery beside Maildir files and a
 delivery-agent command (``delivery.lmtp`` in the configuration).
 
@@ -29,8 +29,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import clientFromString
 from twisted.logger import Logger
 
-from mta.delivery.base import DeliveryResult, Outcome
 from mta.delivery.client import ClientOptions, SessionResult, Timeouts, Transaction, send
+from mta.queue.courier import DeliveryResult, Outcome
 from mta.queue.envelope import Envelope, Recipient
 
 log = Logger()

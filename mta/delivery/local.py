@@ -1,7 +1,7 @@
 """Local couriers: Maildir files, pipe aliases and an external delivery agent.
 
-All three implement :class:`mta.delivery.base.Courier` and never errback: every
-recipient gets a :class:`~mta.delivery.base.DeliveryResult`.
+All three implement :class:`mta.queue.courier.Courier` and never errback: every
+recipient gets a :class:`~mta.queue.courier.DeliveryResult`.
 
 Line endings.  The queue keeps messages with CRLF line endings (the SMTP wire
 form).  Everything delivered on this host is converted to LF line endings, the
@@ -42,8 +42,8 @@ from twisted.logger import Logger
 from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
 
-from mta.delivery.base import DeliveryResult, Outcome
 from mta.fsutil import fsync_dir
+from mta.queue.courier import DeliveryResult, Outcome
 from mta.queue.envelope import Envelope, Recipient
 from mta.queue.store import open_message
 

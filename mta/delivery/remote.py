@@ -1,6 +1,6 @@
 """The remote courier: routes recipients to a smarthost or to their domain's MX hosts.
 
-It implements :class:`mta.delivery.base.Courier`.  For each destination (all
+It implements :class:`mta.queue.courier.Courier`.  For each destination (all
 recipients for a smarthost; one domain for MX delivery) it tries the servers in
 order -- each address of each MX host, or each configured smarthost -- with
 :func:`mta.delivery.client.send`, and stops at the first server that gives
@@ -40,7 +40,6 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
 
 from mta.config import Config
-from mta.delivery.base import DeliveryResult, Outcome
 from mta.delivery.cache import ConnectionCache
 from mta.delivery.client import (
     ClientOptions,
@@ -51,8 +50,9 @@ from mta.delivery.client import (
     send,
 )
 from mta.delivery.mx import DNSError
+from mta.mail.dsnfields import mail_params, rcpt_params
+from mta.queue.courier import DeliveryResult, Outcome
 from mta.queue.envelope import Envelope, Recipient
-from mta.smtp.dsnparams import mail_params, rcpt_params
 
 log = Logger()
 

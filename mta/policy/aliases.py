@@ -40,8 +40,8 @@ from typing import Protocol
 from twisted.logger import Logger
 
 from mta.config import AliasConfig
+from mta.mail.address import Address, AddressError, fold_local, normalize_domain, parse_mailbox
 from mta.policy.auth import check_local
-from mta.smtp.address import Address, AddressError, fold_local, normalize_domain, parse_mailbox
 
 log = Logger()
 

@@ -37,7 +37,7 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 
 from mta.fsutil import fsync_dir
-from mta.smtp.address import AddressError, fold_local, normalize_domain, parse_mailbox
+from mta.mail.address import AddressError, fold_local, normalize_domain, parse_mailbox
 
 log = Logger()
 

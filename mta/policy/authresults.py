@@ -21,7 +21,7 @@ import authres
 import authres.dkim_b
 import authres.dmarc
 
-from mta.headers import fold_header
+from mta.mail.headers import fold_header
 from mta.policy.dkim import DKIMResult
 from mta.policy.dmarc import DMARCResult
 from mta.policy.spf import SPFResult, authentication_results_spf

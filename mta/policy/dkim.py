@@ -62,9 +62,9 @@ from twisted.logger import Logger
 
 from mta.config import DNSConfig
 from mta.dns import RESOLV_CONF
-from mta.headers import fold_header_bytes
+from mta.mail.address import AddressError, normalize_domain
+from mta.mail.headers import fold_header_bytes
 from mta.policy.spf import make_dns_lookup
-from mta.smtp.address import AddressError, normalize_domain
 
 log = Logger()
 

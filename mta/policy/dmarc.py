@@ -31,8 +31,8 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from mta.mail.address import AddressError, normalize_domain
 from mta.policy.dkim import DKIMResult, DNSTempError
-from mta.smtp.address import AddressError, normalize_domain
 
 log = Logger()
 
@@ -279,7 +279,7 @@ def author_domain(headers: Sequence[bytes]) -> AuthorDomain:
     """The RFC5322.From domain of a header section, or why there is none (RFC 7489 §6.6.1).
 
     ``headers`` are the raw header lines without CRLF, continuation lines
-    included (what :class:`mta.smtp.data.DataReader` hands to ``on_headers``).
+    included (what :class:`mta.mail.reader.DataReader` hands to ``on_headers``).
     """
     values = [value for name, value in _unfold(headers) if name == "from"]
     if not values:

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mta.smtp.address import AddressError, fold_local, normalize_domain
+from mta.mail.address import AddressError, fold_local, normalize_domain
 
 
 class IdentitiesFileError(ValueError):
@@ -95,7 +95,7 @@ def header_from_addresses(header_lines: list[bytes]) -> list[str]:
     """The addresses in the From header field(s) of a header section."""
     from email.utils import getaddresses
 
-    from mta.smtp.data import unfold_headers
+    from mta.mail.headers import unfold_headers
 
     values = [b" ".join(x.strip() for x in group).split(b":", 1)[1].decode("utf-8", "replace")
               for name, group in unfold_headers(header_lines) if name == b"from"]

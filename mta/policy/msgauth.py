@@ -22,9 +22,9 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
 from mta.config import Config
+from mta.mail.replies import Reply
 from mta.policy import dkim, dmarc
 from mta.policy.authresults import authentication_results
-from mta.smtp.replies import Reply
 
 log = Logger()
 

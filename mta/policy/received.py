@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
-from mta.headers import fold_header
+from mta.mail.headers import fold_header
 
 _UNSAFE = re.compile(r"[^\x21-\x7e]|[()\\]")
 

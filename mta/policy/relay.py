@@ -16,9 +16,9 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
 
-from mta.smtp import replies as R
-from mta.smtp.address import Address
-from mta.smtp.replies import Reply
+from mta.mail import replies as R
+from mta.mail.address import Address
+from mta.mail.replies import Reply
 
 
 @dataclass(frozen=True)

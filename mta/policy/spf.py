@@ -51,7 +51,7 @@ from twisted.logger import Logger
 
 from mta.config import DNSConfig, SPFConfig
 from mta.dns import RESOLV_CONF, nameservers
-from mta.headers import fold_header  # re-exported: callers fold Received-SPF with it
+from mta.mail.headers import fold_header  # re-exported: callers fold Received-SPF with it
 
 log = Logger()
 

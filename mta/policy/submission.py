@@ -10,8 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from email.utils import make_msgid
 
-from mta.headers import fold_header_bytes
-from mta.smtp.data import unfold_headers
+from mta.mail.headers import fold_header_bytes, unfold_headers
 
 
 def complete_headers(lines: list[bytes], hostname: str, now: Callable[[], str]) -> list[bytes]:

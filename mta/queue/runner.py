@@ -59,11 +59,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mta.config import DeliveryConfig
-from mta.delivery.base import Courier, DeliveryResult, Outcome
-from mta.delivery.dsn import FailedRecipient, build_dsn, enhanced_status
+from mta.mail.address import AddressError, normalize_domain
+from mta.queue.courier import Courier, DeliveryResult, Outcome
+from mta.queue.dsn import FailedRecipient, build_dsn, enhanced_status
 from mta.queue.envelope import Envelope, Recipient, RecipientKind, RecipientState
 from mta.queue.store import QueueError, QueueStore
-from mta.smtp.address import AddressError, normalize_domain
 
 log = Logger()
 

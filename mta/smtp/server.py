@@ -1,7 +1,7 @@
 """The SMTP server session (RFC 5321 with ESMTP extensions), one per connection.
 
 One method per verb (``smtp_EHLO``, ``smtp_MAIL`` ...) takes the argument text
-and returns a :class:`~mta.smtp.replies.Reply`, or a Deferred that fires with
+and returns a :class:`~mta.mail.replies.Reply`, or a Deferred that fires with
 one when the answer needs I/O (SPF, password checks, the queue's fsync).  While
 such a Deferred is pending the session processes no further pipelined input,
 so replies always go out in command order (RFC 2920 §3); what arrives
@@ -16,9 +16,9 @@ Input handling is strict and bounded:
   linear) and answered with 500 once its CRLF comes;
 * after STARTTLS, everything the client sent before the handshake is thrown
   away and the session starts over (RFC 3207 §4.2);
-* the DATA phase is handled by :class:`mta.smtp.data.DataReader`;
+* the DATA phase is handled by :class:`mta.mail.reader.DataReader`;
 * BDAT (CHUNKING, RFC 3030) reads exactly the announced octets after its
-  line, whatever the reply, into a :class:`mta.smtp.data.ChunkReader` (the
+  line, whatever the reply, into a :class:`mta.mail.reader.ChunkReader` (the
   same checks, no dot-unstuffing; BODY=BINARYMIME skips the body's line rules).
 
 Decisions (who may relay, which recipients exist, SPF) come from the policy
@@ -44,6 +44,17 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mta.config import Config, Listener
+from mta.mail import replies as R
+from mta.mail.address import (
+    Address,
+    AddressError,
+    DuplicateParameter,
+    parse_path,
+    split_path_and_params,
+)
+from mta.mail.headers import unfold_headers
+from mta.mail.reader import ChunkReader, DataError, DataReader
+from mta.mail.replies import Reply
 from mta.netio import send_now
 from mta.policy.received import TraceInfo, count_received, received_header
 from mta.policy.relay import RecipientDecision, check_recipient, relay_allowed
@@ -52,16 +63,6 @@ from mta.policy.submission import complete_headers
 from mta.queue.envelope import Envelope, Recipient, RecipientKind
 from mta.queue.store import MessageWriter, QueueError, QueueStore
 from mta.smtp import dsnparams
-from mta.smtp import replies as R
-from mta.smtp.address import (
-    Address,
-    AddressError,
-    DuplicateParameter,
-    parse_path,
-    split_path_and_params,
-)
-from mta.smtp.data import ChunkReader, DataError, DataReader, unfold_headers
-from mta.smtp.replies import Reply
 
 log = Logger()
 
@@ -534,7 +535,7 @@ class SMTPSession(Protocol):
             return R.HELO_SYNTAX
         check = self.config.helo_check
         if check != "off" and not self._trusted:
-            from mta.smtp.address import helo_name_problem
+            from mta.mail.address import helo_name_problem
 
             problem = helo_name_problem(name, strict=check == "strict" and self.listener.kind == "mx")
             if problem is not None:

@@ -298,15 +298,3 @@ class ChunkReader(DataReader):
             else:
                 self.feed(CRLF)  # completes the last line (or the over-long one's tail)
         self._finish()
-
-
-def unfold_headers(lines: list[bytes]) -> list[tuple[bytes, list[bytes]]]:
-    """Group raw header lines into (lower-cased field name, [its physical lines])."""
-    fields: list[tuple[bytes, list[bytes]]] = []
-    for line in lines:
-        if line[:1] in (b" ", b"\t") and fields:
-            fields[-1][1].append(line)
-        else:
-            name = line.split(b":", 1)[0].strip().lower()
-            fields.append((name, [line]))
-    return fields

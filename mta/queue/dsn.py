@@ -1,5 +1,8 @@
 """Delivery status notifications: bounces and delay warnings (RFC 3464).
 
+Part of the queue package: the queue runner, which decides that a report is due,
+builds it here and queues it itself.
+
 :func:`build_dsn` writes the whole report as bytes with CRLF line endings, a
 ``multipart/report; report-type=delivery-status`` message (RFC 6522) of three
 parts:
@@ -41,10 +44,10 @@ from datetime import UTC, datetime
 from email.utils import format_datetime
 from pathlib import Path
 
-from mta.headers import fold_header
+from mta.mail.dsnfields import report_orcpt
+from mta.mail.headers import fold_header
 from mta.queue.envelope import Envelope, Recipient, RecipientKind
 from mta.queue.store import open_message
-from mta.smtp.dsnparams import report_orcpt
 
 MAX_HEADER_BYTES = 64 * 1024
 MAX_RETURN_BYTES = 1024 * 1024  # RET=FULL: a bigger message comes back as its header

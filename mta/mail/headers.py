@@ -69,3 +69,15 @@ def fold_header_bytes(field: bytes, width: int = WIDTH) -> bytes:
     if len(field) <= width and b"\r" not in field:
         return field
     return fold_header(field.decode("utf-8", "surrogateescape"), width).encode("utf-8", "surrogateescape")
+
+
+def unfold_headers(lines: list[bytes]) -> list[tuple[bytes, list[bytes]]]:
+    """Group raw header lines into (lower-cased field name, [its physical lines])."""
+    fields: list[tuple[bytes, list[bytes]]] = []
+    for line in lines:
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1][1].append(line)
+        else:
+            name = line.split(b":", 1)[0].strip().lower()
+            fields.append((name, [line]))
+    return fields

@@ -1,6 +1,7 @@
 """The one small interface every courier (local Maildir, pipe, remote SMTP) offers.
 
-The queue runner hands a courier the envelope, the recipients due now and the
+Owned by the queue, its caller: :mod:`mta.delivery` implements it and the queue
+never imports :mod:`mta.delivery`.  The queue runner hands a courier the envelope, the recipients due now and the
 path of the message data; the courier answers with one result per recipient.
 A courier never touches the envelope file: recording results is the runner's job.
 """
