@@ -40,8 +40,8 @@ from twisted.internet.task import deferLater  # noqa: E402
 from twisted.logger import FileLogObserver, globalLogBeginner  # noqa: E402
 
 from mta.config import config_from_dict  # noqa: E402
+from mta.daemon.logs import classic_formatter  # noqa: E402
 from mta.delivery.wiring import build_runner  # noqa: E402
-from mta.logs import classic_formatter  # noqa: E402
 from mta.queue.envelope import Envelope, Recipient, RecipientKind  # noqa: E402
 from mta.queue.store import QueueStore  # noqa: E402
 

@@ -87,10 +87,10 @@ def parse(path: str) -> list[tuple[list[Frame], int]]:
             frames = []
             parts = stack.split(";")
             # py-spy --subprocesses: "process PID:\"CMDLINE\"" frames first, the
-            # innermost one being the process sampled (our worker: "-m mta.workers").
+            # innermost one being the process sampled (our worker: "-m mta.daemon.worker").
             process = ""
             while parts and parts[0].startswith("process "):
-                process = "worker " if "mta.workers" in parts.pop(0) else "main "
+                process = "worker " if "mta.daemon.worker" in parts.pop(0) else "main "
             if parts and parts[0].startswith("thread ("):
                 thread = process + (parts.pop(0).partition(": ")[2] or parts[0])
             else:

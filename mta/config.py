@@ -204,7 +204,7 @@ class Config:
     # of queue changes is made durable by one syncfs(2) of the queue's filesystem
     # (cheaper; best when the queue has a filesystem of its own).
     queue_sync: str = "fsync"
-    # Processes accepting SMTP connections (mta.workers); the first one also delivers.
+    # Processes accepting SMTP connections (mta.daemon.workers); the first one also delivers.
     workers: int = 1
 
     def users_file(self, domain: str) -> Path:

@@ -1,7 +1,7 @@
 """Test harness: a real MTA server on loopback ports, and blocking clients run in threads.
 
 ``start_mta(tmp_path, ...)`` builds a configuration in a temporary directory
-(users, aliases, a trustme certificate), starts :class:`mta.service.MTAService`
+(users, aliases, a trustme certificate), starts :class:`mta.daemon.service.MTAService`
 on ephemeral 127.0.0.1 ports and returns a :class:`RunningMTA`.  Clients
 (smtplib, raw sockets, swaks) are blocking, so tests run them with
 ``deferToThread`` while the reactor serves the MTA.
@@ -21,8 +21,8 @@ from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 
 from mta.config import Config, config_from_dict
+from mta.daemon.service import MTAService
 from mta.queue.store import open_message
-from mta.service import MTAService
 
 PASSWORD = "correct horse battery staple"
 DOMAIN = "example.test"

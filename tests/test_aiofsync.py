@@ -1,4 +1,4 @@
-"""Linux AIO fsync (mta.aiofsync) on real files and descriptors."""
+"""Linux AIO fsync (mta.system.aiofsync) on real files and descriptors."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from mta.aiofsync import AioFsync
+from mta.system.aiofsync import AioFsync
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """The ``mta`` admin command and the control channel.
 
-In-process tests run the real :class:`mta.service.MTAService` (queue store,
+In-process tests run the real :class:`mta.daemon.service.MTAService` (queue store,
 runner, Maildir delivery) with its control socket in this process; only the
 remote courier is replaced by one whose deliveries the test finishes, so a
 message can be "being delivered right now".  The blocking CLI runs in a
@@ -31,22 +31,20 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
-from mta import cli
+from mta.admin import cli
+from mta.admin.control import ControlError, DaemonNotRunning, call
 from mta.config import load_config
-from mta.control import (
-    ControlError,
+from mta.daemon.control import (
     ControlService,
     ControlSocketError,
-    DaemonNotRunning,
-    call,
     control_service,
     prepare_socket_path,
 )
+from mta.daemon.service import MTAService
 from mta.policy.auth import add_user, read_users_file
 from mta.queue.courier import DeliveryResult, Outcome
 from mta.queue.envelope import Envelope, Recipient
 from mta.queue.store import open_message
-from mta.service import MTAService
 from tests.daemon import QUIET_TAIL, Daemon, free_port
 
 PASSWORD = "correct horse battery staple"
@@ -671,26 +669,26 @@ def test_console_entry_against_the_real_daemon(tmp_path, sock_dir):
     daemon = Daemon(tmp_path, path, port)
     daemon.start()
     try:
-        result = run_entry("mta.cli", "status", "--json", *config)
+        result = run_entry("mta.admin.cli", "status", "--json", *config)
         assert result.returncode == 0, result.stderr
         status = json.loads(result.stdout)
         assert status["pid"] == daemon.proc.pid and status["queued"] == 0
-        result = run_entry("mta.sendmail", "-C", str(path), "-f", "alice@example.test",
+        result = run_entry("mta.admin.sendmail", "-C", str(path), "-f", "alice@example.test",
                            "friend@remote.test", stdin=b"Subject: via twistd\n\nhello\n")
         assert result.returncode == 0, result.stderr
-        result = run_entry("mta.cli", "queue", "list", "--json", *config)
+        result = run_entry("mta.admin.cli", "queue", "list", "--json", *config)
         (message,) = json.loads(result.stdout)
         assert message["sender"] == "alice@example.test"
         assert message["recipients"][0]["address"] == "friend@remote.test"
         queue_id = message["id"]
         deadline = time.monotonic() + 20
-        while json.loads(run_entry("mta.cli", "queue", "show", queue_id, "--json", *config)
+        while json.loads(run_entry("mta.admin.cli", "queue", "show", queue_id, "--json", *config)
                          .stdout)["envelope"]["recipients"][0]["state"] != "deferred":
             assert time.monotonic() < deadline
             time.sleep(0.1)
-        result = run_entry("mta.cli", "queue", "delete", queue_id, *config)
+        result = run_entry("mta.admin.cli", "queue", "delete", queue_id, *config)
         assert result.returncode == 0 and result.stdout == f"deleted {queue_id}\n".encode()
-        result = run_entry("mta.cli", "user", "add", "example.test", "zed", *config,
+        result = run_entry("mta.admin.cli", "user", "add", "example.test", "zed", *config,
                            stdin=b"pw pw\n")
         assert result.returncode == 0, result.stderr
         assert result.stdout.endswith(b"the daemon has reloaded\n")
@@ -698,7 +696,7 @@ def test_console_entry_against_the_real_daemon(tmp_path, sock_dir):
     finally:
         daemon.terminate()
     assert not (sock_dir / "control.sock").exists()
-    result = run_entry("mta.cli", "queue", "flush", *config)
+    result = run_entry("mta.admin.cli", "queue", "flush", *config)
     assert result.returncode == 1
     assert b"the mta daemon is not running" in result.stderr
 

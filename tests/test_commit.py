@@ -14,12 +14,12 @@ from twisted.internet import reactor
 from twisted.internet.defer import DeferredList
 from twisted.internet.task import deferLater
 
-from mta.aiofsync import AioFsync
 from mta.config import ConfigError, config_from_dict
 from mta.queue import commit as commit_module
 from mta.queue.commit import GroupCommitter
 from mta.queue.envelope import Envelope, Recipient, RecipientKind
 from mta.queue.store import QueueError, QueueStore, envelope_header, open_message
+from mta.system.aiofsync import AioFsync
 
 
 class Hold:

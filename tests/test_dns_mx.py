@@ -19,7 +19,13 @@ from mta.delivery.mx import (
     TemporaryDNSError,
     order_by_preference,
 )
-from mta.dns import CachingResolver, attempt_timeouts, make_resolver, nameservers, read_resolv_conf
+from mta.system.dns import (
+    CachingResolver,
+    attempt_timeouts,
+    make_resolver,
+    nameservers,
+    read_resolv_conf,
+)
 from tests.dnsserver import LoopbackDNS
 
 ZONE = {
@@ -271,7 +277,7 @@ def test_attempt_timeouts_spend_the_whole_budget():
     assert sum(attempt_timeouts(5.0, 2)) * 2 == pytest.approx(5.0)
 
 
-# --- the answer cache for delivery (mta.dns.CachingResolver) ---------------------------
+# --- the answer cache for delivery (mta.system.dns.CachingResolver) ---------------------------
 
 
 def cached_resolver_for(server, clock, **kwargs) -> tuple[MXResolver, CachingResolver]:

@@ -1,4 +1,4 @@
-"""The epoll loop without per-event log context (mta.fastpoll), on the real reactor."""
+"""The epoll loop without per-event log context (mta.system.fastpoll), on the real reactor."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 
-from mta import fastpoll
+from mta.system import fastpoll
 
 
 class Echo(Protocol):

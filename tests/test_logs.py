@@ -30,8 +30,8 @@ from twisted.logger import (
     textFileLogObserver,
 )
 
-import mta.logs as logs_module
-from mta.logs import (
+import mta.daemon.logs as logs_module
+from mta.daemon.logs import (
     FlushEachTurn,
     JSONLinesObserver,
     Scrubbing,
@@ -478,7 +478,7 @@ async def test_resolver_lookups_leave_no_udp_port_lines_in_the_logs(dns_server):
     from twisted.internet.task import deferLater
 
     from mta.delivery.mx import MXResolver
-    from mta.dns import make_resolver
+    from mta.system.dns import make_resolver
 
     dns_server.load({"dst.test": {"MX": [(10, "mx.dst.test")]}, "mx.dst.test": {"A": ["127.0.0.1"]}})
     events: list[dict] = []
@@ -525,7 +525,7 @@ def many_refused_recipients(port: int) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_a_session_of_refused_recipients_logs_the_first_ten_then_one_summary(tmp_path):
-    from mta.metrics import Metrics
+    from mta.daemon.metrics import Metrics
 
     events = await events_of(tmp_path, many_refused_recipients,
                              extra={"limits": {"max_recipients": 2, "max_errors": 1000}})

@@ -20,7 +20,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from mta.metrics import Metrics, metrics_service, queue_id_time
+from mta.daemon.metrics import Metrics, metrics_service, queue_id_time
 from mta.queue.envelope import Envelope, Recipient, RecipientKind
 from mta.queue.store import QueueStore
 from tests.harness import RawClient, in_thread, start_mta

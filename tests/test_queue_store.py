@@ -16,7 +16,6 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
 from mta.delivery.local import MaildirCourier
-from mta.fsutil import fsync_dir as real_fsync_dir
 from mta.queue import commit as commit_module
 from mta.queue import store as store_module
 from mta.queue.dsn import read_headers
@@ -35,6 +34,7 @@ from mta.queue.store import (
     read_embedded_envelope,
     read_message_start,
 )
+from mta.system.fsutil import fsync_dir as real_fsync_dir
 from tests.harness import message_files
 
 MESSAGE = b"Received: by us\r\nSubject: one file\r\n\r\nbody\r\n"

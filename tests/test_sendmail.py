@@ -19,8 +19,8 @@ import pytest_twisted
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 
-from mta import sendmail
-from mta.sendmail import (
+from mta.admin import sendmail
+from mta.admin.sendmail import (
     EX_DATAERR,
     EX_NOUSER,
     EX_TEMPFAIL,
@@ -182,7 +182,7 @@ def test_daemon_down_queues_nothing(tmp_path, sock_dir, capsys, monkeypatch):
                    f"{sock_dir / 'c.sock'}); message NOT sent, nothing was queued\n")
     assert not (tmp_path / "var").exists()
     # The console entry says the same with the same status.
-    result = run_entry("mta.sendmail", "-C", config, "-oi", "alice@example.test",
+    result = run_entry("mta.admin.sendmail", "-C", config, "-oi", "alice@example.test",
                        stdin=b"Subject: x\n\nx\n")
     assert result.returncode == EX_TEMPFAIL and b"message NOT sent" in result.stderr
 

@@ -236,7 +236,7 @@ async def test_certificate_chosen_by_sni(tmp_path):
 def test_tls_below_1_2_refused(tmp_path):
     """The server context refuses TLS 1.1 (a client limited to it cannot connect)."""
     from mta.config import TLSConfig
-    from mta.tls import server_tls
+    from mta.system.tls import server_tls
 
     cert = shared_ca().issue_cert("mx.example.test")
     cert.cert_chain_pems[0].write_to_path(str(tmp_path / "c.pem"))

@@ -14,7 +14,7 @@ import pytest_twisted
 from twisted.internet.defer import Deferred
 from twisted.logger import globalLogPublisher
 
-from mta.logs import classic_formatter
+from mta.daemon.logs import classic_formatter
 from mta.policy.dkim import DKIMSigner, dns_record_name, generate_key, make_dns_txt, verify
 from tests.harness import PASSWORD, RawClient, in_thread, start_mta
 

@@ -242,7 +242,7 @@ async def test_reload_applies_new_users_and_keeps_old_on_error(mta, tmp_path):
     assert await in_thread(rcpt, "carol@example.test") == 250
     # A broken aliases file: the reload fails and the running policy stays.
     (tmp_path / "domains" / "example.test" / "aliases").write_text("broken line without colon\n")
-    from mta.service import StartupError
+    from mta.daemon.service import StartupError
 
     with pytest.raises(StartupError):
         mta.service.reload()
@@ -395,7 +395,7 @@ async def test_relay_networks_exempt_from_per_address_limits(tmp_path):
 
 
 def test_listen_backlog_default():
-    from mta.proxy import with_backlog
+    from mta.system.proxy import with_backlog
 
     assert with_backlog("tcp:25") == "tcp:25:backlog=1024"
     assert with_backlog("tcp:25:interface=127.0.0.1:backlog=10") == "tcp:25:interface=127.0.0.1:backlog=10"

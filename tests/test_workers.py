@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+from mta.daemon.workers import WorkerPool, _WorkerProtocol
 from mta.queue.envelope import Envelope, Recipient, RecipientKind
-from mta.workers import WorkerPool, _WorkerProtocol
 from tests.daemon import QUIET_TAIL, Daemon, free_port
 from tests.harness import PASSWORD, write_domain
 
@@ -40,7 +40,7 @@ def children_of(pid: int) -> list[int]:
             except OSError:
                 continue
             ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            if ppid == pid and b"mta.workers" in (entry / "cmdline").read_bytes():
+            if ppid == pid and b"mta.daemon.worker" in (entry / "cmdline").read_bytes():
                 found.append(int(entry.name))
     return found
 
@@ -257,8 +257,8 @@ def test_finished_messages_files_go_back_to_the_worker_that_used_spares(tmp_path
 def test_the_worker_takes_the_spares_its_stdin_brings(tmp_path):
     """``spares`` lines in pieces, as a pipe delivers them; ids that are not queue
     ids (a path, anything odd) are ignored."""
+    from mta.daemon.worker import _SpareReader
     from mta.queue.store import RECEIVING, QueueStore
-    from mta.workers import _SpareReader
 
     store = QueueStore(tmp_path / "queue", fsync=False)
     good = ["6b0a3e032267e810cec1", "6b0a3e032267e810cec2"]

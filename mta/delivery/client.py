@@ -78,9 +78,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mta.delivery.cache import ConnectionCache
-from mta.netio import send_now
 from mta.queue.courier import Outcome
 from mta.queue.store import open_message, read_message_start
+from mta.system.netio import send_now
 
 log = Logger()
 

@@ -42,10 +42,10 @@ from twisted.logger import Logger
 from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
 
-from mta.fsutil import fsync_dir
 from mta.queue.courier import DeliveryResult, Outcome
 from mta.queue.envelope import Envelope, Recipient
 from mta.queue.store import open_message
+from mta.system.fsutil import fsync_dir
 
 log = Logger()
 

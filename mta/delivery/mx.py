@@ -20,7 +20,7 @@ through a CNAME chain are used whatever their owner name, since the server put
 them in the answer for the name we asked.
 
 ``MXResolver`` takes any ``twisted.names`` ``IResolver`` (see
-:func:`mta.dns.make_resolver`) and a ``random.Random`` for the shuffling.
+:func:`mta.system.dns.make_resolver`) and a ``random.Random`` for the shuffling.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Routing by recipient kind: ``local`` → Maildir (or the configured LMTP
 server, or the configured delivery agent command), ``pipe`` → pipe alias commands, ``remote`` → SMTP via MX or
-the smarthosts.  Kept apart from :mod:`mta.service` so tests can build the
+the smarthosts.  Kept apart from :mod:`mta.daemon.service` so tests can build the
 same runner around their own store and reactor.
 """
 
@@ -16,9 +16,9 @@ from mta.delivery.lmtp import LMTPCourier
 from mta.delivery.local import CommandCourier, MaildirCourier, PipeCourier
 from mta.delivery.mx import MXResolver
 from mta.delivery.remote import RemoteCourier
-from mta.dns import CachingResolver, make_resolver
 from mta.queue.runner import QueueRunner, Router
 from mta.queue.store import QueueStore
+from mta.system.dns import CachingResolver, make_resolver
 
 
 def build_couriers(config: Config, reactor: Any, trust_root: Any = None) -> dict[str, Any]:

@@ -36,8 +36,8 @@ from typing import Any
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 
-from mta.fsutil import fsync_dir
 from mta.mail.address import AddressError, fold_local, normalize_domain, parse_mailbox
+from mta.system.fsutil import fsync_dir
 
 log = Logger()
 

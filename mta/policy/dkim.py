@@ -61,10 +61,10 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from mta.config import DNSConfig
-from mta.dns import RESOLV_CONF
 from mta.mail.address import AddressError, normalize_domain
 from mta.mail.headers import fold_header_bytes
 from mta.policy.spf import make_dns_lookup
+from mta.system.dns import RESOLV_CONF
 
 log = Logger()
 

@@ -50,8 +50,8 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from mta.config import DNSConfig, SPFConfig
-from mta.dns import RESOLV_CONF, nameservers
 from mta.mail.headers import fold_header  # re-exported: callers fold Received-SPF with it
+from mta.system.dns import RESOLV_CONF, nameservers
 
 log = Logger()
 

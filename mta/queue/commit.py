@@ -20,7 +20,7 @@ started the write-out (it yields None), and where it needs an fsync (it
 yields the file descriptor).  The committer runs the parts of every operation
 in the batch a step at a time, all first steps, then all second steps, and so
 on, so the disk works on all the batch's files at once.  The fsyncs asked for
-in one step are submitted together (Linux AIO, :mod:`mta.aiofsync`), so that
+in one step are submitted together (Linux AIO, :mod:`mta.system.aiofsync`), so that
 the kernel merges their disk flushes (see ``_fsync_all``); a failed fsync is
 raised inside its part.  A part that is a plain function runs in one step.
 Only when all parts of an operation succeeded does its ``finish`` (the
@@ -56,8 +56,8 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mta.aiofsync import AioFsync
-from mta.fsutil import fsync_dir, syncfs
+from mta.system.aiofsync import AioFsync
+from mta.system.fsutil import fsync_dir, syncfs
 
 log = Logger()
 
@@ -248,7 +248,7 @@ class GroupCommitter:
         after the other, a batch of six messages spent 3.3 ms in its fsyncs.
         Flushes asked for at the same time are merged by the kernel's block
         layer, so several are submitted in one Linux AIO call
-        (:mod:`mta.aiofsync`), on this thread, without helper threads.  Where
+        (:mod:`mta.system.aiofsync`), on this thread, without helper threads.  Where
         AIO cannot be used they are made one after the other.
         """
         wanted = [(n, fd) for n, fd in enumerate(fds) if fd is not None]

@@ -68,9 +68,9 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mta.fsutil import fsync_dir, start_write_out, write_all, write_out
 from mta.queue.commit import GroupCommitter, Steps, run_to_end
 from mta.queue.envelope import Envelope, Recipient, RecipientState
+from mta.system.fsutil import fsync_dir, start_write_out, write_all, write_out
 
 log = Logger()
 

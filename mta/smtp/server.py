@@ -55,7 +55,6 @@ from mta.mail.address import (
 from mta.mail.headers import unfold_headers
 from mta.mail.reader import ChunkReader, DataError, DataReader
 from mta.mail.replies import Reply
-from mta.netio import send_now
 from mta.policy.received import TraceInfo, count_received, received_header
 from mta.policy.relay import RecipientDecision, check_recipient, relay_allowed
 from mta.policy.srs import rewrite_forwarded
@@ -63,6 +62,7 @@ from mta.policy.submission import complete_headers
 from mta.queue.envelope import Envelope, Recipient, RecipientKind
 from mta.queue.store import MessageWriter, QueueError, QueueStore
 from mta.smtp import dsnparams
+from mta.system.netio import send_now
 
 log = Logger()
 
@@ -278,7 +278,7 @@ class SMTPSession(Protocol):
             )
 
     def handshakeCompleted(self) -> None:  # noqa: N802
-        from mta.tls import describe_tls
+        from mta.system.tls import describe_tls
 
         self.tls_active = True
         self.tls_version, self.tls_cipher = describe_tls(self.transport)

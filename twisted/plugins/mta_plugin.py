@@ -1,4 +1,4 @@
-"""The ``twistd mta`` plugin: parses options and hands them to :mod:`mta.service`.
+"""The ``twistd mta`` plugin: parses options and hands them to :mod:`mta.daemon.service`.
 
 Nothing here imports the reactor; the service is built when twistd asks for it.
 """
@@ -61,7 +61,7 @@ class MTAServiceMaker:
     def makeService(self, options: Options):  # noqa: N802
         from pathlib import Path
 
-        from mta.startup import make_service
+        from mta.daemon.startup import make_service
 
         return make_service(
             config_path=Path(options["config"]) if options["config"] else None,

@@ -5,7 +5,7 @@ Every outcome an operator cares about is one ``twisted.logger`` event whose
 the key ``log_event``; both spellings are read the same way here).  The format
 string of each event makes one readable line in the normal twistd log; the
 fields below are what the JSON log (``log_json`` in the configuration) and
-:mod:`mta.metrics` read.
+:mod:`mta.daemon.metrics` read.
 
 Event schema (``event`` key: fields)
 ------------------------------------

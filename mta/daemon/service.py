@@ -19,12 +19,12 @@ from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, mayb
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from mta import fastpoll
 from mta.config import Config, ConfigError, load_config
-from mta.logs import speed_up_text_log
-from mta.proxy import listening_endpoint
+from mta.daemon.logs import speed_up_text_log
 from mta.queue.store import QueueStore
 from mta.smtp.server import ServerContext, SMTPFactory
+from mta.system import fastpoll
+from mta.system.proxy import listening_endpoint
 
 log = Logger()
 
@@ -50,7 +50,7 @@ def load_policies(config: Config) -> Policies:
     from mta.policy.aliases import AliasFileError, AliasResolver
     from mta.policy.auth import UserDB, UsersFileError
     from mta.policy.identities import Identities, IdentitiesFileError
-    from mta.tls import TLSConfigError, server_tls
+    from mta.system.tls import TLSConfigError, server_tls
 
     try:
         tls = server_tls(config.tls)
@@ -98,7 +98,7 @@ class MTAService(MultiService):
                  worker_fds: list[tuple[str, int, int]] | None = None) -> None:
         super().__init__()
         overrides = overrides or {}
-        # In a worker process (mta.workers): the listening sockets to adopt.
+        # In a worker process (mta.daemon.workers): the listening sockets to adopt.
         self.worker_fds = worker_fds
         # How a reload reads the configuration again (tests give their own).
         self.loader = loader or (lambda: load_config(config_path, overrides))
@@ -120,21 +120,21 @@ class MTAService(MultiService):
         self.runner = (None if runner is False else
                        runner if runner is not None else build_runner(config, self.context.store, reactor))
         if config.workers > 1:
-            from mta.workers import WorkerPool
+            from mta.daemon.workers import WorkerPool
 
             self.pool = WorkerPool(self, config.workers, {
                 "config": str(config_path) if config_path else None, "overrides": overrides})
-        from mta.control import control_service
+        from mta.daemon.control import control_service
 
         self.addService(control_service(self))
         if config.log_json is not None:
-            from mta.logs import json_log_service
+            from mta.daemon.logs import json_log_service
 
             json_log = json_log_service(config.log_json)
             json_log.setName("json-log")
             json_log.setServiceParent(self)
         if config.metrics_endpoint is not None:
-            from mta.metrics import metrics_service
+            from mta.daemon.metrics import metrics_service
 
             metrics = metrics_service(self, config.metrics_endpoint)
             metrics.setName("metrics")
@@ -232,8 +232,10 @@ class MTAService(MultiService):
 
     def _adopt(self) -> None:
         """Worker process: take over the main process's listening sockets."""
-        from mta.proxy import PREFIX, StartAfterHeaderFactory
-        from mta.workers import adopt_port
+        import os
+        import socket
+
+        from mta.system.proxy import PREFIX, StartAfterHeaderFactory
 
         by_name = {listener.name: listener for listener in self.config.listeners}
         for name, fd, family in self.worker_fds or ():
@@ -241,7 +243,8 @@ class MTAService(MultiService):
             factory: Any = SMTPFactory(self.context, listener)
             if listener.endpoint.startswith(PREFIX):
                 factory = StartAfterHeaderFactory(factory)
-            self.ports.append(adopt_port(self.reactor, fd, family, factory))
+            self.ports.append(self.reactor.adoptStreamPort(fd, socket.AddressFamily(family), factory))
+            os.close(fd)  # the reactor has its own duplicate
 
     @inlineCallbacks
     def stopService(self):  # noqa: N802

@@ -19,8 +19,8 @@ def fail(message: str) -> None:
 
 
 def make_service(config_path: Path | None, overrides: dict[str, Any]) -> Any:
-    from mta.logs import install_scrubber
-    from mta.service import MTAService, StartupError
+    from mta.daemon.logs import install_scrubber
+    from mta.daemon.service import MTAService, StartupError
 
     # Before twistd begins logging, so the secret filter runs ahead of its observer.
     install_scrubber()
@@ -31,7 +31,7 @@ def make_service(config_path: Path | None, overrides: dict[str, Any]) -> Any:
         fail(f"configuration error: {e}")
     notes: list[str] = []
     if config_path is None:
-        from mta.defaults import prepare_demo
+        from mta.daemon.demo import prepare_demo
 
         config.data_dir.mkdir(parents=True, exist_ok=True)
         notes = prepare_demo(config)

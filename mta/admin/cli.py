@@ -6,7 +6,7 @@ configuration, as ``twistd -n mta`` without ``--config``; nothing is created).
 * ``queue list`` and ``queue show`` read the queue directory directly, so they
   work with the daemon stopped;
 * ``queue flush|bounce``, ``reload`` and ``status`` ask the running daemon over
-  the control socket (:mod:`mta.control`) and fail clearly when it is not
+  the control socket (:mod:`mta.daemon.control`) and fail clearly when it is not
   running; ``queue delete`` goes through the daemon when it runs (so the runner
   forgets the message) and removes the files itself when it does not;
 * ``user add|passwd|remove`` edit the users file and then ask a running daemon
@@ -28,14 +28,9 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from mta.admin.control import ControlError, ControlUnavailable, DaemonNotRunning, call
 from mta.config import Config, ConfigError, load_config
-from mta.control import (
-    ControlError,
-    ControlUnavailable,
-    DaemonNotRunning,
-    call,
-    valid_queue_id,
-)
+from mta.daemon.control import valid_queue_id
 from mta.queue.envelope import Envelope
 from mta.queue.store import is_queued, list_ids, open_message
 from mta.queue.store import load_envelope as queued_envelope
@@ -566,7 +561,7 @@ def _dir_problem(path: Path, key: str) -> str | None:
 
 def config_problems(config: Config) -> list[str]:
     """Everything wrong with the files and directories ``config`` names."""
-    from mta.control import MAX_SOCKET_PATH
+    from mta.daemon.control import MAX_SOCKET_PATH
     from mta.policy.aliases import (
         CATCH_ALL,
         AliasFileError,
@@ -575,7 +570,7 @@ def config_problems(config: Config) -> list[str]:
         read_aliases_file,
     )
     from mta.policy.auth import UserDB, UsersFileError, read_users_file
-    from mta.tls import TLSConfigError, server_tls
+    from mta.system.tls import TLSConfigError, server_tls
 
     problems: list[str] = []
     try:

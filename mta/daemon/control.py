@@ -12,11 +12,12 @@ Commands: ``status``; ``flush`` [id]; ``delete`` id; ``bounce`` id;
 ``submit`` sender, recipients, message (base64); ``reload``.  Requests on one
 connection are answered in order.  ``code`` in an error names its kind for
 scripts: usage, not_found, busy, unavailable, reload, internal, or one of
-:mod:`mta.submit`'s kinds (recipient, data, temporary).
+:mod:`mta.intake.submit`'s kinds (recipient, data, temporary).
 
-The server side (:class:`ControlService`, :func:`control_service`) runs in
-the daemon's reactor; the client side (:func:`call`) is plain blocking code
-for the ``mta`` and ``sendmail`` commands, which run no reactor.
+This module is the server side (:class:`ControlService`, :func:`control_service`),
+run in the daemon's reactor, and the protocol's shared limits; the client side
+(:func:`mta.admin.control.call`) is plain blocking code for the ``mta`` and
+``sendmail`` commands, which run no reactor.
 """
 
 from __future__ import annotations
@@ -53,86 +54,10 @@ QUEUE_ID = re.compile(r"[0-9A-Za-z]{1,64}\Z")
 # Linux limits sun_path to 108 octets including the final NUL.
 MAX_SOCKET_PATH = 107
 IDLE_TIMEOUT = 300.0
-MAX_RESPONSE = 1024 * 1024
 
 
 def valid_queue_id(text: str) -> bool:
     return bool(QUEUE_ID.match(text))
-
-
-# --- the client (blocking) -----------------------------------------------------------
-
-
-class ControlUnavailable(Exception):
-    """The daemon cannot be asked: no permission, no answer, or a garbled answer."""
-
-
-class DaemonNotRunning(ControlUnavailable):
-    """Nothing listens on the control socket: the daemon is not running."""
-
-
-class ControlError(Exception):
-    """The daemon answered ``ok: false``; ``code`` names the kind of error."""
-
-    def __init__(self, message: str, code: str = "") -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def call(path: Path, command: str, timeout: float = 30.0, **args: Any) -> dict[str, Any]:
-    """Send one command to the daemon and return its (``ok: true``) answer.
-
-    Raises DaemonNotRunning, ControlUnavailable or ControlError.
-    """
-    request = json.dumps({"command": command, **args}, ensure_ascii=False).encode("utf-8")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
-    with sock:
-        try:
-            sock.connect(str(path))
-        except (FileNotFoundError, ConnectionRefusedError):
-            raise DaemonNotRunning(f"the mta daemon is not running (nothing listens on "
-                                   f"{path})") from None
-        except PermissionError:
-            raise ControlUnavailable(f"permission denied on {path}: only root and the "
-                                     "daemon's user may use the control socket") from None
-        except OSError as e:
-            raise ControlUnavailable(f"cannot connect to {path}: {e.strerror or e}") from None
-        try:
-            sock.sendall(request + b"\n")
-            line = _read_line(sock)
-        except TimeoutError:
-            raise ControlUnavailable(f"the daemon did not answer within {timeout:g} "
-                                     "seconds") from None
-        except OSError as e:
-            raise ControlUnavailable(f"control connection failed: {e.strerror or e}") from None
-    try:
-        answer = json.loads(line)
-    except ValueError:
-        answer = None
-    if not isinstance(answer, dict) or not isinstance(answer.get("ok"), bool):
-        raise ControlUnavailable(f"unexpected answer from the daemon: {line[:200]!r}")
-    if not answer["ok"]:
-        raise ControlError(str(answer.get("error", "unknown error")), str(answer.get("code", "")))
-    return answer
-
-
-def _read_line(sock: socket.socket) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ControlUnavailable("the daemon closed the control connection without "
-                                     "answering")
-        end = chunk.find(b"\n")
-        if end >= 0:
-            chunks.append(chunk[:end])
-            return b"".join(chunks)
-        chunks.append(chunk)
-        size += len(chunk)
-        if size > MAX_RESPONSE:
-            raise ControlUnavailable("the daemon's answer is too long")
 
 
 # --- the commands (in the daemon) ------------------------------------------------------
@@ -264,7 +189,7 @@ class ControlCommands:
         return {"id": queue_id, "failed": failed}
 
     def do_submit(self, request: dict[str, Any], peer: dict[str, int]) -> dict[str, Any]:
-        from mta.submit import SubmitError, Submitter, submit_message
+        from mta.intake.submit import SubmitError, Submitter, submit_message
 
         sender = request.get("sender", "")
         recipients = request.get("recipients")
@@ -524,7 +449,7 @@ class ControlService(Service):
 
 
 def control_service(mta_service: Any) -> IService:
-    """The control channel of a :class:`~mta.service.MTAService` (add it as a child).
+    """The control channel of a :class:`~mta.daemon.service.MTAService` (add it as a child).
 
     Reads ``config``, ``context``, ``runner``, ``reactor`` and, if it has
     one, the ``reload`` method of ``mta_service``.

@@ -4,7 +4,7 @@ Installed as ``mta-sendmail`` (and ``mta-mailq``); an administrator makes it
 the system's sendmail with ``ln -s $(command -v mta-sendmail) /usr/sbin/sendmail``.
 It reads a message on stdin and hands it to the running daemon over the
 control socket (``submit``); the daemon checks and queues it exactly as for
-SMTP submission (:mod:`mta.submit`).  If the daemon is not running nothing is
+SMTP submission (:mod:`mta.intake.submit`).  If the daemon is not running nothing is
 queued anywhere: the command says so and exits 75 (EX_TEMPFAIL), which
 well-behaved callers treat as "try again later".
 
@@ -38,8 +38,8 @@ from email.utils import formataddr, getaddresses
 from pathlib import Path
 from typing import BinaryIO
 
+from mta.admin.control import ControlError, ControlUnavailable, DaemonNotRunning, call
 from mta.config import Config, ConfigError, load_config
-from mta.control import ControlError, ControlUnavailable, DaemonNotRunning, call
 
 EX_OK = 0
 EX_USAGE = 64
@@ -60,7 +60,7 @@ _MODES_SUPPORTED = {"m", "p", "i"}
 _FIELD = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 
-# The daemon's error kinds (mta.submit) as exit statuses.
+# The daemon's error kinds (mta.intake.submit) as exit statuses.
 _EXIT_FOR = {"usage": EX_USAGE, "recipient": EX_NOUSER, "data": EX_DATAERR,
              "temporary": EX_TEMPFAIL, "unavailable": EX_TEMPFAIL}
 
@@ -346,7 +346,7 @@ def _flush(prog: str, config: Config) -> int:
 
 
 def _mailq(path: Path | None) -> int:
-    from mta import cli
+    from mta.admin import cli
 
     args = ["queue", "list"] + (["--config", str(path)] if path is not None else [])
     return cli.main(args)

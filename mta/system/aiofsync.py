@@ -34,7 +34,7 @@ import platform
 from collections.abc import Sequence
 from typing import Any
 
-from mta.fsutil import _libc
+from mta.system.fsutil import _libc
 
 # io_setup, io_destroy, io_getevents, io_submit (asm/unistd_64.h; the generic
 # table for arm64 and riscv64).

@@ -3,7 +3,7 @@
 The counters are fed from two places, so the server and the queue runner
 never import this module:
 
-* the structured log events (see :mod:`mta.logs` for the schema): a log
+* the structured log events (see :mod:`mta.daemon.logs` for the schema): a log
   observer on the global publisher looks at each event's ``event`` key;
 * the SMTP server's reply hook, ``ServerContext.observer(session, reply)``,
   called for every reply the server sends.
@@ -63,7 +63,7 @@ from twisted.logger import Logger, LogPublisher, globalLogPublisher
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from mta.logs import event_name
+from mta.daemon.logs import event_name
 
 log = Logger()
 
@@ -449,7 +449,7 @@ class MetricsService(Service):
 
 
 def metrics_service(mta_service: Any, endpoint: str) -> IService:
-    """A child service for :class:`mta.service.MTAService` serving its metrics on ``endpoint``
+    """A child service for :class:`mta.daemon.service.MTAService` serving its metrics on ``endpoint``
     (a Twisted server endpoint string such as ``tcp:9125:interface=127.0.0.1``)."""
     context = mta_service.context
 
