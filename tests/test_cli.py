@@ -37,10 +37,9 @@ from mta.config import load_config
 from mta.daemon.control import (
     ControlService,
     ControlSocketError,
-    control_service,
     prepare_socket_path,
 )
-from mta.daemon.service import MTAService
+from mta.daemon.service import MTAService, build_control
 from mta.policy.auth import add_user, read_users_file
 from mta.queue.courier import DeliveryResult, Outcome
 from mta.queue.envelope import Envelope, Recipient
@@ -121,7 +120,7 @@ class Running:
         self.remote = ManualCourier()
         self.service.runner.router.couriers["remote"] = self.remote
         if "control" not in self.service.namedServices:
-            self.service.addService(control_service(self.service))
+            self.service.addService(build_control(self.service))
 
     @property
     def store(self) -> Any:

@@ -1,7 +1,7 @@
 """Metrics: a real MTA on loopback, real SMTP clients, and /metrics scraped over HTTP.
 
 The metrics service is installed the way MTAService does it once configured
-(a child service built by ``metrics_service``); each test stops it, which
+(a child service built by ``build_metrics``); each test stops it, which
 removes its log observer and closes its port.
 """
 
@@ -20,7 +20,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from mta.daemon.metrics import Metrics, metrics_service, queue_id_time
+from mta.daemon.metrics import Metrics, queue_id_time
+from mta.daemon.service import build_metrics
 from mta.queue.envelope import Envelope, Recipient, RecipientKind
 from mta.queue.store import QueueStore
 from tests.harness import RawClient, in_thread, start_mta
@@ -69,7 +70,7 @@ def plain(user: str, password: str) -> str:
 
 async def start_with_metrics(tmp_path, **kw):
     running = await start_mta(tmp_path, **kw)
-    service = metrics_service(running.service, "tcp:0:interface=127.0.0.1")
+    service = build_metrics(running.service, "tcp:0:interface=127.0.0.1")
     service.startService()
     await service.listening
     return running, service
@@ -221,7 +222,7 @@ async def test_a_busy_metrics_port_is_logged_and_mail_goes_on(tmp_path):
     events: list[dict] = []
     globalLogPublisher.addObserver(events.append)
     running = await start_mta(tmp_path)
-    service = metrics_service(running.service, f"tcp:{busy.getHost().port}:interface=127.0.0.1")
+    service = build_metrics(running.service, f"tcp:{busy.getHost().port}:interface=127.0.0.1")
     try:
         service.startService()
         await service.listening

@@ -7,6 +7,7 @@ import os
 import stat
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 import pytest_twisted
@@ -558,7 +559,7 @@ def test_a_file_that_cannot_be_recycled_is_removed_and_owes_nothing(tmp_path, mo
     and a worker that was to get the spare is still owed one."""
     store = QueueStore(tmp_path / "q", fsync=False)
     told = []
-    store.spare_outlet = lambda: told.append
+    store.spare_outlet = SimpleNamespace(spare_taker=lambda keep: told.append)
     writer = store.new_message()
     writer.write(MESSAGE)
     writer.commit(envelope_for(writer.id))

@@ -10,7 +10,9 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from mta.daemon.workers import WorkerPool, _WorkerProtocol
+from twisted.internet.task import Clock
+
+from mta.daemon.workers import WorkerPool, WorkerSpares, _WorkerProtocol
 from mta.queue.envelope import Envelope, Recipient, RecipientKind
 from tests.daemon import QUIET_TAIL, Daemon, free_port
 from tests.harness import PASSWORD, write_domain
@@ -127,6 +129,13 @@ def test_worker_dies_with_a_killed_main_process(tmp_path):
                 pass
 
 
+def pool_of(spares: WorkerSpares, store: object = None, runner: object = None,
+            session_timeout: float = 1800.0) -> WorkerPool:
+    """A pool as the composition root builds it, around a clock (no process is started)."""
+    return WorkerPool(spares.clock, 2, {}, listeners=(), spares=spares, runner=runner,  # type: ignore[arg-type]
+                      files=store, session_timeout=lambda: session_timeout)  # type: ignore[arg-type]
+
+
 class _Runner:
     def __init__(self) -> None:
         self.committed: list[Envelope] = []
@@ -137,11 +146,9 @@ def test_the_main_process_takes_the_envelope_from_the_workers_line(tmp_path):
     """``queued <id> <envelope JSON>`` in pieces, as a pipe delivers them: the runner
     gets the envelope itself; a line without a usable one falls back to the disk."""
     runner = _Runner()
-    mta = SimpleNamespace(runner=SimpleNamespace(committed=runner.committed.append,
-                                                 flush=runner.flushed.append))
-    pool = WorkerPool.__new__(WorkerPool)
-    pool.mta = mta
-    pool.spares_owed = {}
+    spares = WorkerSpares(Clock())
+    pool = pool_of(spares, runner=SimpleNamespace(committed=runner.committed.append,
+                                                  flush=runner.flushed.append))
     proto = _WorkerProtocol(pool, 1)
     env = Envelope("6b09c8822d5b28ff9734", "s@x.test",
                    [Recipient("a@y.test", RecipientKind.REMOTE, "a@y.test")], 1.5e9, size=42)
@@ -152,7 +159,7 @@ def test_the_main_process_takes_the_envelope_from_the_workers_line(tmp_path):
         proto.outReceived(data[i:i + 7])
     assert [e.to_bytes() for e in runner.committed] == [env.to_bytes()]
     assert runner.flushed == ["6b09c8822d5b28ff9735", "6b09c8822d5b28ff9736"]
-    assert pool.spares_owed == {1: 3}  # each announced message used up one of its spares
+    assert spares.spares_owed == {1: 3}  # each announced message used up one of its spares
 
 
 def test_a_message_a_dead_worker_never_announced_is_delivered(tmp_path):
@@ -185,8 +192,6 @@ def test_a_message_a_dead_worker_never_announced_is_delivered(tmp_path):
 def test_an_ended_workers_spares_are_swept_after_the_session_lifetime(tmp_path):
     """Its spare queue files outlive a worker that died; once none can be in use
     they are removed, and a stop cancels the pending sweep."""
-    from twisted.internet.task import Clock
-
     from mta.queue.store import RECEIVING, SPARE_MAX_AGE, QueueStore
 
     store = QueueStore(tmp_path / "queue", fsync=False)
@@ -195,9 +200,7 @@ def test_an_ended_workers_spares_are_swept_after_the_session_lifetime(tmp_path):
     old = time.time() - 4000
     os.utime(spare, (old, old))
     clock = Clock()
-    mta = SimpleNamespace(runner=None, reactor=clock, context=SimpleNamespace(store=store),
-                          config=SimpleNamespace(limits=SimpleNamespace(session_timeout=1800.0)))
-    pool = WorkerPool(mta, 2, {})
+    pool = pool_of(WorkerSpares(clock), store)
     respawned: list[int] = []
     pool._respawn = respawned.append  # no process is started here
     pool.ended(_WorkerProtocol(pool, 1))
@@ -219,18 +222,14 @@ def test_finished_messages_files_go_back_to_the_worker_that_used_spares(tmp_path
     """Each message a worker announced used up one of its spares: the store's
     next recycled files go to that worker, in one ``spares`` line per reactor
     turn on its stdin, while the worker is owed any; then the store keeps them."""
-    from twisted.internet.task import Clock
-
     from mta.queue.store import RECEIVING, QueueStore
 
-    store = QueueStore(tmp_path / "queue", fsync=False)
     clock = Clock()
     sent = []
     transport = SimpleNamespace(writeToChild=lambda fd, data: sent.append((fd, data)))
-    mta = SimpleNamespace(runner=None, reactor=clock, context=SimpleNamespace(store=store),
-                          config=SimpleNamespace(limits=SimpleNamespace(session_timeout=1800.0)))
-    pool = WorkerPool(mta, 2, {})
-    pool.workers[1] = transport
+    pool = WorkerSpares(clock)
+    store = QueueStore(tmp_path / "queue", fsync=False, spare_outlet=pool)
+    pool.started(1, transport)
     pool.owe_spare(1)
     pool.owe_spare(1)
     ids = []
@@ -287,17 +286,13 @@ def test_the_worker_takes_the_spares_its_stdin_brings(tmp_path):
 
 
 def test_a_worker_is_still_owed_a_spare_whose_file_could_not_be_recycled(tmp_path):
-    from twisted.internet.task import Clock
-
     from mta.queue.store import QueueStore
 
-    store = QueueStore(tmp_path / "queue", fsync=False)
-    mta = SimpleNamespace(runner=None, reactor=Clock(), context=SimpleNamespace(store=store),
-                          config=SimpleNamespace(limits=SimpleNamespace(session_timeout=1800.0)))
-    pool = WorkerPool(mta, 2, {})
-    pool.workers[1] = SimpleNamespace()
+    pool = WorkerSpares(Clock())
+    store = QueueStore(tmp_path / "queue", fsync=False, spare_outlet=pool)
+    pool.started(1, SimpleNamespace())
     pool.owe_spare(1)
-    taker = pool._spare_outlet()
-    assert pool.spares_owed == {1: 0} and pool._spare_outlet() is None
+    taker = pool.spare_taker(store.add_spares)
+    assert pool.spares_owed == {1: 0} and pool.spare_taker(store.add_spares) is None
     taker(None)
     assert pool.spares_owed == {1: 1}

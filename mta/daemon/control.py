@@ -14,7 +14,8 @@ connection are answered in order.  ``code`` in an error names its kind for
 scripts: usage, not_found, busy, unavailable, reload, internal, or one of
 :mod:`mta.intake.submit`'s kinds (recipient, data, temporary).
 
-This module is the server side (:class:`ControlService`, :func:`control_service`),
+This module is the server side (:class:`ControlService` around
+:class:`ControlCommands`, built by :mod:`mta.daemon.service`),
 run in the daemon's reactor, and the protocol's shared limits; the client side
 (:func:`mta.admin.control.call`) is plain blocking code for the ``mta`` and
 ``sendmail`` commands, which run no reactor.
@@ -30,13 +31,13 @@ import re
 import socket
 import stat
 import struct
-import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from typing import Protocol as TypingProtocol
 
-from twisted.application.service import IService, Service
+from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import UNIXServerEndpoint
 from twisted.internet.interfaces import IReactorTime
@@ -72,29 +73,68 @@ class CommandError(Exception):
 
 
 Reload = Callable[[], Any]  # returns a value or a Deferred; raises / errbacks on failure
+# Queues one message (sender, recipients, message, submitter) and returns its id;
+# raises mta.intake.submit.SubmitError.  The composition root binds it to the
+# running store, configuration and aliases (mta.intake.submit.submit_message).
+Submit = Callable[[str, list[str], bytes, Any], str]
+
+
+class Live(TypingProtocol):
+    """The daemon's running state, read at each command so that a reload or the
+    start of a shutdown is seen (the SMTP server's context provides it,
+    :class:`mta.smtp.server.ServerContext`)."""
+
+    config: Config
+    accepting: bool
+
+
+class QueueFiles(TypingProtocol):
+    """What the commands need of the queue store (:class:`mta.queue.store.QueueStore`)."""
+
+    def exists(self, queue_id: str) -> bool: ...
+
+    def ids(self) -> list[str]: ...
+
+    def remove(self, queue_id: str) -> None: ...
+
+
+class Delivery(TypingProtocol):
+    """What the commands need of the queue runner (:class:`mta.queue.runner.QueueRunner`)."""
+
+    @property
+    def in_flight(self) -> int: ...
+
+    def flush(self, queue_id: str | None = None) -> int: ...
+
+    def delete(self, queue_id: str) -> None: ...
+
+    def bounce(self, queue_id: str) -> int: ...
 
 
 class ControlCommands:
     """Carries out control commands against the daemon's queue, runner and policies.
 
-    ``context`` is the :class:`~mta.smtp.server.ServerContext`: its ``config``,
-    ``store`` and ``aliases`` are read at each command, so a reload is seen;
-    ``runner`` is the :class:`~mta.queue.runner.QueueRunner` or None when
-    delivery is off; ``reload`` is the daemon's reload callable, or None.
+    ``live`` gives the running configuration (and whether the daemon still
+    accepts mail) at each command, so a reload is seen; ``queue`` is the queue
+    store; ``runner`` the queue runner, or None when delivery is off;
+    ``submit`` queues a local submission, or None; ``reload`` is the daemon's
+    reload callable, or None.
     """
 
-    def __init__(self, context: Any, runner: Any, reload: Reload | None,
-                 clock: IReactorTime, wall_clock: Callable[[], float] = time.time) -> None:
-        self.context = context
+    def __init__(self, live: Live, queue: QueueFiles, runner: Delivery | None,
+                 submit: Submit | None, reload: Reload | None,
+                 clock: IReactorTime) -> None:
+        self.live = live
+        self.queue = queue
         self.runner = runner
+        self.submit = submit
         self.reload_callable = reload
         self.clock = clock
-        self.wall_clock = wall_clock
         self.started = clock.seconds()
 
     @property
     def config(self) -> Config:
-        return self.context.config
+        return self.live.config
 
     def dispatch(self, request: Any, peer: dict[str, int]) -> Deferred[dict[str, Any]]:
         """Carry out one request; fires with the answer (never errbacks)."""
@@ -129,7 +169,7 @@ class ControlCommands:
         return self.runner
 
     def _exists(self, queue_id: str) -> None:
-        if not self.context.store.exists(queue_id):
+        if not self.queue.exists(queue_id):
             raise CommandError(f"no message {queue_id} in the queue", "not_found")
 
     # --- commands ---
@@ -139,7 +179,7 @@ class ControlCommands:
             "pid": os.getpid(),
             "hostname": self.config.hostname,
             "uptime": round(self.clock.seconds() - self.started, 3),
-            "queued": len(self.context.store.ids()),
+            "queued": len(self.queue.ids()),
             "in_flight": self.runner.in_flight if self.runner is not None else 0,
             "delivery": self.runner is not None,
             "listeners": [{"name": lst.name, "endpoint": lst.endpoint, "kind": lst.kind}
@@ -161,7 +201,7 @@ class ControlCommands:
         assert queue_id is not None
         self._exists(queue_id)
         if self.runner is None:
-            self.context.store.remove(queue_id)
+            self.queue.remove(queue_id)
             log.info("message {queue_id} deleted by the administrator", queue_id=queue_id,
                      log_event="deleted")
             return {"id": queue_id}
@@ -189,7 +229,7 @@ class ControlCommands:
         return {"id": queue_id, "failed": failed}
 
     def do_submit(self, request: dict[str, Any], peer: dict[str, int]) -> dict[str, Any]:
-        from mta.intake.submit import SubmitError, Submitter, submit_message
+        from mta.intake.submit import SubmitError, Submitter
 
         sender = request.get("sender", "")
         recipients = request.get("recipients")
@@ -204,13 +244,13 @@ class ControlCommands:
             data = base64.b64decode(message, validate=True)
         except (binascii.Error, ValueError):
             raise CommandError("message is not valid base64", "usage") from None
-        if not getattr(self.context, "accepting", True):
+        if self.submit is None:
+            raise CommandError("this daemon cannot take submissions", "unavailable")
+        if not self.live.accepting:
             raise CommandError("the daemon is shutting down; try again later", "temporary")
         submitter = Submitter(uid=peer.get("uid"), pid=peer.get("pid"))
         try:
-            queue_id = submit_message(self.context.store, self.config, self.context.aliases,
-                                      sender, recipients, data, submitter, self.wall_clock,
-                                      srs=getattr(self.context, "srs", None))
+            queue_id = self.submit(sender, recipients, data, submitter)
         except SubmitError as e:
             raise CommandError(str(e), e.kind) from None
         return {"id": queue_id}
@@ -446,16 +486,3 @@ class ControlService(Service):
             return None
         port, self.port = self.port, None
         return DeferredList([maybeDeferred(port.stopListening)]).addCallback(lambda _: None)
-
-
-def control_service(mta_service: Any) -> IService:
-    """The control channel of a :class:`~mta.daemon.service.MTAService` (add it as a child).
-
-    Reads ``config``, ``context``, ``runner``, ``reactor`` and, if it has
-    one, the ``reload`` method of ``mta_service``.
-    """
-    config = mta_service.config
-    commands = ControlCommands(mta_service.context, mta_service.runner,
-                               getattr(mta_service, "reload", None), mta_service.reactor)
-    return ControlService(config.control_socket, commands, mta_service.reactor,
-                          max_request_size(config))

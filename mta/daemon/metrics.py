@@ -48,8 +48,8 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sized
+from typing import Any, Protocol
 from weakref import WeakSet
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -126,13 +126,27 @@ def _number(value: Any) -> float | None:
     return None
 
 
+class QueueListing(Protocol):
+    """What the metrics read of the queue store (:class:`mta.queue.store.QueueStore`)."""
+
+    def ids(self) -> list[str]:
+        """The queued messages' ids, oldest first."""
+
+
+class ReplyHook(Protocol):
+    """Where the SMTP server calls ``observer(session, reply)`` for every reply it
+    sends (:class:`mta.smtp.server.ServerContext`); None: no hook."""
+
+    observer: Callable[[Any, Any], None] | None
+
+
 class QueueCollector:
     """Gauges read at scrape time: queue size and oldest age, sessions, deliveries in flight.
 
-    ``store`` needs only ``ids()`` (oldest first); each source may be None.
+    Each source may be None.
     """
 
-    def __init__(self, store: Any = None, clock: Callable[[], float] = time.time,
+    def __init__(self, store: QueueListing | None = None, clock: Callable[[], float] = time.time,
                  active_sessions: Callable[[], int] | None = None,
                  in_flight: Callable[[], int] | None = None,
                  outbound: Callable[[], tuple[int, int]] | None = None) -> None:
@@ -174,7 +188,7 @@ class QueueCollector:
 class Metrics:
     """All the MTA's metrics; feed it with :meth:`observe_event` and :meth:`observe_reply`."""
 
-    def __init__(self, store: Any = None, clock: Callable[[], float] | None = None,
+    def __init__(self, store: QueueListing | None = None, clock: Callable[[], float] | None = None,
                  active_sessions: Callable[[], int] | None = None,
                  in_flight: Callable[[], int] | None = None,
                  registry: CollectorRegistry | None = None,
@@ -395,7 +409,8 @@ class MetricsService(Service):
     does not stop the MTA: mail matters more than metrics.
     """
 
-    def __init__(self, metrics: Metrics, endpoint: IStreamServerEndpoint, context: Any = None,
+    def __init__(self, metrics: Metrics, endpoint: IStreamServerEndpoint,
+                 context: ReplyHook | None = None,
                  publisher: LogPublisher = globalLogPublisher) -> None:
         self.metrics = metrics
         self.endpoint = endpoint
@@ -448,22 +463,37 @@ class MetricsService(Service):
         return maybeDeferred(port.stopListening)
 
 
-def metrics_service(mta_service: Any, endpoint: str) -> IService:
-    """A child service for :class:`mta.daemon.service.MTAService` serving its metrics on ``endpoint``
-    (a Twisted server endpoint string such as ``tcp:9125:interface=127.0.0.1``)."""
-    context = mta_service.context
+class Deliveries(Protocol):
+    """What the metrics read of the queue runner (:class:`mta.queue.runner.QueueRunner`)."""
+
+    @property
+    def in_flight(self) -> int: ...
+
+
+class OpenConnections(Protocol):
+    """What the metrics read of the outbound connection cache
+    (:class:`mta.delivery.cache.ConnectionCache`)."""
+
+    reused: int
+
+    def __len__(self) -> int: ...
+
+
+def metrics_service(reactor: Any, endpoint: str, *, queue: QueueListing, sessions: Sized,
+                    replies: ReplyHook, deliveries: Deliveries | None = None,
+                    connections: OpenConnections | None = None) -> IService:
+    """The metrics service on ``endpoint`` (a Twisted server endpoint string such
+    as ``tcp:9125:interface=127.0.0.1``), reading at scrape time the ``queue``
+    listing, the open SMTP ``sessions``, the runner's ``deliveries`` in flight
+    and the outbound ``connections`` kept open (each None when there is none),
+    and counting every reply through the ``replies`` hook."""
 
     def in_flight() -> int:
-        runner = getattr(mta_service, "runner", None)
-        return int(getattr(runner, "in_flight", 0)) if runner is not None else 0
+        return deliveries.in_flight if deliveries is not None else 0
 
     def outbound() -> tuple[int, int]:
-        runner = getattr(mta_service, "runner", None)
-        couriers = getattr(getattr(runner, "router", None), "couriers", {})
-        cache = getattr(couriers.get("remote"), "cache", None)
-        return (cache.reused, len(cache)) if cache is not None else (0, 0)
+        return (connections.reused, len(connections)) if connections is not None else (0, 0)
 
-    metrics = Metrics(store=context.store, active_sessions=lambda: len(context.sessions),
+    metrics = Metrics(store=queue, active_sessions=lambda: len(sessions),
                       in_flight=in_flight, outbound=outbound)
-    return MetricsService(metrics, serverFromString(mta_service.reactor, endpoint),
-                          context=context)
+    return MetricsService(metrics, serverFromString(reactor, endpoint), context=replies)

@@ -12,19 +12,22 @@ import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from twisted.application.service import MultiService
+from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, maybeDeferred
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from mta.config import Config, ConfigError, load_config
 from mta.daemon.logs import speed_up_text_log
-from mta.queue.store import QueueStore
+from mta.queue.store import QueueStore, SpareOutlet
 from mta.smtp.server import ServerContext, SMTPFactory
 from mta.system import fastpoll
 from mta.system.proxy import listening_endpoint
+
+if TYPE_CHECKING:
+    from mta.delivery.cache import ConnectionCache
 
 log = Logger()
 
@@ -75,13 +78,15 @@ def load_policies(config: Config) -> Policies:
     return Policies(users, aliases, identities, tls, spf, authenticator)
 
 
-def build_context(config: Config, reactor: Any) -> ServerContext:
+def build_context(config: Config, reactor: Any, spare_outlet: SpareOutlet | None = None) -> ServerContext:
+    """The SMTP sessions' shared context around a new queue store (which gives
+    the files of finished messages to ``spare_outlet`` first, if any)."""
     from mta.policy.limits import AbuseLimits
     from mta.policy.srs import SRSRewriter, load_or_create_secret
 
     p = load_policies(config)
     store = QueueStore(config.queue_dir, fsync=config.fsync, reactor=reactor,
-                       syncfs=config.queue_sync == "syncfs")
+                       syncfs=config.queue_sync == "syncfs", spare_outlet=spare_outlet)
     secret = config.srs_secret or load_or_create_secret(config.data_dir / "srs-secret")
     return ServerContext(config=config, store=store, users=p.users, aliases=p.aliases,
                          identities=p.identities, clock=reactor, tls=p.tls, spf=p.spf,
@@ -90,7 +95,12 @@ def build_context(config: Config, reactor: Any) -> ServerContext:
 
 
 class MTAService(MultiService):
-    """The whole MTA as one Twisted service: listeners plus the queue runner."""
+    """The whole MTA as one Twisted service: listeners plus the queue runner.
+
+    This is the composition root: it builds every part and hands each exactly
+    the collaborators it uses (the worker pool, the control commands and the
+    metrics see typed protocols of their own, never this service).
+    """
 
     def __init__(self, config: Config, reactor: Any = None, runner: Any = None,
                  config_path: Path | None = None, overrides: dict[str, Any] | None = None,
@@ -109,24 +119,37 @@ class MTAService(MultiService):
             reactor = default_reactor
         self.config = config
         self.reactor = reactor
-        self.context = build_context(config, reactor)
+        spares = None
+        if worker_fds is None and config.workers > 1:
+            from mta.daemon.workers import WorkerSpares
+
+            spares = WorkerSpares(reactor)
+        self.context = build_context(config, reactor, spare_outlet=spares)
         self.ports: list[Any] = []
         self.listening: Deferred[None] | None = None
         self.pool: Any = None
+        # The remote courier's open connections (for the metrics), when we built it.
+        self.connections: ConnectionCache | None = None
         if worker_fds is not None:
             self.runner = None  # only the main process delivers
             return
         # runner=False: no delivery at all (tests of the receiving side).
-        self.runner = (None if runner is False else
-                       runner if runner is not None else build_runner(config, self.context.store, reactor))
-        if config.workers > 1:
+        if runner is None:
+            from mta.delivery.wiring import build_delivery
+
+            delivery = build_delivery(config, self.context.store, reactor)
+            runner, self.connections = delivery.runner, delivery.connections
+        self.runner = None if runner is False else runner
+        if spares is not None:
             from mta.daemon.workers import WorkerPool
 
-            self.pool = WorkerPool(self, config.workers, {
-                "config": str(config_path) if config_path else None, "overrides": overrides})
-        from mta.daemon.control import control_service
-
-        self.addService(control_service(self))
+            self.pool = WorkerPool(
+                reactor, config.workers,
+                {"config": str(config_path) if config_path else None, "overrides": overrides},
+                listeners=[listener.name for listener in config.listeners], spares=spares,
+                runner=self.runner, files=self.context.store,
+                session_timeout=lambda: self.config.limits.session_timeout)
+        self.addService(build_control(self))
         if config.log_json is not None:
             from mta.daemon.logs import json_log_service
 
@@ -134,9 +157,7 @@ class MTAService(MultiService):
             json_log.setName("json-log")
             json_log.setServiceParent(self)
         if config.metrics_endpoint is not None:
-            from mta.daemon.metrics import metrics_service
-
-            metrics = metrics_service(self, config.metrics_endpoint)
+            metrics = build_metrics(self, config.metrics_endpoint)
             metrics.setName("metrics")
             metrics.setServiceParent(self)
 
@@ -272,10 +293,29 @@ class MTAService(MultiService):
         yield super().stopService()
 
 
-def build_runner(config: Config, store: QueueStore, reactor: Any) -> Any:
-    """The queue runner with its couriers, or None while delivery is not wired."""
-    try:
-        from mta.delivery.wiring import build_runner as build
-    except ImportError:
-        return None
-    return build(config, store, reactor)
+def build_control(mta: MTAService) -> IService:
+    """The control channel of ``mta`` (a child service): the commands get the
+    running state, the queue, the runner, a bound submission and the reload."""
+    from mta.daemon.control import ControlCommands, ControlService, max_request_size
+    from mta.intake.submit import submit_message
+
+    context = mta.context
+
+    def submit(sender: str, recipients: list[str], data: bytes, submitter: Any) -> str:
+        return submit_message(context.store, context.config, context.aliases, sender, recipients,
+                              data, submitter, srs=context.srs)
+
+    commands = ControlCommands(context, context.store, mta.runner, submit, mta.reload, mta.reactor)
+    return ControlService(mta.config.control_socket, commands, mta.reactor,
+                          max_request_size(mta.config))
+
+
+def build_metrics(mta: MTAService, endpoint: str) -> IService:
+    """The metrics of ``mta`` served on ``endpoint`` (a child service): the queue
+    listing, the sessions, the reply hook, the runner and the open connections."""
+    from mta.daemon import metrics
+
+    context = mta.context
+    return metrics.metrics_service(mta.reactor, endpoint, queue=context.store,
+                                   sessions=context.sessions, replies=context,
+                                   deliveries=mta.runner, connections=mta.connections)

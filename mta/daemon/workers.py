@@ -15,9 +15,11 @@ main process looks for such messages when it learns that a worker ended.  A work
 log lines (``[worker1 mta.smtp.server#info] ...``) come on its stderr and are
 appended to the main log as they are.
 
-This module is the main process's side (:class:`WorkerPool`); the worker process
-itself is :mod:`mta.daemon.worker`, which builds an MTAService (this module does
-not import the service: the service creates the pool and hands itself in).
+This module is the main process's side: :class:`WorkerPool` (the processes) and
+:class:`WorkerSpares` (the spare queue files owed to them); the worker process
+itself is :mod:`mta.daemon.worker`.  Neither class sees the service: the
+composition root (:mod:`mta.daemon.service`) hands each exactly what it uses,
+typed by the small protocols below.
 
 Limits kept per process (connections per IP, rates) are per worker: with N
 workers an address may hold up to N times ``max_connections_per_ip``.
@@ -28,8 +30,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
@@ -42,6 +44,56 @@ from mta.queue.store import SPARE_KEEP, SPARE_MAX_AGE
 
 log = Logger()
 
+
+
+class ProcessReactor(Protocol):
+    """What the pool needs of the reactor: starting processes and timers
+    (``IReactorProcess.spawnProcess``, ``IReactorTime.callLater``)."""
+
+    def spawnProcess(self, processProtocol: Any, executable: str, args: Sequence[str],  # noqa: N802, N803
+                     env: dict[str, str] | None = None, path: str | None = None,
+                     uid: int | None = None, gid: int | None = None, usePTY: bool = False,  # noqa: N803
+                     childFDs: dict[int, Any] | None = None) -> Any: ...  # noqa: N803
+
+    def callLater(self, delay: float, callable: Callable[..., Any], *args: Any,  # noqa: N802
+                  **kw: Any) -> Any: ...
+
+
+class TurnClock(Protocol):
+    """``IReactorTime.callLater``: the spares of one reactor turn go out together."""
+
+    def callLater(self, delay: float, callable: Callable[..., Any], *args: Any,  # noqa: N802
+                  **kw: Any) -> Any: ...
+
+
+class Announced(Protocol):
+    """What the pool needs of the queue runner (:class:`mta.queue.runner.QueueRunner`):
+    a worker's messages handed over, and a look for those it never announced."""
+
+    def committed(self, envelope: Envelope) -> None:
+        """A worker committed this message and sent its envelope."""
+
+    def flush(self, queue_id: str | None = None) -> int:
+        """A worker committed ``queue_id``; read its envelope from disk."""
+
+    def adopt_unknown(self) -> int:
+        """Schedule every queued message nobody announced (a worker ended)."""
+
+
+class LeftFiles(Protocol):
+    """What the pool needs of the queue store: removing an ended worker's spare files."""
+
+    def sweep_unfinished(self, older_than: float) -> int:
+        """Remove spare and unfinished files older than ``older_than`` seconds; how many."""
+
+
+class WorkerChannel(Protocol):
+    """A worker process's transport, as far as its spares go: its stdin."""
+
+    def writeToChild(self, childFD: int, data: bytes) -> None: ...  # noqa: N802, N803
+
+
+SpareTaker = Callable[[str | None], None]
 
 class _WorkerProtocol(ProcessProtocol):
     def __init__(self, pool: WorkerPool, index: int) -> None:
@@ -58,7 +110,7 @@ class _WorkerProtocol(ProcessProtocol):
             verb, _, rest = line.partition(b" ")
             queue_id, _, envelope = rest.partition(b" ")
             if verb == b"queued" and queue_id:
-                self.pool.owe_spare(self.index)
+                self.pool.spares.owe_spare(self.index)
                 self.pool.queued(queue_id.decode("ascii", "replace"), envelope)
 
     def errReceived(self, data: bytes) -> None:  # noqa: N802
@@ -79,27 +131,124 @@ class _WorkerProtocol(ProcessProtocol):
         self.ended.callback(None)
 
 
-class WorkerPool(Service):
-    """Starts, restarts, reloads and stops the worker processes of the main MTA process."""
+class WorkerSpares:
+    """The spare queue files owed to worker processes, and their way there.
 
-    def __init__(self, mta_service: Any, count: int, spec: dict[str, Any]) -> None:
-        self.mta = mta_service
+    Each message a worker announced used up one of its spares; the main
+    process's queue store recycles the files of finished messages and, before
+    keeping one itself, asks this outlet (it is the store's ``spare_outlet``,
+    given at the store's construction: :class:`mta.queue.store.SpareOutlet`)
+    whether a worker is owed one.  The spares of one reactor turn go to a
+    worker in one line on its stdin (``spares ID ID ...``).  A spare that
+    cannot go (the worker ended, or the pool stops) goes back to the store
+    through the ``keep`` it gave with the request.
+
+    The pool tells this outlet which workers run (:meth:`started`,
+    :meth:`ended`) and when it stops (:meth:`stop`).
+    """
+
+    def __init__(self, clock: TurnClock) -> None:
+        self.clock = clock
+        self.workers: dict[int, WorkerChannel] = {}  # the live workers' transports
+        self.stopping = False
+        # Spares each worker used (one per message it announced) and has not had
+        # back yet; the files of finished messages go back to it (see owe_spare).
+        self.spares_owed: dict[int, int] = {}
+        self._spares_out: dict[int, list[str]] = {}  # to send at the end of this turn
+        self._keep: Callable[[list[str]], None] | None = None  # the store's, for this turn's
+
+    def started(self, index: int, channel: WorkerChannel) -> None:
+        self.workers[index] = channel
+
+    def ended(self, index: int) -> None:
+        self.workers.pop(index, None)
+        self.spares_owed.pop(index, None)
+
+    def stop(self) -> None:
+        self.stopping = True
+
+    def owe_spare(self, index: int) -> None:
+        """Worker ``index`` announced a message: it used up a spare, and the queue
+        store's next recycled file goes to it (mta.queue.store.remove_async), so
+        the worker need not make spares of its own (a new file costs ext4 an
+        inode and blocks; a recycled one has both).  Bounded by SPARE_KEEP."""
+        self.spares_owed[index] = min(self.spares_owed.get(index, 0) + 1, SPARE_KEEP)
+
+    def spare_taker(self, keep: Callable[[list[str]], None]) -> SpareTaker | None:
+        """Where the store's next recycled spare goes: the live worker owed the
+        most, or None (the store keeps it, or removes the file).  ``keep`` is the
+        store's way to take back spares that could not go after all."""
+        owed = [(n, index) for index, n in self.spares_owed.items() if n > 0 and index in self.workers]
+        if not owed or self.stopping:
+            return None
+        _, index = max(owed)
+        self.spares_owed[index] -= 1
+        return lambda spare_id: self._send_spare(index, spare_id, keep)
+
+    def _send_spare(self, index: int, spare_id: str | None,
+                    keep: Callable[[list[str]], None]) -> None:
+        """Queue ``spare_id`` for worker ``index``: the spares of one reactor turn
+        go in one line on its stdin (``spares ID ID ...``).  None: the file
+        could not be recycled, so the worker is still owed one."""
+        if spare_id is None:
+            if index in self.workers:
+                self.owe_spare(index)
+            return
+        if index not in self.workers or self.stopping:  # the store's instead (or removed, if we stop)
+            keep([spare_id])
+            return
+        if not self._spares_out:
+            self.clock.callLater(0, self._flush_spares)
+        self._keep = keep
+        self._spares_out.setdefault(index, []).append(spare_id)
+
+    def _flush_spares(self) -> None:
+        out, self._spares_out = self._spares_out, {}
+        keep, self._keep = self._keep, None
+        for index, ids in out.items():
+            channel = self.workers.get(index)
+            if channel is None or self.stopping:
+                if keep is not None:
+                    keep(ids)
+                continue
+            try:
+                channel.writeToChild(0, b"spares " + " ".join(ids).encode("ascii") + b"\n")
+            except Exception:  # its pipe is gone: the files are swept (see ended) or recovered
+                log.failure("could not hand spares to worker {index}", index=index)
+
+
+class WorkerPool(Service):
+    """Starts, restarts, reloads and stops the worker processes of the main MTA process.
+
+    Built by the composition root with exactly what it uses: the ``reactor``
+    (processes and timers), the listener names in the order of the ``ports``
+    given to :meth:`spawn_all`, the ``spares`` outlet, the ``runner`` that
+    takes the workers' messages (None: nobody delivers here), the queue's
+    ``files`` (an ended worker's spares are swept) and ``session_timeout``,
+    read when a worker ends (so a reload is seen): its spares are removed
+    once no session can still be writing one.
+    """
+
+    def __init__(self, reactor: ProcessReactor, count: int, spec: dict[str, Any], *,
+                 listeners: Sequence[str], spares: WorkerSpares, runner: Announced | None,
+                 files: LeftFiles, session_timeout: Callable[[], float]) -> None:
+        self.reactor = reactor
         self.count = count
         self.spec = spec
+        self.listeners = tuple(listeners)
+        self.spares = spares
+        self.runner = runner
+        self.files = files
+        self.session_timeout = session_timeout
         self.workers: dict[int, Any] = {}  # index -> process transport
         self.protocols: dict[int, _WorkerProtocol] = {}
         self.stopping = False
         self._sweep: Any = None  # the delayed removal of an ended worker's spares
         self.fds: list[tuple[str, int, int]] = []
-        # Spares each worker used (one per message it announced) and has not had
-        # back yet; the files of finished messages go back to it (see owe_spare).
-        self.spares_owed: dict[int, int] = {}
-        self._spares_out: dict[int, list[str]] = {}  # to send at the end of this turn
-        mta_service.context.store.spare_outlet = self._spare_outlet
 
     def spawn_all(self, ports: list[Any]) -> None:
-        self.fds = [(listener.name, port.fileno(), port.addressFamily)
-                    for listener, port in zip(self.mta.config.listeners, ports, strict=True)]
+        self.fds = [(name, port.fileno(), port.addressFamily)
+                    for name, port in zip(self.listeners, ports, strict=True)]
         for index in range(1, self.count):
             self._spawn(index)
 
@@ -110,17 +259,18 @@ class WorkerPool(Service):
         for _, fd, _ in self.fds:
             child_fds[fd] = fd
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-        transport = self.mta.reactor.spawnProcess(
+        transport = self.reactor.spawnProcess(
             protocol, sys.executable, [sys.executable, "-m", "mta.daemon.worker", json.dumps(spec)],
             env=env, childFDs=child_fds)
         self.workers[index] = transport
+        self.spares.started(index, transport)
         self.protocols[index] = protocol
         log.info("started worker {index} (pid {pid})", index=index, pid=transport.pid)
 
     def queued(self, queue_id: str, envelope_json: bytes = b"") -> None:
         """A worker committed ``queue_id``: hand it to the runner, with the envelope
         the worker sent (read from disk instead if that is missing or unreadable)."""
-        runner = self.mta.runner
+        runner = self.runner
         if runner is None:
             return
         try:
@@ -132,74 +282,28 @@ class WorkerPool(Service):
         else:
             runner.flush(queue_id)
 
-    # --- spares: a finished message's file goes back to a worker as its next spare ---
-
-    def owe_spare(self, index: int) -> None:
-        """Worker ``index`` announced a message: it used up a spare, and the queue
-        store's next recycled file goes to it (mta.queue.store.remove_async), so
-        the worker need not make spares of its own (a new file costs ext4 an
-        inode and blocks; a recycled one has both).  Bounded by SPARE_KEEP."""
-        self.spares_owed[index] = min(self.spares_owed.get(index, 0) + 1, SPARE_KEEP)
-
-    def _spare_outlet(self) -> Callable[[str | None], None] | None:
-        """Where the store's next recycled spare goes: the live worker owed the
-        most, or None (the store keeps it, or removes the file)."""
-        owed = [(n, index) for index, n in self.spares_owed.items() if n > 0 and index in self.workers]
-        if not owed or self.stopping:
-            return None
-        _, index = max(owed)
-        self.spares_owed[index] -= 1
-        return lambda spare_id: self._send_spare(index, spare_id)
-
-    def _send_spare(self, index: int, spare_id: str | None) -> None:
-        """Queue ``spare_id`` for worker ``index``: the spares of one reactor turn
-        go in one line on its stdin (``spares ID ID ...``).  None: the file
-        could not be recycled, so the worker is still owed one."""
-        if spare_id is None:
-            if index in self.workers:
-                self.owe_spare(index)
-            return
-        if index not in self.workers or self.stopping:  # ours instead (or removed, if we stop)
-            self.mta.context.store.add_spares([spare_id])
-            return
-        if not self._spares_out:
-            self.mta.reactor.callLater(0, self._flush_spares)
-        self._spares_out.setdefault(index, []).append(spare_id)
-
-    def _flush_spares(self) -> None:
-        out, self._spares_out = self._spares_out, {}
-        for index, ids in out.items():
-            transport = self.workers.get(index)
-            if transport is None or self.stopping:
-                self.mta.context.store.add_spares(ids)
-                continue
-            try:
-                transport.writeToChild(0, b"spares " + " ".join(ids).encode("ascii") + b"\n")
-            except Exception:  # its pipe is gone: the files are swept (see ended) or recovered
-                log.failure("could not hand spares to worker {index}", index=index)
-
     def ended(self, protocol: _WorkerProtocol) -> None:
         self.workers.pop(protocol.index, None)
-        self.spares_owed.pop(protocol.index, None)
+        self.spares.ended(protocol.index)
         if not self.stopping:
             log.error("worker {index} ended; starting it again", index=protocol.index)
-            self.mta.reactor.callLater(1.0, self._respawn, protocol.index)
+            self.reactor.callLater(1.0, self._respawn, protocol.index)
             # Everything it wrote on its stdout has been read by now: a message
             # it committed but never announced is found on disk.
-            if self.mta.runner is not None:
-                self.mta.runner.adopt_unknown()
+            if self.runner is not None:
+                self.runner.adopt_unknown()
             # Its spare queue files outlive it; once none of them can be in use
             # (past the session lifetime), they are removed.
-            self._sweep_after(self.mta.config.limits.session_timeout + SPARE_MAX_AGE + 60)
+            self._sweep_after(self.session_timeout() + SPARE_MAX_AGE + 60)
 
     def _sweep_after(self, delay: float) -> None:
         if self._sweep is not None and self._sweep.active():
             self._sweep.cancel()
-        self._sweep = self.mta.reactor.callLater(delay, self._sweep_now, delay)
+        self._sweep = self.reactor.callLater(delay, self._sweep_now, delay)
 
     def _sweep_now(self, older_than: float) -> None:
         self._sweep = None
-        removed = self.mta.context.store.sweep_unfinished(older_than)
+        removed = self.files.sweep_unfinished(older_than)
         if removed:
             log.info("removed {count} spare queue files left by an ended worker", count=removed)
 
@@ -217,6 +321,7 @@ class WorkerPool(Service):
     def stop(self) -> Deferred[Any]:
         """SIGTERM to every worker; they finish like the main process does."""
         self.stopping = True
+        self.spares.stop()
         if self._sweep is not None and self._sweep.active():
             self._sweep.cancel()  # the next start's recovery removes those files
         self._sweep = None

@@ -8,9 +8,11 @@ same runner around their own store and reactor.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from mta.config import Config
+from mta.delivery.cache import ConnectionCache
 from mta.delivery.client import Timeouts
 from mta.delivery.lmtp import LMTPCourier
 from mta.delivery.local import CommandCourier, MaildirCourier, PipeCourier
@@ -41,8 +43,23 @@ def build_couriers(config: Config, reactor: Any, trust_root: Any = None) -> dict
     }
 
 
-def build_runner(config: Config, store: QueueStore, reactor: Any, trust_root: Any = None) -> QueueRunner:
-    router = Router(build_couriers(config, reactor, trust_root), smarthost=bool(config.delivery.smarthosts))
+@dataclass(frozen=True)
+class Delivery:
+    """The delivery side as the daemon wires it: the runner, and the remote
+    courier's open connections (read by the metrics)."""
+
+    runner: QueueRunner
+    connections: ConnectionCache
+
+
+def build_delivery(config: Config, store: QueueStore, reactor: Any, trust_root: Any = None) -> Delivery:
+    couriers = build_couriers(config, reactor, trust_root)
+    router = Router(couriers, smarthost=bool(config.delivery.smarthosts))
     local_domains = frozenset(config.local_domains)
-    return QueueRunner(store, router, reactor, config.delivery, config.hostname,
-                       is_local=local_domains.__contains__)
+    runner = QueueRunner(store, router, reactor, config.delivery, config.hostname,
+                         is_local=local_domains.__contains__)
+    return Delivery(runner, couriers["remote"].cache)
+
+
+def build_runner(config: Config, store: QueueStore, reactor: Any, trust_root: Any = None) -> QueueRunner:
+    return build_delivery(config, store, reactor, trust_root).runner

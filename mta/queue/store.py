@@ -62,7 +62,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -507,11 +507,23 @@ def _unlink_quietly(path: Path) -> None:
         log.warn("could not remove {path}: {err}", path=str(path), err=e)
 
 
+class SpareOutlet(Protocol):
+    """Who else takes the files of finished messages as spares (given to
+    :class:`QueueStore` at construction): the main process's worker pool,
+    :class:`mta.daemon.workers.WorkerSpares`."""
+
+    def spare_taker(self, keep: Callable[[list[str]], None]) -> Callable[[str | None], None] | None:
+        """A taker for the next recycled spare, called once with its id (or None if
+        the file could not be recycled), or None: nobody here wants one.  ``keep``
+        (:meth:`QueueStore.add_spares`) takes back spares that could not go after all."""
+
+
 class QueueStore:
     """The queue directory. All methods are synchronous and fsync as they go."""
 
     def __init__(self, root: Path, fsync: bool = True, clock: Callable[[], float] = time.time,
-                 reactor: Any = None, syncfs: bool = False, spares: bool = True) -> None:
+                 reactor: Any = None, syncfs: bool = False, spares: bool = True,
+                 spare_outlet: SpareOutlet | None = None) -> None:
         self.root = root
         self.tmp_dir = root / "tmp"
         self.msg_dir = root / "msg"
@@ -539,9 +551,9 @@ class QueueStore:
         self._closed = False  # discard_spares() was called: no more spares
         self._recycling = 0  # finished messages' files on their way into our pool
         self._recycled_pending: set[str] = set()  # ids of spares being recycled, any taker
-        # Set by the main process's worker pool: a function giving where a
-        # recycled spare should go (a worker that needs spares), or None.
-        self.spare_outlet: Callable[[], Callable[[str | None], None] | None] | None = None
+        # Where a recycled spare goes before our own pool: in the main process
+        # with workers, the worker pool's spares (a worker that needs them).
+        self.spare_outlet = spare_outlet
         for d in (self.root, self.tmp_dir, self.msg_dir):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
 
@@ -800,7 +812,7 @@ class QueueStore:
         if not self.spares or self._closed:
             return None
         if self.spare_outlet is not None:
-            outlet = self.spare_outlet()
+            outlet = self.spare_outlet.spare_taker(self.add_spares)
             if outlet is not None:
                 return outlet
         if len(self._spares) + self._recycling >= SPARE_KEEP:
