@@ -71,7 +71,7 @@ def log_everything(log: Logger) -> None:
     try:
         1 / 0  # noqa: B018
     except ZeroDivisionError:
-        log.failure("queue pass for {queue_id} failed", queue_id="q1", log_event="pass")
+        log.failure("queue pass for {queue_id} failed", queue_id="q1", event="pass")
     log.warn("plain message without an event key")
 
 

@@ -290,14 +290,14 @@ def test_events_map_to_bounded_labels():
     m.observe_event({"event": "rejected", "stage": "rcpt", "enhanced": "5.4.6",
                      "reply": "550 5.4.6 Alias expansion loop"})
     m.observe_event({"event": "rejected", "reply": "552 5.3.4 Message size exceeds fixed maximum"})
-    m.observe_event({"log_event": "delivery", "destination": "remote:example.org",
+    m.observe_event({"event": "delivery", "destination": "remote:example.org",
                      "outcome": "delivered", "duration": 0.5, "tls": "TLSv1.3 TLS_AES_256_GCM_SHA384",
                      "queue_id": "65536000" + "a" * 12, "log_time": 0x65536000 + 42.0})
-    m.observe_event({"log_event": "delivery", "destination": "remote:smarthost",
+    m.observe_event({"event": "delivery", "destination": "remote:smarthost",
                      "outcome": "delivered", "duration": 0.1, "tls": "", "age": 7.0})
-    m.observe_event({"log_event": "delivery", "destination": "weird", "outcome": "deferred"})
-    m.observe_event({"log_event": "dsn", "action": "failed"})
-    m.observe_event({"log_event": "bounce_dropped"})
+    m.observe_event({"event": "delivery", "destination": "weird", "outcome": "deferred"})
+    m.observe_event({"event": "dsn", "action": "failed"})
+    m.observe_event({"event": "bounce_dropped"})
     m.observe_event({"event": "session", "kind": "mx", "tls": "TLSv1.3", "duration": "n/a"})
     m.observe_event({"event": "limit", "limit": "early_talker"})
     assert get("mta_spf_results_total", {"result": "fail"}) == 1

@@ -205,7 +205,7 @@ def test_new_message_is_attempted_at_once_and_removed(world: Any) -> None:
     assert all(c.data == DATA for c in w.remote.calls + w.local.calls)
     assert w.store.ids() == []
     assert not w.store.data_path(qid).exists() and not w.store.envelope_path(qid).exists()
-    deliveries = [e for e in events if e.get("log_event") == "delivery"]
+    deliveries = [e for e in events if e.get("event") == "delivery"]
     assert sorted(e["recipient"] for e in deliveries) == [
         "bob@one.example", "carol@two.example", "dave@one.example", "erin@example.com"]
     for e in deliveries:

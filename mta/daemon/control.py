@@ -146,7 +146,7 @@ class ControlCommands:
         if handler is None:
             return _answer_error(CommandError(f"unknown command {command!r}", "usage"))
         log.info("control command {command} from uid {uid}", command=command,
-                 uid=peer.get("uid"), id=request.get("id"), log_event="control")
+                 uid=peer.get("uid"), id=request.get("id"), event="control")
         d = maybeDeferred(handler, request, peer)
         d.addCallback(lambda result: {"ok": True, **result})
         d.addErrback(_failure_answer, command)
@@ -203,7 +203,7 @@ class ControlCommands:
         if self.runner is None:
             self.queue.remove(queue_id)
             log.info("message {queue_id} deleted by the administrator", queue_id=queue_id,
-                     log_event="deleted")
+                     event="deleted")
             return {"id": queue_id}
         try:
             self.runner.delete(queue_id)

@@ -1,8 +1,8 @@
 """Structured logging: the event schema, a JSON-lines log file, and the secret filter.
 
 Every outcome an operator cares about is one ``twisted.logger`` event whose
-``event`` field names it (the queue runner and the control socket still spell
-the key ``log_event``; both spellings are read the same way here).  The format
+``event`` field names it (spelled ``event=`` in every ``log`` call; Twisted's
+own keys begin with ``log_``, ours never do).  The format
 string of each event makes one readable line in the normal twistd log; the
 fields below are what the JSON log (``log_json`` in the configuration) and
 :mod:`mta.daemon.metrics` read.
@@ -131,10 +131,8 @@ _MAX_DEPTH = 6
 
 
 def event_name(event: Mapping[str, Any]) -> str | None:
-    """The event's ``event`` key (or the ``log_event`` spelling), or None."""
+    """The event's ``event`` key, or None."""
     name = event.get("event")
-    if name is None:
-        name = event.get("log_event")
     return name if isinstance(name, str) else None
 
 

@@ -328,7 +328,7 @@ class QueueRunner:
         self._forget(queue_id)
         self.store.remove(queue_id)
         log.info("message {queue_id} deleted by the administrator", queue_id=queue_id,
-                 log_event="deleted")
+                 event="deleted")
 
     def bounce(self, queue_id: str, reason: str = ADMIN_BOUNCE_REPLY) -> int:
         """Fail every recipient not yet final with ``reason`` and bounce them now.
@@ -344,7 +344,7 @@ class QueueRunner:
         for r in failed:
             r.state, r.last_reply, r.next_attempt, r.updated = RecipientState.FAILED, reason, 0.0, now
             log.info("message {queue_id} to {recipient} failed by the administrator",
-                     queue_id=queue_id, recipient=r.original, log_event="admin_bounce")
+                     queue_id=queue_id, recipient=r.original, event="admin_bounce")
         self.store.save(env)
         self._send_bounce(env, self.store.data_path(queue_id))
         if self._finished(env):
@@ -532,7 +532,7 @@ class QueueRunner:
                 await self.store.save_async(env)
                 return
             log.info("message {queue_id} done and removed from the queue", queue_id=queue_id,
-                     log_event="removed")
+                     event="removed")
             return
         wake = self._next_wake(env, self._now())
         if wake is not None:
@@ -553,7 +553,7 @@ class QueueRunner:
         r.next_attempt = 0.0
         r.updated = now
         log.info("message {queue_id} to {recipient} expired: {reply}", queue_id=env.id,
-                 recipient=r.original, reply=r.last_reply, log_event="expired")
+                 recipient=r.original, reply=r.last_reply, event="expired")
 
     async def _deliver(self, env: Envelope, due: list[Recipient], data_path: Path) -> None:
         routes = self.router.route(env, due)
@@ -628,7 +628,7 @@ class QueueRunner:
             await self.store.save_async(env)
         for r, res, reply in applied:
             log.info("delivery {queue_id} to {recipient} via {destination}: {outcome} "
-                     "in {duration:.3f}s: {reply}", log_event="delivery", queue_id=env.id,
+                     "in {duration:.3f}s: {reply}", event="delivery", queue_id=env.id,
                      recipient=r.original, destination=route.key, outcome=str(res.outcome),
                      state=str(r.state), reply=reply, attempt=r.attempts,
                      duration=now - start, remote_mta=r.remote_mta, tls=res.tls,
@@ -670,7 +670,7 @@ class QueueRunner:
             for r in owed:
                 log.warn("message {queue_id} to {recipient} failed ({reply}); the sender is "
                          "null, so no bounce is sent", queue_id=env.id, recipient=r.original,
-                         reply=r.last_reply, log_event="bounce_dropped")
+                         reply=r.last_reply, event="bounce_dropped")
                 r.dsn_sent = True
             self.store.save(env)
             return
@@ -698,7 +698,7 @@ class QueueRunner:
             if r.notify and "FAILURE" not in r.notify:
                 log.info("message {queue_id} to {recipient} failed ({reply}); its NOTIFY={notify} "
                          "asks for no bounce", queue_id=env.id, recipient=r.original,
-                         reply=r.last_reply, notify=r.notify, log_event="bounce_not_requested")
+                         reply=r.last_reply, notify=r.notify, event="bounce_not_requested")
                 r.dsn_sent = True
         self.store.save(env)
         return wanted
@@ -720,7 +720,7 @@ class QueueRunner:
                 return  # still owed: the next pass tries again
         else:  # never a notice to the null sender (RFC 5321 §4.5.5): settled without one
             log.info("message {queue_id} delivered to {recipients}; the sender is null, so no "
-                     "success notice is sent", queue_id=env.id, log_event="dsn_dropped",
+                     "success notice is sent", queue_id=env.id, event="dsn_dropped",
                      recipients=", ".join(r.original for r in owed))
         for r in owed:
             r.dsn_sent = True
@@ -782,7 +782,7 @@ class QueueRunner:
                       action=action, queue_id=env.id, err=e)
             return False
         log.info("queued {action} notice {dsn_id} for {queue_id} to <{sender}> about "
-                 "{recipients}", log_event="dsn", action=action, dsn_id=writer.id,
+                 "{recipients}", event="dsn", action=action, dsn_id=writer.id,
                  queue_id=env.id, sender=env.sender,
                  recipients=", ".join(r.original for r, *_ in items))
         return True
