@@ -18,9 +18,10 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock, deferLater
 
-from mta.delivery import client
+from mta.delivery import protocol
 from mta.delivery.cache import ConnectionCache
 from mta.delivery.client import ClientOptions, Timeouts, send
+from mta.delivery.session import BDAT_WINDOW
 from mta.queue.courier import Outcome
 from tests.harness import start_mta
 from tests.sink import wait_until
@@ -36,7 +37,7 @@ from tests.test_client import (
     verbs,
 )
 
-CHUNK = client.CHUNK_SIZE
+CHUNK = protocol.CHUNK_SIZE
 # Bare LF and CR, lines starting with dots, a "CRLF.CRLF": BDAT sends all of it as it is.
 AWKWARD = b"Subject: raw\r\n\r\n.dot\r\n..two\r\nbare\nLF and bare\rCR\r\n.\r\nafter the dot\r\n"
 
@@ -155,7 +156,7 @@ async def test_refused_chunk_stops_the_message_and_rset_follows(tmp_path: Path) 
     commands = sink.sessions[0].commands
     bdats = [c for c in commands if c.startswith("BDAT")]
     # No more chunks once the refusal came (at most the window was in flight), never LAST.
-    assert 1 <= len(bdats) - 1 <= client.BDAT_WINDOW and f"BDAT {CHUNK} LAST" not in bdats
+    assert 1 <= len(bdats) - 1 <= BDAT_WINDOW and f"BDAT {CHUNK} LAST" not in bdats
     assert verbs(sink)[-5:] == ["RSET", "MAIL", "RCPT", "BDAT", "QUIT"]
     assert [m.data for m in sink.messages] == [BODY]
 

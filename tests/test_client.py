@@ -30,16 +30,9 @@ from twisted.internet.task import Clock, deferLater
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
-from mta.delivery import client
-from mta.delivery.client import (
-    ClientOptions,
-    ReplyError,
-    ReplyParser,
-    SessionResult,
-    Timeouts,
-    Transaction,
-    send,
-)
+from mta.delivery import protocol
+from mta.delivery.client import ClientOptions, OutboundMessage, SessionResult, Timeouts, send
+from mta.delivery.wire import ReplyError, ReplyParser
 from mta.queue.courier import Outcome
 from tests.sink import Sink, start_sink, wait_until
 
@@ -62,11 +55,11 @@ def message(tmp_path: Path, data: bytes = BODY, name: str = "msg") -> Path:
 
 
 def tx(path: Path, recipients: tuple[str, ...] = ("b@dst.test",), sender: str = "a@src.test",
-       **kw: Any) -> Transaction:
-    return Transaction(sender, list(recipients), path, path.stat().st_size, **kw)
+       **kw: Any) -> OutboundMessage:
+    return OutboundMessage(sender, list(recipients), path, path.stat().st_size, **kw)
 
 
-async def deliver(sink: Sink, transactions: list[Transaction], clock: Any = None,
+async def deliver(sink: Sink, transactions: list[OutboundMessage], clock: Any = None,
                   **options: Any) -> SessionResult:
     return await send(reactor, ("127.0.0.1", sink.port), transactions,
                       ClientOptions("client.test", **options), clock=clock)
@@ -305,13 +298,13 @@ async def test_log_events_only_for_a_failed_server_and_tcp_nodelay(
     # recipient's outcome); a failed server gets one line per transaction.
     events: list[dict[str, Any]] = []
     nodelay: list[bool] = []
-    made = client.SMTPClientProtocol.connectionMade
+    made = protocol.SMTPClientProtocol.connectionMade
 
-    def spy(self: client.SMTPClientProtocol) -> None:
+    def spy(self: protocol.SMTPClientProtocol) -> None:
         made(self)
         nodelay.append(bool(self.transport.getTcpNoDelay()))
 
-    monkeypatch.setattr(client.SMTPClientProtocol, "connectionMade", spy)
+    monkeypatch.setattr(protocol.SMTPClientProtocol, "connectionMade", spy)
     globalLogPublisher.addObserver(events.append)
     try:
         first, second = message(tmp_path, b"one\r\n", "one"), message(tmp_path, b"two\r\n", "two")
@@ -618,7 +611,7 @@ async def test_20mb_message_is_streamed_in_chunks(tmp_path: Path, monkeypatch: p
     path = message(tmp_path, data)
     reads: list[tuple[int, int]] = []  # (bytes read so far, bytes the server had then)
     sinks: list[Sink] = []
-    original = client._BodyProducer._read_chunk
+    original = protocol._BodyProducer._read_chunk
 
     def spy(self: Any) -> bytes:
         chunk = original(self)
@@ -626,7 +619,7 @@ async def test_20mb_message_is_streamed_in_chunks(tmp_path: Path, monkeypatch: p
         reads.append((total, sinks[0].sessions[0].data_bytes_received))
         return chunk
 
-    monkeypatch.setattr(client._BodyProducer, "_read_chunk", spy)
+    monkeypatch.setattr(protocol._BodyProducer, "_read_chunk", spy)
     async with running() as sink:
         sinks.append(sink)
         result = await deliver(sink, [tx(path)])
@@ -697,16 +690,16 @@ async def test_interop_with_postfix_smtp_sink(tmp_path: Path) -> None:
 async def test_small_message_in_one_write_bigger_one_streamed(tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     producers: list[Any] = []
-    original = client._BodyProducer.__init__
+    original = protocol._BodyProducer.__init__
 
     def spy(self: Any, *args: Any, **kwargs: Any) -> None:
         producers.append(self)
         original(self, *args, **kwargs)
 
-    monkeypatch.setattr(client._BodyProducer, "__init__", spy)
-    small = b".starts with a dot\nbare LF\r\n" + b"x" * (client.SMALL_BODY - 100) + b"\r\n.\r\nend"
+    monkeypatch.setattr(protocol._BodyProducer, "__init__", spy)
+    small = b".starts with a dot\nbare LF\r\n" + b"x" * (protocol.SMALL_BODY - 100) + b"\r\n.\r\nend"
     big = b"Subject: big\r\n\r\n" + (b"y" * 70 + b"\r\n.\r\n") * 400
-    assert len(small) <= client.SMALL_BODY < len(big)
+    assert len(small) <= protocol.SMALL_BODY < len(big)
     async with running() as sink:
         result = await deliver(sink, [tx(message(tmp_path, small, "small"), ("a@dst.test",)),
                                       tx(message(tmp_path, big, "big"), ("b@dst.test",))])
@@ -714,7 +707,7 @@ async def test_small_message_in_one_write_bigger_one_streamed(tmp_path: Path,
                                                      {"b@dst.test": (250, Outcome.DELIVERED)}]
     assert len(producers) == 1  # only the big one needed a producer
     small_raw, big_raw = (m.raw for m in sink.messages)
-    assert small_raw == (b"..starts with a dot\r\nbare LF\r\n" + b"x" * (client.SMALL_BODY - 100)
+    assert small_raw == (b"..starts with a dot\r\nbare LF\r\n" + b"x" * (protocol.SMALL_BODY - 100)
                          + b"\r\n..\r\nend\r\n.\r\n")
     assert big_raw == b"Subject: big\r\n\r\n" + (b"y" * 70 + b"\r\n..\r\n") * 400 + b".\r\n"
 
@@ -726,7 +719,7 @@ def test_one_reply_timer_per_connection_moved_to_each_wait() -> None:
     from twisted.internet.testing import StringTransport
 
     clock = Clock()
-    proto = client.SMTPClientProtocol(clock)
+    proto = protocol.SMTPClientProtocol(clock)
     transport = StringTransport()
     proto.makeConnection(transport)
     first = proto.read_reply(300, "the greeting")
@@ -749,7 +742,7 @@ def test_one_reply_timer_per_connection_moved_to_each_wait() -> None:
     failures = []
     third.addErrback(failures.append)
     assert "timeout after 120s waiting for the reply to DATA" in failures[0].getErrorMessage()
-    fourth_conn = client.SMTPClientProtocol(clock)
+    fourth_conn = protocol.SMTPClientProtocol(clock)
     fourth_conn.makeConnection(StringTransport())
     fourth_conn.read_reply(300, "the greeting")
     fourth_conn.connectionLost(Failure(ConnectionDone()))

@@ -13,7 +13,7 @@ import re
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mta.delivery.client import DotStuffer
+from mta.delivery.wire import DotStuffer
 
 
 def normalize(message: bytes) -> bytes:

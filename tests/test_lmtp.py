@@ -24,7 +24,7 @@ from twisted.internet.endpoints import clientFromString
 from twisted.internet.ssl import Certificate
 
 from mta.config import ConfigError, config_from_dict
-from mta.delivery.client import ClientOptions, Timeouts, Transaction, send
+from mta.delivery.client import ClientOptions, OutboundMessage, Timeouts, send
 from mta.delivery.lmtp import LMTPCourier
 from mta.delivery.wiring import build_couriers
 from mta.queue.courier import DeliveryResult, Outcome
@@ -236,7 +236,7 @@ async def test_only_unusable_mailboxes_make_no_connection(tmp_path: Path, sock_d
 
 
 async def send_lmtp(sink: Sink, data_path: Path, **options: Any) -> Any:
-    tx = Transaction(SENDER, [ALICE], data_path, data_path.stat().st_size)
+    tx = OutboundMessage(SENDER, [ALICE], data_path, data_path.stat().st_size)
     return await send(reactor, clientFromString(reactor, sink.endpoint), [tx],
                       ClientOptions("mta.test", lmtp=True, **options))
 
@@ -256,7 +256,7 @@ async def test_lhlo_refused_does_not_fall_back_to_helo(tmp_path: Path) -> None:
 @pytest_twisted.ensureDeferred
 async def test_lmtp_sink_refuses_ehlo_and_helo(tmp_path: Path, sock_dir: Path) -> None:
     async with running("tcp", sock_dir) as sink:
-        tx = Transaction(SENDER, [ALICE], message(tmp_path), len(BODY))
+        tx = OutboundMessage(SENDER, [ALICE], message(tmp_path), len(BODY))
         result = await send(reactor, ("127.0.0.1", sink.port), [tx], ClientOptions("mta.test"))
     assert verbs(sink) == ["EHLO", "HELO", "QUIT"]  # the SMTP client's fallback, both refused
     assert result.connection_error.startswith("500 5.5.1")

@@ -147,7 +147,7 @@ async def test_a_2040_octet_helo_never_makes_a_header_line_over_998(tmp_path, dn
     Authentication-Results (smtp.helo for a null sender) carry it, yet every header
     line in the queue file is at most 998 octets, and the message passes through
     our own server, which refuses longer lines (550 5.6.0)."""
-    from mta.delivery.client import ClientOptions, Transaction, send
+    from mta.delivery.client import ClientOptions, OutboundMessage, send
     from mta.queue.courier import Outcome
 
     dns_server.load(ZONE)
@@ -182,7 +182,7 @@ async def test_a_2040_octet_helo_never_makes_a_header_line_over_998(tmp_path, dn
             path = tmp_path / f"msg{i}"
             path.write_bytes(data)
             result = await send(reactor, ("127.0.0.1", other.port()),
-                                [Transaction("user@pass.test", ["alice@example.test"], path, len(data))],
+                                [OutboundMessage("user@pass.test", ["alice@example.test"], path, len(data))],
                                 ClientOptions("client.test"))
             assert result.connection_error is None
             (reply,) = result.transactions[0].replies.values()

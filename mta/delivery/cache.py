@@ -37,7 +37,7 @@ MAX_AGE = 300.0
 
 
 class CachedSession(Protocol):
-    """What the cache needs of a client session (``mta.delivery.client._Session``)."""
+    """What the cache needs of a client session (``mta.delivery.session.ClientSession``)."""
 
     opened_at: float
 

@@ -29,7 +29,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import clientFromString
 from twisted.logger import Logger
 
-from mta.delivery.client import ClientOptions, SessionResult, Timeouts, Transaction, send
+from mta.delivery.client import ClientOptions, OutboundMessage, SessionResult, Timeouts, send
 from mta.queue.courier import DeliveryResult, Outcome
 from mta.queue.envelope import Envelope, Recipient
 
@@ -96,10 +96,10 @@ class LMTPCourier:
 
     async def _send(self, envelope: Envelope, mailboxes: list[str], data_path: Path) -> SessionResult:
         size = envelope.size or os.stat(data_path).st_size
-        tx = Transaction(sender=envelope.sender, recipients=mailboxes, data_path=data_path,
-                         size=size, body_8bit=envelope.body_8bit, smtputf8=envelope.smtputf8,
-                         binarymime=envelope.binarymime)
-        # The default "opportunistic" policy means no STARTTLS for LMTP (see client.py).
+        tx = OutboundMessage(sender=envelope.sender, recipients=mailboxes, data_path=data_path,
+                             size=size, body_8bit=envelope.body_8bit, smtputf8=envelope.smtputf8,
+                             binarymime=envelope.binarymime)
+        # The default "opportunistic" policy means no STARTTLS for LMTP (see tlspolicy.py).
         options = ClientOptions(helo_name=self.hostname, timeouts=self.timeouts, lmtp=True)
         endpoint = clientFromString(self.reactor, self.endpoint_description)
         return await send(self.reactor, endpoint, [tx], options, server=self.endpoint_description)

@@ -43,9 +43,9 @@ from mta.config import Config
 from mta.delivery.cache import ConnectionCache
 from mta.delivery.client import (
     ClientOptions,
+    OutboundMessage,
     SessionResult,
     Timeouts,
-    Transaction,
     cache_key,
     send,
 )
@@ -62,8 +62,9 @@ MAX_RECENT = 1000
 
 
 @dataclass(frozen=True)
-class Route:
-    """One server to try: where to connect and how to talk to it."""
+class NextHop:
+    """One server to try for a domain (an MX address or a smarthost): where to
+    connect and how to talk to it."""
 
     host: str  # what to connect to: an IP address (MX) or a host name (smarthost)
     port: int
@@ -103,8 +104,8 @@ class RemoteCourier:
         self.trust_root = trust_root
         self.timeouts = timeouts or Timeouts(connect=config.delivery.connect_timeout,
                                              **dict(config.delivery.stage_timeouts))
-        # The server that took each MX domain's last message (see _reusable_route).
-        self._recent: dict[str, Route] = {}
+        # The server that took each MX domain's last message (see _reusable_hop).
+        self._recent: dict[str, NextHop] = {}
         # Open connections kept between messages (delivery.connection_cache_time).
         self.cache = ConnectionCache(self.clock, idle_time=config.delivery.connection_cache_time,
                                      max_idle=config.delivery.max_connections)
@@ -149,20 +150,20 @@ class RemoteCourier:
         by_id = {id(res.recipient): res for results in lists for res in results}
         return [by_id[id(r)] for r in recipients]
 
-    async def _routes(self, domain: str) -> list[Route]:
+    async def _next_hops(self, domain: str) -> list[NextHop]:
         d = self.delivery
         if d.smarthosts:
-            routes = []
+            hops = []
             per_relay = {name: (tls, user, password) for name, tls, user, password in d.relays}
             for text in d.smarthosts:
                 host, port = parse_smarthost(text)
                 tls, user, password = per_relay.get(
                     text, (d.smarthost_tls, d.smarthost_username, d.smarthost_password))
-                routes.append(Route(host, port, host, tls, user, password))
-            return routes
+                hops.append(NextHop(host, port, host, tls, user, password))
+            return hops
         answer = self.resolver.resolve(domain)
         hosts = await answer if inspect.isawaitable(answer) else answer
-        return [Route(address, d.mx_port, mx.name, d.tls_policy)
+        return [NextHop(address, d.mx_port, mx.name, d.tls_policy)
                 for mx in hosts for address in mx.addresses]
 
     async def _deliver_group(self, envelope: Envelope, domain: str, recipients: list[Recipient],
@@ -176,18 +177,18 @@ class RemoteCourier:
             reason = f"451 4.3.0 internal error during delivery: {type(e).__name__}: {e}"
             return [DeliveryResult(r, Outcome.DEFERRED, reason, "", "4.3.0") for r in recipients]
 
-    def _reusable_route(self, domain: str) -> Route | None:
-        """The route of the domain's last message if its connection is idle in the cache."""
-        route = self._recent.get(domain) if domain else None
-        if route is None:
+    def _reusable_hop(self, domain: str) -> NextHop | None:
+        """The hop of the domain's last message if its connection is idle in the cache."""
+        hop = self._recent.get(domain) if domain else None
+        if hop is None:
             return None
-        if self.cache.has(self._cache_key(route)):
-            return route
+        if self.cache.has(self._cache_key(hop)):
+            return hop
         del self._recent[domain]
         return None
 
-    def _cache_key(self, route: Route) -> tuple[Any, ...]:
-        return cache_key(route.host, route.port, route.display, self._options(route))
+    def _cache_key(self, hop: NextHop) -> tuple[Any, ...]:
+        return cache_key(hop.host, hop.port, hop.display, self._options(hop))
 
     async def _deliver_to(self, envelope: Envelope, domain: str, recipients: list[Recipient],
                           data_path: Path, size: int, sender: str) -> list[DeliveryResult]:
@@ -197,44 +198,44 @@ class RemoteCourier:
         results: list[DeliveryResult] = []
         last = (f"no mail server found for {domain}", "4.4.4", "")  # error, status, server
 
-        async def attempt(route: Route) -> None:
+        async def attempt(hop: NextHop) -> None:
             nonlocal last
-            tx = Transaction(sender=sender, recipients=list(waiting), data_path=data_path,
-                             size=size, body_8bit=envelope.body_8bit, smtputf8=envelope.smtputf8,
-                             binarymime=envelope.binarymime)
+            tx = OutboundMessage(sender=sender, recipients=list(waiting), data_path=data_path,
+                                 size=size, body_8bit=envelope.body_8bit, smtputf8=envelope.smtputf8,
+                                 binarymime=envelope.binarymime)
             if envelope.dsn:
                 _add_dsn(tx, envelope, waiting)
-            session = await self._attempt(route, tx)
+            session = await self._attempt(hop, tx)
             dsn = session.transactions[0].dsn
             for address, reply in session.transactions[0].replies.items():
                 for r in waiting.pop(address, []):
-                    results.append(DeliveryResult(r, reply.outcome, str(reply), route.name,
+                    results.append(DeliveryResult(r, reply.outcome, str(reply), hop.name,
                                                   reply.enhanced, tls=session.tls,
                                                   dsn_passed=dsn and bool(r.notify or r.orcpt)))
             if session.connection_error is not None:
-                last = (f"{route.display}: {session.connection_error}",
-                        session.error_status or "4.4.2", route.name)
+                last = (f"{hop.display}: {session.connection_error}",
+                        session.error_status or "4.4.2", hop.name)
             elif domain and self.cache.enabled:
                 if len(self._recent) >= MAX_RECENT and domain not in self._recent:
                     self._recent.clear()
-                self._recent[domain] = route
+                self._recent[domain] = hop
 
-        reused = self._reusable_route(domain)
+        reused = self._reusable_hop(domain)
         if reused is not None:
             await attempt(reused)
         if waiting:
             try:
-                routes = await self._routes(domain)
+                hops = await self._next_hops(domain)
             except DNSError as e:
                 outcome = Outcome.FAILED if e.permanent else Outcome.DEFERRED
                 for group in waiting.values():
                     results.extend(DeliveryResult(r, outcome, e.reply, "", e.status) for r in group)
                 return results
-            for route in routes:
+            for hop in hops:
                 if not waiting:
                     break
-                if route != reused:
-                    await attempt(route)
+                if hop != reused:
+                    await attempt(hop)
         last_error, last_status, last_server = last
         for group in waiting.values():
             for r in group:
@@ -242,36 +243,36 @@ class RemoteCourier:
                                               last_status))
         return results
 
-    def _options(self, route: Route, policy: str | None = None) -> ClientOptions:
+    def _options(self, hop: NextHop, policy: str | None = None) -> ClientOptions:
         return ClientOptions(
             helo_name=self.helo_name,
-            tls_policy=policy or route.tls_policy,
-            tls_hostname=route.name,
+            tls_policy=policy or hop.tls_policy,
+            tls_hostname=hop.name,
             trust_root=self.trust_root,
-            username=route.username,
-            password=route.password,
+            username=hop.username,
+            password=hop.password,
             timeouts=self.timeouts,
         )
 
-    async def _attempt(self, route: Route, tx: Transaction) -> SessionResult:
-        session = await send(self.reactor, (route.host, route.port), [tx], self._options(route),
-                             clock=self.clock, server=route.display, cache=self.cache)
-        if session.tls_failed and route.tls_policy == "opportunistic":
+    async def _attempt(self, hop: NextHop, tx: OutboundMessage) -> SessionResult:
+        session = await send(self.reactor, (hop.host, hop.port), [tx], self._options(hop),
+                             clock=self.clock, server=hop.display, cache=self.cache)
+        if session.tls_failed and hop.tls_policy == "opportunistic":
             unanswered = session.transactions[0].unanswered()
             if unanswered:
                 log.info("TLS with {server} failed ({error}); trying again in plaintext",
-                         server=route.display, error=session.connection_error)
+                         server=hop.display, error=session.connection_error)
                 retry = replace(tx, recipients=unanswered)
-                again = await send(self.reactor, (route.host, route.port), [retry],
-                                   self._options(route, "none"), clock=self.clock,
-                                   server=route.display, cache=self.cache)
+                again = await send(self.reactor, (hop.host, hop.port), [retry],
+                                   self._options(hop, "none"), clock=self.clock,
+                                   server=hop.display, cache=self.cache)
                 again.transactions[0].replies = {**session.transactions[0].replies,
                                                  **again.transactions[0].replies}
                 return again
         return session
 
 
-def _add_dsn(tx: Transaction, envelope: Envelope, waiting: dict[str, list[Recipient]]) -> None:
+def _add_dsn(tx: OutboundMessage, envelope: Envelope, waiting: dict[str, list[Recipient]]) -> None:
     """Give ``tx`` the DSN parameters to pass on (RFC 3461 §5.2.1 ff.).  Recipients
     that share an address share one RCPT: the first with parameters speaks for it."""
     tx.dsn_mail = mail_params(envelope.ret, envelope.envid)
