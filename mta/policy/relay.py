@@ -19,15 +19,7 @@ from typing import Any
 from mta.mail import replies as R
 from mta.mail.address import Address
 from mta.mail.replies import Reply
-
-
-@dataclass(frozen=True)
-class Target:
-    """Where a recipient goes: kind is 'local', 'remote' or 'pipe'."""
-
-    kind: str
-    address: str
-    mailbox: str = ""
+from mta.policy.aliases import Target  # where a recipient goes: one class for aliases and relay
 
 
 @dataclass(frozen=True)
