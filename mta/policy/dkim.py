@@ -17,11 +17,9 @@ Signing (:class:`DKIMSigner`)
     writes); the base64 seed that dkimpy's ``dknewkey`` writes is accepted
     too.  They are read once, when the signer is built.
 
-    Signing is CPU work in the calling thread: run it with ``deferToThread``.
-    Measured on this project's 2-core machine: one RSA-2048 signature of a
-    3 KB message takes 8-12 ms (dkimpy's RSA arithmetic is pure Python),
-    Ed25519 about 0.4 ms; relaxed body canonicalisation adds about 0.12 s per
-    MB of body, for signing and for verifying alike.
+    Signing is CPU work in the calling thread (milliseconds for an RSA
+    signature: dkimpy's RSA arithmetic is pure Python; bench/README.rst has
+    the figures): run it with ``deferToThread``.
 
 Verification (:func:`verify`)
     Every DKIM-Signature field is evaluated (up to ``max_signatures``).  The

@@ -27,19 +27,16 @@ Only when all parts of an operation succeeded does its ``finish`` (the
 renames) run, in submission order.  Parts of different operations must be
 independent of each other (they are: each message has its own files).
 
-Before, four helper threads each took a part from start to end, with more
-CPU and more time: in a micro-benchmark here a batch of five 4 KB messages
-took 1.51 ms and 1.27 ms of CPU on the helpers, 1.07 ms and 0.63 ms stepped
-on one thread, and every hand-over to a helper was a thread wake-up.
+The parts are stepped on this one thread, not handed to helper threads:
+every hand-over to a helper is a thread wake-up, and they cost more CPU and
+time (the figures are in bench/README.rst).
 
 With ``fsync`` off (tests), operations run at once on the calling thread.
 
-Python's GIL switch interval stays at its default (5 ms).  A shorter one
-(0.5 ms, once set so that the committer got the GIL sooner) made the reactor
-thread hand it over more often: with the default, bench/ab.py measured 2-4 %
-more messages per second and 3-7 % less CPU per message than with 0.5 ms (two
-runs), 10 % and 11 % against 2 ms, and no slower single-message replies (an
-idle reactor waits in epoll without the GIL).
+Python's GIL switch interval stays at its default (5 ms): a shorter one
+makes the reactor thread hand the GIL over more often, for fewer messages
+per second and more CPU per message (bench/README.rst), while an idle
+reactor waits in epoll without the GIL anyway.
 """
 
 from __future__ import annotations
@@ -243,13 +240,12 @@ class GroupCommitter:
         """fsync the descriptors the parts asked for (None: none), at the same time
         when there are several; the errors by position.
 
-        On this machine's disk each fsync is a flush, and under load a flush
-        waits for everything the disk has in flight (0.5 ms and more): one
-        after the other, a batch of six messages spent 3.3 ms in its fsyncs.
-        Flushes asked for at the same time are merged by the kernel's block
-        layer, so several are submitted in one Linux AIO call
-        (:mod:`mta.system.aiofsync`), on this thread, without helper threads.  Where
-        AIO cannot be used they are made one after the other.
+        Each fsync is a disk flush, which under load waits for everything the
+        disk has in flight, so fsyncs one after the other add up (figures in
+        bench/README.rst).  Flushes asked for at the same time are merged by
+        the kernel's block layer, so several are submitted in one Linux AIO
+        call (:mod:`mta.system.aiofsync`), on this thread, without helper
+        threads.  Where AIO cannot be used they are made one after the other.
         """
         wanted = [(n, fd) for n, fd in enumerate(fds) if fd is not None]
         if len(wanted) > 1 and self._aio_usable:

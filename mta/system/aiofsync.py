@@ -2,17 +2,15 @@
 ``IOCB_CMD_FSYNC`` requests).
 
 The group committer (:mod:`mta.queue.commit`) needs the files of a batch
-fsynced side by side, so that the kernel merges their disk flushes.  Before,
-a few Python threads each made one ``fsync`` call; every one of them cost a
-hand-over through a queue, a thread wake-up and the GIL on the way back
-(in a micro-benchmark here five 4 KB files took 1.24 ms and 0.99 ms of our
-CPU that way, 1.39 ms and 0.47 ms one after the other).  With AIO the
+fsynced side by side, so that the kernel merges their disk flushes.  Python
+threads making one ``fsync`` each would cost a hand-over through a queue, a
+thread wake-up and the GIL on the way back for every file; with AIO the
 committer thread submits them all in one call and waits for their results in
-another; the kernel runs each request's ``vfs_fsync`` on its own worker
-(``aio_fsync_work``), the same call and the same durability as ``fsync(2)``
-on that descriptor, write-back errors included (0.62 ms and 0.07 ms of our
-CPU for the same five files; the fsyncs' own kernel work now runs in kernel
-workers, outside our process).
+another (less CPU of ours: bench/README.rst).  The kernel runs each request's
+``vfs_fsync`` on its own worker (``aio_fsync_work``), the same call and the
+same durability as ``fsync(2)`` on that descriptor, write-back errors
+included; the fsyncs' own kernel work runs in kernel workers, outside our
+process.
 
 Linux has had ``IOCB_CMD_FSYNC`` since 4.18.  The system calls are made
 through ``syscall(2)`` (libc has no wrappers for them), so only the

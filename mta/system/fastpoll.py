@@ -4,10 +4,9 @@ Twisted's ``EPollReactor.doPoll`` hands every ready descriptor to
 ``_doReadOrWrite`` through ``twisted.python.log.callWithLogger``, which asks
 the connection for its log prefix and pushes a copy of the legacy log
 context (``{"system": prefix}``) around the call, only for the legacy
-``log.msg`` API's "system" field; about 3 microseconds per event on this
-machine, several events per message (accept, one read per SMTP command,
-close).  This MTA logs with twisted.logger, whose events carry their own
-namespace, so :func:`install` replaces the reactor's poll step with the same
+``log.msg`` API's "system" field, a cost paid on every event, several per
+message (accept, one read per SMTP command, close; bench/README.rst).  This
+MTA logs with twisted.logger, whose events carry their own namespace, so :func:`install` replaces the reactor's poll step with the same
 loop calling ``_doReadOrWrite`` directly.  What callWithLogger also did, log
 an exception that escapes the call (from a protocol's connectionLost) and go
 on with the next descriptor, is kept.
