@@ -11,6 +11,7 @@ entry as a subprocess.
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -519,6 +520,80 @@ async def test_service_removes_its_socket_on_stop_and_refuses_a_second_daemon(so
     assert not path.exists()
     with pytest.raises(DaemonNotRunning):
         await deferToThread(call, path, "status")
+
+
+class _OnlyQueue:
+    """The queue as ControlCommands sees it (QueueFiles): nothing else is there."""
+
+    __slots__ = ("queued",)
+
+    def __init__(self, queued: list[str]) -> None:
+        self.queued = queued
+
+    def exists(self, queue_id: str) -> bool:
+        return queue_id in self.queued
+
+    def ids(self) -> list[str]:
+        return list(self.queued)
+
+    def remove(self, queue_id: str) -> None:
+        self.queued.remove(queue_id)
+
+
+class _OnlyLive:
+    """The running state as ControlCommands sees it (Live): config and accepting only."""
+
+    __slots__ = ("accepting", "config")
+
+    def __init__(self, config: Any, accepting: bool) -> None:
+        self.config, self.accepting = config, accepting
+
+
+@pytest_twisted.ensureDeferred
+async def test_control_commands_work_with_only_the_collaborators_they_are_given(tmp_path, sock_dir):
+    """The commands get the running state, the queue, a submit function and no
+    runner, not the daemon: over the real socket, status, delete and submit
+    answer from those alone, and a daemon that stops accepting is seen at once."""
+    from twisted.internet.task import Clock
+
+    from mta.daemon.control import ControlCommands
+
+    config = load_config(write_setup(tmp_path, sock_dir / "unused.sock"))
+    queue = _OnlyQueue(["6b0a3e032267e810cec1", "6b0a3e032267e810cec2"])
+    live = _OnlyLive(config, accepting=False)
+    submitted: list[tuple[str, list[str], bytes, int | None]] = []
+
+    def submit(sender: str, recipients: list[str], data: bytes, submitter: Any) -> str:
+        submitted.append((sender, recipients, data, submitter.uid))
+        return "6b0a3e032267e810cec3"
+
+    path = sock_dir / "c.sock"
+    commands = ControlCommands(live, queue, None, submit, None, Clock())
+    service = ControlService(path, commands, reactor, 1024 * 1024)
+    service.startService()
+    try:
+        status = await deferToThread(call, path, "status")
+        assert (status["queued"], status["delivery"], status["in_flight"]) == (2, False, 0)
+        assert status["hostname"] == config.hostname
+        assert await deferToThread(call, path, "delete", id="6b0a3e032267e810cec1") == {
+            "ok": True, "id": "6b0a3e032267e810cec1"}
+        assert queue.queued == ["6b0a3e032267e810cec2"]
+        message = base64.b64encode(b"Subject: hi\r\n\r\nbody\r\n").decode()
+        with pytest.raises(ControlError) as refused:
+            await deferToThread(call, path, "submit", sender="root@example.test",
+                                recipients=["alice@example.test"], message=message)
+        assert refused.value.code == "temporary" and submitted == []
+        live.accepting = True
+        answer = await deferToThread(call, path, "submit", sender="root@example.test",
+                                     recipients=["alice@example.test"], message=message)
+        assert answer == {"ok": True, "id": "6b0a3e032267e810cec3"}
+        assert submitted == [("root@example.test", ["alice@example.test"],
+                              b"Subject: hi\r\n\r\nbody\r\n", os.getuid())]
+        with pytest.raises(ControlError) as no_runner:
+            await deferToThread(call, path, "flush")
+        assert no_runner.value.code == "unavailable"
+    finally:
+        await service.stopService()
 
 
 def test_cli_without_daemon(tmp_path, sock_dir, capsys):

@@ -11,6 +11,7 @@ import base64
 import smtplib
 import time
 import urllib.request
+from types import SimpleNamespace
 
 import pytest
 import pytest_twisted
@@ -280,6 +281,62 @@ def test_queue_gauges_read_ids_only(tmp_path):
     assert metrics.registry.get_sample_value("mta_queue_messages") == 3
     assert metrics.registry.get_sample_value("mta_queue_oldest_age_seconds") == 1000
     assert queue_id_time(store.ids()[0]) == 1_700_000_000.0
+
+
+class _Session:
+    """An SMTP session as the reply hook sees it: its listener's kind."""
+
+    def __init__(self, kind: str) -> None:
+        self.listener = SimpleNamespace(kind=kind)
+
+
+class _Connections:
+    """The outbound connection cache as the metrics see it (OpenConnections)."""
+
+    __slots__ = ("idle", "reused")
+
+    def __init__(self, reused: int, idle: int) -> None:
+        self.reused, self.idle = reused, idle
+
+    def __len__(self) -> int:
+        return self.idle
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_served_from_only_the_sources_they_are_given(tmp_path):
+    """The metrics service gets its sources, not the daemon: the queue listing,
+    the sessions, the runner's in-flight count and the connection cache are read
+    at scrape time, and its reply hook is chained on the slot it was given."""
+    from mta.daemon.metrics import metrics_service
+
+    store = QueueStore(tmp_path / "queue", fsync=False)
+    writer = store.new_message()
+    writer.write(b"Subject: x\r\n\r\nbody\r\n")
+    writer.commit(Envelope(writer.id, "s@remote.test",
+                           [Recipient("a@example.test", RecipientKind.LOCAL, "a@example.test")], 0.0))
+    sessions = {"one", "two"}
+    hook = SimpleNamespace(observer=None)
+    deliveries = SimpleNamespace(in_flight=3)
+    service = metrics_service(reactor, "tcp:0:interface=127.0.0.1", queue=store, sessions=sessions,
+                              replies=hook, deliveries=deliveries, connections=_Connections(5, 2))
+    service.startService()
+    try:
+        await service.listening
+        assert hook.observer is not None
+        hook.observer(_Session("mx"), SimpleNamespace(code=250, enhanced="2.1.0"))
+        sessions.add("three")
+        deliveries.in_flight = 1
+        _, s = await in_thread(scrape, service.port.getHost().port)
+    finally:
+        await service.stopService()
+    assert hook.observer is None  # the slot is left as it was found
+    assert value(s, "mta_queue_messages") == 1
+    assert value(s, "mta_smtp_sessions_active") == 3
+    assert value(s, "mta_deliveries_in_flight") == 1
+    assert value(s, "mta_outbound_connections_reused_total") == 5
+    assert value(s, "mta_outbound_connections_idle") == 2
+    assert value(s, "mta_smtp_replies_total", code="250", enhanced="2.1.0") == 1
+    assert value(s, "mta_smtp_connections_total", kind="mx") == 1
 
 
 def test_events_map_to_bounded_labels():
