@@ -98,7 +98,7 @@ class QueueFiles(TypingProtocol):
     def remove(self, queue_id: str) -> None: ...
 
 
-class Delivery(TypingProtocol):
+class Runner(TypingProtocol):
     """What the commands need of the queue runner (:class:`mta.queue.runner.QueueRunner`)."""
 
     @property
@@ -121,7 +121,7 @@ class ControlCommands:
     reload callable, or None.
     """
 
-    def __init__(self, live: Live, queue: QueueFiles, runner: Delivery | None,
+    def __init__(self, live: Live, queue: QueueFiles, runner: Runner | None,
                  submit: Submit | None, reload: Reload | None,
                  clock: IReactorTime) -> None:
         self.live = live

@@ -45,25 +45,21 @@ from mta.queue.store import SPARE_KEEP, SPARE_MAX_AGE
 log = Logger()
 
 
-
-class ProcessReactor(Protocol):
-    """What the pool needs of the reactor: starting processes and timers
-    (``IReactorProcess.spawnProcess``, ``IReactorTime.callLater``)."""
-
-    def spawnProcess(self, processProtocol: Any, executable: str, args: Sequence[str],  # noqa: N802, N803
-                     env: dict[str, str] | None = None, path: str | None = None,
-                     uid: int | None = None, gid: int | None = None, usePTY: bool = False,  # noqa: N803
-                     childFDs: dict[int, Any] | None = None) -> Any: ...  # noqa: N803
-
-    def callLater(self, delay: float, callable: Callable[..., Any], *args: Any,  # noqa: N802
-                  **kw: Any) -> Any: ...
-
-
 class TurnClock(Protocol):
     """``IReactorTime.callLater``: the spares of one reactor turn go out together."""
 
     def callLater(self, delay: float, callable: Callable[..., Any], *args: Any,  # noqa: N802
                   **kw: Any) -> Any: ...
+
+
+class ProcessReactor(TurnClock, Protocol):
+    """What the pool needs of the reactor: starting processes
+    (``IReactorProcess.spawnProcess``) and timers."""
+
+    def spawnProcess(self, processProtocol: Any, executable: str, args: Sequence[str],  # noqa: N802, N803
+                     env: dict[str, str] | None = None, path: str | None = None,
+                     uid: int | None = None, gid: int | None = None, usePTY: bool = False,  # noqa: N803
+                     childFDs: dict[int, Any] | None = None) -> Any: ...  # noqa: N803
 
 
 class Announced(Protocol):
@@ -94,6 +90,7 @@ class WorkerChannel(Protocol):
 
 
 SpareTaker = Callable[[str | None], None]
+
 
 class _WorkerProtocol(ProcessProtocol):
     def __init__(self, pool: WorkerPool, index: int) -> None:
