@@ -73,10 +73,10 @@ class CommandError(Exception):
 
 
 Reload = Callable[[], Any]  # returns a value or a Deferred; raises / errbacks on failure
-# Queues one message (sender, recipients, message, submitter) and returns its id;
-# raises mta.intake.submit.SubmitError.  The composition root binds it to the
+# Queues one message (sender, recipients, message, submitter) and returns its id,
+# or a Deferred firing with it; raises (or errbacks) mta.intake.submit.SubmitError.  The composition root binds it to the
 # running store, configuration and aliases (mta.intake.submit.submit_message).
-Submit = Callable[[str, list[str], bytes, Any], str]
+Submit = Callable[[str, list[str], bytes, Any], Any]
 
 
 class Live(TypingProtocol):
@@ -108,7 +108,8 @@ class Runner(TypingProtocol):
 
     def delete(self, queue_id: str) -> None: ...
 
-    def bounce(self, queue_id: str) -> int: ...
+    def bounce(self, queue_id: str) -> Any:
+        """How many recipients failed, or a Deferred firing with that."""
 
 
 class ControlCommands:
@@ -213,22 +214,26 @@ class ControlCommands:
             raise CommandError(f"no message {queue_id} in the queue", "not_found") from None
         return {"id": queue_id}
 
-    def do_bounce(self, request: dict[str, Any], peer: dict[str, int]) -> dict[str, Any]:
+    def do_bounce(self, request: dict[str, Any], peer: dict[str, int]) -> Deferred[dict[str, Any]]:
         from mta.queue.runner import MessageBusy
 
         queue_id = self._queue_id(request)
         assert queue_id is not None
         runner = self._runner("bounce a message")
         self._exists(queue_id)
-        try:
-            failed = runner.bounce(queue_id)
-        except MessageBusy as e:
-            raise CommandError(str(e), "busy") from None
-        except FileNotFoundError:
-            raise CommandError(f"no message {queue_id} in the queue", "not_found") from None
-        return {"id": queue_id, "failed": failed}
 
-    def do_submit(self, request: dict[str, Any], peer: dict[str, int]) -> dict[str, Any]:
+        def refused(failure: Failure) -> Failure:
+            if failure.check(MessageBusy):
+                raise CommandError(failure.getErrorMessage(), "busy")
+            if failure.check(FileNotFoundError):
+                raise CommandError(f"no message {queue_id} in the queue", "not_found")
+            return failure
+
+        # The runner's answer may come at once or once the bounce is queued.
+        return maybeDeferred(runner.bounce, queue_id).addCallbacks(
+            lambda failed: {"id": queue_id, "failed": failed}, refused)
+
+    def do_submit(self, request: dict[str, Any], peer: dict[str, int]) -> Deferred[dict[str, Any]]:
         from mta.intake.submit import SubmitError, Submitter
 
         sender = request.get("sender", "")
@@ -249,11 +254,14 @@ class ControlCommands:
         if not self.live.accepting:
             raise CommandError("the daemon is shutting down; try again later", "temporary")
         submitter = Submitter(uid=peer.get("uid"), pid=peer.get("pid"))
-        try:
-            queue_id = self.submit(sender, recipients, data, submitter)
-        except SubmitError as e:
-            raise CommandError(str(e), e.kind) from None
-        return {"id": queue_id}
+
+        def refused(failure: Failure) -> None:
+            failure.trap(SubmitError)
+            raise CommandError(failure.getErrorMessage(), failure.value.kind)
+
+        # The queue id may come at once or once the message is committed.
+        return maybeDeferred(self.submit, sender, recipients, data, submitter).addCallbacks(
+            lambda queue_id: {"id": queue_id}, refused)
 
     def do_reload(self, request: dict[str, Any], peer: dict[str, int]) -> Deferred[dict[str, Any]]:
         if self.reload_callable is None:
