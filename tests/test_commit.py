@@ -138,6 +138,7 @@ async def test_store_commit_async_in_both_modes(tmp_path, syncfs, monkeypatch):
         env = Envelope(writer.id, "s@x.test", [Recipient("a@y.test", RecipientKind.REMOTE, "a@y.test")],
                        time.time())
         await writer.commit_async(env)
+        await deferLater(reactor, 0, deferLater, reactor, 0, lambda: None)  # the store tells on a later turn
         assert store.ids() == [env.id] and committed == [env]
         # Written as it arrived: the data as is, the envelope beside it.
         assert store.data_path(env.id).read_bytes() == b"Subject: x\r\n\r\nbody\r\n"

@@ -173,7 +173,7 @@ class ControlCommands:
             raise CommandError(f"no message {queue_id} in the queue", "not_found") from None
         return {"id": queue_id}
 
-    def do_bounce(self, request: dict[str, Any], peer: dict[str, int]) -> dict[str, Any]:
+    def do_bounce(self, request: dict[str, Any], peer: dict[str, int]) -> Deferred[dict[str, Any]]:
         from mta.queue.runner import MessageBusy
 
         queue_id = self._queue_id(request)
@@ -181,14 +181,14 @@ class ControlCommands:
         runner = self._runner("bounce a message")
         self._exists(queue_id)
         try:
-            failed = runner.bounce(queue_id)
+            d = runner.bounce(queue_id)  # fires once the bounce is queued
         except MessageBusy as e:
             raise CommandError(str(e), "busy") from None
         except FileNotFoundError:
             raise CommandError(f"no message {queue_id} in the queue", "not_found") from None
-        return {"id": queue_id, "failed": failed}
+        return d.addCallback(lambda failed: {"id": queue_id, "failed": failed})
 
-    def do_submit(self, request: dict[str, Any], peer: dict[str, int]) -> dict[str, Any]:
+    def do_submit(self, request: dict[str, Any], peer: dict[str, int]) -> Deferred[dict[str, Any]]:
         from mta.intake.submit import SubmitError, Submitter, submit_message
 
         sender = request.get("sender", "")
@@ -207,13 +207,15 @@ class ControlCommands:
         if not getattr(self.context, "accepting", True):
             raise CommandError("the daemon is shutting down; try again later", "temporary")
         submitter = Submitter(uid=peer.get("uid"), pid=peer.get("pid"))
-        try:
-            queue_id = submit_message(self.context.store, self.config, self.context.aliases,
-                                      sender, recipients, data, submitter, self.wall_clock,
-                                      srs=getattr(self.context, "srs", None))
-        except SubmitError as e:
-            raise CommandError(str(e), e.kind) from None
-        return {"id": queue_id}
+        d = submit_message(self.context.store, self.config, self.context.aliases,
+                           sender, recipients, data, submitter, self.wall_clock,
+                           srs=getattr(self.context, "srs", None))
+
+        def refused(failure: Failure) -> None:
+            failure.trap(SubmitError)
+            raise CommandError(str(failure.value), failure.value.kind)
+
+        return d.addCallbacks(lambda queue_id: {"id": queue_id}, refused)
 
     def do_reload(self, request: dict[str, Any], peer: dict[str, int]) -> Deferred[dict[str, Any]]:
         if self.reload_callable is None:

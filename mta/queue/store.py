@@ -292,12 +292,14 @@ class MessageWriter:
                 fsync_dir(self.store.msg_dir)
         except OSError as e:
             self._undo(e)
-        self.store.notify(envelope)
+        self.store.announce(envelope)
 
     def commit_async(self, envelope: Envelope, tell: bool = True) -> Deferred[None]:
         """Like :meth:`commit`, with the disk work on the group-commit thread.
-        ``tell=False``: the caller calls :meth:`QueueStore.notify` itself (the
-        SMTP server, once its 250 has gone out).
+        The store tells its listeners on the next reactor turn
+        (:meth:`QueueStore.announce`).  ``tell=False`` is the SMTP session's
+        until it commits through :class:`mta.queue.intake.Intake`: it calls
+        :meth:`QueueStore.notify` itself once its 250 has gone out.
 
         A buffered message is one file (its envelope in the header), written
         and fsynced as the one part of the operation: into its spare, which
@@ -324,7 +326,7 @@ class MessageWriter:
 
         def done(_: None) -> None:
             if tell:
-                self.store.notify(envelope)
+                self.store.announce(envelope)
 
         return d.addCallbacks(done, failed)
 
@@ -531,7 +533,9 @@ class QueueStore:
         # share one directory sync with more of them.
         self.remover = GroupCommitter(reactor, self.msg_dir, fsync, whole_filesystem=syncfs,
                                       name="queue-files", linger=REMOVAL_LINGER)
+        self.reactor = reactor
         self._listeners: list[Callable[[Envelope], None]] = []
+        self._announced: list[Envelope] = []  # committed this turn, told on the next
         self.spares = spares
         self._spares: deque[tuple[str, float]] = deque()  # (queue id, when made), oldest first
         self._refilling = False
@@ -674,8 +678,24 @@ class QueueStore:
         """Call ``listener(envelope)`` after each message is committed."""
         self._listeners.append(listener)
 
+    def announce(self, envelope: Envelope) -> None:
+        """``envelope``'s message is durably committed: tell the listeners on the
+        next reactor turn, never on the committer's stack (a runner that queued
+        a notice is not re-entered while it runs).  The commits of one turn are
+        told in one call, in commit order."""
+        if not self._announced:
+            self.reactor.callLater(0, self._tell_announced)
+        self._announced.append(envelope)
+
+    def _tell_announced(self) -> None:
+        envelopes, self._announced = self._announced, []
+        for envelope in envelopes:
+            self.notify(envelope)
+
     def notify(self, envelope: Envelope) -> None:
-        """Tell the listeners that ``envelope``'s message is committed."""
+        """Tell the listeners now that ``envelope``'s message is committed (the
+        SMTP session's way, after its 250; everything else goes through
+        :meth:`announce`)."""
         for listener in self._listeners:
             try:
                 listener(envelope)
