@@ -18,7 +18,8 @@ from mta.config import ConfigError, config_from_dict
 from mta.queue import commit as commit_module
 from mta.queue.commit import GroupCommitter
 from mta.queue.envelope import Envelope, Recipient, RecipientKind
-from mta.queue.store import QueueError, QueueStore, envelope_header, open_message
+from mta.queue.layout import QueueError, envelope_header, open_message
+from mta.queue.store import QueueStore
 from mta.system.aiofsync import AioFsync
 
 

@@ -15,7 +15,8 @@ from twisted.internet.task import deferLater
 from mta.intake.submit import Submitter, submit_message
 from mta.queue.envelope import Envelope, Recipient, RecipientKind
 from mta.queue.intake import Intake
-from mta.queue.store import ENVELOPE_MAGIC, QueueStore, read_embedded_envelope
+from mta.queue.layout import ENVELOPE_MAGIC, read_embedded_envelope
+from mta.queue.store import QueueStore
 from tests.harness import in_thread, start_mta
 
 

@@ -19,8 +19,10 @@ from twisted.logger import globalLogPublisher
 from mta.config import DeliveryConfig
 from mta.queue.courier import DeliveryResult, Outcome
 from mta.queue.envelope import Envelope, Recipient, RecipientKind, RecipientState
+from mta.queue.layout import QueuedMessage, new_queue_id
 from mta.queue.runner import QueueRunner, Router, retry_delay
-from mta.queue.store import MessageWriter, QueueStore, new_queue_id, open_message
+from mta.queue.store import QueueStore
+from mta.queue.writer import MessageWriter
 
 T0 = 1_700_000_000.0
 HOST = "mx.example.com"
@@ -41,7 +43,7 @@ class Call:
 
 
 def read_message(data_path: Path) -> bytes:
-    with open_message(data_path) as f:
+    with QueuedMessage(data_path).open() as f:
         return f.read()
 
 

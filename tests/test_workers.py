@@ -187,7 +187,9 @@ def test_an_ended_workers_spares_are_swept_after_the_session_lifetime(tmp_path):
     they are removed, and a stop cancels the pending sweep."""
     from twisted.internet.task import Clock
 
-    from mta.queue.store import RECEIVING, SPARE_MAX_AGE, QueueStore
+    from mta.queue.layout import RECEIVING
+    from mta.queue.spares import SPARE_MAX_AGE
+    from mta.queue.store import QueueStore
 
     store = QueueStore(tmp_path / "queue", fsync=False)
     spare = store.data_path("6b09c8822d5b28ff9737")
@@ -221,7 +223,8 @@ def test_finished_messages_files_go_back_to_the_worker_that_used_spares(tmp_path
     turn on its stdin, while the worker is owed any; then the store keeps them."""
     from twisted.internet.task import Clock
 
-    from mta.queue.store import RECEIVING, QueueStore
+    from mta.queue.layout import RECEIVING
+    from mta.queue.store import QueueStore
 
     store = QueueStore(tmp_path / "queue", fsync=False)
     clock = Clock()
@@ -258,7 +261,8 @@ def test_the_worker_takes_the_spares_its_stdin_brings(tmp_path):
     """``spares`` lines in pieces, as a pipe delivers them; ids that are not queue
     ids (a path, anything odd) are ignored."""
     from mta.daemon.worker import _SpareReader
-    from mta.queue.store import RECEIVING, QueueStore
+    from mta.queue.layout import RECEIVING
+    from mta.queue.store import QueueStore
 
     store = QueueStore(tmp_path / "queue", fsync=False)
     good = ["6b0a3e032267e810cec1", "6b0a3e032267e810cec2"]

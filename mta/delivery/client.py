@@ -79,7 +79,7 @@ from zope.interface import implementer
 
 from mta.delivery.cache import ConnectionCache
 from mta.queue.courier import Outcome
-from mta.queue.store import open_message, read_message_start
+from mta.queue.layout import QueuedMessage
 from mta.system.netio import send_now
 
 log = Logger()
@@ -411,7 +411,7 @@ class _BodyProducer:
     def __init__(self, proto: SMTPClientProtocol, path: Path, block_timeout: float,
                  chunk_size: int = CHUNK_SIZE) -> None:
         self._proto = proto
-        self._file: BinaryIO | None = open_message(path)  # closed in _close
+        self._file: BinaryIO | None = QueuedMessage(path).open()  # closed in _close
         self._stuffer = DotStuffer()
         self._block_timeout = block_timeout
         self._chunk_size = chunk_size
@@ -611,7 +611,7 @@ class SMTPClientProtocol(Protocol):
         """
         if self._failure is not None:
             return fail(self._failure)
-        head = read_message_start(path, SMALL_BODY + 1)
+        head = QueuedMessage(path).read_start(SMALL_BODY + 1)
         if len(head) <= SMALL_BODY:
             stuffer = DotStuffer()
             send_now(self.transport, stuffer.feed(head) + stuffer.finish())
@@ -1175,7 +1175,7 @@ class _Session:
     def _small_chunk(self, tx: Transaction) -> bytes | None:
         """The whole message as one ``BDAT n LAST``, if it is at most SMALL_BODY octets."""
         try:
-            head = read_message_start(tx.data_path, SMALL_BODY + 1)
+            head = QueuedMessage(tx.data_path).read_start(SMALL_BODY + 1)
         except OSError as e:  # not the server's fault; nothing was sent yet
             raise SessionError(f"cannot read the message file: {e.strerror}", "4.3.0",
                                polite=True) from None
@@ -1228,7 +1228,7 @@ class _Session:
         due = 0  # chunks sent whose reply has not been read
         refusal: Reply | None = None
         try:
-            with open_message(tx.data_path) as f:
+            with QueuedMessage(tx.data_path).open() as f:
                 chunk = f.read(CHUNK_SIZE)
                 for _ in range(MAX_BDAT_CHUNKS):
                     following = f.read(CHUNK_SIZE) if chunk else b""
