@@ -22,7 +22,7 @@ from twisted.internet.threads import deferToThread
 
 from mta.config import Config, config_from_dict
 from mta.daemon.service import MTAService
-from mta.queue.store import open_message
+from mta.queue.layout import open_message
 
 PASSWORD = "correct horse battery staple"
 DOMAIN = "example.test"

@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 
 from mta.queue.envelope import Envelope
-from mta.queue.store import read_embedded_envelope
+from mta.queue.layout import read_embedded_envelope
 from tests.harness import RawClient, in_thread, message_files, start_mta
 from tests.sink import start_sink
 from tests.test_commit import Hold

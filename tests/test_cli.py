@@ -44,7 +44,7 @@ from mta.daemon.service import MTAService, build_control
 from mta.policy.auth import add_user, read_users_file
 from mta.queue.courier import DeliveryResult, Outcome
 from mta.queue.envelope import Envelope, Recipient
-from mta.queue.store import open_message
+from mta.queue.layout import open_message
 from tests.daemon import QUIET_TAIL, Daemon, free_port
 
 PASSWORD = "correct horse battery staple"

@@ -18,7 +18,8 @@ from mta.config import ConfigError, config_from_dict
 from mta.queue import commit as commit_module
 from mta.queue.commit import GroupCommitter
 from mta.queue.envelope import Envelope, Recipient, RecipientKind
-from mta.queue.store import QueueError, QueueStore, envelope_header, open_message
+from mta.queue.layout import QueueError, envelope_header, open_message
+from mta.queue.store import QueueStore
 from mta.system.aiofsync import AioFsync
 
 
@@ -138,6 +139,7 @@ async def test_store_commit_async_in_both_modes(tmp_path, syncfs, monkeypatch):
         env = Envelope(writer.id, "s@x.test", [Recipient("a@y.test", RecipientKind.REMOTE, "a@y.test")],
                        time.time())
         await writer.commit_async(env)
+        await deferLater(reactor, 0, deferLater, reactor, 0, lambda: None)  # the store tells on a later turn
         assert store.ids() == [env.id] and committed == [env]
         # Written as it arrived: the data as is, the envelope beside it.
         assert store.data_path(env.id).read_bytes() == b"Subject: x\r\n\r\nbody\r\n"

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mta.queue.store import load_envelope
+from mta.queue.layout import load_envelope
 from tests.daemon import QUIET_TAIL, Daemon, free_port, twistd
 from tests.harness import PASSWORD, write_domain
 

@@ -21,7 +21,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from mta.policy.auth import add_user
-from mta.queue.store import open_message
+from mta.queue.layout import open_message
 from tests.daemon import QUIET_TAIL, Daemon, free_port
 from tests.harness import PASSWORD, RawClient, message_files, write_domain
 

@@ -9,7 +9,7 @@ import pytest_twisted
 
 from mta.mail.dsnfields import rcpt_params, xtext_decode, xtext_encode
 from mta.queue.envelope import Envelope
-from mta.queue.store import read_embedded_envelope
+from mta.queue.layout import read_embedded_envelope
 from tests.harness import in_thread
 from tests.test_server_dialog import dialog, mta  # noqa: F401 - the fixture
 

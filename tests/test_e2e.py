@@ -17,7 +17,7 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
-from mta.queue.store import list_ids, load_envelope
+from mta.queue.layout import list_ids, load_envelope
 from tests.daemon import Daemon, free_port
 from tests.dnsserver import LoopbackDNS
 from tests.harness import (

@@ -44,7 +44,7 @@ from mta.daemon.logs import (
     scrub,
     worker_log_observer,
 )
-from mta.queue.store import load_envelope
+from mta.queue.layout import load_envelope
 from tests.harness import PASSWORD, RawClient, in_thread, start_mta
 
 pytestmark = pytest.mark.timeout(60)

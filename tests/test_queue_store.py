@@ -18,16 +18,15 @@ from twisted.internet.threads import deferToThread
 
 from mta.delivery.local import MaildirCourier
 from mta.queue import commit as commit_module
+from mta.queue import spares as spares_module
 from mta.queue import store as store_module
+from mta.queue import writer as writer_module
 from mta.queue.dsn import read_headers
 from mta.queue.envelope import Envelope, Recipient, RecipientKind, RecipientState
-from mta.queue.store import (
+from mta.queue.layout import (
     READY,
     RECEIVING,
-    SPARE_BATCH,
-    SPARE_MAX_AGE,
     MessageNotReady,
-    QueueStore,
     envelope_header,
     list_ids,
     load_envelope,
@@ -35,6 +34,8 @@ from mta.queue.store import (
     read_embedded_envelope,
     read_message_start,
 )
+from mta.queue.spares import SPARE_BATCH, SPARE_MAX_AGE
+from mta.queue.store import QueueStore
 from mta.system.fsutil import fsync_dir as real_fsync_dir
 from tests.harness import message_files
 
@@ -272,8 +273,8 @@ async def test_a_message_fills_a_spare_with_one_fsync_and_no_directory_fsync(sto
     real_fsync = store_module.os.fsync
     monkeypatch.setattr(store_module.os, "fsync", lambda fd: (calls.append("fsync"), real_fsync(fd)))
     monkeypatch.setattr(store_module.os, "rename", lambda *a: calls.append("rename"))
-    real_write_out, real_fchmod = store_module.write_out, store_module.os.fchmod
-    monkeypatch.setattr(store_module, "write_out", lambda fd: (calls.append("write_out"), real_write_out(fd)))
+    real_write_out, real_fchmod = writer_module.write_out, store_module.os.fchmod
+    monkeypatch.setattr(writer_module, "write_out", lambda fd: (calls.append("write_out"), real_write_out(fd)))
     monkeypatch.setattr(store_module.os, "fchmod",
                         lambda fd, mode: (calls.append(f"fchmod {mode:o}"), real_fchmod(fd, mode)))
     env = await queue_one(store)
@@ -291,11 +292,11 @@ async def test_a_message_fills_a_spare_with_one_fsync_and_no_directory_fsync(sto
 @pytest_twisted.ensureDeferred
 async def test_spares_are_made_again_when_few_are_left(store):
     await spares_made(store)
-    for _ in range(SPARE_BATCH - store_module.SPARE_LOW + 1):
+    for _ in range(SPARE_BATCH - spares_module.SPARE_LOW + 1):
         await queue_one(store)
     # Below the low mark: a new batch is on its way.
-    await spares_made(store, count=store_module.SPARE_LOW + SPARE_BATCH - 1)
-    assert len(store.ids()) == SPARE_BATCH - store_module.SPARE_LOW + 1
+    await spares_made(store, count=spares_module.SPARE_LOW + SPARE_BATCH - 1)
+    assert len(store.ids()) == SPARE_BATCH - spares_module.SPARE_LOW + 1
 
 
 @pytest_twisted.ensureDeferred
@@ -423,7 +424,7 @@ async def test_a_slow_removal_never_holds_up_a_new_message(store, monkeypatch):
     disk (a synchronous discard, say), new messages are still committed."""
     done = await queue_one(store)
     entered, release = threading.Event(), threading.Event()
-    real_unlink = store_module._unlink_quietly
+    real_unlink = store_module.unlink_quietly
 
     def slow_unlink(path):
         if path.name.startswith(done.id):
@@ -431,7 +432,8 @@ async def test_a_slow_removal_never_holds_up_a_new_message(store, monkeypatch):
             release.wait(10)
         real_unlink(path)
 
-    monkeypatch.setattr(store_module, "_unlink_quietly", slow_unlink)
+    for module in (store_module, spares_module):  # removing, and recycling into a spare
+        monkeypatch.setattr(module, "unlink_quietly", slow_unlink)
     removal = store.remove_async(done.id)
     try:
         assert await deferToThread(entered.wait, 10)
@@ -472,7 +474,7 @@ async def test_making_spares_never_holds_up_a_new_message(store, monkeypatch):
         assert all(store.exists(env.id) for env in queued)
     finally:
         release.set()
-    await spares_made(store, count=store_module.SPARE_LOW)
+    await spares_made(store, count=spares_module.SPARE_LOW)
     assert sorted(store.ids()) == sorted(env.id for env in queued)
 
 
@@ -515,7 +517,7 @@ async def test_a_finished_messages_file_becomes_a_spare_that_the_next_message_fi
 async def test_with_enough_spares_a_finished_message_is_removed(store):
     """Past SPARE_KEEP spares in the pool the file is unlinked, as without spares."""
     await spares_made(store)
-    store.add_spares([store_module.new_queue_id() for _ in range(store_module.SPARE_KEEP)])
+    store.add_spares([store_module.new_queue_id() for _ in range(spares_module.SPARE_KEEP)])
     count = store.spare_count()
     env = await queue_one(store)
     assert store.spare_count() == count - 1
@@ -525,11 +527,11 @@ async def test_with_enough_spares_a_finished_message_is_removed(store):
 
 def test_spares_handed_over_past_the_limit_or_after_shutdown_are_removed(tmp_path):
     store = QueueStore(tmp_path / "q", fsync=False)
-    ids = [store_module.new_queue_id() for _ in range(store_module.SPARE_KEEP + SPARE_BATCH + 2)]
+    ids = [store_module.new_queue_id() for _ in range(spares_module.SPARE_KEEP + SPARE_BATCH + 2)]
     for spare_id in ids:
         store.data_path(spare_id).touch(mode=RECEIVING)
     store.add_spares(ids)
-    assert store.spare_count() == store_module.SPARE_KEEP + SPARE_BATCH
+    assert store.spare_count() == spares_module.SPARE_KEEP + SPARE_BATCH
     assert sorted(p.name[:-4] for p in store.msg_dir.iterdir()) == sorted(ids[:-2])
     store.discard_spares()
     late = store_module.new_queue_id()
@@ -595,3 +597,28 @@ async def test_a_shutdown_during_a_recycling_leaves_no_spare_behind(tmp_path):
     assert list(store.msg_dir.iterdir()) == []
     await d
     assert list(store.msg_dir.iterdir()) == [] and store.spare_count() == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_queued_message_handle_reads_both_layouts(store):
+    """Readers get a QueuedMessage: the same view of a one-file message (envelope
+    in its header) and of a streamed one (data file and state file)."""
+    one_file = await queue_one(store)  # buffered: the envelope in the file's header
+    streamed = store.new_message(buffered=False)
+    streamed.write(MESSAGE)
+    env = Envelope(streamed.id, "s@x.test", [Recipient("a@y.test", RecipientKind.REMOTE, "a@y.test")],
+                   time.time())
+    await streamed.commit_async(env)
+    assert store.data_path(one_file.id).read_bytes().startswith(b"mta-envelope ")
+    assert store.data_path(streamed.id).read_bytes() == MESSAGE
+    for queue_id in (one_file.id, streamed.id):
+        message = store.message(queue_id)
+        assert message.id == queue_id and message.size == len(MESSAGE)
+        assert message.envelope().id == queue_id and message.envelope().size == len(MESSAGE)
+        with message.open() as f:
+            assert f.read() == MESSAGE
+        assert message.read_start(8) == MESSAGE[:8]
+        assert message.read_headers(1000) == b"Received: by us\r\nSubject: one file\r\n"
+        assert message.read_headers(20) == b"Received: by us\r\n"  # cut at a line boundary
+    with pytest.raises(FileNotFoundError):
+        store.message("0" * 20).open()

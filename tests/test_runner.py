@@ -5,6 +5,7 @@ from __future__ import annotations
 import email
 import email.policy
 import random
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +19,10 @@ from twisted.logger import globalLogPublisher
 from mta.config import DeliveryConfig
 from mta.queue.courier import DeliveryResult, Outcome
 from mta.queue.envelope import Envelope, Recipient, RecipientKind, RecipientState
+from mta.queue.layout import QueuedMessage, new_queue_id
 from mta.queue.runner import QueueRunner, Router, retry_delay
-from mta.queue.store import MessageWriter, QueueStore, new_queue_id
+from mta.queue.store import QueueStore
+from mta.queue.writer import MessageWriter
 
 T0 = 1_700_000_000.0
 HOST = "mx.example.com"
@@ -39,6 +42,11 @@ class Call:
     recipients: list[Recipient] = field(default_factory=list)
 
 
+def read_message(data_path: Path) -> bytes:
+    with QueuedMessage(data_path).open() as f:
+        return f.read()
+
+
 class FakeCourier:
     """Answers from ``decide`` at once, or (``manual``) hands back Deferreds the test fires."""
 
@@ -55,7 +63,7 @@ class FakeCourier:
         if not self.alive():  # a dead process delivers nothing
             return succeed([DeliveryResult(r, Outcome.DEFERRED, "451 dead") for r in recipients])
         call = Call(envelope.id, envelope.sender, [r.address for r in recipients],
-                    data_path.read_bytes(), recipients=list(recipients))
+                    read_message(data_path), recipients=list(recipients))
         self.calls.append(call)
         if self.manual:
             call.deferred = Deferred()
@@ -88,12 +96,28 @@ def local(address: str) -> Recipient:
     return Recipient(address=address, kind=RecipientKind.LOCAL, original=address, mailbox=address)
 
 
+def next_turn(clock: Clock) -> None:
+    """One turn of a reactor driven by ``clock``: the calls due when it starts, not
+    those they add (a real reactor runs those on its next turn; Clock.advance
+    would run them at once)."""
+    due = [c for c in clock.getDelayedCalls() if c.getTime() <= clock.seconds()]
+    for call in due:
+        if call.active():
+            clock.calls.remove(call)
+            call.called = 1
+            call.func(*call.args, **call.kw)
+
+
 def queue(store: QueueStore, *recipients: Recipient, sender: str = SENDER,
           created: float | None = None) -> str:
+    """Commit a message, then let its reactor turn end: the store tells the
+    runner on the next one (a store without a Clock tells nobody)."""
     writer = store.new_message()
     writer.write(DATA)
     writer.commit(Envelope(id=writer.id, sender=sender, recipients=list(recipients),
                            created=store.clock() if created is None else created))
+    if isinstance(store.reactor, Clock):
+        next_turn(store.reactor)
     return writer.id
 
 
@@ -113,7 +137,7 @@ class Env:
             self.clock.advance(T0)
         self.config = config or DeliveryConfig(retry_schedule=(60.0, 300.0, 900.0),
                                                retry_jitter=0.1, max_queue_lifetime=86400.0)
-        self.store = store or QueueStore(root / "queue", fsync=False, clock=self.clock.seconds)
+        self.store = store or QueueStore(root / "queue", fsync=False, clock=self.clock.seconds, reactor=self.clock)
         self.remote = remote_courier or FakeCourier()
         self.local = FakeCourier()
         self.pipe = FakeCourier()
@@ -224,7 +248,7 @@ def test_a_message_no_process_announced_is_adopted(world: Any) -> None:
     w.runner.start()
     known = queue(w.store, remote("bob@one.example"))  # tried at once, deferred: has a timer
     w.remote.calls.clear()
-    other_process = QueueStore(w.store.root, fsync=False, clock=w.clock.seconds)
+    other_process = QueueStore(w.store.root, fsync=False, clock=w.clock.seconds, reactor=w.clock)
     orphan = queue(other_process, remote("carol@two.example"))
     assert w.remote.calls == [] and sorted(w.store.ids()) == sorted([known, orphan])
     assert w.runner.adopt_unknown() == 1  # the orphan only, not the deferred one
@@ -274,7 +298,7 @@ def test_restart_resumes_and_never_redelivers(tmp_path: Path, world: Any) -> Non
     w1.stop()
 
     # A new process: new store object, new runner, same directory and time line.
-    store2 = QueueStore(tmp_path / "queue", fsync=False, clock=w1.clock.seconds)
+    store2 = QueueStore(tmp_path / "queue", fsync=False, clock=w1.clock.seconds, reactor=w1.clock)
     w2 = world(store=store2, clock=w1.clock)
     w2.runner.start()
     w2.clock.advance(0)
@@ -294,7 +318,7 @@ def test_restart_retry_counts_continue(tmp_path: Path, world: Any) -> None:
     w1.clock.advance(w1.envelope(qid).recipients[0].next_attempt - w1.clock.seconds())
     assert w1.envelope(qid).recipients[0].attempts == 2
     w1.stop()
-    w2 = world(store=QueueStore(tmp_path / "queue", fsync=False, clock=w1.clock.seconds),
+    w2 = world(store=QueueStore(tmp_path / "queue", fsync=False, clock=w1.clock.seconds, reactor=w1.clock),
                clock=w1.clock, remote_courier=always_defer)
     w2.runner.start()
     w2.clock.advance(w2.envelope(qid).recipients[0].next_attempt - w2.clock.seconds())
@@ -576,7 +600,7 @@ class CrashingStore(QueueStore):
         self.effect()
         return super().remove_async(queue_id)
 
-    def new_message(self) -> MessageWriter:
+    def new_message(self, buffered: bool = False) -> MessageWriter:
         store = self
 
         class Writer(MessageWriter):
@@ -584,7 +608,11 @@ class CrashingStore(QueueStore):
                 store.effect()
                 super().commit(envelope)
 
-        return Writer(self, new_queue_id(self.clock()))
+            def commit_async(self, envelope: Envelope, tell: bool = True) -> Deferred[None]:
+                store.effect()
+                return super().commit_async(envelope, tell)
+
+        return Writer(self, new_queue_id(self.clock()), buffered)
 
 
 def _decide_crash_scenario(env: Envelope, r: Recipient, tries: dict[str, int]
@@ -604,7 +632,7 @@ def test_crash_at_any_point_gives_exactly_once(tmp_path: Path, crash_at: int) ->
     clock = Clock()
     clock.advance(T0)
     root = tmp_path / "queue"
-    store1 = CrashingStore(root, fsync=False, clock=clock.seconds, crash_at=0)
+    store1 = CrashingStore(root, fsync=False, clock=clock.seconds, reactor=clock, crash_at=0)
     tries: dict[str, int] = {}
     remote1 = FakeCourier(lambda e, r: _decide_crash_scenario(e, r, tries),
                           alive=lambda: not store1.dead)
@@ -631,7 +659,7 @@ def test_crash_at_any_point_gives_exactly_once(tmp_path: Path, crash_at: int) ->
                     for i in disk.ids() if i != qid}
 
     # Restart: a new process on the same directory, running to the end.
-    w2 = Env(tmp_path, store=QueueStore(root, fsync=False, clock=clock.seconds), clock=clock,
+    w2 = Env(tmp_path, store=QueueStore(root, fsync=False, clock=clock.seconds, reactor=clock), clock=clock,
              remote_courier=FakeCourier(lambda e, r: _decide_crash_scenario(e, r, tries)))
     w2.runner.start()
     w2.run_until_empty()
@@ -746,7 +774,7 @@ def test_success_notice_survives_a_crash_at_any_point(tmp_path: Path, crash_at: 
     clock = Clock()
     clock.advance(T0)
     root = tmp_path / "queue"
-    store1 = CrashingStore(root, fsync=False, clock=clock.seconds, crash_at=0)
+    store1 = CrashingStore(root, fsync=False, clock=clock.seconds, reactor=clock, crash_at=0)
     remote1 = FakeCourier(alive=lambda: not store1.dead)
     w1 = Env(tmp_path, store=store1, clock=clock, remote_courier=remote1)
     w1.local.alive = lambda: not store1.dead
@@ -762,7 +790,7 @@ def test_success_notice_survives_a_crash_at_any_point(tmp_path: Path, crash_at: 
     queued_before = {i for i in disk.ids() if i != qid} | {
         c.queue_id for c in remote1.calls if c.sender == ""}
 
-    w2 = Env(tmp_path, store=QueueStore(root, fsync=False, clock=clock.seconds), clock=clock)
+    w2 = Env(tmp_path, store=QueueStore(root, fsync=False, clock=clock.seconds, reactor=clock), clock=clock)
     w2.runner.start()
     w2.run_until_empty()
     w2.stop()
@@ -773,3 +801,28 @@ def test_success_notice_survives_a_crash_at_any_point(tmp_path: Path, crash_at: 
     for dsn in remote1.dsns() + w2.remote.dsns():
         [block] = dsn_recipients(dsn)
         assert (block["Action"], block["Final-Recipient"]) == ("relayed", "rfc822;bob@x.example")
+
+
+def test_bounce_is_heard_on_a_later_turn_never_inside_the_pass(world: Any) -> None:
+    def decide(env: Envelope, r: Recipient) -> tuple[Outcome, str]:
+        return (Outcome.DELIVERED, "250 ok") if env.sender == "" else (
+            Outcome.FAILED, "550 5.1.1 no such user")
+
+    w = world(remote_courier=FakeCourier(decide))
+    heard: list[tuple[str, bool, bool, int]] = []  # (dsn_for, queued, a pass on the stack, in flight)
+
+    def listener(env: Envelope) -> None:
+        in_pass = any(frame.name == "_pass" for frame in traceback.extract_stack())
+        heard.append((env.extra.get("dsn_for", ""), w.store.exists(env.id), in_pass,
+                      w.runner.in_flight))
+
+    w.store.subscribe(listener)
+    w.runner.start()
+    qid = queue(w.store, remote("nobody@one.example"))
+    # The pass failed the recipient, queued the bounce and removed the message;
+    # only the message's own commit has been told so far.
+    assert w.store.ids() != [] and qid not in w.store.ids()
+    assert heard == [("", True, False, 0)]
+    w.clock.advance(0)
+    assert heard[1:] == [(qid, True, False, 0)]  # on a later turn, durable, no pass running
+    assert [c.addresses for c in w.remote.calls if c.sender == ""] == [[SENDER]]

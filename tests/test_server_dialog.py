@@ -16,7 +16,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.logger import globalLogPublisher
 
-from mta.queue.store import read_embedded_envelope
+from mta.queue.layout import read_embedded_envelope
 from tests.harness import PASSWORD, RawClient, in_thread, message_files, start_mta
 
 

@@ -192,7 +192,9 @@ def test_a_message_a_dead_worker_never_announced_is_delivered(tmp_path):
 def test_an_ended_workers_spares_are_swept_after_the_session_lifetime(tmp_path):
     """Its spare queue files outlive a worker that died; once none can be in use
     they are removed, and a stop cancels the pending sweep."""
-    from mta.queue.store import RECEIVING, SPARE_MAX_AGE, QueueStore
+    from mta.queue.layout import RECEIVING
+    from mta.queue.spares import SPARE_MAX_AGE
+    from mta.queue.store import QueueStore
 
     store = QueueStore(tmp_path / "queue", fsync=False)
     spare = store.data_path("6b09c8822d5b28ff9737")
@@ -222,7 +224,8 @@ def test_finished_messages_files_go_back_to_the_worker_that_used_spares(tmp_path
     """Each message a worker announced used up one of its spares: the store's
     next recycled files go to that worker, in one ``spares`` line per reactor
     turn on its stdin, while the worker is owed any; then the store keeps them."""
-    from mta.queue.store import RECEIVING, QueueStore
+    from mta.queue.layout import RECEIVING
+    from mta.queue.store import QueueStore
 
     clock = Clock()
     sent = []
@@ -257,7 +260,8 @@ def test_the_worker_takes_the_spares_its_stdin_brings(tmp_path):
     """``spares`` lines in pieces, as a pipe delivers them; ids that are not queue
     ids (a path, anything odd) are ignored."""
     from mta.daemon.worker import _SpareReader
-    from mta.queue.store import RECEIVING, QueueStore
+    from mta.queue.layout import RECEIVING
+    from mta.queue.store import QueueStore
 
     store = QueueStore(tmp_path / "queue", fsync=False)
     good = ["6b0a3e032267e810cec1", "6b0a3e032267e810cec2"]

@@ -32,8 +32,8 @@ from mta.admin.control import ControlError, ControlUnavailable, DaemonNotRunning
 from mta.config import Config, ConfigError, load_config
 from mta.daemon.control import valid_queue_id
 from mta.queue.envelope import Envelope
-from mta.queue.store import is_queued, list_ids, open_message
-from mta.queue.store import load_envelope as queued_envelope
+from mta.queue.layout import QueuedMessage, is_queued, list_ids
+from mta.queue.layout import load_envelope as queued_envelope
 
 MAX_HEADER_READ = 1024 * 1024
 
@@ -177,7 +177,7 @@ def read_headers(data_path: Path, limit: int = MAX_HEADER_READ) -> str:
     """The header section of a queued message (up to the blank line), as text."""
     lines = []
     size = 0
-    with open_message(data_path) as f:
+    with QueuedMessage(data_path).open() as f:
         for line in f:
             if line in (b"\r\n", b"\n"):
                 break

@@ -301,7 +301,7 @@ def build_control(mta: MTAService) -> IService:
 
     context = mta.context
 
-    def submit(sender: str, recipients: list[str], data: bytes, submitter: Any) -> str:
+    def submit(sender: str, recipients: list[str], data: bytes, submitter: Any) -> Deferred[str]:
         return submit_message(context.store, context.config, context.aliases, sender, recipients,
                               data, submitter, srs=context.srs)
 

@@ -40,7 +40,7 @@ from twisted.logger import Logger
 
 from mta.daemon.logs import write_log_text
 from mta.queue.envelope import Envelope
-from mta.queue.store import SPARE_KEEP, SPARE_MAX_AGE
+from mta.queue.spares import SPARE_KEEP, SPARE_MAX_AGE
 
 log = Logger()
 

@@ -44,7 +44,7 @@ from twisted.python.failure import Failure
 
 from mta.queue.courier import DeliveryResult, Outcome
 from mta.queue.envelope import Envelope, Recipient
-from mta.queue.store import open_message
+from mta.queue.layout import QueuedMessage
 from mta.system.fsutil import fsync_dir
 
 log = Logger()
@@ -218,7 +218,7 @@ class MaildirCourier:
 
     def _write(self, maildir: Path, sender: str, mailbox: str, data_path: Path) -> str:
         self._ensure_maildir(maildir)
-        with open_message(data_path) as src:
+        with QueuedMessage(data_path).open() as src:
             for _ in range(100):  # O_EXCL: a clash only if the clock went backwards
                 name = self.unique_name()
                 tmp = maildir / "tmp" / name
@@ -296,7 +296,7 @@ def run_command(reactor: Any, argv: list[str], env: Mapping[str, str], prelude: 
     process group, so a timeout kills the whole group, not just the shell.
     Raises OSError if the message cannot be opened or the process not started.
     """
-    src = open_message(data_path)  # closed when the process ends
+    src = QueuedMessage(data_path).open()  # closed when the process ends
     proto = _CommandProtocol()
     args = [setsid, *argv] if setsid else list(argv)
     try:

@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mta.delivery.wire import DotStuffer, ReplyError, ReplyParser, ServerReply, bdat_command
-from mta.queue.store import open_message, read_message_start
+from mta.queue.layout import QueuedMessage
 from mta.system.netio import send_now
 
 CHUNK_SIZE = 64 * 1024
@@ -70,7 +70,7 @@ class _BodyProducer:
     def __init__(self, proto: SMTPClientProtocol, path: Path, block_timeout: float,
                  chunk_size: int = CHUNK_SIZE) -> None:
         self._proto = proto
-        self._file: BinaryIO | None = open_message(path)  # closed in _close
+        self._file: BinaryIO | None = QueuedMessage(path).open()  # closed in _close
         self._stuffer = DotStuffer()
         self._block_timeout = block_timeout
         self._chunk_size = chunk_size
@@ -270,7 +270,7 @@ class SMTPClientProtocol(Protocol):
         """
         if self._failure is not None:
             return fail(self._failure)
-        head = read_message_start(path, SMALL_BODY + 1)
+        head = QueuedMessage(path).read_start(SMALL_BODY + 1)
         if len(head) <= SMALL_BODY:
             stuffer = DotStuffer()
             send_now(self.transport, stuffer.feed(head) + stuffer.finish())

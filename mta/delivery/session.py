@@ -58,7 +58,7 @@ from mta.delivery.protocol import CHUNK_SIZE, SMALL_BODY, SessionError, SMTPClie
 from mta.delivery.tlspolicy import requires_tls, tries_starttls
 from mta.delivery.wire import Capabilities, ServerReply, bdat_command
 from mta.queue.courier import Outcome
-from mta.queue.store import open_message, read_message_start
+from mta.queue.layout import QueuedMessage
 
 BDAT_WINDOW = 2  # BDAT chunks sent and not yet answered, with PIPELINING (RFC 3030 §4.2)
 MAX_BDAT_CHUNKS = 1 << 20  # bound of the chunk loop: 64 GiB at CHUNK_SIZE
@@ -517,7 +517,7 @@ class ClientSession:
     def _small_chunk(self, tx: OutboundMessage) -> bytes | None:
         """The whole message as one ``BDAT n LAST``, if it is at most SMALL_BODY octets."""
         try:
-            head = read_message_start(tx.data_path, SMALL_BODY + 1)
+            head = QueuedMessage(tx.data_path).read_start(SMALL_BODY + 1)
         except OSError as e:  # not the server's fault; nothing was sent yet
             raise SessionError(f"cannot read the message file: {e.strerror}", "4.3.0",
                                polite=True) from None
@@ -570,7 +570,7 @@ class ClientSession:
         due = 0  # chunks sent whose reply has not been read
         refusal: ServerReply | None = None
         try:
-            with open_message(tx.data_path) as f:
+            with QueuedMessage(tx.data_path).open() as f:
                 chunk = f.read(CHUNK_SIZE)
                 for _ in range(MAX_BDAT_CHUNKS):
                     following = f.read(CHUNK_SIZE) if chunk else b""

@@ -1,19 +1,24 @@
 """Local submission: a message handed over by ``sendmail`` (via the control channel).
 
 :func:`submit_message` takes a sender, recipients and the message bytes and
-queues them the way the SMTP server does for an authenticated submission, with
-the same building blocks so there is one way to build a queued message:
+queues them the way the SMTP server does for an authenticated submission,
+through the one intake transaction (:class:`mta.queue.intake.Intake`):
 
 * each recipient is checked with :func:`mta.policy.relay.check_recipient`
   (local domains expanded through the aliases; other domains relayed, since a
-  local user may send anywhere), at most ``limits.max_recipients`` of them;
-* the message goes through :class:`mta.mail.reader.DataReader`: lines must end
-  in CRLF (bare CR or LF refused), line and size limits apply;
+  local user may send anywhere), at most ``limits.max_recipients`` of them,
+  and added with :meth:`~mta.queue.intake.Intake.add_recipient` (one copy per
+  mailbox, as for SMTP);
+* the message is read as it is, like a BDAT chunk
+  (:class:`mta.mail.reader.ChunkReader`; nothing to dot-stuff or unstuff):
+  lines must end in CRLF (bare CR or LF refused), line and size limits apply;
 * our Received header comes first (:mod:`mta.policy.received`); Bcc is removed
   and Date / Message-ID are added when missing (RFC 6409 §8);
-* more than ``limits.max_received_headers`` Received headers is a mail loop.
+* more than ``limits.max_received_headers`` Received headers is a mail loop;
+* the commit is the group commit's, as for SMTP; the store tells the runner
+  on the next reactor turn.
 
-Nothing here touches the network; the queue store notifies the runner on commit.
+Nothing here touches the network.
 """
 
 from __future__ import annotations
@@ -24,17 +29,20 @@ from dataclasses import dataclass
 from email.utils import format_datetime
 from typing import Any
 
+from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mta.config import Config
 from mta.mail.address import AddressError, parse_mailbox
 from mta.mail.headers import unfold_headers
-from mta.mail.reader import DataError, DataReader
+from mta.mail.reader import ChunkReader, DataError
 from mta.policy.received import TraceInfo, count_received, received_header
 from mta.policy.relay import check_recipient
 from mta.policy.srs import rewrite_forwarded
 from mta.policy.submission import complete_headers
-from mta.queue.envelope import Envelope, Recipient, RecipientKind
+from mta.queue.envelope import Envelope
+from mta.queue.intake import Intake
 from mta.queue.store import QueueError, QueueStore
 
 log = Logger()
@@ -71,16 +79,6 @@ class Submitter:
     pid: int | None = None
 
 
-def dot_stuff(message: bytes) -> bytes:
-    """The message as a DATA stream: dot-stuffed and terminated (RFC 5321 §4.5.2)."""
-    if message and not message.endswith(b"\r\n"):
-        message += b"\r\n"
-    stuffed = message.replace(b"\r\n.", b"\r\n..")
-    if stuffed.startswith(b"."):
-        stuffed = b"." + stuffed
-    return stuffed + b".\r\n"
-
-
 def _parse_sender(sender: str) -> str:
     if sender in ("", "<>"):
         return ""
@@ -90,9 +88,12 @@ def _parse_sender(sender: str) -> str:
         raise SubmitError(f"bad sender address {sender!r}: {e}", USAGE) from None
 
 
-def resolve_recipients(addresses: Sequence[str], config: Config, aliases: Any,
-                       srs: Any = None) -> tuple[list[Recipient], list[str]]:
-    """The envelope recipients for ``addresses`` and their canonical texts.
+def add_recipients(txn: Intake, addresses: Sequence[str], config: Config, aliases: Any,
+                   srs: Any = None) -> None:
+    """Check each of ``addresses`` as the SMTP server checks a RCPT of a local
+    user (:func:`mta.policy.relay.check_recipient`, relaying allowed) and add
+    the accepted ones, expanded, to ``txn`` (:meth:`Intake.add_recipient`: one
+    copy per mailbox).
 
     SubmitError listing every refused address if any is refused.
     """
@@ -101,10 +102,7 @@ def resolve_recipients(addresses: Sequence[str], config: Config, aliases: Any,
     if len(addresses) > config.limits.max_recipients:
         raise SubmitError(f"too many recipients ({len(addresses)}; the limit is "
                           f"{config.limits.max_recipients})", USAGE)
-    recipients: list[Recipient] = []
-    originals: list[str] = []
     refused: list[str] = []
-    known: set[tuple[RecipientKind, str]] = set()
     for text in addresses:
         try:
             address = parse_mailbox(text.strip().strip("<>"), smtputf8=True)
@@ -116,74 +114,81 @@ def resolve_recipients(addresses: Sequence[str], config: Config, aliases: Any,
         if decision.reply is not None:
             refused.append(f"{address}: {decision.reply}")
             continue
-        original = str(address)
-        if original not in originals:
-            originals.append(original)
-        # One copy per mailbox, as for SMTP (see SMTPSession.smtp_RCPT).
-        for target in decision.targets:
-            kind = RecipientKind(target.kind)
-            key = (kind, target.mailbox or target.address)
-            if key not in known:
-                known.add(key)
-                recipients.append(Recipient(address=target.address, kind=kind,
-                                            original=original, mailbox=target.mailbox))
+        txn.add_recipient(str(address), decision.targets)
     if refused:
         raise SubmitError("recipient refused: " + "; ".join(refused), RECIPIENT)
-    return recipients, originals
 
 
 def submit_message(store: QueueStore, config: Config, aliases: Any, sender: str,
                    recipients: Sequence[str], message: bytes,
                    submitter: Submitter | None = None,
-                   clock: Callable[[], float] = time.time, *, srs: Any = None) -> str:
-    """Queue ``message`` (CRLF lines, not dot-stuffed) and return its queue id.
+                   clock: Callable[[], float] = time.time, *, srs: Any = None) -> Deferred[str]:
+    """Queue ``message`` (CRLF lines, as it is: not dot-stuffed) with an
+    :class:`~mta.queue.intake.Intake`; the Deferred fires with the queue id once
+    the message is durable (the store tells the runner on the next reactor turn).
 
     ``aliases`` is the daemon's current :class:`~mta.policy.aliases.AliasResolver`,
     ``srs`` its :class:`~mta.policy.srs.SRSRewriter` (or None).
-    Raises :class:`SubmitError`; then nothing is left in the queue.
+    Fails with :class:`SubmitError`; then nothing is left in the queue.
     """
-    submitter = submitter or Submitter()
-    sender_text = _parse_sender(sender)
-    rcpts, originals = resolve_recipients(recipients, config, aliases, srs)
-    smtputf8 = not (sender_text.isascii() and all(o.isascii() for o in originals))
     try:
-        writer = store.new_message()
+        txn, envelope = _take(store, config, aliases, sender, recipients, message,
+                              submitter or Submitter(), clock, srs)
+    except SubmitError:
+        return fail()
+
+    def failed(failure: Failure) -> Failure:
+        failure.trap(QueueError)
+        return Failure(SubmitError(f"cannot write to the queue: {failure.value}", TEMPORARY))
+
+    def queued(_: None) -> str:
+        log.info("queued {id} from={sender} to={rcpts} size={size} client=local uid={uid}",
+                 id=envelope.id, sender=envelope.sender or "<>", rcpts=",".join(txn.originals),
+                 size=envelope.size, uid=envelope.extra.get("local_uid"), event="queued")
+        return envelope.id
+
+    return txn.commit(envelope).addCallbacks(queued, failed)
+
+
+def _take(store: QueueStore, config: Config, aliases: Any, sender: str,
+          recipients: Sequence[str], message: bytes, submitter: Submitter,
+          clock: Callable[[], float], srs: Any) -> tuple[Intake, Envelope]:
+    """The transaction with its message written, and the envelope to commit;
+    SubmitError (nothing left) if anything is refused."""
+    txn = Intake(store, _parse_sender(sender))
+    add_recipients(txn, recipients, config, aliases, srs)
+    smtputf8 = not (txn.sender.isascii() and all(o.isascii() for o in txn.originals))
+    try:
+        txn.open(buffered=True)  # in memory already: one file, as the SMTP server writes it
     except QueueError as e:
         raise SubmitError(f"cannot write to the queue: {e}", TEMPORARY) from None
     try:
-        written = _write(writer, config, originals, smtputf8, submitter, message, clock)
-        envelope = Envelope(
-            id=writer.id, sender=sender_text, recipients=rcpts, created=clock(),
-            body_8bit=written.eight_bit, smtputf8=smtputf8, client_helo="localhost",
+        eight_bit = _write(txn, config, smtputf8, submitter, message, clock)
+        envelope = txn.envelope(
+            created=clock(), body_8bit=eight_bit, smtputf8=smtputf8, client_helo="localhost",
             extra={"local_uid": submitter.uid} if submitter.uid is not None else {})
         rewrite_forwarded(envelope, srs, config.local_domains)
     except BaseException:
-        writer.abort()
+        txn.abort()
         raise
-    try:
-        writer.commit(envelope)
-    except QueueError as e:
-        raise SubmitError(f"cannot write to the queue: {e}", TEMPORARY) from None
-    log.info("queued {id} from={sender} to={rcpts} size={size} client=local uid={uid}",
-             id=envelope.id, sender=sender_text or "<>", rcpts=",".join(originals),
-             size=envelope.size, uid=submitter.uid, event="queued")
-    return envelope.id
+    return txn, envelope
 
 
-@dataclass
-class _Result:
-    eight_bit: bool
+def _write(txn: Intake, config: Config, smtputf8: bool, submitter: Submitter, message: bytes,
+           clock: Callable[[], float]) -> bool:
+    """Write the Received header and the message; whether it has 8-bit octets.
+    SubmitError if the message is refused.
 
-
-def _write(writer: Any, config: Config, originals: list[str], smtputf8: bool,
-           submitter: Submitter, message: bytes, clock: Callable[[], float]) -> _Result:
-    """Write the Received header and the message; SubmitError if the message is refused."""
+    The message is read as the octets of one BDAT chunk are (RFC 3030 §2,
+    :class:`~mta.mail.reader.ChunkReader`): exactly as given, with the DATA
+    reader's checks, and a final CRLF added if the last line lacks one."""
     limits = config.limits
     trace = TraceInfo(
         helo="localhost", client_ip="127.0.0.1",
         client_name=f"uid={submitter.uid}" if submitter.uid is not None else "",
-        hostname=config.hostname, queue_id=writer.id, esmtp=True, tls_version="",
-        tls_cipher="", authenticated=False, smtputf8=smtputf8, recipients=tuple(originals),
+        hostname=config.hostname, queue_id=txn.id, esmtp=True, tls_version="",
+        tls_cipher="", authenticated=False, smtputf8=smtputf8,
+        recipients=tuple(txn.originals),
     )
     received = 0
 
@@ -193,15 +198,15 @@ def _write(writer: Any, config: Config, originals: list[str], smtputf8: bool,
         return complete_headers(lines, config.hostname, lambda: _date(clock))
 
     try:
-        writer.write(received_header(trace) + b"\r\n")
-        reader = DataReader(sink=writer.write, on_headers=on_headers,
-                            max_size=limits.max_message_size,
-                            max_line_length=limits.max_line_length,
-                            max_header_size=limits.max_header_size)
-        rest = reader.feed(dot_stuff(message))
+        txn.add_headers([received_header(trace)])
+        reader = ChunkReader(sink=txn.write, on_headers=on_headers,
+                             max_size=limits.max_message_size,
+                             max_line_length=limits.max_line_length,
+                             max_header_size=limits.max_header_size)
+        reader.feed(message)
+        reader.end()
     except OSError as e:
         raise SubmitError(f"cannot write to the queue: {e}", TEMPORARY) from None
-    assert rest == b"", "dot_stuff always ends the stream"
     if reader.error is not None:
         problem = _DATA_PROBLEMS[reader.error].format(
             max_line=limits.max_line_length, max_size=limits.max_message_size,
@@ -210,7 +215,7 @@ def _write(writer: Any, config: Config, originals: list[str], smtputf8: bool,
     if received > limits.max_received_headers:
         raise SubmitError(f"mail loop: {received} Received headers (limit "
                           f"{limits.max_received_headers})", DATA)
-    return _Result(eight_bit=reader.eight_bit)
+    return reader.eight_bit
 
 
 def _date(clock: Callable[[], float]) -> str:

@@ -47,7 +47,7 @@ from pathlib import Path
 from mta.mail.dsnfields import report_orcpt
 from mta.mail.headers import fold_header
 from mta.queue.envelope import Envelope, Recipient, RecipientKind
-from mta.queue.store import open_message
+from mta.queue.layout import QueuedMessage
 
 MAX_HEADER_BYTES = 64 * 1024
 MAX_RETURN_BYTES = 1024 * 1024  # RET=FULL: a bigger message comes back as its header
@@ -137,29 +137,17 @@ def read_headers(data_path: Path, limit: int = MAX_HEADER_BYTES) -> bytes:
     Reads line by line and stops at the empty line; a header longer than the
     limit is cut at a line boundary.  A missing file gives an empty result.
     """
-    out: list[bytes] = []
-    size = 0
     try:
-        with open_message(data_path) as f:
-            while size < limit:
-                line = f.readline(limit - size + 2)
-                if not line or line in (b"\r\n", b"\n"):
-                    break
-                if not line.endswith(b"\n"):
-                    break  # a line longer than what is left: stop before it
-                line = line.rstrip(b"\r\n") + b"\r\n"
-                out.append(line)
-                size += len(line)
+        return QueuedMessage(data_path).read_headers(limit)
     except OSError:
         return b""
-    return b"".join(out)
 
 
 def read_whole(data_path: Path, limit: int = MAX_RETURN_BYTES) -> bytes | None:
     """The whole queued message if it is at most ``limit`` bytes, else None (also
     when it cannot be read)."""
     try:
-        with open_message(data_path) as f:
+        with QueuedMessage(data_path).open() as f:
             data = f.read(limit + 1)
     except OSError:
         return None

@@ -63,6 +63,7 @@ from mta.mail.address import AddressError, normalize_domain
 from mta.queue.courier import Courier, DeliveryResult, Outcome
 from mta.queue.dsn import FailedRecipient, build_dsn, enhanced_status
 from mta.queue.envelope import Envelope, Recipient, RecipientKind, RecipientState
+from mta.queue.intake import Intake
 from mta.queue.store import QueueError, QueueStore
 
 log = Logger()
@@ -220,9 +221,6 @@ class QueueRunner:
         self._forced: set[str] = set()
         # Envelopes just committed, handed to their first pass without a re-read.
         self._fresh: dict[str, Envelope] = {}
-        # The runner's own code is on the stack (a pass starting, a notice being
-        # queued): a message committed now gets its pass from the next turn.
-        self._busy_here = False
         self._running = False
         self._subscribed = False
         self._stop_waiters: list[Deferred[None]] = []
@@ -330,12 +328,15 @@ class QueueRunner:
         log.info("message {queue_id} deleted by the administrator", queue_id=queue_id,
                  event="deleted")
 
-    def bounce(self, queue_id: str, reason: str = ADMIN_BOUNCE_REPLY) -> int:
+    def bounce(self, queue_id: str, reason: str = ADMIN_BOUNCE_REPLY) -> Deferred[int]:
         """Fail every recipient not yet final with ``reason`` and bounce them now.
 
-        The bounce (DSN) is queued at once and the message removed when nothing
-        is left; returns how many recipients were failed.  MessageBusy while a
-        pass for it runs; FileNotFoundError if it is not queued.
+        The failures are saved at once; the bounce (DSN) is queued (a group
+        commit) and the message removed when nothing is left, and then the
+        Deferred fires with how many recipients were failed.  Until then the
+        message counts as in a pass (:meth:`busy`; a trigger meanwhile runs a
+        pass after it).  Raises MessageBusy while a pass for it runs,
+        FileNotFoundError if it is not queued.
         """
         self._refuse_busy(queue_id)
         env = self.store.load(queue_id)
@@ -346,15 +347,21 @@ class QueueRunner:
             log.info("message {queue_id} to {recipient} failed by the administrator",
                      queue_id=queue_id, recipient=r.original, event="admin_bounce")
         self.store.save(env)
-        self._send_bounce(env, self.store.data_path(queue_id))
+        self._in_flight[queue_id] = None  # as for a pass (see _kick)
+        d = Deferred.fromCoroutine(self._bounce_now(env, now))
+        self._in_flight[queue_id] = d
+        d.addBoth(self._pass_done, queue_id)
+        return d.addCallback(lambda _: len(failed))
+
+    async def _bounce_now(self, env: Envelope, now: float) -> None:
+        await self._send_bounce(env, self.store.data_path(env.id))
         if self._finished(env):
-            self._forget(queue_id)
-            self.store.remove(queue_id)
+            self._forget(env.id)
+            self.store.remove(env.id)
         else:  # the bounce could not be queued: a later pass tries again
             wake = self._next_wake(env, now)
             if wake is not None:
-                self._schedule_at(queue_id, wake)
-        return len(failed)
+                self._schedule_at(env.id, wake)
 
     def _refuse_busy(self, queue_id: str) -> None:
         # An administrator is about to change the message on disk: from now on
@@ -382,17 +389,19 @@ class QueueRunner:
         self._on_commit(envelope)
 
     def _on_commit(self, envelope: Envelope) -> None:
-        # A new message: try it at once (the SMTP server tells the store only
-        # after its 250 has gone out).  One the runner itself queued (a notice)
-        # gets its pass from the next reactor turn instead, not nested in this one.
-        if self._running:
-            # The committed object is exactly what is on disk: the first pass uses
-            # it instead of reading the file back.
-            self._fresh[envelope.id] = envelope
-            if self._busy_here or envelope.id in self._timers:
-                self._schedule_at(envelope.id, self._now())
-            else:
-                self._kick(envelope.id)
+        # A new message: try it at once.  The store tells us on the reactor turn
+        # after the commit became durable (for the SMTP server: after its 250
+        # has gone out), never from inside one of our passes, so a notice the
+        # runner queued itself is not nested in the pass that queued it.
+        if not self._running or envelope.id in self._in_flight:
+            return  # a pass has it already (start() found it on disk): the file is newer
+        if envelope.id in self._timers:
+            self._schedule_at(envelope.id, self._now())  # known from disk: read it from there
+            return
+        # The committed object is exactly what is on disk: the first pass uses
+        # it instead of reading the file back.
+        self._fresh[envelope.id] = envelope
+        self._kick(envelope.id)
 
     def _schedule_at(self, queue_id: str, when: float) -> None:
         """Make sure a pass for ``queue_id`` runs no later than ``when``."""
@@ -415,11 +424,7 @@ class QueueRunner:
             self._again.add(queue_id)
             return
         self._in_flight[queue_id] = None  # before the coroutine runs: it may finish at once
-        self._busy_here = True
-        try:
-            d = Deferred.fromCoroutine(self._pass(queue_id))
-        finally:
-            self._busy_here = False
+        d = Deferred.fromCoroutine(self._pass(queue_id))
         self._in_flight[queue_id] = d
         d.addBoth(self._pass_done, queue_id)
 
@@ -512,10 +517,10 @@ class QueueRunner:
                    if not r.state.final and (forced or r.next_attempt <= now + _DUE_SLACK)]
             if due and self._running:
                 await self._deliver(env, due, data_path)
-            self._send_bounce(env, data_path)
+            await self._send_bounce(env, data_path)
             if env.dsn:
-                self._send_success_notice(env, data_path)
-            self._send_delay_warning(env, data_path)
+                await self._send_success_notice(env, data_path)
+            await self._send_delay_warning(env, data_path)
         except Exception:
             # Typically the envelope could not be saved (disk full): the state on
             # disk is the last good one; try the whole pass again later.
@@ -662,7 +667,7 @@ class QueueRunner:
 
     # --- bounces and warnings ------------------------------------------------------------
 
-    def _send_bounce(self, env: Envelope, data_path: Path) -> None:
+    async def _send_bounce(self, env: Envelope, data_path: Path) -> None:
         owed = [r for r in env.recipients if r.state is RecipientState.FAILED and not r.dsn_sent]
         if not owed:
             return
@@ -680,7 +685,7 @@ class QueueRunner:
                 return
         items: list[FailedRecipient] = [(r, dsn_status(r), r.last_reply, r.remote_mta)
                                         for r in owed]
-        if not self._enqueue_dsn(env, items, data_path, "failed"):
+        if not await self._enqueue_dsn(env, items, data_path, "failed"):
             return  # still owed: the next pass tries again
         # The DSN is durable before it is recorded as sent: a crash in between
         # gives a duplicate bounce, never a lost one.
@@ -703,7 +708,7 @@ class QueueRunner:
         self.store.save(env)
         return wanted
 
-    def _send_success_notice(self, env: Envelope, data_path: Path) -> None:
+    async def _send_success_notice(self, env: Envelope, data_path: Path) -> None:
         """RFC 3461 §5.2.2, §5.2.3: one success notice for the recipients that asked
         and were delivered here or relayed to a next hop without DSN."""
         owed = [r for r in env.recipients if success_owed(r)]
@@ -716,7 +721,7 @@ class QueueRunner:
                 items.append((r, status if status[0] == "2" else "2.0.0", r.last_reply,
                               r.remote_mta))
             actions = [success_action(r) for r in owed]
-            if not self._enqueue_dsn(env, items, data_path, actions[0], actions=actions):
+            if not await self._enqueue_dsn(env, items, data_path, actions[0], actions=actions):
                 return  # still owed: the next pass tries again
         else:  # never a notice to the null sender (RFC 5321 §4.5.5): settled without one
             log.info("message {queue_id} delivered to {recipients}; the sender is null, so no "
@@ -726,7 +731,7 @@ class QueueRunner:
             r.dsn_sent = True
         self.store.save(env)
 
-    def _send_delay_warning(self, env: Envelope, data_path: Path) -> None:
+    async def _send_delay_warning(self, env: Envelope, data_path: Path) -> None:
         due = self._warning_due(env)
         if due is None or self._now() < due:
             return
@@ -737,7 +742,8 @@ class QueueRunner:
         for r in waiting:
             status = enhanced_status(r.last_reply, "4.0.0")
             items.append((r, status if status[0] == "4" else "4.0.0", r.last_reply, r.remote_mta))
-        if self._enqueue_dsn(env, items, data_path, "delayed", retry_until=self._expiry(env)):
+        if await self._enqueue_dsn(env, items, data_path, "delayed",
+                                   retry_until=self._expiry(env)):
             env.delay_warned = True
             self.store.save(env)
 
@@ -753,36 +759,35 @@ class QueueRunner:
                              mailbox=mailbox)
         return Recipient(address=sender, kind=RecipientKind.REMOTE, original=sender)
 
-    def _enqueue_dsn(self, env: Envelope, items: list[FailedRecipient], data_path: Path,
-                     action: str, retry_until: float | None = None,
-                     actions: list[str] | None = None) -> bool:
+    async def _enqueue_dsn(self, env: Envelope, items: list[FailedRecipient], data_path: Path,
+                           action: str, retry_until: float | None = None,
+                           actions: list[str] | None = None) -> bool:
+        """Queue one notice about ``env`` (an :class:`~mta.queue.intake.Intake` from
+        the null sender, RFC 5321 §4.5.5, committed by the group commit); True
+        once it is durable, False (logged) if it could not be queued.  Its first
+        pass starts when the store tells us, on a later reactor turn."""
         now = self._now()
+        txn = Intake(self.store, sender="")
         try:
             data = build_dsn(env, items, self.hostname, data_path, action, now,
                              retry_until=retry_until, actions=actions,
                              from_address=self.config.bounce_from)
-            writer = self.store.new_message()
-            try:
-                writer.write(data)
-            except OSError:
-                writer.abort()
+            bounce_to = self._bounce_recipient(env.sender)
+            txn.add_recipient(bounce_to.original, [bounce_to])
+            txn.open(buffered=True)  # in memory already: one file, into a spare if there is one
+            txn.write(data)
+            dsn_env = txn.envelope(created=now, smtputf8=not env.sender.isascii(),
+                                   body_8bit=not data.isascii(), extra={"dsn_for": env.id})
+            await txn.commit(dsn_env)
+        except BaseException as e:
+            txn.abort()
+            if not isinstance(e, (OSError, QueueError)):
                 raise
-            dsn_env = Envelope(
-                id=writer.id, sender="", recipients=[self._bounce_recipient(env.sender)],
-                created=now, smtputf8=not env.sender.isascii(), body_8bit=not data.isascii(),
-                extra={"dsn_for": env.id},
-            )
-            busy, self._busy_here = self._busy_here, True
-            try:
-                writer.commit(dsn_env)
-            finally:
-                self._busy_here = busy
-        except (OSError, QueueError) as e:
             log.error("could not queue the {action} notice for {queue_id}: {err}",
                       action=action, queue_id=env.id, err=e)
             return False
         log.info("queued {action} notice {dsn_id} for {queue_id} to <{sender}> about "
-                 "{recipients}", event="dsn", action=action, dsn_id=writer.id,
+                 "{recipients}", event="dsn", action=action, dsn_id=txn.id,
                  queue_id=env.id, sender=env.sender,
                  recipients=", ".join(r.original for r, *_ in items))
         return True
