@@ -8,6 +8,7 @@ prints instead of a traceback.
 
 from __future__ import annotations
 
+import re
 import socket
 import tomllib
 from dataclasses import dataclass, field, replace
@@ -19,6 +20,11 @@ from twisted.internet.endpoints import _parseServer, clientFromString  # type: i
 LISTENER_KINDS = ("mx", "submission", "submissions")
 # Outbound SMTP stages with their own timeout (mta.delivery.client.Timeouts).
 STAGES = ("greeting", "ehlo", "tls", "mail", "rcpt", "data_init", "data_block", "data_end", "quit")
+# The SMTP session's built-in checks (mta.policy.checks), in the order they run
+# by default; [checks] order may reorder them, leave some out or add others.
+CHECKS = ("limits", "helo", "sender_binding", "user_rate", "spf", "recipient", "forged_authres",
+          "loop", "submission_headers", "from_binding", "msgauth", "srs")
+CHECK_ON_ERROR = ("tempfail", "accept")
 
 
 class ConfigError(Exception):
@@ -165,6 +171,32 @@ class DeliveryConfig:
 
 
 @dataclass(frozen=True)
+class CheckSettings:
+    """How the pipeline runs one check (mta.smtp.pipeline)."""
+
+    # Seconds an asynchronous answer may take (a synchronous check is not timed).
+    timeout: float = 120.0
+    # A check that raises, fails or times out: "tempfail" (451 4.3.0, 421 at
+    # connect) or "accept" (as if it had accepted).
+    on_error: str = "tempfail"
+    # A check that is not built in: "package.module:factory", called with the
+    # server context (configuration and policy objects) to make the check.
+    factory: str | None = None
+
+
+@dataclass(frozen=True)
+class ChecksConfig:
+    order: tuple[str, ...] = CHECKS
+    settings: tuple[tuple[str, CheckSettings], ...] = ()
+
+    def settings_for(self, name: str) -> CheckSettings:
+        for key, settings in self.settings:
+            if key == name:
+                return settings
+        return CheckSettings()
+
+
+@dataclass(frozen=True)
 class Config:
     hostname: str
     listeners: tuple[Listener, ...]
@@ -182,6 +214,7 @@ class Config:
     dmarc: DMARCConfig = field(default_factory=DMARCConfig)
     aliases: AliasConfig = field(default_factory=AliasConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    checks: ChecksConfig = field(default_factory=ChecksConfig)
     # Loopback is not trusted by default: these networks may relay without AUTH.
     relay_networks: tuple[str, ...] = ()
     # Authenticated users may only use their own address (and +suffixes) or the
@@ -328,6 +361,7 @@ def config_from_dict(raw: dict[str, Any], base: Path, overrides: dict[str, Any] 
         "workers", "helo_check", "strict_envelopes",
         "srs_secret",
         "listeners", "tls", "limits", "spf", "dns", "aliases", "delivery", "dkim", "dmarc",
+        "checks",
     }
     _check_keys(raw, top, "")
     hostname = _get(raw, "hostname", str, "", None) or socket.getfqdn()
@@ -538,6 +572,7 @@ def config_from_dict(raw: dict[str, Any], base: Path, overrides: dict[str, Any] 
         dmarc=dmarc_cfg,
         aliases=aliases,
         delivery=delivery,
+        checks=_checks(_table(raw, "checks")),
         relay_networks=relay_networks,
         metrics_endpoint=metrics,
         log_json=_path(base, _get(raw, "log_json", str, "", None)),
@@ -563,6 +598,48 @@ def _bounce_from(value: str | None, local_domains: list[str], hostname: str) -> 
         return str(parse_mailbox(value, smtputf8=True))
     except AddressError as e:
         raise ConfigError("delivery.bounce_from", f"{value!r} is not an address: {e}") from None
+
+
+_CHECK_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
+_FACTORY = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+
+
+def _checks(table: dict[str, Any]) -> ChecksConfig:
+    """``[checks]``: ``order`` (names, each once, ``recipient`` among them) and one
+    table per check with ``timeout``, ``on_error`` and, for a check that is not
+    built in, ``factory``."""
+    order = _get(table, "order", list, "checks.", list(CHECKS))
+    for i, name in enumerate(order):
+        if not isinstance(name, str) or not _CHECK_NAME.fullmatch(name):
+            raise ConfigError(f"checks.order[{i}]", "must be a check name (lower-case letters, digits, _)")
+        if name in order[:i]:
+            raise ConfigError(f"checks.order[{i}]", f"{name} is listed twice")
+    if "recipient" not in order:
+        raise ConfigError("checks.order", "must include recipient (it decides where each recipient goes)")
+    settings = []
+    for name, raw in table.items():
+        if name == "order":
+            continue
+        prefix = f"checks.{name}."
+        if not isinstance(raw, dict):
+            raise ConfigError(f"checks.{name}", "must be a table with timeout, on_error or factory")
+        if name not in order:
+            raise ConfigError(f"checks.{name}", "is not in checks.order")
+        one = _dataclass_from(raw, CheckSettings, prefix,
+                              {"timeout": float, "on_error": str, "factory": str})
+        _positive(one.timeout, prefix + "timeout")
+        if one.on_error not in CHECK_ON_ERROR:
+            raise ConfigError(prefix + "on_error", f"must be one of {', '.join(CHECK_ON_ERROR)}")
+        if one.factory is not None and not _FACTORY.fullmatch(one.factory):
+            raise ConfigError(prefix + "factory", f"{one.factory!r}: must be 'package.module:name'")
+        if one.factory is not None and name in CHECKS:
+            raise ConfigError(prefix + "factory", f"{name} is a built-in check")
+        settings.append((name, one))
+    for i, name in enumerate(order):
+        if name not in CHECKS and not any(key == name and s.factory for key, s in settings):
+            raise ConfigError(f"checks.order[{i}]", f"unknown check {name!r}: built in are "
+                              f"{', '.join(CHECKS)}; others need checks.{name}.factory")
+    return ChecksConfig(tuple(order), tuple(settings))
 
 
 def _workers(raw: dict[str, Any]) -> int:

@@ -215,6 +215,9 @@ class MTAService(MultiService):
         try:
             config = self.loader()
             policies = load_policies(config)
+            from mta.smtp.pipeline import build_pipeline
+
+            pipeline = build_pipeline(config, self.context, self.reactor)  # new sessions' checks
         except (ConfigError, StartupError) as e:
             log.error("reload failed, keeping the running configuration: {err}", err=e,
                       event="reload", result="failed")
@@ -226,6 +229,7 @@ class MTAService(MultiService):
         ctx.config = config
         ctx.users, ctx.aliases, ctx.identities = policies.users, policies.aliases, policies.identities
         ctx.tls, ctx.spf, ctx.authenticator = policies.tls, policies.spf, policies.authenticator
+        ctx.pipeline = pipeline
         ctx.abuse.reconfigure(config.limits) if hasattr(ctx.abuse, "reconfigure") else None
         self.config = config
         log.info("configuration reloaded", event="reload", result="ok")

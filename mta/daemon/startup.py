@@ -38,7 +38,7 @@ def make_service(config_path: Path | None, overrides: dict[str, Any]) -> Any:
     try:
         service = MTAService(config, config_path=config_path, overrides=overrides,
                              install_signals=True)
-    except StartupError as e:
+    except (StartupError, ConfigError) as e:  # ConfigError: a check's factory cannot be loaded
         fail(str(e))
     for note in notes:
         sys.stderr.write(f"mta: {note}\n")

@@ -214,3 +214,11 @@ BAD_ORCPT = Reply(501, "5.5.4", "ORCPT must be addr-type;xtext, e.g. rfc822;user
 def duplicate_param(keyword: str) -> Reply:
     # A keyword given twice has no single meaning: refused rather than guessed.
     return Reply(501, "5.5.4", f"Parameter {keyword} given more than once")
+
+
+# --- the check pipeline (mta.smtp.pipeline): a check that failed or timed out ---
+# RFC 3463 §3.4: 4.3.0 "other or undefined mail system status", a temporary
+# failure of ours; at connect the connection is closed (RFC 5321 §3.8: 421).
+CHECK_FAILED = Reply(451, "4.3.0", "Temporary failure checking the message, try again later")
+CHECK_FAILED_CONNECT = Reply(421, "4.3.0", "Temporary failure checking the connection, try again later",
+                             close=True)

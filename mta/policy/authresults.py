@@ -61,6 +61,26 @@ def _dmarc_clause(result: DMARCResult) -> authres.dmarc.DMARCAuthenticationResul
     )
 
 
+def dkim_clauses(results: Sequence[DKIMResult]) -> list[object]:
+    """The ``dkim=...`` clauses; an empty list is reported as ``dkim=none``."""
+    return [_dkim_clause(r) for r in results] or [
+        _dkim_clause(DKIMResult("none", reason="message not signed"))]
+
+
+def dmarc_clause(result: DMARCResult) -> object:
+    """The ``dmarc=...`` clause."""
+    return _dmarc_clause(result)
+
+
+def results_field(authserv_id: str, clauses: Sequence[object]) -> bytes:
+    """``Authentication-Results: <authserv_id>; <clause>; ...`` from authres clause
+    objects (the SMTP session's checks hand them in their verdicts, in the
+    order spf, dkim, dmarc).  Folded at spaces with CRLF, UTF-8, without the
+    final CRLF; with no clause the field says ``none``."""
+    header = authres.AuthenticationResultsHeader(authserv_id=authserv_id, results=list(clauses))
+    return fold_header(str(header)).encode("utf-8")
+
+
 def authentication_results(authserv_id: str, *, spf: SPFResult | None = None,
                            sender: str = "", helo: str = "",
                            dkim: Sequence[DKIMResult] | None = None,
@@ -76,12 +96,10 @@ def authentication_results(authserv_id: str, *, spf: SPFResult | None = None,
     if spf is not None:
         clauses.append(authentication_results_spf(spf, sender, helo))
     if dkim is not None:
-        clauses += [_dkim_clause(r) for r in dkim] or [
-            _dkim_clause(DKIMResult("none", reason="message not signed"))]
+        clauses += dkim_clauses(dkim)
     if dmarc is not None:
         clauses.append(_dmarc_clause(dmarc))
-    header = authres.AuthenticationResultsHeader(authserv_id=authserv_id, results=clauses)
-    return fold_header(str(header)).encode("utf-8")
+    return results_field(authserv_id, clauses)
 
 
 # --- removing forged fields -------------------------------------------------------

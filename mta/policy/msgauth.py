@@ -2,9 +2,12 @@
 
 For inbound mail (not authenticated, not from ``relay_networks``) it verifies
 every DKIM signature, evaluates DMARC with the SPF result from MAIL FROM, and
-returns one Authentication-Results header (RFC 8601) to prepend, plus a
-rejection when DMARC says reject and the configuration allows rejecting.
-For mail from our own users it returns the DKIM-Signature headers to prepend.
+returns their Authentication-Results clauses (RFC 8601), plus a rejection
+when DMARC says reject and the configuration allows rejecting; the session
+writes them, after the SPF clause of MAIL FROM, in one field
+(:func:`results_header`).  For mail from our own users it returns the
+DKIM-Signature headers to prepend.  (The check that runs it at the end of a
+message is :class:`mta.policy.checks.MessageAuthCheck`.)
 
 It works on the whole message held in memory (dkimpy needs it whole), so the
 session only calls it for messages up to ``dkim.max_message_size``; larger
@@ -17,21 +20,23 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
 from mta.config import Config
 from mta.mail.replies import Reply
 from mta.policy import dkim, dmarc
-from mta.policy.authresults import authentication_results
+from mta.policy.authresults import dkim_clauses, dmarc_clause, results_field
 
 log = Logger()
 
 
 @dataclass(frozen=True)
-class Verdict:
-    headers: list[bytes]  # to prepend, folded, without the final CRLF
+class Verification:
+    """The DKIM and DMARC outcome of one inbound message."""
+
+    clauses: list[object]  # authres clauses: dkim=... (when verifying), dmarc=... (when enabled)
+    dmarc: Any = None  # mta.policy.dmarc.DMARCResult, or None
     reject: Reply | None = None
 
 
@@ -49,36 +54,26 @@ class MessageAuthenticator:
         self.rng = rng or random.Random()
         self.defer_to_thread = defer_to_thread
 
-    def spf_only(self, spf: Any, sender: str, helo: str) -> list[bytes]:
-        """For messages too large to verify: the SPF result alone."""
-        if spf is None:
-            return []
-        return [authentication_results(self.config.hostname, spf=spf, sender=sender, helo=helo)]
-
-    async def inbound(self, message: bytes, header_lines: list[bytes], spf: Any,
-                      sender: str, helo: str) -> Verdict:
-        dkim_results = None
+    async def verify(self, message: bytes, header_lines: list[bytes], spf: Any) -> Verification:
+        """Verify the DKIM signatures of ``message`` and evaluate DMARC with ``spf``
+        (the SPF result of MAIL FROM, or None when SPF did not run)."""
+        clauses: list[object] = []
+        dkim_results = []
         if self.config.dkim.verify:
             dkim_results = await dkim.verify(message, self.dns_txt, defer_to_thread=self.defer_to_thread)
+            clauses += dkim_clauses(dkim_results)
         dmarc_result = None
         if self.config.dmarc.enabled:
             dmarc_result = await dmarc.check(
                 header_lines, spf.result if spf is not None else "none",
-                spf.domain if spf is not None else "", dkim_results or [], self.dns_txt,
+                spf.domain if spf is not None else "", dkim_results, self.dns_txt,
                 sample=self.rng.random())
-        if spf is None and dkim_results is None and dmarc_result is None:
-            return Verdict([])
-        header = authentication_results(self.config.hostname, spf=spf, sender=sender, helo=helo,
-                                        dkim=dkim_results, dmarc=dmarc_result)
-        # Unfolded (RFC 5322 §2.2.3) for the log: one line, as the header reads.
-        log.info("message authentication: {header}",
-                 header=header.replace(b"\r\n", b"").decode("utf-8", "replace"),
-                 event="msgauth", dmarc=dmarc_result.result if dmarc_result else "none")
+            clauses.append(dmarc_clause(dmarc_result))
         reject = None
         if (dmarc_result is not None and dmarc_result.disposition == "reject"
                 and self.config.dmarc.reject):
             reject = dmarc_reject(dmarc_result.from_domain)
-        return Verdict([header], reject)
+        return Verification(clauses, dmarc_result, reject)
 
     def signing_domain(self, header_lines: list[bytes]) -> str | None:
         if self.signer is None:
@@ -107,5 +102,14 @@ def build_authenticator(config: Config) -> MessageAuthenticator | None:
     return MessageAuthenticator(config, signer=signer)
 
 
-def as_deferred(coro: Any) -> Deferred:
-    return Deferred.fromCoroutine(coro)
+def results_header(authserv_id: str, clauses: list[object], dmarc_result: Any = None,
+                   log_it: bool = True) -> bytes:
+    """The one Authentication-Results field of a message from the clauses of all its
+    checks; logged (event ``msgauth``) when ``log_it``: for a message that was verified."""
+    header = results_field(authserv_id, clauses)
+    if log_it:
+        # Unfolded (RFC 5322 §2.2.3) for the log: one line, as the header reads.
+        log.info("message authentication: {header}",
+                 header=header.replace(b"\r\n", b"").decode("utf-8", "replace"),
+                 event="msgauth", dmarc=dmarc_result.result if dmarc_result else "none")
+    return header

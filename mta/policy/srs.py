@@ -16,10 +16,11 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
+from typing import Any
 
 import srslib
 
-from mta.queue.envelope import Envelope, RecipientKind
+from mta.queue.envelope import Envelope, Recipient, RecipientKind
 
 
 class SRSError(ValueError):
@@ -65,13 +66,22 @@ def rewrite_forwarded(envelope: Envelope, srs: SRSRewriter | None, local_domains
     """Forwarded recipients (a local alias expanding to a remote address) get an
     SRS-rewritten sender, recorded in the envelope, so SPF at the destination
     checks our domain.  Mail from our own domains is not rewritten."""
-    if srs is None or not envelope.sender:
-        return
-    if envelope.sender.rpartition("@")[2] in local_domains:
-        return
-    forwarded = [r for r in envelope.recipients if r.kind is RecipientKind.REMOTE
+    envelope.extra.update(forwarding_extra(envelope.sender, envelope.recipients, srs, local_domains))
+
+
+def forwarding_extra(sender: str, recipients: list[Recipient], srs: SRSRewriter | None,
+                     local_domains: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    """The envelope annotations of :func:`rewrite_forwarded` (``srs_sender``,
+    ``srs_recipients``) for mail from ``sender`` to ``recipients``; empty when
+    nothing is forwarded."""
+    if srs is None or not sender:
+        return {}
+    if sender.rpartition("@")[2] in local_domains:
+        return {}
+    forwarded = [r for r in recipients if r.kind is RecipientKind.REMOTE
                  and r.original.rpartition("@")[2] in local_domains]
-    if forwarded:
-        alias_domain = forwarded[0].original.rpartition("@")[2]
-        envelope.extra["srs_sender"] = srs.forward(envelope.sender, alias_domain)
-        envelope.extra["srs_recipients"] = [r.address for r in forwarded]
+    if not forwarded:
+        return {}
+    alias_domain = forwarded[0].original.rpartition("@")[2]
+    return {"srs_sender": srs.forward(sender, alias_domain),
+            "srs_recipients": [r.address for r in forwarded]}

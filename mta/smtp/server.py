@@ -21,16 +21,21 @@ Input handling is strict and bounded:
   line, whatever the reply, into a :class:`mta.mail.reader.ChunkReader` (the
   same checks, no dot-unstuffing; BODY=BINARYMIME skips the body's line rules).
 
-Decisions (who may relay, which recipients exist, SPF) come from the policy
-objects in :class:`ServerContext`; the session only asks and replies.
+Decisions (connection limits, the HELO name, sender binding, SPF, who may
+relay, which recipients exist, header fixes, DKIM/DMARC, SRS) are the checks
+of the staged pipeline (:mod:`mta.smtp.pipeline`, configured in ``[checks]``);
+the session asks it at each stage (:class:`~mta.mail.checks.Stage`) and
+replies.  What stays here are the protocol's own rules (syntax, command
+order, the limits on sizes, lines and recipients, the early-talker wait,
+which is about the protocol's framing, not a decision about the client).
 """
 
 from __future__ import annotations
 
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from email.utils import format_datetime
 from enum import Enum
 from functools import partial
 from typing import Any
@@ -52,13 +57,11 @@ from mta.mail.address import (
     parse_path,
     split_path_and_params,
 )
-from mta.mail.headers import unfold_headers
+from mta.mail.checks import ACCEPT, EMPTY, Action, Stage, Verdict
 from mta.mail.reader import ChunkReader, DataError, DataReader
 from mta.mail.replies import Reply
-from mta.policy.received import TraceInfo, count_received, received_header
-from mta.policy.relay import RecipientDecision, check_recipient, relay_allowed
-from mta.policy.srs import rewrite_forwarded
-from mta.policy.submission import complete_headers
+from mta.policy.received import TraceInfo, received_header
+from mta.policy.relay import relay_allowed
 from mta.queue.envelope import Envelope, Recipient, RecipientKind
 from mta.queue.store import MessageWriter, QueueError, QueueStore
 from mta.smtp import dsnparams
@@ -114,6 +117,14 @@ class ServerContext:
     accepting: bool = True
     # Called with (session, reply) for metrics; optional.
     observer: Any = None
+    # The check pipeline (mta.smtp.pipeline); made from config.checks when not given.
+    pipeline: Any = None
+
+    def __post_init__(self) -> None:
+        if self.pipeline is None:
+            from mta.smtp.pipeline import build_pipeline
+
+            self.pipeline = build_pipeline(self.config, self, self.clock)
 
     @property
     def total_connections(self) -> int:
@@ -131,8 +142,12 @@ class Transaction:
     declared_size: int | None = None
     recipients: list[Recipient] = field(default_factory=list)
     rcpt_addresses: list[str] = field(default_factory=list)
-    spf_headers: list[bytes] = field(default_factory=list)
-    spf: Any = None  # mta.policy.spf.SPFResult when SPF ran
+    # What the checks of MAIL and RCPT added: headers for just above our Received
+    # (Received-SPF), Authentication-Results entries, facts for later checks.
+    trace_headers: tuple[bytes, ...] = ()
+    top_headers: tuple[bytes, ...] = ()  # from HEADERS: on top, with Authentication-Results
+    auth_results: tuple[Any, ...] = ()
+    facts: Any = None  # Mapping[str, Any] once a check said something
     header_lines: list[bytes] = field(default_factory=list)  # the message's header section
     # DSN (RFC 3461): RET and ENVID from MAIL; dsn is set by any DSN parameter.
     ret: str = ""
@@ -143,12 +158,91 @@ class Transaction:
     def sender_text(self) -> str:
         return "" if self.sender is None else str(self.sender)
 
+    def add(self, verdict: Verdict, top: bool = False) -> None:
+        """Keep what a verdict of MAIL or RCPT (or, ``top``, HEADERS) added."""
+        if verdict.headers and top:
+            self.top_headers += verdict.headers
+        elif verdict.headers:
+            self.trace_headers += verdict.headers
+        if verdict.auth_results:
+            self.auth_results += verdict.auth_results
+        if verdict.facts:
+            self.facts = {**(self.facts or EMPTY), **verdict.facts}
+
+
+class SessionView:
+    """The read-only view of a session that its checks get (:class:`mta.mail.checks.CheckState`).
+
+    One per session; it reads through to the session, so it is never stale.
+    The stage's subject is set by the session before it asks the pipeline:
+    ``recipient`` at RCPT, ``header_lines`` at HEADERS (the pipeline also
+    writes the checks' rewrites there), ``message`` at MESSAGE.
+    """
+
+    __slots__ = ("_s", "recipient", "header_lines", "message")
+
+    def __init__(self, session: SMTPSession) -> None:
+        self._s = session
+        self.recipient: Address | None = None
+        self.header_lines: Sequence[bytes] = ()
+        self.message: bytes | None = None
+
+    @property
+    def client_ip(self) -> str:
+        return self._s.client_ip
+
+    @property
+    def trusted(self) -> bool:
+        return self._s._trusted
+
+    @property
+    def listener_kind(self) -> str:
+        return self._s.listener.kind
+
+    @property
+    def helo(self) -> str:
+        return self._s.helo or ""
+
+    @property
+    def esmtp(self) -> bool:
+        return self._s.esmtp
+
+    @property
+    def tls_active(self) -> bool:
+        return self._s.tls_active
+
+    @property
+    def auth_user(self) -> str | None:
+        return self._s.auth_user
+
+    @property
+    def sender(self) -> str | None:
+        txn = self._s.txn
+        return None if txn is None else txn.sender_text
+
+    @property
+    def recipients(self) -> list[str]:
+        txn = self._s.txn
+        return [] if txn is None else txn.rcpt_addresses
+
+    @property
+    def expanded(self) -> list[Recipient]:
+        txn = self._s.txn
+        return [] if txn is None else txn.recipients
+
+    @property
+    def facts(self) -> Any:
+        txn = self._s.txn
+        return EMPTY if txn is None or txn.facts is None else txn.facts
+
 
 @implementer(interfaces.IHandshakeListener)
 class SMTPSession(Protocol):
     def __init__(self, context: ServerContext, listener: Listener) -> None:
         self.ctx = context
         self.config = context.config
+        self.pipeline = context.pipeline
+        self.view = SessionView(self)
         self.limits = context.config.limits
         self.listener = listener
         self.phase = Phase.COMMAND
@@ -184,7 +278,7 @@ class SMTPSession(Protocol):
         self._prepare_after_flush = False
         self._after_reply: list[Any] = []  # done once an asynchronous reply has gone out
         self._queue_id = ""
-        self._loop_detected = False
+        self._header_refusal: Verdict | None = None  # a HEADERS check refused: said at the end
         self.started = 0.0
         self.accepted = 0
         self._greeted = False
@@ -212,30 +306,54 @@ class SMTPSession(Protocol):
         # exempt from per-address limits, and its mail is neither checked nor given A-R.
         self._trusted = relay_allowed(None, self.client_ip, self.config.relay_networks)
         self.started = self.ctx.clock.seconds()
-        count = self.ctx.connections.get(self.client_ip, 0)
         if not self.ctx.accepting:
             self._send(R.SHUTTING_DOWN)
             return
-        if self.ctx.total_connections >= self.limits.max_connections:
-            self._send(self._rejected("connect", R.TOO_MANY_CONNECTIONS,
-                                      reason="max_connections"))
+        verdict = self.pipeline.run(Stage.CONNECT, self.view)
+        if isinstance(verdict, Deferred):
+            # A check needs I/O: the session counts from now on, and the greeting
+            # waits for the verdict (a client that talks meanwhile is an early talker).
+            self._start_session()
+            if self.listener.kind == "submissions":
+                # The client's TLS hello must reach TLS, not the command reader:
+                # it stays in the socket until the verdict.
+                self.transport.pauseProducing()
+            verdict.addCallback(self._connect_decided)
             return
-        # Our own networks (relay_networks) are exempt from the per-address limits,
-        # as Postfix exempts mynetworks; the total limit still holds.
-        if count >= self.limits.max_connections_per_ip and not self._trusted:
-            self._send(self._rejected("connect", R.TOO_MANY_FROM_IP,
-                                      reason="max_connections_per_ip"))
+        if verdict.action is not Action.ACCEPT:
+            self._refuse_connection(verdict)
             return
-        if (not self._trusted and self.ctx.abuse is not None
-                and not self.ctx.abuse.connection_allowed(self.client_ip)):
-            log.info("connection rate limit for {ip}", ip=self.client_ip, event="limit",
-                     limit="connection_rate")
-            self._send(R.CONNECTION_RATE)
-            return
-        self.ctx.connections[self.client_ip] = count + 1
+        self._start_session()
+        self._open()
+
+    def _start_session(self) -> None:
+        self.ctx.connections[self.client_ip] = self.ctx.connections.get(self.client_ip, 0) + 1
         self.ctx.sessions.add(self)
         self._life_timer = self.ctx.clock.callLater(self.limits.session_timeout, self._session_expired)
         self._reset_idle_timer()
+
+    def _refuse_connection(self, verdict: Verdict) -> None:
+        """A CONNECT check refused: its reply, then the connection is closed."""
+        reply = verdict.reply or R.CHECK_FAILED_CONNECT
+        if not verdict.quiet:
+            self._rejected("connect", reply, **({"reason": verdict.reason} if verdict.reason else {}))
+        self._send(reply)
+        if self.phase is not Phase.CLOSED:
+            self.phase = Phase.CLOSED
+            self.transport.loseConnection()
+
+    def _connect_decided(self, verdict: Verdict) -> None:
+        if self.phase is Phase.CLOSED:
+            return
+        if verdict.action is not Action.ACCEPT:
+            self._refuse_connection(verdict)
+            return
+        self._open()
+        if self.listener.kind == "submissions":
+            self.transport.resumeProducing()
+
+    def _open(self) -> None:
+        """Start the conversation: TLS first on an implicit-TLS listener, else the greeting."""
         if self.listener.kind == "submissions":
             # Implicit TLS (RFC 8314 §3.3): the greeting goes out inside TLS.
             self.transport.startTLS(self.ctx.tls)
@@ -340,6 +458,17 @@ class SMTPSession(Protocol):
                  code=reply.code, enhanced=reply.enhanced, ip=self.client_ip,
                  helo=self.helo or "-", auth=self.auth_user or "-", event="rejected", **fields)
         return reply
+
+    def _refused(self, stage: str, verdict: Verdict, **fields: Any) -> Reply:
+        """The reply to a step a check refused, logged as :meth:`_rejected` says
+        (with the verdict's reason) unless the check logged it itself."""
+        reply = verdict.reply
+        assert reply is not None
+        if verdict.reason:
+            fields["reason"] = verdict.reason
+        if verdict.quiet:
+            return reply
+        return self._rejected(stage, reply, **fields)
 
     def _rcpt_rejected(self, reply: Reply, recipient: str, **fields: Any) -> Reply:
         """A refused RCPT: logged like any refused step (:meth:`_rejected`) for the
@@ -516,34 +645,36 @@ class SMTPSession(Protocol):
             return R.UNKNOWN_COMMAND
         return handler(arg)
 
-    def smtp_HELO(self, arg: str) -> Reply:  # noqa: N802
+    def smtp_HELO(self, arg: str) -> Reply | Deferred[Reply]:  # noqa: N802
         return self._hello(arg, esmtp=False)
 
-    def smtp_EHLO(self, arg: str) -> Reply | None:  # noqa: N802
-        reply = self._hello(arg, esmtp=True)
-        if reply.code != 250:
-            return reply
-        lines = [reply.text] + self._extensions()
-        self._write(R.multiline(250, lines))
-        return None
+    def smtp_EHLO(self, arg: str) -> Reply | Deferred[Reply] | None:  # noqa: N802
+        return self._hello(arg, esmtp=True)
 
-    def _hello(self, arg: str, esmtp: bool) -> Reply:
-        """EHLO/HELO: the name is checked as ``helo_check`` says (501 5.5.2 when refused;
-        not for relay_networks clients, whose own set-up is trusted)."""
+    def _hello(self, arg: str, esmtp: bool) -> Reply | Deferred[Reply] | None:
+        """EHLO/HELO: the syntax here, then the HELO checks (the name's form:
+        ``helo_check``, 501 5.5.2 when refused); the checks see the new name as
+        ``helo``, and a refusal keeps the one from before."""
         name = arg.strip()
         if not name or " " in name or not name.isprintable():
             return R.HELO_SYNTAX
-        check = self.config.helo_check
-        if check != "off" and not self._trusted:
-            from mta.mail.address import helo_name_problem
+        previous, self.helo = self.helo, name
+        verdict = self.pipeline.run(Stage.HELO, self.view)
+        if isinstance(verdict, Deferred):
+            return verdict.addCallback(self._hello_decided, previous, esmtp)
+        return self._hello_decided(verdict, previous, esmtp)
 
-            problem = helo_name_problem(name, strict=check == "strict" and self.listener.kind == "mx")
-            if problem is not None:
-                return self._rejected("helo", R.HELO_NOT_FQDN if problem == "not_fqdn" else R.HELO_INVALID)
-        self.helo = name
+    def _hello_decided(self, verdict: Verdict, previous: str | None, esmtp: bool) -> Reply | None:
+        if verdict.action is not Action.ACCEPT:
+            self.helo = previous
+            return self._refused("helo", verdict)
         self.esmtp = esmtp
         self._reset_transaction()  # RFC 5321 §4.1.4: EHLO resets the state
-        return R.helo_ok(self.config.hostname, self.client_ip)
+        reply = R.helo_ok(self.config.hostname, self.client_ip)
+        if not esmtp:
+            return reply
+        self._write(R.multiline(250, [reply.text] + self._extensions()))
+        return None
 
     def _extensions(self) -> list[str]:
         ext = [
@@ -797,40 +928,20 @@ class SMTPSession(Protocol):
             txn.sender = parse_path(path, smtputf8=txn.smtputf8, allow_null=True)
         except AddressError as e:
             return R.BAD_SENDER_DOMAIN if e.bad_domain else R.BAD_SENDER
-        if self.auth_user is not None:
-            if (self.config.sender_binding and self.ctx.identities is not None
-                    and not self.ctx.identities.may_send_as(self.auth_user, txn.sender_text)):
-                return self._rejected("mail", R.sender_not_owned(txn.sender_text),
-                                      sender=txn.sender_text or "<>", reason="sender_binding")
-            if self.ctx.abuse is not None and not self.ctx.abuse.message_allowed(self.auth_user):
-                log.info("message rate limit for {user}", user=self.auth_user, event="limit",
-                         limit="user_messages")
-                return R.USER_RATE_LIMIT
-        if (self.auth_user is None and not self._trusted and self.ctx.spf is not None
-                and self.config.spf.enabled):
-            return self._check_spf(txn)
+        # The checks see the transaction (state.sender); it stays only if they accept.
         self.txn = txn
+        verdict = self.pipeline.run(Stage.MAIL, self.view)
+        if isinstance(verdict, Deferred):
+            return verdict.addCallback(self._mail_decided, txn)
+        return self._mail_decided(verdict, txn)
+
+    def _mail_decided(self, verdict: Verdict, txn: Transaction) -> Reply:
+        if verdict.action is not Action.ACCEPT:
+            self.txn = None
+            return self._refused("mail", verdict, sender=txn.sender_text or "<>")
+        if verdict is not ACCEPT:
+            txn.add(verdict)
         return R.SENDER_OK
-
-    def _check_spf(self, txn: Transaction) -> Deferred[Reply]:
-        from mta.policy import spf as spf_policy
-
-        d = self.ctx.spf.check(self.client_ip, txn.sender_text, self.helo or "")
-
-        def decided(result: Any) -> Reply:
-            log.info("spf {result} for {sender} from {ip}", result=result.result,
-                     sender=txn.sender_text or "<>", ip=self.client_ip, event="spf")
-            if result.result == "fail" and self.config.spf.reject_fail:
-                return self._rejected("mail", R.spf_fail(result.explanation or "not permitted"),
-                                      sender=txn.sender_text or "<>", reason="spf")
-            txn.spf = result
-            txn.spf_headers = [spf_policy.fold_header(spf_policy.received_spf_header(
-                result, self.client_ip, txn.sender_text, self.helo or "", self.config.hostname
-            )).encode("utf-8")]
-            self.txn = txn
-            return R.SENDER_OK
-
-        return d.addCallback(decided)
 
     def smtp_RCPT(self, arg: str) -> Reply:  # noqa: N802
         if self.txn is None:
@@ -864,33 +975,44 @@ class SMTPSession(Protocol):
         except AddressError as e:
             return R.BAD_RECIPIENT_DOMAIN if e.bad_domain else R.BAD_RECIPIENT
         assert address is not None
-        decision: RecipientDecision = check_recipient(
-            address,
-            local_domains=self.config.local_domains,
-            aliases=self.ctx.aliases,
-            may_relay=self.auth_user is not None or self._trusted,
-            srs=self.ctx.srs,
-        )
-        if decision.reply is not None:
-            return self._rcpt_rejected(decision.reply, str(address),
-                                       sender=self.txn.sender_text or "<>")
+        self.view.recipient = address
+        verdict = self.pipeline.run(Stage.RCPT, self.view)
+        if isinstance(verdict, Deferred):
+            return verdict.addCallback(self._rcpt_decided, address, notify, orcpt, bool(params))
+        return self._rcpt_decided(verdict, address, notify, orcpt, bool(params))
+
+    def _rcpt_decided(self, verdict: Verdict, address: Address, notify: str, orcpt: str,
+                      dsn: bool) -> Reply:
+        """Add the recipient's targets (one copy per mailbox) to the transaction."""
+        self.view.recipient = None
+        txn = self.txn
+        if txn is None:  # reset while an asynchronous check ran (a 421 meanwhile)
+            return R.NEED_MAIL
+        if verdict.action is not Action.ACCEPT:
+            if verdict.quiet:
+                return verdict.reply
+            fields = {"reason": verdict.reason} if verdict.reason else {}
+            return self._rcpt_rejected(verdict.reply, str(address), sender=txn.sender_text or "<>",
+                                       **fields)
+        if verdict.headers or verdict.auth_results or verdict.facts:
+            txn.add(verdict)
         original = str(address)
-        if original not in self.txn.rcpt_addresses:
-            self.txn.rcpt_addresses.append(original)
+        if original not in txn.rcpt_addresses:
+            txn.rcpt_addresses.append(original)
         # One copy per mailbox: bob+x@ and bob@ are the same local recipient.
-        known = {(r.kind, r.mailbox or r.address) for r in self.txn.recipients}
-        for target in decision.targets:
+        known = {(r.kind, r.mailbox or r.address) for r in txn.recipients}
+        for target in verdict.targets:
             kind = RecipientKind(target.kind)
             key = (kind, target.mailbox or target.address)
             if key in known:
                 continue
             known.add(key)
-            self.txn.recipients.append(
+            txn.recipients.append(
                 Recipient(address=target.address, kind=kind, original=original, mailbox=target.mailbox,
                           notify=notify, orcpt=orcpt)
             )
-        if params:
-            self.txn.dsn = True
+        if dsn:
+            txn.dsn = True
         return R.RECIPIENT_OK
 
     def smtp_DATA(self, arg: str) -> Reply | None:  # noqa: N802
@@ -917,7 +1039,7 @@ class SMTPSession(Protocol):
         # past that it spills to the queue file and streams (see _collect).
         self._chunks = []
         self._held = 0
-        self._loop_detected = False
+        self._header_refusal = None
         self._trace = TraceInfo(
             helo=self.helo or "", client_ip=self.client_ip, client_name="",
             hostname=self.config.hostname, queue_id="", esmtp=self.esmtp,
@@ -1044,7 +1166,7 @@ class SMTPSession(Protocol):
         # The queue id goes into the Received header (RFC 5321 §4.4 "id").
         received = received_header(self._trace, queue_id=writer.id)
         assert self.txn is not None
-        return writer, b"\r\n".join([*self.txn.spf_headers, received]) + b"\r\n"
+        return writer, b"\r\n".join([*self.txn.trace_headers, received]) + b"\r\n"
 
     def _open_writer(self, extra_headers: list[bytes], buffered: bool = False) -> MessageWriter:
         """The queue writer with ``extra_headers``, then the trace headers (``buffered``:
@@ -1084,8 +1206,7 @@ class SMTPSession(Protocol):
                 return
             txn = self.txn
             assert txn is not None
-            extra = [] if self._skip_authentication or self.ctx.authenticator is None else (
-                self.ctx.authenticator.spf_only(txn.spf, txn.sender_text, self.helo or ""))
+            extra = self._top_headers(txn, txn.auth_results, log_it=False)
             try:
                 self._writer = self._open_writer(extra)
                 self._writer.writelines(self._chunks)
@@ -1105,23 +1226,31 @@ class SMTPSession(Protocol):
             self._writer = None
         self._chunks = None
 
-    @property
-    def _skip_authentication(self) -> bool:
-        return self.auth_user is not None or self._trusted
+    def _top_headers(self, txn: Transaction, auth_results: tuple[Any, ...], dmarc: Any = None,
+                     log_it: bool = True) -> list[bytes]:
+        """The headers the checks add on top of the message: one
+        Authentication-Results field with every entry (RFC 8601 §5), then those
+        of HEADERS (and MESSAGE, added by the caller)."""
+        if not auth_results:
+            return list(txn.top_headers)
+        from mta.policy.msgauth import results_header
+
+        return [results_header(self.config.hostname, auth_results, dmarc, log_it), *txn.top_headers]
 
     def _on_headers(self, lines: list[bytes]) -> list[bytes]:
-        from mta.policy.authresults import strip_forged
-
-        # RFC 8601 §5: an Authentication-Results field claiming to be ours is forged.
-        lines = strip_forged(lines, self.config.hostname)
-        fields = unfold_headers(lines)
-        names = [name for name, _ in fields]
-        if count_received(names) > self.limits.max_received_headers:
-            self._loop_detected = True
-        if self.auth_user is not None:
-            lines = complete_headers(lines, self.config.hostname, format_datetime_now)
-        if self.txn is not None:
-            self.txn.header_lines = lines
+        """The DataReader's header callback: the HEADERS checks, at once (they may
+        rewrite the lines; a refusal is answered after the message's end)."""
+        view = self.view
+        view.header_lines = lines
+        verdict = self.pipeline.run_now(Stage.HEADERS, view)
+        lines, view.header_lines = view.header_lines, ()
+        txn = self.txn
+        if txn is not None:
+            txn.header_lines = lines
+            if verdict is not ACCEPT:
+                txn.add(verdict, top=True)
+        if verdict.action is not Action.ACCEPT:
+            self._header_refusal = verdict
         return lines
 
     def _end_of_data(self) -> Reply | Deferred[Reply]:
@@ -1131,6 +1260,7 @@ class SMTPSession(Protocol):
         self.phase = Phase.COMMAND
         error = reader.error
         reply: Reply | None = None
+        refusal = self._header_refusal
         if error is DataError.TOO_BIG:
             reply = R.TOO_BIG
         elif error is DataError.HEADER_TOO_BIG:
@@ -1139,23 +1269,50 @@ class SMTPSession(Protocol):
             reply = R.BARE_LINE_ENDING
         elif error is DataError.LINE_TOO_LONG:
             reply = R.DATA_LINE_TOO_LONG
-        elif self._loop_detected:
-            reply = R.LOOP_DETECTED
+        elif refusal is not None:
+            self._reset_transaction()
+            return self._refused("data", refusal, sender=txn.sender_text or "<>",
+                                 rcpts=",".join(txn.rcpt_addresses))
         elif self._chunks is None:
             reply = R.QUEUE_WRITE_FAILED
-        elif not self._from_header_allowed(txn):
-            reply = R.FROM_NOT_OWNED
         if reply is not None:
             self._rejected("data", reply, sender=txn.sender_text or "<>",
                            rcpts=",".join(txn.rcpt_addresses))
             self._reset_transaction()
             return reply
+        message = None
+        if writer is None:  # else spilled: streamed to disk already
+            message = b"".join(self._chunks)
+            self._chunks = []
+        view = self.view
+        view.header_lines, view.message = txn.header_lines, message
+        verdict = self.pipeline.run(Stage.MESSAGE, view)
+        if isinstance(verdict, Deferred):
+            return verdict.addCallback(self._message_decided, writer, message, txn, reader.eight_bit)
+        return self._message_decided(verdict, writer, message, txn, reader.eight_bit)
+
+    def _message_decided(self, verdict: Verdict, writer: MessageWriter | None, message: bytes | None,
+                         txn: Transaction, eight_bit: bool) -> Reply | Deferred[Reply]:
+        """Queue the message as the MESSAGE checks said (headers on top, envelope
+        annotations), or refuse it."""
+        view = self.view
+        view.header_lines, view.message = (), None
+        auth_results = txn.auth_results + verdict.auth_results
+        top: list[bytes] = []
+        if message is not None:
+            top = self._top_headers(txn, auth_results, verdict.facts.get("dmarc"))
+        if verdict.action is not Action.ACCEPT:
+            # Also drops the queue writer made ready after the 354, whose Received
+            # header names this transaction's recipient: never reused by the next one.
+            self._reset_transaction()
+            return self._refused("data", verdict, sender=txn.sender_text or "<>",
+                                 rcpts=",".join(txn.rcpt_addresses))
         envelope = Envelope(
             id="",
             sender=txn.sender_text,
             recipients=txn.recipients,
             created=time.time(),
-            body_8bit=txn.body_8bit or reader.eight_bit,
+            body_8bit=txn.body_8bit or eight_bit,
             binarymime=txn.binarymime,
             smtputf8=txn.smtputf8,
             client_ip=self.client_ip,
@@ -1166,46 +1323,14 @@ class SMTPSession(Protocol):
             envid=txn.envid,
             dsn=txn.dsn,
         )
-        rewrite_forwarded(envelope, self.ctx.srs, self.config.local_domains)
+        if verdict.envelope:
+            envelope.extra.update(verdict.envelope)
         if writer is not None:
-            return self._commit(writer, envelope, txn)  # spilled: streamed to disk already
-        message = b"".join(self._chunks)
-        self._chunks = []
-        auth = self.ctx.authenticator
-        if auth is not None:
-            if not self._skip_authentication:
-                return Deferred.fromCoroutine(self._verify_then_store(message, envelope, txn))
-            domain = auth.signing_domain(txn.header_lines)
-            if domain:
-                return Deferred.fromCoroutine(self._sign_then_store(message, domain, envelope, txn))
-        return self._store(message, [], envelope, txn)
-
-    def _from_header_allowed(self, txn: Transaction) -> bool:
-        """With sender_binding_from: every From address must be one the user may use."""
-        if (self.auth_user is None or not self.config.sender_binding_from
-                or self.ctx.identities is None):
-            return True
-        from mta.policy.identities import header_from_addresses
-
-        addresses = header_from_addresses(txn.header_lines)
-        return bool(addresses) and all(
-            self.ctx.identities.may_send_as(self.auth_user, a) for a in addresses)
-
-    async def _verify_then_store(self, message: bytes, envelope: Envelope, txn: Transaction) -> Reply:
-        verdict = await self.ctx.authenticator.inbound(
-            message, txn.header_lines, txn.spf, txn.sender_text, self.helo or "")
-        if verdict.reject is not None:
-            # Also drops the queue writer made ready after the 354, whose Received
-            # header names this transaction's recipient: never reused by the next one.
-            self._reset_transaction()
-            return self._rejected("data", verdict.reject, sender=txn.sender_text or "<>",
-                                  reason="dmarc")
-        return await self._store(message, verdict.headers, envelope, txn)
-
-    async def _sign_then_store(self, message: bytes, domain: str, envelope: Envelope,
-                               txn: Transaction) -> Reply:
-        signatures = await self.ctx.authenticator.sign(message, domain)
-        return await self._store(message, signatures, envelope, txn)
+            return self._commit(writer, envelope, txn)
+        assert message is not None
+        if verdict.headers:
+            top += verdict.headers
+        return self._store(message, top, envelope, txn)
 
     def _store(self, message: bytes, extra_headers: list[bytes], envelope: Envelope,
                txn: Transaction) -> Deferred[Reply]:
@@ -1260,12 +1385,6 @@ class SMTPSession(Protocol):
         self._writer = self._ready_writer = None
         if self.phase is Phase.DATA:
             self.phase = Phase.COMMAND
-
-
-def format_datetime_now() -> str:
-    from datetime import UTC, datetime
-
-    return format_datetime(datetime.now(UTC))
 
 
 class SMTPFactory(Factory):

@@ -1,0 +1,141 @@
+"""The vocabulary of the SMTP session's check pipeline: stages, verdicts, the check interface.
+
+A *check* is a small object that takes one decision about a connection or a
+mail transaction (a connection limit, SPF, the recipient lookup, DKIM ...).
+The session asks :class:`mta.smtp.pipeline.Pipeline` at each stage; the
+pipeline runs the checks configured for that stage, in order, and gives back
+one :class:`Verdict`, which the session turns into its reply.
+
+This module is data and interfaces only, so that both the checks (in
+``mta.policy``) and the session and its pipeline (in ``mta.smtp``) can use
+it: the layering (README.rst, "Layout") puts the session above the policy
+decisions, and a vocabulary both sides share belongs on the floor.
+
+What a check may change is said by its verdict, never by writing to the
+session: headers to add (``headers``: on top of the message at MESSAGE, just
+above our Received header at the envelope stages, as Received-SPF must be,
+RFC 7208 §9.1), Authentication-Results entries (``auth_results``, RFC 8601:
+the session writes one field with all of a transaction's entries),
+rewritten header lines (``header_lines``, HEADERS only: the next check of the
+stage sees them, the message is stored with them), the expanded recipients
+(``targets``, RCPT only), facts other checks of the same transaction may read
+(``facts``, e.g. the SPF result DMARC needs) and envelope annotations
+(``envelope``, MESSAGE only, e.g. the SRS sender of forwarded mail).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from types import MappingProxyType
+from typing import Any, Protocol
+
+from mta.mail.address import Address
+from mta.mail.replies import Reply
+
+# The empty mapping every verdict shares (no dict is made for a plain acceptance).
+EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+class Stage(Enum):
+    """When a check runs (RFC 5321 §3: the points at which a server may refuse)."""
+
+    CONNECT = "connect"  # a new connection, before the greeting (refusal: 421/554 and close)
+    HELO = "helo"  # the EHLO/HELO name, once its syntax is good
+    MAIL = "mail"  # MAIL FROM, once its syntax and parameters are good
+    RCPT = "rcpt"  # each RCPT TO address, once parsed
+    HEADERS = "headers"  # the message's header section, as it completes (synchronous only)
+    MESSAGE = "message"  # the whole message, after its terminator and before it is queued
+
+
+class Action(Enum):
+    ACCEPT = "accept"
+    REJECT = "reject"  # a 5xx reply (the transaction step is refused)
+    TEMPFAIL = "tempfail"  # a 4xx reply (try again later)
+    DISCONNECT = "disconnect"  # the reply, then the connection is closed (421)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """A check's answer.  :data:`ACCEPT` is the shared plain acceptance.
+
+    ``reply`` is what the client hears for REJECT, TEMPFAIL and DISCONNECT.
+    ``reason`` names the refusal in the "rejected" log event (the ``reason``
+    field); ``quiet`` says the check logged the refusal itself (a "limit"
+    event), so the session logs no "rejected" event for it.  The other fields
+    are the modifications listed in the module docstring; the pipeline
+    accumulates those of accepting checks, in order.
+    """
+
+    action: Action = Action.ACCEPT
+    reply: Reply | None = None
+    headers: tuple[bytes, ...] = ()
+    auth_results: tuple[Any, ...] = ()  # authres clause objects (mta.policy.authresults)
+    header_lines: list[bytes] | None = None
+    targets: tuple[Any, ...] = ()  # mta.policy.relay.Target
+    facts: Mapping[str, Any] = field(default_factory=lambda: EMPTY)
+    envelope: Mapping[str, Any] = field(default_factory=lambda: EMPTY)
+    reason: str = ""
+    quiet: bool = False
+
+    @property
+    def accepted(self) -> bool:
+        return self.action is Action.ACCEPT
+
+
+ACCEPT = Verdict()
+
+
+def reject(reply: Reply, reason: str = "", quiet: bool = False) -> Verdict:
+    """REJECT for a 5xx ``reply``, TEMPFAIL for a 4xx one (a 421 disconnects)."""
+    if reply.close:
+        action = Action.DISCONNECT
+    elif reply.code >= 500:
+        action = Action.REJECT
+    else:
+        action = Action.TEMPFAIL
+    return Verdict(action, reply, reason=reason, quiet=quiet)
+
+
+class CheckState(Protocol):
+    """What a check may read about the connection and the transaction (read-only).
+
+    Attributes of a later stage are empty before it: ``sender`` is None before
+    MAIL, ``recipient`` is the RCPT address being checked (None elsewhere),
+    ``header_lines`` are the message's header lines from HEADERS on,
+    ``message`` its bytes at MESSAGE (None when it was too large to hold in
+    memory and went to disk as it arrived: dkim.max_message_size).
+    """
+
+    client_ip: str
+    trusted: bool  # the client is in relay_networks
+    listener_kind: str  # mx, submission, submissions
+    helo: str  # "" before EHLO/HELO
+    esmtp: bool
+    tls_active: bool
+    auth_user: str | None
+    sender: str | None  # MAIL FROM ("" for <>), None outside a transaction
+    recipient: Address | None
+    recipients: Sequence[str]  # the RCPT addresses accepted so far
+    expanded: Sequence[Any]  # their targets (mta.queue.envelope.Recipient), one per mailbox
+    header_lines: list[bytes]
+    message: bytes | None
+    facts: Mapping[str, Any]  # what earlier checks of this transaction said (Verdict.facts)
+
+
+class Check(Protocol):
+    """One decision, run by the pipeline at each of its ``stages``.
+
+    ``check`` returns a :class:`Verdict`, or a Deferred firing with one when
+    it needs I/O (SPF, DNS, a thread).  It must not block; a synchronous
+    answer is the fast path (no Deferred is made when every check of a stage
+    answers at once).  An exception, a failed Deferred or a timeout is a
+    failure, handled as the check's configured ``on_error`` says.
+    """
+
+    name: str
+    stages: frozenset[Stage]
+
+    def check(self, stage: Stage, state: CheckState) -> Any:  # Verdict | Deferred[Verdict]
+        ...

@@ -1,0 +1,173 @@
+"""The staged check pipeline the SMTP session asks at each stage.
+
+:class:`Pipeline` runs the checks configured for a stage (``[checks] order``,
+:class:`mta.config.ChecksConfig`) one after the other:
+
+* the first verdict that is not an acceptance wins and the rest of the stage
+  is not run; the headers, Authentication-Results entries, targets, facts and
+  envelope annotations of the checks that accepted before it accumulate, in
+  order, into the one verdict returned;
+* a rewrite of the header lines (``Verdict.header_lines``, HEADERS) is handed
+  to the next check of the stage through ``state.header_lines``, the one
+  field of the state the pipeline writes;
+* when every check answers synchronously the result is a plain
+  :class:`~mta.mail.checks.Verdict` (no Deferred, no timer: the fast path of
+  a plain message); only a check that returns a Deferred makes the result a
+  Deferred, and only that check is timed (``timeout``, on the injected clock);
+* an exception, a failed Deferred or a timeout is the check's failure: one log
+  event (event ``check``, ``result`` ``error`` or ``timeout``), then its
+  ``on_error`` action: ``tempfail`` (451 4.3.0; 421 4.3.0 and close at
+  CONNECT) or ``accept``.  Never a traceback to the client.
+
+HEADERS runs inside the DATA reader, as the header section completes, so its
+checks must answer synchronously (:meth:`Pipeline.run_now`): a Deferred
+there is a failure.
+
+:func:`build_pipeline` makes the pipeline from the configuration: the built-in
+checks of :data:`mta.policy.checks.BUILTIN` by name, others from their
+``factory`` ("package.module:name", called with the server context).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.internet.defer import Deferred, TimeoutError
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mta.config import CheckSettings, Config, ConfigError
+from mta.mail import replies as R
+from mta.mail.checks import ACCEPT, Action, Check, CheckState, Stage, Verdict
+
+log = Logger()
+
+
+def merge(acc: Verdict, v: Verdict) -> Verdict:
+    """``v`` with what the accepting verdicts before it (``acc``) added."""
+    if acc is ACCEPT:
+        return v
+    if v is ACCEPT:
+        return acc
+    return Verdict(
+        v.action, v.reply,
+        headers=acc.headers + v.headers,
+        auth_results=acc.auth_results + v.auth_results,
+        header_lines=v.header_lines if v.header_lines is not None else acc.header_lines,
+        targets=acc.targets + v.targets,
+        facts={**acc.facts, **v.facts} if v.facts else acc.facts,
+        envelope={**acc.envelope, **v.envelope} if v.envelope else acc.envelope,
+        reason=v.reason, quiet=v.quiet,
+    )
+
+
+class Pipeline:
+    """The checks of each stage, in order, with their settings."""
+
+    def __init__(self, checks: Sequence[tuple[Check, CheckSettings]], clock: Any) -> None:
+        self.clock = clock
+        self._stages: dict[Stage, tuple[tuple[Check, CheckSettings], ...]] = {
+            stage: tuple((c, s) for c, s in checks if stage in c.stages) for stage in Stage}
+
+    def names(self, stage: Stage) -> list[str]:
+        return [c.name for c, _ in self._stages[stage]]
+
+    def run(self, stage: Stage, state: CheckState) -> Verdict | Deferred[Verdict]:
+        """The verdict of ``stage``: a Verdict, or a Deferred only when a check needed I/O."""
+        return self._from(stage, state, self._stages[stage], 0, ACCEPT)
+
+    def run_now(self, stage: Stage, state: CheckState) -> Verdict:
+        """As :meth:`run`, for a stage that cannot wait: a Deferred is a failure."""
+        return self._from(stage, state, self._stages[stage], 0, ACCEPT, now=True)
+
+    def _from(self, stage: Stage, state: CheckState, entries: tuple[tuple[Check, CheckSettings], ...],
+              i: int, acc: Verdict, now: bool = False) -> Any:
+        n = len(entries)
+        while i < n:  # bounded: one step per configured check
+            check, settings = entries[i]
+            i += 1
+            try:
+                v = check.check(stage, state)
+            except Exception:
+                v = self._failed(Failure(), check, settings, stage, state)
+            if isinstance(v, Deferred):
+                if now:
+                    v.addErrback(lambda _: None)
+                    v.cancel()
+                    v = self._failed(Failure(RuntimeError(
+                        f"{stage.value} checks must answer synchronously")), check, settings, stage, state)
+                else:
+                    v.addTimeout(settings.timeout, self.clock)
+                    v.addCallback(_checked).addErrback(self._failed, check, settings, stage, state)
+                    return v.addCallback(self._resume, stage, state, entries, i, acc)
+            acc = self._step(acc, v, state)
+            if acc.action is not Action.ACCEPT:
+                return acc
+        return acc
+
+    def _resume(self, v: Verdict, stage: Stage, state: CheckState,
+                entries: tuple[tuple[Check, CheckSettings], ...], i: int, acc: Verdict) -> Any:
+        acc = self._step(acc, v, state)
+        if acc.action is not Action.ACCEPT:
+            return acc
+        return self._from(stage, state, entries, i, acc)
+
+    @staticmethod
+    def _step(acc: Verdict, v: Verdict, state: CheckState) -> Verdict:
+        if v is ACCEPT:
+            return acc
+        if v.header_lines is not None:
+            state.header_lines = v.header_lines  # the next check sees the rewrite
+        return merge(acc, v)
+
+    def _failed(self, failure: Failure, check: Check, settings: CheckSettings, stage: Stage,
+                state: CheckState) -> Verdict:
+        timed_out = failure.check(TimeoutError) is not None
+        fields = dict(check=check.name, stage=stage.value, on_error=settings.on_error,
+                      ip=state.client_ip, event="check")
+        if timed_out:
+            log.warn("check {check} timed out at {stage} for {ip} after {timeout}s: {on_error}",
+                     timeout=settings.timeout, result="timeout", **fields)
+        else:
+            log.failure("check {check} failed at {stage} for {ip}: {on_error}", failure,
+                        result="error", **fields)
+        if settings.on_error == "accept":
+            return ACCEPT
+        reply = R.CHECK_FAILED_CONNECT if stage is Stage.CONNECT else R.CHECK_FAILED
+        return Verdict(Action.DISCONNECT if stage is Stage.CONNECT else Action.TEMPFAIL, reply,
+                       reason=f"check_{'timeout' if timed_out else 'error'}")
+
+
+def _checked(v: Any) -> Verdict:
+    if not isinstance(v, Verdict):
+        raise TypeError(f"a check answered {v!r}, not a Verdict")
+    return v
+
+
+def load_check(name: str, settings: CheckSettings, ctx: Any) -> Check:
+    """The check ``name`` of the configuration, made with the server context."""
+    from mta.policy.checks import BUILTIN
+
+    if settings.factory is None:
+        return BUILTIN[name](ctx)  # mta.config checked the name
+    module_name, _, attr = settings.factory.partition(":")
+    key = f"checks.{name}.factory"
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(key, f"cannot load {settings.factory}: {e}") from None
+    check = factory(ctx)
+    if not getattr(check, "stages", None) or not callable(getattr(check, "check", None)):
+        raise ConfigError(key, f"{settings.factory} made no check (stages and check())")
+    return check
+
+
+def build_pipeline(config: Config, ctx: Any, clock: Any) -> Pipeline:
+    """The pipeline of ``config.checks``; ConfigError when a check cannot be made."""
+    entries = []
+    for name in config.checks.order:
+        settings = config.checks.settings_for(name)
+        entries.append((load_check(name, settings, ctx), settings))
+    return Pipeline(entries, clock)
