@@ -79,6 +79,22 @@ class TagHeaders:
         return Verdict(header_lines=lines, headers=(b"X-Checked: yes",))
 
 
+class SlowConnect:
+    """CONNECT, asynchronously (as a DNS blocklist would): refuses 127.0.0.2 after 0.1 s."""
+
+    name = "slow_connect"
+    stages = frozenset({Stage.CONNECT})
+
+    def __init__(self, ctx: Any) -> None:
+        self.clock = ctx.clock
+
+    def check(self, stage: Stage, state: Any) -> Deferred:
+        from twisted.internet.task import deferLater
+
+        refused = reject(R.Reply(554, "5.7.1", "Your address is listed"), reason="listed")
+        return deferLater(self.clock, 0.1, lambda: refused if state.client_ip == "127.0.0.2" else ACCEPT)
+
+
 def with_check(name: str, factory: str, **settings: Any) -> dict[str, Any]:
     """The configuration that adds one check after the built-in ones."""
     return {"checks": {"order": [*CHECKS, name],
@@ -180,6 +196,48 @@ async def test_a_check_that_raises_gets_its_configured_action(tmp_path, on_error
     assert all((e["check"], e["stage"], e["result"]) == ("explodes", "message", "error")
                for e in failures)
     assert all("ZeroDivisionError" not in text for r in replies for _, text in [r])
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_asynchronous_connect_check_holds_the_greeting_and_may_refuse(tmp_path):
+    import smtplib
+
+    from tests.harness import client_tls_context
+
+    events = capture()
+    mta = await start_mta(tmp_path, extra=with_check("slow_connect", "SlowConnect"))
+
+    def refused() -> tuple[tuple[int, str], bool]:
+        c = RawClient(mta.port(), source="127.0.0.2")
+        try:
+            return c.read_reply(), c.is_closed()
+        finally:
+            c.close()
+
+    def greeted() -> list[int]:
+        c = RawClient(mta.port())
+        try:
+            return [c.read_reply()[0], c.cmd("EHLO client.test")[0], c.cmd("QUIT")[0]]
+        finally:
+            c.close()
+
+    def implicit_tls() -> int:
+        # The client's TLS hello arrives while the check runs: it must reach TLS.
+        with smtplib.SMTP_SSL("127.0.0.1", mta.port("submissions"), context=client_tls_context(),
+                              timeout=10) as s:
+            return s.ehlo()[0]
+
+    try:
+        refusal, closed = await in_thread(refused)
+        codes = await in_thread(greeted)
+        tls = await in_thread(implicit_tls)
+    finally:
+        await mta.stop()
+        stop_capture(events)
+    assert refusal == (554, "554 5.7.1 Your address is listed") and closed
+    assert codes == [220, 250, 221] and tls == 250
+    (rejected,) = [e for e in events if e.get("event") == "rejected"]
+    assert (rejected["stage"], rejected["ip"], rejected["reason"]) == ("connect", "127.0.0.2", "listed")
 
 
 @pytest_twisted.ensureDeferred
