@@ -47,7 +47,9 @@ from mta.mail.headers import unfold_headers
 from mta.policy.received import count_received
 from mta.policy.relay import check_recipient
 
-log = Logger()
+# The lines these checks log were the SMTP session's and keep its namespace
+# (log readers match it).
+log = Logger(namespace="mta.smtp.server")
 
 
 class _Check:
