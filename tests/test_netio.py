@@ -10,7 +10,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 
-from mta.smtp import server as server_module
+from mta.smtp import framing as server_module
 from mta.system.netio import send_now
 from tests.harness import RawClient, in_thread, start_mta
 

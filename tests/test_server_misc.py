@@ -102,7 +102,7 @@ async def test_queue_write_failure_gives_451_and_leaves_nothing(mta, monkeypatch
 
 @pytest_twisted.ensureDeferred
 async def test_the_runner_is_told_of_a_message_after_its_250_is_sent(mta, monkeypatch):
-    from mta.smtp import server as server_module
+    from mta.smtp import framing as server_module
 
     events: list[str] = []
     real_send_now = server_module.send_now

@@ -98,7 +98,7 @@ async def test_input_while_a_check_is_pending_is_kept_in_order_and_bounded(spf_m
     pipelines, stops reading past BUSY_READ_LIMIT (memory stays bounded), and
     answers everything in order once the answer comes."""
     from mta.policy.spf import SPFResult
-    from mta.smtp import server as server_module
+    from mta.smtp import framing as server_module
 
     pending: list[Deferred] = []
 

@@ -1,0 +1,173 @@
+"""The SMTP server's state by lifetime: the process's, a transaction's, and the checks' view.
+
+* :class:`ServerContext`: what every session of the process shares
+  (configuration, policy objects, the check pipeline, the connection counts).
+* A connection's own state (client address, HELO name, TLS, AUTH, counters)
+  is held by its session (:class:`mta.smtp.server.SMTPSession`); it lives
+  until the connection closes and is reset only by STARTTLS (RFC 3207 §4.2).
+* :class:`Transaction`: one mail transaction, MAIL FROM to the end of the
+  message (RFC 5321 §3.3); EHLO, RSET, a refusal of the message or its
+  queueing ends it.  (The reception of its message, DATA or BDAT, has state
+  of its own: :class:`mta.smtp.reception.MessageReception`.)
+* :class:`SessionView`: the read-only view of both that the checks get
+  (:class:`mta.mail.checks.CheckState`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet import interfaces
+
+from mta.config import Config
+from mta.mail.address import Address
+from mta.mail.checks import EMPTY, Verdict
+from mta.queue.envelope import Recipient
+from mta.queue.store import QueueStore
+
+
+@dataclass
+class ServerContext:
+    """What every session of the process shares: configuration and policy objects.
+
+    A reload replaces ``config``, the policy objects (``users``, ``aliases``,
+    ``identities``, ``tls``, ``spf``, ``authenticator``) and ``pipeline``; the
+    checks read the policy objects when they run, and a session keeps the
+    configuration and pipeline it started with.
+    """
+
+    config: Config
+    store: QueueStore
+    users: Any  # mta.policy.auth.UserDB
+    aliases: Any  # mta.policy.aliases.AliasResolver
+    clock: interfaces.IReactorTime
+    tls: Any = None  # a server context factory, or None
+    spf: Any = None  # mta.policy.spf.SPFChecker, or None
+    abuse: Any = None  # mta.policy.limits.AbuseLimits
+    srs: Any = None  # mta.policy.srs.SRSRewriter
+    authenticator: Any = None  # mta.policy.msgauth.MessageAuthenticator, or None
+    identities: Any = None  # mta.policy.identities.Identities
+    connections: dict[str, int] = field(default_factory=dict)
+    sessions: set[Any] = field(default_factory=set)  # the SMTPSession objects
+    accepting: bool = True
+    # Called with (session, reply) for metrics; optional.
+    observer: Any = None
+    # The check pipeline (mta.smtp.pipeline); made from config.checks when not given.
+    pipeline: Any = None
+
+    def __post_init__(self) -> None:
+        if self.pipeline is None:
+            from mta.smtp.pipeline import build_pipeline
+
+            self.pipeline = build_pipeline(self.config, self, self.clock)
+
+    @property
+    def total_connections(self) -> int:
+        return len(self.sessions)
+
+
+@dataclass
+class Transaction:
+    """One mail transaction: MAIL FROM to the end of DATA (RFC 5321 §3.3)."""
+
+    sender: Address | None
+    body_8bit: bool = False
+    binarymime: bool = False  # BODY=BINARYMIME (RFC 3030 §3): BDAT only
+    smtputf8: bool = False
+    declared_size: int | None = None
+    recipients: list[Recipient] = field(default_factory=list)
+    rcpt_addresses: list[str] = field(default_factory=list)
+    # What the checks of MAIL and RCPT added: headers for just above our Received
+    # (Received-SPF), Authentication-Results entries, facts for later checks.
+    trace_headers: tuple[bytes, ...] = ()
+    top_headers: tuple[bytes, ...] = ()  # from HEADERS: on top, with Authentication-Results
+    auth_results: tuple[Any, ...] = ()
+    facts: Any = None  # Mapping[str, Any] once a check said something
+    header_lines: list[bytes] = field(default_factory=list)  # the message's header section
+    # DSN (RFC 3461): RET and ENVID from MAIL; dsn is set by any DSN parameter.
+    ret: str = ""
+    envid: str = ""
+    dsn: bool = False
+
+    @property
+    def sender_text(self) -> str:
+        return "" if self.sender is None else str(self.sender)
+
+    def add(self, verdict: Verdict, top: bool = False) -> None:
+        """Keep what a verdict of MAIL or RCPT (or, ``top``, HEADERS) added."""
+        if verdict.headers and top:
+            self.top_headers += verdict.headers
+        elif verdict.headers:
+            self.trace_headers += verdict.headers
+        if verdict.auth_results:
+            self.auth_results += verdict.auth_results
+        if verdict.facts:
+            self.facts = {**(self.facts or EMPTY), **verdict.facts}
+
+
+class SessionView:
+    """The read-only view of a session that its checks get (:class:`mta.mail.checks.CheckState`).
+
+    One per session; it reads through to the session, so it is never stale.
+    The stage's subject is set by the session before it asks the pipeline:
+    ``recipient`` at RCPT, ``header_lines`` at HEADERS (the pipeline also
+    writes the checks' rewrites there), ``message`` at MESSAGE.
+    """
+
+    __slots__ = ("_s", "recipient", "header_lines", "message")
+
+    def __init__(self, session: Any) -> None:  # an SMTPSession
+        self._s = session
+        self.recipient: Address | None = None
+        self.header_lines: Sequence[bytes] = ()
+        self.message: bytes | None = None
+
+    @property
+    def client_ip(self) -> str:
+        return self._s.client_ip
+
+    @property
+    def trusted(self) -> bool:
+        return self._s._trusted
+
+    @property
+    def listener_kind(self) -> str:
+        return self._s.listener.kind
+
+    @property
+    def helo(self) -> str:
+        return self._s.helo or ""
+
+    @property
+    def esmtp(self) -> bool:
+        return self._s.esmtp
+
+    @property
+    def tls_active(self) -> bool:
+        return self._s.tls_active
+
+    @property
+    def auth_user(self) -> str | None:
+        return self._s.auth_user
+
+    @property
+    def sender(self) -> str | None:
+        txn = self._s.txn
+        return None if txn is None else txn.sender_text
+
+    @property
+    def recipients(self) -> list[str]:
+        txn = self._s.txn
+        return [] if txn is None else txn.rcpt_addresses
+
+    @property
+    def expanded(self) -> list[Recipient]:
+        txn = self._s.txn
+        return [] if txn is None else txn.recipients
+
+    @property
+    def facts(self) -> Any:
+        txn = self._s.txn
+        return EMPTY if txn is None or txn.facts is None else txn.facts
