@@ -630,6 +630,9 @@ def _checks(table: dict[str, Any]) -> ChecksConfig:
         _positive(one.timeout, prefix + "timeout")
         if one.on_error not in CHECK_ON_ERROR:
             raise ConfigError(prefix + "on_error", f"must be one of {', '.join(CHECK_ON_ERROR)}")
+        if name == "recipient" and one.on_error != "tempfail":
+            # Accepted without its lookup, a recipient would have nowhere to go: lost mail.
+            raise ConfigError(prefix + "on_error", "must be tempfail for recipient")
         if one.factory is not None and not _FACTORY.fullmatch(one.factory):
             raise ConfigError(prefix + "factory", f"{one.factory!r}: must be 'package.module:name'")
         if one.factory is not None and name in CHECKS:
