@@ -26,8 +26,8 @@ stage sees them, the message is stored with them), the expanded recipients
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from enum import Enum
+from dataclasses import dataclass
+from enum import Enum, StrEnum
 from types import MappingProxyType
 from typing import Any, Protocol
 
@@ -38,8 +38,11 @@ from mta.mail.replies import Reply
 EMPTY: Mapping[str, Any] = MappingProxyType({})
 
 
-class Stage(Enum):
-    """When a check runs (RFC 5321 §3: the points at which a server may refuse)."""
+class Stage(StrEnum):
+    """When a check runs (RFC 5321 §3: the points at which a server may refuse).
+
+    A StrEnum: its members hash as their strings, in C (the pipeline looks the
+    stage up at every step of every message)."""
 
     CONNECT = "connect"  # a new connection, before the greeting (refusal: 421/554 and close)
     HELO = "helo"  # the EHLO/HELO name, once its syntax is good
@@ -74,8 +77,8 @@ class Verdict:
     auth_results: tuple[Any, ...] = ()  # authres clause objects (mta.policy.authresults)
     header_lines: list[bytes] | None = None
     targets: tuple[Any, ...] = ()  # mta.policy.relay.Target
-    facts: Mapping[str, Any] = field(default_factory=lambda: EMPTY)
-    envelope: Mapping[str, Any] = field(default_factory=lambda: EMPTY)
+    facts: Mapping[str, Any] | None = None  # None: nothing (no mapping made per verdict)
+    envelope: Mapping[str, Any] | None = None
     reason: str = ""
     quiet: bool = False
 

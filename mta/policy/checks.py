@@ -126,9 +126,10 @@ class UserRate(_Check):
 
     def check(self, stage: Stage, state: CheckState) -> Verdict:
         abuse = self.ctx.abuse
-        if state.auth_user is None or abuse is None or abuse.message_allowed(state.auth_user):
+        user = state.auth_user
+        if user is None or abuse is None or abuse.message_allowed(user):
             return ACCEPT
-        log.info("message rate limit for {user}", user=state.auth_user, event="limit",
+        log.info("message rate limit for {user}", user=user, event="limit",
                  limit="user_messages")
         return reject(R.USER_RATE_LIMIT, quiet=True)
 
@@ -299,11 +300,12 @@ class ForwardingSRS(_Check):
 
     def check(self, stage: Stage, state: CheckState) -> Verdict:
         ctx = self.ctx
-        if ctx.srs is None or not state.sender:
+        local_domains = ctx.config.local_domains
+        if ctx.srs is None or not local_domains:  # only a local alias forwards
             return ACCEPT
         from mta.policy.srs import forwarding_extra
 
-        extra = forwarding_extra(state.sender, state.expanded, ctx.srs, ctx.config.local_domains)
+        extra = forwarding_extra(state.sender or "", state.expanded, ctx.srs, local_domains)
         return Verdict(envelope=extra) if extra else ACCEPT
 
 

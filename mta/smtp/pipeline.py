@@ -40,7 +40,7 @@ from twisted.python.failure import Failure
 
 from mta.config import CheckSettings, Config, ConfigError
 from mta.mail import replies as R
-from mta.mail.checks import ACCEPT, Action, Check, CheckState, Stage, Verdict
+from mta.mail.checks import ACCEPT, EMPTY, Action, Check, CheckState, Stage, Verdict
 
 log = Logger()
 
@@ -57,8 +57,8 @@ def merge(acc: Verdict, v: Verdict) -> Verdict:
         auth_results=acc.auth_results + v.auth_results,
         header_lines=v.header_lines if v.header_lines is not None else acc.header_lines,
         targets=acc.targets + v.targets,
-        facts={**acc.facts, **v.facts} if v.facts else acc.facts,
-        envelope={**acc.envelope, **v.envelope} if v.envelope else acc.envelope,
+        facts={**(acc.facts or EMPTY), **v.facts} if v.facts else acc.facts,
+        envelope={**(acc.envelope or EMPTY), **v.envelope} if v.envelope else acc.envelope,
         reason=v.reason, quiet=v.quiet,
     )
 
@@ -68,23 +68,22 @@ class Pipeline:
 
     def __init__(self, checks: Sequence[tuple[Check, CheckSettings]], clock: Any) -> None:
         self.clock = clock
-        self._stages: dict[Stage, tuple[tuple[Check, CheckSettings], ...]] = {
-            stage: tuple((c, s) for c, s in checks if stage in c.stages) for stage in Stage}
+        # Per stage: its (check, settings) pairs and how many (no len() per run).
+        self._stages: dict[Stage, tuple[tuple[tuple[Check, CheckSettings], ...], int]] = {}
+        for stage in Stage:
+            entries = tuple((c, s) for c, s in checks if stage in c.stages)
+            self._stages[stage] = (entries, len(entries))
 
     def names(self, stage: Stage) -> list[str]:
-        return [c.name for c, _ in self._stages[stage]]
+        return [c.name for c, _ in self._stages[stage][0]]
 
-    def run(self, stage: Stage, state: CheckState) -> Verdict | Deferred[Verdict]:
-        """The verdict of ``stage``: a Verdict, or a Deferred only when a check needed I/O."""
-        return self._from(stage, state, self._stages[stage], 0, ACCEPT)
-
-    def run_now(self, stage: Stage, state: CheckState) -> Verdict:
-        """As :meth:`run`, for a stage that cannot wait: a Deferred is a failure."""
-        return self._from(stage, state, self._stages[stage], 0, ACCEPT, now=True)
-
-    def _from(self, stage: Stage, state: CheckState, entries: tuple[tuple[Check, CheckSettings], ...],
-              i: int, acc: Verdict, now: bool = False) -> Any:
-        n = len(entries)
+    def run(self, stage: Stage, state: CheckState, now: bool = False, i: int = 0,
+            acc: Verdict = ACCEPT) -> Any:
+        """The verdict of ``stage``: a Verdict, or a Deferred (firing with one) only
+        when a check needed I/O.  ``now``: the stage cannot wait, a Deferred is a
+        failure (:meth:`run_now`).  ``i`` and ``acc`` resume a stage after an
+        asynchronous check: the next check, and the verdict so far."""
+        entries, n = self._stages[stage]
         while i < n:  # bounded: one step per configured check
             check, settings = entries[i]
             i += 1
@@ -92,7 +91,10 @@ class Pipeline:
                 v = check.check(stage, state)
             except Exception:
                 v = self._failed(Failure(), check, settings, stage, state)
-            if isinstance(v, Deferred):
+            if v is ACCEPT:  # the common answer: nothing to add
+                continue
+            # (isinstance on Verdict, a plain class, is cheap; on Deferred, an ABC, it is not.)
+            if not isinstance(v, Verdict) and isinstance(v, Deferred):
                 if now:
                     v.addErrback(lambda _: None)
                     v.cancel()
@@ -101,18 +103,24 @@ class Pipeline:
                 else:
                     v.addTimeout(settings.timeout, self.clock)
                     v.addCallback(_checked).addErrback(self._failed, check, settings, stage, state)
-                    return v.addCallback(self._resume, stage, state, entries, i, acc)
-            acc = self._step(acc, v, state)
+                    return v.addCallback(self._resume, stage, state, i, acc)
+            if not isinstance(v, Verdict):
+                v = self._failed(Failure(TypeError(f"a check answered {v!r}, not a Verdict")),
+                                 check, settings, stage, state)
+            acc = v if acc is ACCEPT and v.header_lines is None else self._step(acc, v, state)
             if acc.action is not Action.ACCEPT:
                 return acc
         return acc
 
-    def _resume(self, v: Verdict, stage: Stage, state: CheckState,
-                entries: tuple[tuple[Check, CheckSettings], ...], i: int, acc: Verdict) -> Any:
+    def run_now(self, stage: Stage, state: CheckState) -> Verdict:
+        """As :meth:`run`, for a stage that cannot wait: a Deferred is a failure."""
+        return self.run(stage, state, True)
+
+    def _resume(self, v: Verdict, stage: Stage, state: CheckState, i: int, acc: Verdict) -> Any:
         acc = self._step(acc, v, state)
         if acc.action is not Action.ACCEPT:
             return acc
-        return self._from(stage, state, entries, i, acc)
+        return self.run(stage, state, False, i, acc)
 
     @staticmethod
     def _step(acc: Verdict, v: Verdict, state: CheckState) -> Verdict:

@@ -37,7 +37,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mta.mail import replies as R
-from mta.mail.checks import ACCEPT, Action, Stage, Verdict
+from mta.mail.checks import ACCEPT, EMPTY, Action, Stage, Verdict
 from mta.mail.reader import ChunkReader, DataError, DataReader
 from mta.mail.replies import Reply
 from mta.policy.received import TraceInfo, received_header
@@ -370,7 +370,7 @@ class MessageReception:
         view = self.view
         view.header_lines, view.message = txn.header_lines, message
         verdict = self.pipeline.run(Stage.MESSAGE, view)
-        if isinstance(verdict, Deferred):
+        if not isinstance(verdict, Verdict):  # a Deferred: a check needs I/O
             return verdict.addCallback(self._message_decided, writer, message, txn, reader.eight_bit)
         return self._message_decided(verdict, writer, message, txn, reader.eight_bit)
 
@@ -382,8 +382,8 @@ class MessageReception:
         view.header_lines, view.message = (), None
         auth_results = txn.auth_results + verdict.auth_results
         top: list[bytes] = []
-        if message is not None:
-            top = self._top_headers(txn, auth_results, verdict.facts.get("dmarc"))
+        if message is not None and (auth_results or txn.top_headers):
+            top = self._top_headers(txn, auth_results, (verdict.facts or EMPTY).get("dmarc"))
         if verdict.action is not Action.ACCEPT:
             # Also drops the queue writer made ready after the 354, whose Received
             # header names this transaction's recipient: never reused by the next one.

@@ -79,9 +79,9 @@ class SMTPSession(Framing, SASLExchange, MessageReception, Protocol):
         self.ctx = context
         self.config = context.config
         self.pipeline = context.pipeline  # kept for the session's life, as config is
-        self.view = SessionView(self)
         self.limits = context.config.limits
         self.listener = listener
+        self.view = SessionView(self)
         self._init_framing()
         self._init_sasl()
         self._init_reception()
@@ -116,12 +116,13 @@ class SMTPSession(Framing, SASLExchange, MessageReception, Protocol):
         # A client in relay_networks is one of our own systems: it may relay, is
         # exempt from per-address limits, and its mail is neither checked nor given A-R.
         self._trusted = relay_allowed(None, self.client_ip, self.config.relay_networks)
+        self.view.client_ip, self.view.trusted = self.client_ip, self._trusted
         self.started = self.ctx.clock.seconds()
         if not self.ctx.accepting:
             self._send(R.SHUTTING_DOWN)
             return
         verdict = self.pipeline.run(Stage.CONNECT, self.view)
-        if isinstance(verdict, Deferred):
+        if not isinstance(verdict, Verdict):  # a Deferred: a check needs I/O
             # A check needs I/O: the session counts from now on, and the greeting
             # waits for the verdict (a client that talks meanwhile is an early talker).
             self._start_session()
@@ -312,7 +313,7 @@ class SMTPSession(Framing, SASLExchange, MessageReception, Protocol):
             return R.HELO_SYNTAX
         previous, self.helo = self.helo, name
         verdict = self.pipeline.run(Stage.HELO, self.view)
-        if isinstance(verdict, Deferred):
+        if not isinstance(verdict, Verdict):  # a Deferred: a check needs I/O
             return verdict.addCallback(self._hello_decided, previous, esmtp)
         return self._hello_decided(verdict, previous, esmtp)
 
@@ -393,7 +394,7 @@ class SMTPSession(Framing, SASLExchange, MessageReception, Protocol):
         # RFC 3207 §4.2: forget everything learnt before TLS.
         self.helo = None
         self.esmtp = False
-        self.auth_user = None
+        self.auth_user = self.view.auth_user = None
         self._reset_transaction()
         self.tls_active = True
         return None
@@ -455,7 +456,7 @@ class SMTPSession(Framing, SASLExchange, MessageReception, Protocol):
         # The checks see the transaction (state.sender); it stays only if they accept.
         self.txn = txn
         verdict = self.pipeline.run(Stage.MAIL, self.view)
-        if isinstance(verdict, Deferred):
+        if not isinstance(verdict, Verdict):  # a Deferred: a check needs I/O
             return verdict.addCallback(self._mail_decided, txn)
         return self._mail_decided(verdict, txn)
 
@@ -501,7 +502,7 @@ class SMTPSession(Framing, SASLExchange, MessageReception, Protocol):
         assert address is not None
         self.view.recipient = address
         verdict = self.pipeline.run(Stage.RCPT, self.view)
-        if isinstance(verdict, Deferred):
+        if not isinstance(verdict, Verdict):  # a Deferred: a check needs I/O
             return verdict.addCallback(self._rcpt_decided, address, notify, orcpt, bool(params))
         return self._rcpt_decided(verdict, address, notify, orcpt, bool(params))
 

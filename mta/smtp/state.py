@@ -110,31 +110,27 @@ class Transaction:
 class SessionView:
     """The read-only view of a session that its checks get (:class:`mta.mail.checks.CheckState`).
 
-    One per session; it reads through to the session, so it is never stale.
-    The stage's subject is set by the session before it asks the pipeline:
-    ``recipient`` at RCPT, ``header_lines`` at HEADERS (the pipeline also
-    writes the checks' rewrites there), ``message`` at MESSAGE.
+    One per session.  What the connection fixes once (``client_ip``,
+    ``trusted``, ``listener_kind``) is copied in when it is known, at connect,
+    and ``auth_user`` where the session sets it (AUTH, STARTTLS): the checks
+    read these most; the rest reads through to the session.  The stage's
+    subject is set by the session before it asks the pipeline: ``recipient``
+    at RCPT, ``header_lines`` at HEADERS (the pipeline also writes the checks'
+    rewrites there), ``message`` at MESSAGE.
     """
 
-    __slots__ = ("_s", "recipient", "header_lines", "message")
+    __slots__ = ("_s", "client_ip", "trusted", "listener_kind", "auth_user", "recipient",
+                 "header_lines", "message")
 
     def __init__(self, session: Any) -> None:  # an SMTPSession
         self._s = session
+        self.client_ip = ""
+        self.trusted = False
+        self.listener_kind: str = session.listener.kind
+        self.auth_user: str | None = None
         self.recipient: Address | None = None
         self.header_lines: Sequence[bytes] = ()
         self.message: bytes | None = None
-
-    @property
-    def client_ip(self) -> str:
-        return self._s.client_ip
-
-    @property
-    def trusted(self) -> bool:
-        return self._s._trusted
-
-    @property
-    def listener_kind(self) -> str:
-        return self._s.listener.kind
 
     @property
     def helo(self) -> str:
@@ -147,10 +143,6 @@ class SessionView:
     @property
     def tls_active(self) -> bool:
         return self._s.tls_active
-
-    @property
-    def auth_user(self) -> str | None:
-        return self._s.auth_user
 
     @property
     def sender(self) -> str | None:
