@@ -68,29 +68,28 @@ class Pipeline:
 
     def __init__(self, checks: Sequence[tuple[Check, CheckSettings]], clock: Any) -> None:
         self.clock = clock
-        # Per stage: its (check, settings) pairs and how many (no len() per run).
-        self._stages: dict[Stage, tuple[tuple[tuple[Check, CheckSettings], ...], int]] = {}
-        for stage in Stage:
-            entries = tuple((c, s) for c, s in checks if stage in c.stages)
-            self._stages[stage] = (entries, len(entries))
+        self._stages: dict[Stage, tuple[Check, ...]] = {
+            stage: tuple(c for c, _ in checks if stage in c.stages) for stage in Stage}
+        # Looked up only when a check fails or waits (by id: a check need not be hashable).
+        self._settings: dict[int, CheckSettings] = {id(c): s for c, s in checks}
 
     def names(self, stage: Stage) -> list[str]:
-        return [c.name for c, _ in self._stages[stage][0]]
+        return [c.name for c in self._stages[stage]]
 
-    def run(self, stage: Stage, state: CheckState, now: bool = False, i: int = 0,
+    def run(self, stage: Stage, state: CheckState, now: bool = False, start: int = 0,
             acc: Verdict = ACCEPT) -> Any:
         """The verdict of ``stage``: a Verdict, or a Deferred (firing with one) only
         when a check needed I/O.  ``now``: the stage cannot wait, a Deferred is a
-        failure (:meth:`run_now`).  ``i`` and ``acc`` resume a stage after an
-        asynchronous check: the next check, and the verdict so far."""
-        entries, n = self._stages[stage]
-        while i < n:  # bounded: one step per configured check
-            check, settings = entries[i]
-            i += 1
+        failure (:meth:`run_now`).  ``start`` and ``acc`` resume a stage after an
+        asynchronous check: the next check's place, and the verdict so far."""
+        checks = self._stages[stage]
+        if start:
+            checks = checks[start:]
+        for check in checks:  # bounded: one step per configured check
             try:
                 v = check.check(stage, state)
             except Exception:
-                v = self._failed(Failure(), check, settings, stage, state)
+                v = self._failed(Failure(), check, stage, state)
             if v is ACCEPT:  # the common answer: nothing to add
                 continue
             # (isinstance on Verdict, a plain class, is cheap; on Deferred, an ABC, it is not.)
@@ -99,14 +98,15 @@ class Pipeline:
                     v.addErrback(lambda _: None)
                     v.cancel()
                     v = self._failed(Failure(RuntimeError(
-                        f"{stage.value} checks must answer synchronously")), check, settings, stage, state)
+                        f"{stage.value} checks must answer synchronously")), check, stage, state)
                 else:
-                    v.addTimeout(settings.timeout, self.clock)
-                    v.addCallback(_checked).addErrback(self._failed, check, settings, stage, state)
-                    return v.addCallback(self._resume, stage, state, i, acc)
+                    v.addTimeout(self._settings[id(check)].timeout, self.clock)
+                    v.addCallback(_checked).addErrback(self._failed, check, stage, state)
+                    after = self._stages[stage].index(check) + 1
+                    return v.addCallback(self._resume, stage, state, after, acc)
             if not isinstance(v, Verdict):
                 v = self._failed(Failure(TypeError(f"a check answered {v!r}, not a Verdict")),
-                                 check, settings, stage, state)
+                                 check, stage, state)
             acc = v if acc is ACCEPT and v.header_lines is None else self._step(acc, v, state)
             if acc.action is not Action.ACCEPT:
                 return acc
@@ -116,11 +116,11 @@ class Pipeline:
         """As :meth:`run`, for a stage that cannot wait: a Deferred is a failure."""
         return self.run(stage, state, True)
 
-    def _resume(self, v: Verdict, stage: Stage, state: CheckState, i: int, acc: Verdict) -> Any:
+    def _resume(self, v: Verdict, stage: Stage, state: CheckState, start: int, acc: Verdict) -> Any:
         acc = self._step(acc, v, state)
         if acc.action is not Action.ACCEPT:
             return acc
-        return self.run(stage, state, False, i, acc)
+        return self.run(stage, state, False, start, acc)
 
     @staticmethod
     def _step(acc: Verdict, v: Verdict, state: CheckState) -> Verdict:
@@ -130,8 +130,8 @@ class Pipeline:
             state.header_lines = v.header_lines  # the next check sees the rewrite
         return merge(acc, v)
 
-    def _failed(self, failure: Failure, check: Check, settings: CheckSettings, stage: Stage,
-                state: CheckState) -> Verdict:
+    def _failed(self, failure: Failure, check: Check, stage: Stage, state: CheckState) -> Verdict:
+        settings = self._settings[id(check)]
         timed_out = failure.check(TimeoutError) is not None
         fields = dict(check=check.name, stage=stage.value, on_error=settings.on_error,
                       ip=state.client_ip, event="check")
