@@ -608,9 +608,9 @@ class CrashingStore(QueueStore):
                 store.effect()
                 super().commit(envelope)
 
-            def commit_async(self, envelope: Envelope, tell: bool = True) -> Deferred[None]:
+            def commit_async(self, envelope: Envelope) -> Deferred[None]:
                 store.effect()
-                return super().commit_async(envelope, tell)
+                return super().commit_async(envelope)
 
         return Writer(self, new_queue_id(self.clock()), buffered)
 

@@ -27,8 +27,8 @@ runner's bounce builder all build a queued message the same way, with an
   nobody calls ``notify`` by hand, and a runner that queues a bounce is not
   re-entered while its pass is on the stack.
 
-The SMTP session's use, once switched over (the session keeps the timing it
-has today: the writer is made after the 354, the message held until the final
+The SMTP session's use (:mod:`mta.smtp.reception`; the session keeps its
+timing: the writer is made after the 354, the message held until the final
 dot, the 250 sent when the Deferred fires)::
 
     txn = Intake(store, sender_text)                       # MAIL

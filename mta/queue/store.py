@@ -123,17 +123,11 @@ class QueueStore(SparePool):
     def _tell_announced(self) -> None:
         envelopes, self._announced = self._announced, []
         for envelope in envelopes:
-            self.notify(envelope)
-
-    def notify(self, envelope: Envelope) -> None:
-        """Tell the listeners now that ``envelope``'s message is committed (the
-        SMTP session's way, after its 250; everything else goes through
-        :meth:`announce`)."""
-        for listener in self._listeners:
-            try:
-                listener(envelope)
-            except Exception:
-                log.failure("queue listener failed for {id}", id=envelope.id)
+            for listener in self._listeners:
+                try:
+                    listener(envelope)
+                except Exception:
+                    log.failure("queue listener failed for {id}", id=envelope.id)
 
     # --- the queue's contents ---------------------------------------------------
 

@@ -104,12 +104,10 @@ class MessageWriter:
             self._undo(e)
         self.store.announce(envelope)
 
-    def commit_async(self, envelope: Envelope, tell: bool = True) -> Deferred[None]:
+    def commit_async(self, envelope: Envelope) -> Deferred[None]:
         """Like :meth:`commit`, with the disk work on the group-commit thread.
         The store tells its listeners on the next reactor turn
-        (:meth:`mta.queue.store.QueueStore.announce`).  ``tell=False`` is the SMTP session's
-        until it commits through :class:`mta.queue.intake.Intake`: it calls
-        :meth:`~mta.queue.store.QueueStore.notify` itself once its 250 has gone out.
+        (:meth:`mta.queue.store.QueueStore.announce`), for every commit alike.
 
         A buffered message is one file (its envelope in the header), written
         and fsynced as the one part of the operation: into its spare, which
@@ -135,8 +133,7 @@ class MessageWriter:
             self._undo(failure.value)
 
         def done(_: None) -> None:
-            if tell:
-                self.store.announce(envelope)
+            self.store.announce(envelope)
 
         return d.addCallbacks(done, failed)
 

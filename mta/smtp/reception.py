@@ -242,14 +242,18 @@ class MessageReception:
             self._ready_writer = None
 
     def _new_writer(self) -> tuple[MessageWriter, bytes]:
-        """A buffered queue writer (still empty) and the trace headers for the top of
-        its message: Received-SPF above our Received (RFC 7208 §9.1: prepended,
-        above the Received field of the receiver that did the check)."""
-        writer = self.ctx.store.new_message(buffered=True)
+        """The transaction's queue writer, opened buffered and still empty
+        (:meth:`mta.queue.intake.Intake.open`), and the trace headers for the top
+        of its message: Received-SPF above our Received (RFC 7208 §9.1:
+        prepended, above the Received field of the receiver that did the check)."""
+        txn = self.txn
+        assert txn is not None
+        queue_id = txn.intake.open(buffered=True)
         # The queue id goes into the Received header (RFC 5321 §4.4 "id").
-        received = received_header(self._trace, queue_id=writer.id)
-        assert self.txn is not None
-        return writer, b"\r\n".join([*self.txn.trace_headers, received]) + b"\r\n"
+        received = received_header(self._trace, queue_id=queue_id)
+        writer = txn.intake.writer
+        assert writer is not None
+        return writer, b"\r\n".join([*txn.trace_headers, received]) + b"\r\n"
 
     def _open_writer(self, extra_headers: list[bytes], buffered: bool = False) -> MessageWriter:
         """The queue writer with ``extra_headers``, then the trace headers (``buffered``:
@@ -390,10 +394,7 @@ class MessageReception:
             self._reset_transaction()
             return self._refused("data", verdict, sender=txn.sender_text or "<>",
                                  rcpts=",".join(txn.rcpt_addresses))
-        envelope = Envelope(
-            id="",
-            sender=txn.sender_text,
-            recipients=txn.recipients,
+        envelope = txn.intake.envelope(
             created=time.time(),
             body_8bit=txn.body_8bit or eight_bit,
             binarymime=txn.binarymime,
@@ -431,11 +432,14 @@ class MessageReception:
         return self._commit(writer, envelope, txn)
 
     def _commit(self, writer: MessageWriter, envelope: Envelope, txn: Transaction) -> Deferred[Reply]:
-        """Hand the message to the group commit; reply 250 only once it is on disk."""
+        """Hand the message to the group commit through the transaction's intake
+        (``writer`` is its writer); reply 250 only once it is on disk.  The
+        store tells the queue runner (or a worker's announcer) on the next
+        reactor turn, after the 250 has gone out."""
         envelope.id = writer.id
         self._writer = None
         self.txn = None
-        d = writer.commit_async(envelope, tell=False)  # told in _queued, after the 250
+        d = txn.intake.commit(envelope)
 
         def failed(failure: Failure) -> Reply:
             failure.trap(QueueError)
@@ -445,11 +449,8 @@ class MessageReception:
 
     def _queued(self, envelope: Envelope, txn: Transaction) -> Reply:
         self.accepted += 1
-        # Right after the 250 has gone out (the client need not wait for them):
-        # the queue runner is told (its first delivery attempt starts at once),
-        # then the message is logged.  _async_done runs these even if the
-        # client has gone meanwhile.
-        self._after_reply.append(partial(self.ctx.store.notify, envelope))
+        # Logged right after the 250 has gone out (the client need not wait for
+        # it); _async_done runs this even if the client has gone meanwhile.
         self._after_reply.append(partial(
             log.info, "queued {queue_id} from={sender} to={rcpts} size={size} client={ip}",
             queue_id=envelope.id, sender=envelope.sender or "<>", rcpts=",".join(txn.rcpt_addresses),

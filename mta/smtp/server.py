@@ -54,7 +54,7 @@ from mta.mail.address import (
 from mta.mail.checks import ACCEPT, Action, Stage, Verdict
 from mta.mail.replies import Reply
 from mta.policy.relay import relay_allowed
-from mta.queue.envelope import Recipient, RecipientKind
+from mta.queue.intake import Intake
 from mta.smtp import dsnparams
 from mta.smtp.framing import Framing, Phase
 from mta.smtp.reception import MessageReception
@@ -453,6 +453,7 @@ class SMTPSession(Framing, SASLExchange, MessageReception, Protocol):
             txn.sender = parse_path(path, smtputf8=txn.smtputf8, allow_null=True)
         except AddressError as e:
             return R.BAD_SENDER_DOMAIN if e.bad_domain else R.BAD_SENDER
+        txn.intake = Intake(self.ctx.store, txn.sender_text)
         # The checks see the transaction (state.sender); it stays only if they accept.
         self.txn = txn
         verdict = self.pipeline.run(Stage.MAIL, self.view)
@@ -521,21 +522,8 @@ class SMTPSession(Framing, SASLExchange, MessageReception, Protocol):
                                        **fields)
         if verdict.headers or verdict.auth_results or verdict.facts:
             txn.add(verdict)
-        original = str(address)
-        if original not in txn.rcpt_addresses:
-            txn.rcpt_addresses.append(original)
         # One copy per mailbox: bob+x@ and bob@ are the same local recipient.
-        known = {(r.kind, r.mailbox or r.address) for r in txn.recipients}
-        for target in verdict.targets:
-            kind = RecipientKind(target.kind)
-            key = (kind, target.mailbox or target.address)
-            if key in known:
-                continue
-            known.add(key)
-            txn.recipients.append(
-                Recipient(address=target.address, kind=kind, original=original, mailbox=target.mailbox,
-                          notify=notify, orcpt=orcpt)
-            )
+        txn.intake.add_recipient(str(address), verdict.targets, notify=notify, orcpt=orcpt)
         if dsn:
             txn.dsn = True
         return R.RECIPIENT_OK

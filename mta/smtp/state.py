@@ -25,6 +25,7 @@ from mta.config import Config
 from mta.mail.address import Address
 from mta.mail.checks import EMPTY, Verdict
 from mta.queue.envelope import Recipient
+from mta.queue.intake import Intake
 from mta.queue.store import QueueStore
 
 
@@ -70,15 +71,20 @@ class ServerContext:
 
 @dataclass
 class Transaction:
-    """One mail transaction: MAIL FROM to the end of DATA (RFC 5321 §3.3)."""
+    """One mail transaction: MAIL FROM to the end of DATA (RFC 5321 §3.3).
+
+    What goes into the queue (sender, recipients with their expansion, the
+    message, its commit) is held by its :class:`~mta.queue.intake.Intake`, the
+    one way into the queue that local submission and bounces use too; this
+    adds what the SMTP dialogue and its checks learnt on the way.
+    """
 
     sender: Address | None
+    intake: Intake = field(default=None)  # type: ignore[assignment]  # set at MAIL (SMTPSession.smtp_MAIL)
     body_8bit: bool = False
     binarymime: bool = False  # BODY=BINARYMIME (RFC 3030 §3): BDAT only
     smtputf8: bool = False
     declared_size: int | None = None
-    recipients: list[Recipient] = field(default_factory=list)
-    rcpt_addresses: list[str] = field(default_factory=list)
     # What the checks of MAIL and RCPT added: headers for just above our Received
     # (Received-SPF), Authentication-Results entries, facts for later checks.
     trace_headers: tuple[bytes, ...] = ()
@@ -94,6 +100,16 @@ class Transaction:
     @property
     def sender_text(self) -> str:
         return "" if self.sender is None else str(self.sender)
+
+    @property
+    def recipients(self) -> list[Recipient]:
+        """The accepted recipients, expanded (aliases), one per mailbox."""
+        return self.intake.recipients
+
+    @property
+    def rcpt_addresses(self) -> list[str]:
+        """Each accepted RCPT address once, in the order given."""
+        return self.intake.originals
 
     def add(self, verdict: Verdict, top: bool = False) -> None:
         """Keep what a verdict of MAIL or RCPT (or, ``top``, HEADERS) added."""
