@@ -50,6 +50,7 @@ class DataReader:
 
     # Dot-unstuffing (RFC 5321 §4.5.2): DATA only, never for BDAT octets.
     _unstuff = True
+    binary = False  # ChunkReader under BODY=BINARYMIME: a body without line rules
 
     def __init__(
         self,
@@ -155,7 +156,8 @@ class DataReader:
             lines = self._take_headers(lines)
             if not lines:
                 return
-        if max(map(len, lines)) > self.max_line:
+        # A binary body (ChunkReader under BINARYMIME) has no line length rule.
+        if not (self.binary and not self._in_headers) and max(map(len, lines)) > self.max_line:
             self._error(DataError.LINE_TOO_LONG)
         lines.append(b"")
         block = CRLF.join(lines)
@@ -267,18 +269,6 @@ class ChunkReader(DataReader):
             return
         self._keep_partial(rest)
 
-    def _store(self, lines: list[bytes]) -> None:
-        if not self.binary:
-            super()._store(lines)
-            return
-        if not lines:
-            return
-        if self._in_headers:
-            lines = self._take_headers(lines)
-            if not lines:
-                return
-        lines.append(b"")
-        self._write(CRLF.join(lines))  # binary body: no line length rule
 
     def _keep_partial(self, data: bytes) -> None:
         if self.binary and len(data) > self.max_line + 1:
