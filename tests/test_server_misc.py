@@ -266,3 +266,42 @@ def test_socket_helper_is_loopback_only():
 
     assert socket.gethostbyname("127.0.0.1") == "127.0.0.1"
     assert make_config is not None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_closed_session_is_freed_without_the_cyclic_collector(mta):
+    """Nothing of a session refers back to it (the checks' view holds it weakly):
+    once its connection has closed it is freed at once, with all it held, not
+    left for a garbage collection (which would cost every message some work)."""
+    import gc
+    import weakref
+
+    def dialog(c: RawClient) -> list[int]:
+        codes = [c.read_reply()[0], c.cmd("EHLO client.test")[0], c.cmd("MAIL FROM:<f@remote.test>")[0],
+                 c.cmd("RCPT TO:<alice@example.test>")[0], c.cmd("DATA")[0],
+                 c.cmd(b"Subject: hi\r\n\r\nhello\r\n.")[0], c.cmd("QUIT")[0]]
+        c.close()
+        return codes
+
+    gc.collect()
+    gc.disable()
+    try:
+        c = await in_thread(RawClient, mta.port())
+        for _ in range(100):  # bounded: the session is there within a second
+            if mta.context.sessions:
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        (session,) = mta.context.sessions
+        ref = weakref.ref(session)
+        del session
+        codes = await in_thread(dialog, c)
+        for _ in range(200):  # bounded: the connection is closed within two seconds
+            if ref() is None:
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        alive = ref() is not None
+    finally:
+        gc.enable()
+    assert codes == [220, 250, 250, 250, 354, 250, 221]
+    assert len(mta.queued()) == 1
+    assert not alive

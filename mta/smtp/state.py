@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -132,14 +133,20 @@ class SessionView:
     read these most; the rest reads through to the session.  The stage's
     subject is set by the session before it asks the pipeline: ``recipient``
     at RCPT, ``header_lines`` at HEADERS (the pipeline also writes the checks'
-    rewrites there), ``message`` at MESSAGE.
+    rewrites there), ``message`` at MESSAGE.  It refers to the session weakly
+    (see ``__init__``).
     """
 
     __slots__ = ("_s", "client_ip", "trusted", "listener_kind", "auth_user", "recipient",
                  "header_lines", "message")
 
     def __init__(self, session: Any) -> None:  # an SMTPSession
-        self._s = session
+        # Weakly: the session holds its view, and a strong reference back would make
+        # a cycle of every session with all it holds, left to the cyclic garbage
+        # collector instead of freed as the connection closes (more work per
+        # message, and earlier full collections).  A check still waiting holds the
+        # session through the session's callback on its Deferred.
+        self._s = weakref.proxy(session)
         self.client_ip = ""
         self.trusted = False
         self.listener_kind: str = session.listener.kind
