@@ -95,6 +95,31 @@ class SlowConnect:
         return deferLater(self.clock, 0.1, lambda: refused if state.client_ip == "127.0.0.2" else ACCEPT)
 
 
+class ForUsers:
+    """MESSAGE, for authenticated clients only (``applies``): names the user in a field on top."""
+
+    name = "for_users"
+    stages = frozenset({Stage.MESSAGE})
+
+    def __init__(self, ctx: Any) -> None:
+        pass
+
+    @staticmethod
+    def applies(client: Any) -> bool:
+        return client.authenticated
+
+    def check(self, stage: Stage, state: Any) -> Verdict:
+        if state.auth_user is None:
+            return ACCEPT
+        return Verdict(headers=(b"X-Submitted-By: " + state.auth_user.encode(),))
+
+
+class BadApplies(ForUsers):
+    """``applies`` is not a method: refused at start-up."""
+
+    applies = True
+
+
 def with_check(name: str, factory: str, **settings: Any) -> dict[str, Any]:
     """The configuration that adds one check after the built-in ones."""
     return {"checks": {"order": [*CHECKS, name],
@@ -253,6 +278,99 @@ async def test_a_headers_check_rewrites_the_lines_and_adds_a_field_on_top(tmp_pa
     assert replies[-1][0] == 250
     assert data.startswith(b"X-Checked: yes\r\nReceived: ")
     assert data.endswith(b"\r\nSubject: QUIET\r\nFrom: f@remote.test\r\n\r\nbody\r\n")
+
+
+@pytest.fixture
+def calls(monkeypatch) -> list[tuple[str, str]]:
+    """(check, stage) of every run of a built-in check or of ForUsers, in order."""
+    from mta.policy.checks import BUILTIN
+
+    # The MTA makes ForUsers from "tests.test_pipeline:ForUsers": the module under
+    # that name, which need not be the one pytest loaded this file as.
+    from tests.test_pipeline import ForUsers as configured
+
+    seen: list[tuple[str, str]] = []
+    for cls in (*BUILTIN.values(), configured):
+        def check(self: Any, stage: Stage, state: Any, _original: Any = cls.check) -> Any:
+            seen.append((self.name, stage.value))
+            return _original(self, stage, state)
+        monkeypatch.setattr(cls, "check", check)
+    return seen
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_trusted_clients_plain_message_runs_only_the_checks_that_apply_to_it(tmp_path, calls):
+    """relay_networks: no HELO check, no SPF, none of the authenticated user's
+    checks (the built-in ones nor one added by configuration) is even run."""
+    extra = {"relay_networks": ["127.0.0.0/8"], **with_check("for_users", "ForUsers")}
+    mta = await start_mta(tmp_path, extra=extra)
+    try:
+        replies = await in_thread(send, mta.port(), "friend@remote.test")
+        (envelope,) = mta.queued()
+        data = mta.message_bytes(envelope.id)
+    finally:
+        await mta.stop()
+    assert [code for code, _ in replies] == [250, 250, 354, 250]
+    assert calls == [("limits", "connect"), ("recipient", "rcpt"), ("forged_authres", "headers"),
+                     ("loop", "headers"), ("msgauth", "message"), ("srs", "message")]
+    assert b"X-Submitted-By" not in data and data.endswith(b"\r\nSubject: hi\r\n\r\nhello\r\n")
+
+
+@pytest_twisted.ensureDeferred
+async def test_auth_and_starttls_change_which_checks_run(tmp_path, calls):
+    """An untrusted client: SPF and the HELO check run, the authenticated user's
+    checks do not, before STARTTLS and after it; once AUTH succeeds, in the
+    same session, those run (the one added by configuration names the user on
+    top of the message) and SPF no longer does."""
+    from tests.harness import PASSWORD
+
+    mta = await start_mta(tmp_path, extra=with_check("for_users", "ForUsers"))
+
+    def message(c: RawClient, sender: str) -> list[int]:
+        return [c.cmd(f"MAIL FROM:<{sender}>")[0], c.cmd("RCPT TO:<bob@example.test>")[0],
+                c.cmd("DATA")[0], c.cmd(b"Subject: hi\r\nFrom: " + sender.encode() + b"\r\n\r\nhello\r\n.")[0]]
+
+    def run() -> tuple[list[list[int]], list[int]]:
+        import base64
+
+        marks, codes = [], []
+        c = RawClient(mta.port())
+        try:
+            c.read_reply()
+            c.cmd("EHLO client.test")
+            codes.append(message(c, "friend@remote.test"))
+            marks.append(len(calls))
+            assert c.cmd("STARTTLS")[0] == 220
+            c.starttls()
+            c.cmd("EHLO client.test")
+            codes.append(message(c, "friend@remote.test"))
+            marks.append(len(calls))
+            auth = base64.b64encode(f"\0alice@example.test\0{PASSWORD}".encode()).decode()
+            codes.append([c.cmd("AUTH PLAIN " + auth)[0]])
+            codes.append(message(c, "alice@example.test"))
+            marks.append(len(calls))
+            c.cmd("QUIT")
+        finally:
+            c.close()
+        return codes, marks
+
+    try:
+        codes, marks = await in_thread(run)
+        by_sender = {e.sender: mta.message_bytes(e.id) for e in mta.queued()}
+    finally:
+        await mta.stop()
+    assert codes == [[250, 250, 354, 250], [250, 250, 354, 250], [235], [250, 250, 354, 250]]
+    untrusted = [("helo", "helo"), ("spf", "mail"), ("recipient", "rcpt"), ("forged_authres", "headers"),
+                 ("loop", "headers"), ("msgauth", "message"), ("srs", "message")]
+    assert calls[:marks[0]] == [("limits", "connect"), *untrusted]
+    assert calls[marks[0]:marks[1]] == untrusted  # after STARTTLS, still not authenticated
+    assert calls[marks[1]:] == [
+        ("sender_binding", "mail"), ("user_rate", "mail"), ("recipient", "rcpt"),
+        ("forged_authres", "headers"), ("loop", "headers"), ("submission_headers", "headers"),
+        ("from_binding", "message"), ("msgauth", "message"), ("srs", "message"),
+        ("for_users", "message")]
+    assert by_sender["alice@example.test"].startswith(b"X-Submitted-By: alice@example.test\r\n")
+    assert b"X-Submitted-By" not in by_sender["friend@remote.test"]
 
 
 # --- the pipeline itself -------------------------------------------------------------
@@ -422,3 +540,38 @@ def test_a_factory_that_cannot_be_loaded_stops_start_up_with_its_key(tmp_path):
     with pytest.raises(ConfigError) as e:
         build_pipeline(config, None, Clock())
     assert str(e.value).startswith("checks.x.factory: cannot load tests.test_pipeline:Missing")
+
+
+def test_a_factory_whose_check_has_a_bad_applies_stops_start_up_with_its_key(tmp_path):
+    from mta.smtp.pipeline import build_pipeline
+
+    config = make_config(tmp_path, extra=with_check("x", "BadApplies"))
+    with pytest.raises(ConfigError) as e:
+        build_pipeline(config, None, Clock())
+    assert str(e.value) == (
+        "checks.x.factory: tests.test_pipeline:BadApplies made a check whose applies is not callable")
+
+
+def test_a_plan_holds_each_stages_checks_that_apply_in_order_and_a_failing_applies_keeps_its_check():
+    """Made once per class of client; an applies() that raises is logged and its check runs."""
+    mail = Sync("mail", ACCEPT)
+    users = Sync("users", ACCEPT)
+    users.applies = lambda client: client.authenticated
+    broken = Sync("broken", ACCEPT)
+    broken.applies = lambda client: 1 / 0
+    pipeline = Pipeline([(users, CheckSettings()), (mail, CheckSettings()), (broken, CheckSettings())],
+                        Clock())
+    events = capture()
+    try:
+        anonymous = pipeline.plan(False, False, "mx")
+        user = pipeline.plan(False, True, "mx")
+        again = pipeline.plan(False, False, "mx")
+    finally:
+        stop_capture(events)
+    assert pipeline.names(Stage.MAIL, anonymous) == ["mail", "broken"]
+    assert pipeline.names(Stage.MAIL, user) == ["users", "mail", "broken"]
+    assert again is anonymous and anonymous[Stage.RCPT] == ()
+    assert [(e["check"], e["result"]) for e in events if e.get("event") == "check"] == [
+        ("broken", "error"), ("broken", "error")]  # once per class of client
+    assert pipeline.run(Stage.MAIL, State(), anonymous[Stage.MAIL]) is ACCEPT
+    assert (users.calls, mail.calls, broken.calls) == (0, 1, 1)

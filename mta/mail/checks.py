@@ -111,7 +111,9 @@ class CheckState(Protocol):
     MAIL, ``recipient`` is the RCPT address being checked (None elsewhere),
     ``header_lines`` are the message's header lines from HEADERS on,
     ``message`` its bytes at MESSAGE (None when it was too large to hold in
-    memory and went to disk as it arrived: dkim.max_message_size).
+    memory and went to disk as it arrived: dkim.max_message_size).  The
+    session's view refers to its session weakly: a check reads it while its
+    stage is being decided, not after the connection is gone.
     """
 
     client_ip: str
@@ -130,8 +132,28 @@ class CheckState(Protocol):
     facts: Mapping[str, Any]  # what earlier checks of this transaction said (Verdict.facts)
 
 
+class Client(NamedTuple):
+    """The class of client a session serves: all a check's :meth:`Check.applies` may read.
+
+    It changes only at connect, on AUTH success and on STARTTLS (which forgets
+    the AUTH, RFC 3207 §4.2); the pipeline keeps each class's checks (at most
+    2 x 2 x the listener kinds), so a session asks for them with one lookup."""
+
+    trusted: bool  # in relay_networks
+    authenticated: bool  # AUTH succeeded (auth_user is set)
+    listener_kind: str  # mx, submission, submissions
+
+
 class Check(Protocol):
     """One decision, run by the pipeline at each of its ``stages``.
+
+    A check may also have ``applies(client: Client) -> bool``: False says it
+    has nothing to decide for that class of client (SPF for a trusted or
+    authenticated one, say), and the pipeline does not run it for such a
+    session at all.  Without it a check runs for every client.  Its answer
+    must depend on the :class:`Client` alone (the pipeline keeps it for the
+    pipeline's life), so what a reload may change (the configuration, the
+    policy objects) is read by ``check``, not ``applies``.
 
     ``check`` returns a :class:`Verdict`, or a Deferred firing with one when
     it needs I/O (SPF, DNS, a thread).  It must not block; a synchronous

@@ -27,6 +27,13 @@ By stage, in the default order:
   ``msgauth``: DKIM and DMARC for inbound mail, DKIM signing for our users'
   (RFC 6376, RFC 7489); ``srs``: the SRS sender of forwarded mail.
 
+Each says in ``applies`` (:class:`mta.mail.checks.Check`) the clients it has
+nothing to decide for, so that the pipeline does not even run it for them:
+``helo`` not for relay_networks, ``spf`` for neither relay_networks nor an
+authenticated user, ``sender_binding``, ``user_rate``, ``submission_headers``
+and ``from_binding`` only for an authenticated user.  ``check`` still tests
+the same, for a caller that runs a check without the pipeline's plan.
+
 Log events keep the session's fields: a refusal is logged by the session as
 event "rejected" with the verdict's ``reason``; the limit checks log their own
 "limit" events and say ``quiet``.
@@ -42,7 +49,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from mta.mail import replies as R
-from mta.mail.checks import ACCEPT, Action, CheckState, Stage, Verdict, reject
+from mta.mail.checks import ACCEPT, Action, CheckState, Client, Stage, Verdict, reject
 from mta.mail.headers import unfold_headers
 from mta.policy.received import count_received
 from mta.policy.relay import check_recipient
@@ -89,6 +96,10 @@ class HeloName(_Check):
     name = "helo"
     stages = frozenset({Stage.HELO})
 
+    @staticmethod
+    def applies(client: Client) -> bool:
+        return not client.trusted
+
     def check(self, stage: Stage, state: CheckState) -> Verdict:
         mode = self.ctx.config.helo_check
         if mode == "off" or state.trusted:
@@ -107,6 +118,10 @@ class SenderBinding(_Check):
     name = "sender_binding"
     stages = frozenset({Stage.MAIL})
 
+    @staticmethod
+    def applies(client: Client) -> bool:
+        return client.authenticated
+
     def check(self, stage: Stage, state: CheckState) -> Verdict:
         ctx = self.ctx
         user = state.auth_user
@@ -123,6 +138,10 @@ class UserRate(_Check):
 
     name = "user_rate"
     stages = frozenset({Stage.MAIL})
+
+    @staticmethod
+    def applies(client: Client) -> bool:
+        return client.authenticated
 
     def check(self, stage: Stage, state: CheckState) -> Verdict:
         abuse = self.ctx.abuse
@@ -142,6 +161,10 @@ class SPF(_Check):
 
     name = "spf"
     stages = frozenset({Stage.MAIL})
+
+    @staticmethod
+    def applies(client: Client) -> bool:
+        return not client.trusted and not client.authenticated
 
     def check(self, stage: Stage, state: CheckState) -> Verdict | Deferred[Verdict]:
         ctx = self.ctx
@@ -227,6 +250,10 @@ class SubmissionHeaders(_Check):
     name = "submission_headers"
     stages = frozenset({Stage.HEADERS})
 
+    @staticmethod
+    def applies(client: Client) -> bool:
+        return client.authenticated
+
     def check(self, stage: Stage, state: CheckState) -> Verdict:
         if state.auth_user is None:
             return ACCEPT
@@ -241,6 +268,10 @@ class FromBinding(_Check):
 
     name = "from_binding"
     stages = frozenset({Stage.MESSAGE})
+
+    @staticmethod
+    def applies(client: Client) -> bool:
+        return client.authenticated
 
     def check(self, stage: Stage, state: CheckState) -> Verdict:
         ctx = self.ctx

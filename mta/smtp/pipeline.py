@@ -19,6 +19,15 @@
   ``on_error`` action: ``tempfail`` (451 4.3.0; 421 4.3.0 and close at
   CONNECT) or ``accept``.  Never a traceback to the client.
 
+Not every check has something to say about every client (SPF not for a
+trusted or authenticated one, the submission fixes only for an authenticated
+one): a check may say so with ``applies`` (:class:`~mta.mail.checks.Check`),
+and :meth:`Pipeline.plan` gives a session, for its class of client
+(:class:`~mta.mail.checks.Client`), each stage's checks that apply, made
+once per class and kept.  The session asks again when its class changes
+(AUTH, STARTTLS) and runs only those; a stage left without a check answers
+the shared ACCEPT at once.
+
 HEADERS runs inside the DATA reader, as the header section completes, so its
 checks must answer synchronously (:meth:`Pipeline.run_now`): a Deferred
 there is a failure.
@@ -31,7 +40,7 @@ checks of :data:`mta.policy.checks.BUILTIN` by name, others from their
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred, TimeoutError
@@ -40,7 +49,7 @@ from twisted.python.failure import Failure
 
 from mta.config import CheckSettings, Config, ConfigError
 from mta.mail import replies as R
-from mta.mail.checks import ACCEPT, EMPTY, Action, Check, CheckState, Stage, Verdict
+from mta.mail.checks import ACCEPT, EMPTY, Action, Check, CheckState, Client, Stage, Verdict
 
 log = Logger()
 
@@ -63,6 +72,10 @@ def merge(acc: Verdict, v: Verdict) -> Verdict:
     )
 
 
+# A session's checks: each stage's, in order, those that apply to its client.
+Plan = Mapping[Stage, tuple[Check, ...]]
+
+
 class Pipeline:
     """The checks of each stage, in order, with their settings."""
 
@@ -72,20 +85,49 @@ class Pipeline:
             stage: tuple(c for c, _ in checks if stage in c.stages) for stage in Stage}
         # Looked up only when a check fails or waits (by id: a check need not be hashable).
         self._settings: dict[int, CheckSettings] = {id(c): s for c, s in checks}
+        # Each class of client's plan, made when first asked for; bounded: the
+        # keys are (trusted, authenticated, listener kind), at most 2 x 2 x 3.
+        self._plans: dict[tuple[bool, bool, str], Plan] = {}
 
-    def names(self, stage: Stage) -> list[str]:
-        return [c.name for c in self._stages[stage]]
+    def names(self, stage: Stage, plan: Plan | None = None) -> list[str]:
+        return [c.name for c in (self._stages if plan is None else plan)[stage]]
 
-    def run(self, stage: Stage, state: CheckState, now: bool = False, start: int = 0,
-            acc: Verdict = ACCEPT) -> Any:
+    def plan(self, trusted: bool, authenticated: bool, listener_kind: str) -> Plan:
+        """Each stage's checks that apply to this class of client (:class:`Client`),
+        in the configured order; one dictionary lookup but the first time."""
+        key = (trusted, authenticated, listener_kind)
+        plan = self._plans.get(key)
+        if plan is None:
+            client = Client(trusted, authenticated, listener_kind)
+            plan = self._plans[key] = {
+                stage: tuple(c for c in checks if self._applies(c, client))
+                for stage, checks in self._stages.items()}
+        return plan
+
+    @staticmethod
+    def _applies(check: Check, client: Client) -> bool:
+        applies = getattr(check, "applies", None)
+        if applies is None:
+            return True
+        try:
+            return bool(applies(client))
+        except Exception:
+            # A bug in applies() must not take a check away: it then runs, and decides.
+            log.failure("check {check}: applies() failed for {client}; it runs for them",
+                        check=check.name, client=client, event="check", result="error")
+            return True
+
+    def run(self, stage: Stage, state: CheckState, checks: tuple[Check, ...] | None = None,
+            now: bool = False, start: int = 0, acc: Verdict = ACCEPT) -> Any:
         """The verdict of ``stage``: a Verdict, or a Deferred (firing with one) only
-        when a check needed I/O.  ``now``: the stage cannot wait, a Deferred is a
+        when a check needed I/O.  ``checks``: the session's checks of the stage
+        (its :meth:`plan`'s), all of the stage's when None; none: the shared
+        ACCEPT at once.  ``now``: the stage cannot wait, a Deferred is a
         failure (:meth:`run_now`).  ``start`` and ``acc`` resume a stage after an
         asynchronous check: the next check's place, and the verdict so far."""
-        checks = self._stages[stage]
-        if start:
-            checks = checks[start:]
-        for check in checks:  # bounded: one step per configured check
+        if checks is None:
+            checks = self._stages[stage]
+        for check in checks[start:] if start else checks:  # bounded: one step per check
             try:
                 v = check.check(stage, state)
             except Exception:
@@ -102,8 +144,8 @@ class Pipeline:
                 else:
                     v.addTimeout(self._settings[id(check)].timeout, self.clock)
                     v.addCallback(_checked).addErrback(self._failed, check, stage, state)
-                    after = self._stages[stage].index(check) + 1
-                    return v.addCallback(self._resume, stage, state, after, acc)
+                    after = checks.index(check) + 1
+                    return v.addCallback(self._resume, stage, state, checks, after, acc)
             if not isinstance(v, Verdict):
                 v = self._failed(Failure(TypeError(f"a check answered {v!r}, not a Verdict")),
                                  check, stage, state)
@@ -112,15 +154,17 @@ class Pipeline:
                 return acc
         return acc
 
-    def run_now(self, stage: Stage, state: CheckState) -> Verdict:
+    def run_now(self, stage: Stage, state: CheckState,
+                checks: tuple[Check, ...] | None = None) -> Verdict:
         """As :meth:`run`, for a stage that cannot wait: a Deferred is a failure."""
-        return self.run(stage, state, True)
+        return self.run(stage, state, checks, True)
 
-    def _resume(self, v: Verdict, stage: Stage, state: CheckState, start: int, acc: Verdict) -> Any:
+    def _resume(self, v: Verdict, stage: Stage, state: CheckState, checks: tuple[Check, ...],
+                start: int, acc: Verdict) -> Any:
         acc = self._step(acc, v, state)
         if acc.action is not Action.ACCEPT:
             return acc
-        return self.run(stage, state, False, start, acc)
+        return self.run(stage, state, checks, False, start, acc)
 
     @staticmethod
     def _step(acc: Verdict, v: Verdict, state: CheckState) -> Verdict:
@@ -169,6 +213,8 @@ def load_check(name: str, settings: CheckSettings, ctx: Any) -> Check:
     check = factory(ctx)
     if not getattr(check, "stages", None) or not callable(getattr(check, "check", None)):
         raise ConfigError(key, f"{settings.factory} made no check (stages and check())")
+    if not callable(getattr(check, "applies", callable)):
+        raise ConfigError(key, f"{settings.factory} made a check whose applies is not callable")
     return check
 
 

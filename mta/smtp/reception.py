@@ -63,6 +63,7 @@ class MessageReception:
     listener: Any
     pipeline: Any
     view: Any
+    _plan: Any  # the checks of each stage for this client (Pipeline.plan)
     client_ip: str
     helo: str | None
     esmtp: bool
@@ -329,7 +330,8 @@ class MessageReception:
         rewrite the lines; a refusal is answered after the message's end)."""
         view = self.view
         view.header_lines = lines
-        verdict = self.pipeline.run_now(Stage.HEADERS, view)
+        checks = self._plan[Stage.HEADERS]  # none: the shared ACCEPT at once
+        verdict = self.pipeline.run_now(Stage.HEADERS, view, checks) if checks else ACCEPT
         lines, view.header_lines = view.header_lines, ()
         txn = self.txn
         if txn is not None:
@@ -373,7 +375,8 @@ class MessageReception:
             self._chunks = []
         view = self.view
         view.header_lines, view.message = txn.header_lines, message
-        verdict = self.pipeline.run(Stage.MESSAGE, view)
+        checks = self._plan[Stage.MESSAGE]  # none: the shared ACCEPT at once
+        verdict = self.pipeline.run(Stage.MESSAGE, view, checks) if checks else ACCEPT
         if not isinstance(verdict, Verdict):  # a Deferred: a check needs I/O
             return verdict.addCallback(self._message_decided, writer, message, txn, reader.eight_bit)
         return self._message_decided(verdict, writer, message, txn, reader.eight_bit)

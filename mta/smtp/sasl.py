@@ -37,8 +37,8 @@ class SASLExchange:
     tls_active: bool
     auth_user: str | None
     auth_failures: int
-    view: Any
     txn: Any
+    _set_auth_user: Any  # the session's: sets auth_user where the checks see it too
     phase: Phase
 
     def _init_sasl(self) -> None:
@@ -138,7 +138,7 @@ class SASLExchange:
 
         def checked(canonical: str | None) -> Reply | Deferred[Reply]:
             if canonical:
-                self.auth_user = self.view.auth_user = canonical
+                self._set_auth_user(canonical)
                 if self.ctx.abuse is not None:
                     self.ctx.abuse.auth_succeeded(self.client_ip, user.lower())
                 log.info("auth ok for {user} from {ip}", user=canonical, ip=self.client_ip,

@@ -57,6 +57,7 @@ from mta.policy.relay import relay_allowed
 from mta.queue.intake import Intake
 from mta.smtp import dsnparams
 from mta.smtp.framing import Framing, Phase
+from mta.smtp.pipeline import Plan
 from mta.smtp.reception import MessageReception
 from mta.smtp.sasl import SASLExchange
 from mta.smtp.state import ServerContext, SessionView, Transaction
@@ -107,6 +108,9 @@ class SMTPSession(Framing, SASLExchange, MessageReception, Protocol):
         self._greeting_timer: Any = None
         self._closing_after_reply = False
         self.txn: Transaction | None = None  # the transaction in progress
+        # The checks of each stage that apply to this client (Pipeline.plan): set
+        # at connect, again when AUTH or STARTTLS changes the client's class.
+        self._plan: Plan = {}
 
     # --- connection -------------------------------------------------------------
 
@@ -117,11 +121,13 @@ class SMTPSession(Framing, SASLExchange, MessageReception, Protocol):
         # exempt from per-address limits, and its mail is neither checked nor given A-R.
         self._trusted = relay_allowed(None, self.client_ip, self.config.relay_networks)
         self.view.client_ip, self.view.trusted = self.client_ip, self._trusted
+        self._plan = self.pipeline.plan(self._trusted, False, self.listener.kind)
         self.started = self.ctx.clock.seconds()
         if not self.ctx.accepting:
             self._send(R.SHUTTING_DOWN)
             return
-        verdict = self.pipeline.run(Stage.CONNECT, self.view)
+        checks = self._plan[Stage.CONNECT]  # none: the shared ACCEPT at once
+        verdict = self.pipeline.run(Stage.CONNECT, self.view, checks) if checks else ACCEPT
         if not isinstance(verdict, Verdict):  # a Deferred: a check needs I/O
             # A check needs I/O: the session counts from now on, and the greeting
             # waits for the verdict (a client that talks meanwhile is an early talker).
@@ -238,6 +244,12 @@ class SMTPSession(Framing, SASLExchange, MessageReception, Protocol):
         self._abort_message()
         self._send(R.SHUTTING_DOWN)
 
+    def _set_auth_user(self, user: str | None) -> None:
+        """AUTH succeeded (``user``) or STARTTLS forgot it (None): the session, its
+        checks' view and the checks that apply to it (:meth:`Pipeline.plan`)."""
+        self.auth_user = self.view.auth_user = user
+        self._plan = self.pipeline.plan(self._trusted, user is not None, self.listener.kind)
+
     # --- logging refusals --------------------------------------------------------
 
     def _rejected(self, stage: str, reply: Reply, **fields: Any) -> Reply:
@@ -312,7 +324,8 @@ class SMTPSession(Framing, SASLExchange, MessageReception, Protocol):
         if not name or " " in name or not name.isprintable():
             return R.HELO_SYNTAX
         previous, self.helo = self.helo, name
-        verdict = self.pipeline.run(Stage.HELO, self.view)
+        checks = self._plan[Stage.HELO]  # none: the shared ACCEPT at once
+        verdict = self.pipeline.run(Stage.HELO, self.view, checks) if checks else ACCEPT
         if not isinstance(verdict, Verdict):  # a Deferred: a check needs I/O
             return verdict.addCallback(self._hello_decided, previous, esmtp)
         return self._hello_decided(verdict, previous, esmtp)
@@ -394,7 +407,7 @@ class SMTPSession(Framing, SASLExchange, MessageReception, Protocol):
         # RFC 3207 §4.2: forget everything learnt before TLS.
         self.helo = None
         self.esmtp = False
-        self.auth_user = self.view.auth_user = None
+        self._set_auth_user(None)
         self._reset_transaction()
         self.tls_active = True
         return None
@@ -456,7 +469,8 @@ class SMTPSession(Framing, SASLExchange, MessageReception, Protocol):
         txn.intake = Intake(self.ctx.store, txn.sender_text)
         # The checks see the transaction (state.sender); it stays only if they accept.
         self.txn = txn
-        verdict = self.pipeline.run(Stage.MAIL, self.view)
+        checks = self._plan[Stage.MAIL]  # none: the shared ACCEPT at once
+        verdict = self.pipeline.run(Stage.MAIL, self.view, checks) if checks else ACCEPT
         if not isinstance(verdict, Verdict):  # a Deferred: a check needs I/O
             return verdict.addCallback(self._mail_decided, txn)
         return self._mail_decided(verdict, txn)
@@ -502,7 +516,8 @@ class SMTPSession(Framing, SASLExchange, MessageReception, Protocol):
             return R.BAD_RECIPIENT_DOMAIN if e.bad_domain else R.BAD_RECIPIENT
         assert address is not None
         self.view.recipient = address
-        verdict = self.pipeline.run(Stage.RCPT, self.view)
+        checks = self._plan[Stage.RCPT]  # none: the shared ACCEPT at once
+        verdict = self.pipeline.run(Stage.RCPT, self.view, checks) if checks else ACCEPT
         if not isinstance(verdict, Verdict):  # a Deferred: a check needs I/O
             return verdict.addCallback(self._rcpt_decided, address, notify, orcpt, bool(params))
         return self._rcpt_decided(verdict, address, notify, orcpt, bool(params))
