@@ -135,8 +135,11 @@ class Pipeline:
             if v is ACCEPT:  # the common answer: nothing to add
                 continue
             # (isinstance on Verdict, a plain class, is cheap; on Deferred, an ABC, it is not.)
-            if not isinstance(v, Verdict) and isinstance(v, Deferred):
-                if now:
+            if not isinstance(v, Verdict):
+                if not isinstance(v, Deferred):
+                    v = self._failed(Failure(TypeError(f"a check answered {v!r}, not a Verdict")),
+                                     check, stage, state)
+                elif now:
                     v.addErrback(lambda _: None)
                     v.cancel()
                     v = self._failed(Failure(RuntimeError(
@@ -146,9 +149,6 @@ class Pipeline:
                     v.addCallback(_checked).addErrback(self._failed, check, stage, state)
                     after = checks.index(check) + 1
                     return v.addCallback(self._resume, stage, state, checks, after, acc)
-            if not isinstance(v, Verdict):
-                v = self._failed(Failure(TypeError(f"a check answered {v!r}, not a Verdict")),
-                                 check, stage, state)
             acc = v if acc is ACCEPT and v.header_lines is None else self._step(acc, v, state)
             if acc.action is not Action.ACCEPT:
                 return acc

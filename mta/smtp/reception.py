@@ -331,7 +331,8 @@ class MessageReception:
         view = self.view
         view.header_lines = lines
         checks = self._plan[Stage.HEADERS]  # none: the shared ACCEPT at once
-        verdict = self.pipeline.run_now(Stage.HEADERS, view, checks) if checks else ACCEPT
+        # (run with now=True is run_now, without the extra call.)
+        verdict = self.pipeline.run(Stage.HEADERS, view, checks, True) if checks else ACCEPT
         lines, view.header_lines = view.header_lines, ()
         txn = self.txn
         if txn is not None:
@@ -377,7 +378,7 @@ class MessageReception:
         view.header_lines, view.message = txn.header_lines, message
         checks = self._plan[Stage.MESSAGE]  # none: the shared ACCEPT at once
         verdict = self.pipeline.run(Stage.MESSAGE, view, checks) if checks else ACCEPT
-        if not isinstance(verdict, Verdict):  # a Deferred: a check needs I/O
+        if verdict is not ACCEPT and not isinstance(verdict, Verdict):  # a Deferred: a check needs I/O
             return verdict.addCallback(self._message_decided, writer, message, txn, reader.eight_bit)
         return self._message_decided(verdict, writer, message, txn, reader.eight_bit)
 

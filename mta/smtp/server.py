@@ -128,7 +128,7 @@ class SMTPSession(Framing, SASLExchange, MessageReception, Protocol):
             return
         checks = self._plan[Stage.CONNECT]  # none: the shared ACCEPT at once
         verdict = self.pipeline.run(Stage.CONNECT, self.view, checks) if checks else ACCEPT
-        if not isinstance(verdict, Verdict):  # a Deferred: a check needs I/O
+        if verdict is not ACCEPT and not isinstance(verdict, Verdict):  # a Deferred: a check needs I/O
             # A check needs I/O: the session counts from now on, and the greeting
             # waits for the verdict (a client that talks meanwhile is an early talker).
             self._start_session()
@@ -326,7 +326,7 @@ class SMTPSession(Framing, SASLExchange, MessageReception, Protocol):
         previous, self.helo = self.helo, name
         checks = self._plan[Stage.HELO]  # none: the shared ACCEPT at once
         verdict = self.pipeline.run(Stage.HELO, self.view, checks) if checks else ACCEPT
-        if not isinstance(verdict, Verdict):  # a Deferred: a check needs I/O
+        if verdict is not ACCEPT and not isinstance(verdict, Verdict):  # a Deferred: a check needs I/O
             return verdict.addCallback(self._hello_decided, previous, esmtp)
         return self._hello_decided(verdict, previous, esmtp)
 
@@ -471,8 +471,10 @@ class SMTPSession(Framing, SASLExchange, MessageReception, Protocol):
         self.txn = txn
         checks = self._plan[Stage.MAIL]  # none: the shared ACCEPT at once
         verdict = self.pipeline.run(Stage.MAIL, self.view, checks) if checks else ACCEPT
-        if not isinstance(verdict, Verdict):  # a Deferred: a check needs I/O
+        if verdict is not ACCEPT and not isinstance(verdict, Verdict):  # a Deferred: a check needs I/O
             return verdict.addCallback(self._mail_decided, txn)
+        if verdict is ACCEPT:  # nothing to refuse, nothing to keep
+            return R.SENDER_OK
         return self._mail_decided(verdict, txn)
 
     def _mail_decided(self, verdict: Verdict, txn: Transaction) -> Reply:
@@ -518,7 +520,7 @@ class SMTPSession(Framing, SASLExchange, MessageReception, Protocol):
         self.view.recipient = address
         checks = self._plan[Stage.RCPT]  # none: the shared ACCEPT at once
         verdict = self.pipeline.run(Stage.RCPT, self.view, checks) if checks else ACCEPT
-        if not isinstance(verdict, Verdict):  # a Deferred: a check needs I/O
+        if verdict is not ACCEPT and not isinstance(verdict, Verdict):  # a Deferred: a check needs I/O
             return verdict.addCallback(self._rcpt_decided, address, notify, orcpt, bool(params))
         return self._rcpt_decided(verdict, address, notify, orcpt, bool(params))
 
