@@ -51,6 +51,7 @@ from mta.delivery.outbound import (
 from mta.delivery.protocol import SMTPClientProtocol
 from mta.delivery.session import ClientSession
 from mta.delivery.tlspolicy import tls_creator
+from mta.mail.address import logged_sender
 
 # What a caller of send() needs, importable from here.
 __all__ = ["ClientOptions", "OutboundMessage", "RecipientReply", "SessionResult", "Timeouts",
@@ -174,7 +175,7 @@ def _log_result(result: SessionResult, protocol: str) -> None:
             protocol=protocol,
             server=result.server,
             tls=result.tls or "no TLS",
-            sender=tx.sender or "<>",
+            sender=logged_sender(tx.sender),
             outcomes=outcomes,
             error=f"; server failed: {result.connection_error}" if result.connection_error else "",
             replies={r: str(reply) for r, reply in tr.replies.items()},

@@ -34,7 +34,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mta.config import Config
-from mta.mail.address import AddressError, parse_mailbox
+from mta.mail.address import AddressError, logged_sender, parse_mailbox
 from mta.mail.headers import unfold_headers
 from mta.mail.reader import ChunkReader, DataError
 from mta.policy.received import TraceInfo, count_received, received_header
@@ -143,7 +143,7 @@ def submit_message(store: QueueStore, config: Config, aliases: Any, sender: str,
 
     def queued(_: None) -> str:
         log.info("queued {id} from={sender} to={rcpts} size={size} client=local uid={uid}",
-                 id=envelope.id, sender=envelope.sender or "<>", rcpts=",".join(txn.originals),
+                 id=envelope.id, sender=logged_sender(envelope.sender), rcpts=",".join(txn.originals),
                  size=envelope.size, uid=envelope.extra.get("local_uid"), event="queued")
         return envelope.id
 

@@ -58,6 +58,12 @@ _LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
 _PARAM = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")
 
 
+def logged_sender(sender: str) -> str:
+    """An envelope sender as a log event's ``sender`` field holds it: the address,
+    or ``<>`` for the null sender (never an empty string)."""
+    return sender or "<>"
+
+
 def quote_local(local: str) -> str:
     if _DOT_STRING.match(local):
         return local

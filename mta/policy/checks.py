@@ -49,6 +49,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from mta.mail import replies as R
+from mta.mail.address import logged_sender
 from mta.mail.checks import ACCEPT, Action, CheckState, Client, Stage, Verdict, reject
 from mta.mail.headers import unfold_headers
 from mta.policy.received import count_received
@@ -180,7 +181,7 @@ class SPF(_Check):
 
         config = self.ctx.config
         log.info("spf {result} for {sender} from {ip}", result=result.result,
-                 sender=sender or "<>", ip=ip, event="spf")
+                 sender=logged_sender(sender), ip=ip, event="spf")
         if result.result == "fail" and config.spf.reject_fail:
             return reject(R.spf_fail(result.explanation or "not permitted"), reason="spf")
         received = spf_policy.fold_header(spf_policy.received_spf_header(

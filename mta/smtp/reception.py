@@ -37,6 +37,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mta.mail import replies as R
+from mta.mail.address import logged_sender
 from mta.mail.checks import ACCEPT, EMPTY, Action, Stage, Verdict
 from mta.mail.reader import ChunkReader, DataError, DataReader
 from mta.mail.replies import Reply
@@ -214,7 +215,7 @@ class MessageReception:
         self._bdat_refusal = None
         if refusal is not None:
             if refusal is R.TOO_BIG and txn is not None:
-                self._rejected("data", refusal, sender=txn.sender_text,
+                self._rejected("data", refusal, sender=logged_sender(txn.sender_text),
                                rcpts=",".join(txn.rcpt_addresses))
                 self._reset_transaction()
             return refusal
@@ -361,12 +362,12 @@ class MessageReception:
             reply = R.DATA_LINE_TOO_LONG
         elif refusal is not None:
             self._reset_transaction()
-            return self._refused("data", refusal, sender=txn.sender_text or "<>",
+            return self._refused("data", refusal, sender=logged_sender(txn.sender_text),
                                  rcpts=",".join(txn.rcpt_addresses))
         elif self._chunks is None:
             reply = R.QUEUE_WRITE_FAILED
         if reply is not None:
-            self._rejected("data", reply, sender=txn.sender_text or "<>",
+            self._rejected("data", reply, sender=logged_sender(txn.sender_text),
                            rcpts=",".join(txn.rcpt_addresses))
             self._reset_transaction()
             return reply
@@ -396,7 +397,7 @@ class MessageReception:
             # Also drops the queue writer made ready after the 354, whose Received
             # header names this transaction's recipient: never reused by the next one.
             self._reset_transaction()
-            return self._refused("data", verdict, sender=txn.sender_text or "<>",
+            return self._refused("data", verdict, sender=logged_sender(txn.sender_text),
                                  rcpts=",".join(txn.rcpt_addresses))
         envelope = txn.intake.envelope(
             created=time.time(),
@@ -457,7 +458,7 @@ class MessageReception:
         # it); _async_done runs this even if the client has gone meanwhile.
         self._after_reply.append(partial(
             log.info, "queued {queue_id} from={sender} to={rcpts} size={size} client={ip}",
-            queue_id=envelope.id, sender=envelope.sender or "<>", rcpts=",".join(txn.rcpt_addresses),
+            queue_id=envelope.id, sender=logged_sender(envelope.sender), rcpts=",".join(txn.rcpt_addresses),
             size=envelope.size, ip=self.client_ip, event="queued",
             auth=self.auth_user or "-", tls=self.tls_version or "no", kind=self.listener.kind,
         ))

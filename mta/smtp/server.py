@@ -48,6 +48,7 @@ from mta.mail.address import (
     Address,
     AddressError,
     DuplicateParameter,
+    logged_sender,
     parse_path,
     split_path_and_params,
 )
@@ -480,7 +481,7 @@ class SMTPSession(Framing, SASLExchange, MessageReception, Protocol):
     def _mail_decided(self, verdict: Verdict, txn: Transaction) -> Reply:
         if verdict.action is not Action.ACCEPT:
             self.txn = None
-            return self._refused("mail", verdict, sender=txn.sender_text or "<>")
+            return self._refused("mail", verdict, sender=logged_sender(txn.sender_text))
         if verdict is not ACCEPT:
             txn.add(verdict)
         return R.SENDER_OK
@@ -507,7 +508,7 @@ class SMTPSession(Framing, SASLExchange, MessageReception, Protocol):
                 return dsn
             notify, orcpt = dsn
         if len(self.txn.rcpt_addresses) >= self.limits.max_recipients:
-            return self._rcpt_rejected(R.TOO_MANY_RECIPIENTS, path[1:-1], sender=self.txn.sender_text or "<>",
+            return self._rcpt_rejected(R.TOO_MANY_RECIPIENTS, path[1:-1], sender=logged_sender(self.txn.sender_text),
                                        reason="max_recipients")
         if path.lower() == "<postmaster>" and self.config.local_domains:
             # RFC 5321 §4.1.1.3: "Postmaster" without a domain must be accepted.
@@ -535,7 +536,7 @@ class SMTPSession(Framing, SASLExchange, MessageReception, Protocol):
             if verdict.quiet:
                 return verdict.reply
             fields = {"reason": verdict.reason} if verdict.reason else {}
-            return self._rcpt_rejected(verdict.reply, str(address), sender=txn.sender_text or "<>",
+            return self._rcpt_rejected(verdict.reply, str(address), sender=logged_sender(txn.sender_text),
                                        **fields)
         if verdict.headers or verdict.auth_results or verdict.facts:
             txn.add(verdict)
