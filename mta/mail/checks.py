@@ -84,6 +84,10 @@ class Verdict(NamedTuple):
     envelope: Mapping[str, Any] | None = None
     reason: str = ""
     quiet: bool = False
+    # MESSAGE only: accept the message but hold it in the quarantine (hold) queue
+    # instead of delivering it; the text is the reason (a milter's SMFIR_QUARANTINE,
+    # a content check's verdict).  The first non-empty one wins.
+    quarantine: str = ""
 
     @property
     def accepted(self) -> bool:

@@ -69,6 +69,7 @@ def merge(acc: Verdict, v: Verdict) -> Verdict:
         facts={**(acc.facts or EMPTY), **v.facts} if v.facts else acc.facts,
         envelope={**(acc.envelope or EMPTY), **v.envelope} if v.envelope else acc.envelope,
         reason=v.reason, quiet=v.quiet,
+        quarantine=acc.quarantine or v.quarantine,
     )
 
 
