@@ -129,6 +129,22 @@ class DNSConfig:
 
 
 @dataclass(frozen=True)
+class DANEConfig:
+    """``[dane]``: DANE for MX delivery (RFC 7672; mta.delivery.dane)."""
+
+    enabled: bool = False
+    # The local validating resolver whose AD bit is trusted (loopback only);
+    # empty: dns.servers (or resolv.conf), which must then be on loopback.
+    resolvers: tuple[tuple[str, int], ...] = ()
+    # Checked at start: this name must come back with the AD bit (it is signed)...
+    check_name: str = "."
+    # ...and this one, if set, with SERVFAIL (it is deliberately bogus).
+    check_bogus: str = ""
+    # A failed check refuses DANE; it is made again at most this often.
+    recheck_interval: float = 60.0
+
+
+@dataclass(frozen=True)
 class AliasConfig:
     drop_characters: str = "."
     suffix_separators: str = "+"
@@ -142,7 +158,10 @@ class DeliveryConfig:
     smarthost_username: str | None = None
     smarthost_password: str | None = None
     smarthost_tls: str = "opportunistic"  # "none", "opportunistic", "require", "verify"
-    tls_policy: str = "opportunistic"  # for MX delivery: "opportunistic" or "verify"
+    # For MX delivery: "opportunistic" or "verify", or with [dane] enabled "dane"
+    # (DANE where the MX host has usable TLSA records, else opportunistic) or
+    # "dane-only" (hosts without them are not used).
+    tls_policy: str = "opportunistic"
     retry_schedule: tuple[float, ...] = (60.0, 300.0, 900.0, 1800.0, 3600.0)
     retry_jitter: float = 0.1
     max_queue_lifetime: float = 5 * 24 * 3600.0
@@ -215,6 +234,7 @@ class Config:
     aliases: AliasConfig = field(default_factory=AliasConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     checks: ChecksConfig = field(default_factory=ChecksConfig)
+    dane: DANEConfig = field(default_factory=DANEConfig)
     # Loopback is not trusted by default: these networks may relay without AUTH.
     relay_networks: tuple[str, ...] = ()
     # Authenticated users may only use their own address (and +suffixes) or the
@@ -361,7 +381,7 @@ def config_from_dict(raw: dict[str, Any], base: Path, overrides: dict[str, Any] 
         "workers", "helo_check", "strict_envelopes",
         "srs_secret",
         "listeners", "tls", "limits", "spf", "dns", "aliases", "delivery", "dkim", "dmarc",
-        "checks",
+        "checks", "dane",
     }
     _check_keys(raw, top, "")
     hostname = _get(raw, "hostname", str, "", None) or socket.getfqdn()
@@ -527,8 +547,8 @@ def config_from_dict(raw: dict[str, Any], base: Path, overrides: dict[str, Any] 
         raise ConfigError("delivery.connection_cache_time", "must be a number of seconds >= 0")
     if delivery.smarthost_tls not in ("none", "opportunistic", "require", "verify"):
         raise ConfigError("delivery.smarthost_tls", "must be none, opportunistic, require or verify")
-    if delivery.tls_policy not in ("opportunistic", "verify"):
-        raise ConfigError("delivery.tls_policy", "must be opportunistic or verify")
+    if delivery.tls_policy not in ("opportunistic", "verify", "dane", "dane-only"):
+        raise ConfigError("delivery.tls_policy", "must be opportunistic, verify, dane or dane-only")
     if delivery.lmtp is not None:
         if delivery.mailbox_command is not None:
             raise ConfigError("delivery.lmtp", "cannot be combined with delivery.mailbox_command: "
@@ -573,6 +593,7 @@ def config_from_dict(raw: dict[str, Any], base: Path, overrides: dict[str, Any] 
         aliases=aliases,
         delivery=delivery,
         checks=_checks(_table(raw, "checks")),
+        dane=_dane(_table(raw, "dane"), dns, delivery.tls_policy),
         relay_networks=relay_networks,
         metrics_endpoint=metrics,
         log_json=_path(base, _get(raw, "log_json", str, "", None)),
@@ -643,6 +664,35 @@ def _checks(table: dict[str, Any]) -> ChecksConfig:
             raise ConfigError(f"checks.order[{i}]", f"unknown check {name!r}: built in are "
                               f"{', '.join(CHECKS)}; others need checks.{name}.factory")
     return ChecksConfig(tuple(order), tuple(settings))
+
+
+def _dane(table: dict[str, Any], dns: DNSConfig, tls_policy: str) -> DANEConfig:
+    """``[dane]``: the AD bit is trusted only from a resolver on loopback (as Postfix)."""
+    _check_keys(table, {"enabled", "resolvers", "check_name", "check_bogus",
+                        "recheck_interval"}, "dane.")
+    enabled = _get(table, "enabled", bool, "dane.", False)
+    resolvers = []
+    for i, s in enumerate(_get(table, "resolvers", list, "dane.", [])):
+        if not isinstance(s, str):
+            raise ConfigError(f"dane.resolvers[{i}]", "must be a string such as '127.0.0.1:53'")
+        resolvers.append(_host_port(s, f"dane.resolvers[{i}]", 53))
+    import ipaddress
+
+    for i, (host, _port) in enumerate(resolvers or (dns.servers if enabled else ())):
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            key = f"dane.resolvers[{i}]" if resolvers else f"dns.servers[{i}]"
+            raise ConfigError(key, f"{host} is not a loopback address: the AD bit is only "
+                              "trusted from a local validating resolver")
+    if tls_policy in ("dane", "dane-only") and not enabled:
+        raise ConfigError("delivery.tls_policy", f"{tls_policy} needs [dane] enabled = true")
+    interval = _get(table, "recheck_interval", float, "dane.", 60.0)
+    return DANEConfig(enabled, tuple(resolvers), _get(table, "check_name", str, "dane.", "."),
+                      _get(table, "check_bogus", str, "dane.", ""),
+                      float(_positive(interval, "dane.recheck_interval")))
 
 
 def _workers(raw: dict[str, Any]) -> int:

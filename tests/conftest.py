@@ -67,3 +67,16 @@ def dns_server():
     pytest_twisted.blockon(server.start())
     yield server
     pytest_twisted.blockon(server.stop())
+
+
+@pytest.fixture(scope="session")
+def dane_world(tmp_path_factory):
+    """One validating resolver (Unbound) in front of signed test zones (NSD) for the
+    whole session, with the receiving certificate their TLSA records describe
+    (:class:`tests.test_dane.DaneWorld`)."""
+    from tests.test_dane import DaneWorld
+
+    world = DaneWorld(tmp_path_factory.mktemp("dnssec"))
+    world.start()
+    yield world
+    world.stop()

@@ -4,6 +4,8 @@
 #
 #   swaks (with Perl's TLS and SASL modules)   a real client: STARTTLS, AUTH
 #   smtp-sink, smtp-source (Debian: postfix)   a real peer server for the client tests
+#   unbound, nsd, ldns-keygen/ldns-signzone     DANE tests: a validating resolver in front of
+#     (Debian: unbound, nsd, ldnsutils)         signed zones on loopback
 #   python3's venv/ensurepip (python3-venv)    only while .venv does not exist yet
 #
 # All there: silent, exit 0. Something missing: as root on Debian, install it
@@ -33,6 +35,10 @@ check() {
     fi
     command -v smtp-sink >/dev/null 2>&1 || want smtp-sink postfix
     command -v smtp-source >/dev/null 2>&1 || want smtp-source postfix
+    command -v unbound >/dev/null 2>&1 || want unbound unbound
+    command -v nsd >/dev/null 2>&1 || want nsd nsd
+    command -v ldns-signzone >/dev/null 2>&1 || want ldns-signzone ldnsutils
+    command -v ldns-keygen >/dev/null 2>&1 || want ldns-keygen ldnsutils
     if [ ! -d "$VENV/bin" ] && ! "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null; then
         want "$PYTHON venv" python3-venv
     fi

@@ -61,7 +61,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol, connectionDone
-from twisted.internet.ssl import PrivateCertificate
+from twisted.internet.ssl import Certificate, CertificateOptions, PrivateCertificate
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -363,7 +363,13 @@ class SinkProtocol(Protocol):
             self._broken_tls = True
             return
         pem = self.opts.tls.private_key_and_cert_chain_pem.bytes()
-        self.transport.startTLS(PrivateCertificate.loadPEM(pem).options())
+        server = PrivateCertificate.loadPEM(pem)
+        # The intermediates too (a DANE-TA record may name one of them).
+        extra = [Certificate.loadPEM(p.bytes()).original
+                 for p in self.opts.tls.cert_chain_pems[1:]]
+        self.transport.startTLS(CertificateOptions(
+            privateKey=server.privateKey.original, certificate=server.original,
+            extraCertChain=extra))
         self.session.tls = True
         self._greeted = False  # RFC 3207 §4.2: start over
         self._reset()

@@ -55,6 +55,15 @@ Queue runner (namespace ``mta.queue.runner``):
 ``bounce_dropped``  a failure for a null-sender message: ``queue_id``, ``recipient``, ``reply``.
 ``removed``     ``queue_id``.
 
+DANE (namespace ``mta.delivery.dane``):
+
+``dnssec_check``  the validating resolver's check at start (and again while it
+                fails): ``result`` (``ok``/``failed``), ``name``, ``problem``.
+``dane``        a DANE outcome for an MX host: ``domain``, ``mx``, ``result``
+                (``success``, ``unusable`` or an RFC 8460 failure type:
+                ``tlsa-invalid``, ``dnssec-invalid``, ``dane-required``,
+                ``starttls-not-supported``), ``why``.
+
 Elsewhere: ``reload`` (``result``, ``err``), ``control`` (``command``, ``uid``),
 ``deleted`` and ``admin_bounce`` (``queue_id``).
 

@@ -74,6 +74,9 @@ class ClientOptions:
     timeouts: Timeouts = field(default_factory=Timeouts)
     # Speak LMTP (RFC 2033) instead of SMTP: LHLO, and one reply per recipient after DATA.
     lmtp: bool = False
+    # Under "dane": checks the certificate chain after the handshake
+    # (mta.delivery.tlspolicy.PeerVerifier; a mta.delivery.dane.TLSAVerifier).
+    peer_verifier: Any = None
 
     def __post_init__(self) -> None:
         if self.tls_policy not in TLS_POLICIES:

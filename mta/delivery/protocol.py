@@ -261,6 +261,13 @@ class SMTPClientProtocol(Protocol):
             return ""
         return f"{handle.get_protocol_version_name()} {handle.get_cipher_name()}"
 
+    def peer_chain(self) -> list[Any]:
+        """The certificate chain the server sent (its own first), after the handshake."""
+        handle = self.transport.getHandle()
+        if not isinstance(handle, SSL.Connection):
+            return []
+        return list(handle.get_peer_cert_chain() or [])
+
     def send_body(self, path: Path, block_timeout: float) -> Deferred[None]:
         """Send the message file as DATA, with its end.
 

@@ -19,6 +19,13 @@ With the "opportunistic" TLS policy a server whose TLS handshake fails is tried
 once more on the same address in plaintext (as Postfix does at security level
 "may"); "require" and "verify" never fall back.
 
+DANE (RFC 7672; ``delivery.tls_policy = "dane"``, :mod:`mta.delivery.dane`):
+after the MX lookup, each MX host gets the TLS policy its TLSA records ask
+for; a host whose TLSA answer is bogus is not connected to at all (its
+refusal is the error the recipients are deferred with if no other host takes
+them).  DANE is decided first: another policy (MTA-STS) only applies to a
+host without usable TLSA records (RFC 8461 §2).
+
 DSN (RFC 3461 §5.2): the envelope's RET/ENVID and each recipient's
 NOTIFY/ORCPT go to a server that offers DSN (the client leaves them out for
 one that does not); a recipient it accepts is then reported ``dsn_passed``,
@@ -32,7 +39,7 @@ from __future__ import annotations
 
 import inspect
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +79,9 @@ class NextHop:
     tls_policy: str
     username: str | None = None
     password: str | None = None
+    # DANE (mta.delivery.dane): the TLSA check under "dane", or why the host is not used.
+    verifier: Any = field(default=None, compare=False)
+    refusal: str | None = field(default=None, compare=False)
 
     @property
     def display(self) -> str:
@@ -95,8 +105,9 @@ def _domain(address: str) -> str:
 
 class RemoteCourier:
     def __init__(self, config: Config, mx_resolver: Any, reactor: Any, trust_root: Any = None, *,
-                 timeouts: Timeouts | None = None, clock: Any = None) -> None:
+                 timeouts: Timeouts | None = None, clock: Any = None, dane: Any = None) -> None:
         self.delivery = config.delivery
+        self.dane = dane  # a mta.delivery.dane.DanePolicy, or None without DANE
         self.helo_name = config.hostname
         self.resolver = mx_resolver
         self.reactor = reactor
@@ -163,8 +174,26 @@ class RemoteCourier:
             return hops
         answer = self.resolver.resolve(domain)
         hosts = await answer if inspect.isawaitable(answer) else answer
+        if self.dane is not None:
+            return await self._dane_hops(domain, hosts)
         return [NextHop(address, d.mx_port, mx.name, d.tls_policy)
                 for mx in hosts for address in mx.addresses]
+
+    async def _dane_hops(self, domain: str, hosts: list[Any]) -> list[NextHop]:
+        """The hops with the TLS policy DANE gives each host (before any other policy)."""
+        d = self.delivery
+        base = "opportunistic" if d.tls_policy in ("dane", "dane-only") else d.tls_policy
+        plan = await self.dane.plan(domain, hosts) or {}
+        hops = []
+        for mx in hosts:
+            host = plan.get(mx.name)
+            for address in mx.addresses:
+                if host is None or (host.tls_policy is None and host.refusal is None):
+                    hops.append(NextHop(address, d.mx_port, mx.name, base))
+                else:
+                    hops.append(NextHop(address, d.mx_port, mx.name, host.tls_policy or base,
+                                        verifier=host.verifier, refusal=host.refusal))
+        return hops
 
     async def _deliver_group(self, envelope: Envelope, domain: str, recipients: list[Recipient],
                              data_path: Path, size: int, sender: str) -> list[DeliveryResult]:
@@ -200,12 +229,18 @@ class RemoteCourier:
 
         async def attempt(hop: NextHop) -> None:
             nonlocal last
+            if hop.refusal is not None:  # DANE: this host must not be used (RFC 7672 §2.2)
+                last = (f"{hop.display}: {hop.refusal}", "4.7.5", hop.name)
+                return
             tx = OutboundMessage(sender=sender, recipients=list(waiting), data_path=data_path,
                                  size=size, body_8bit=envelope.body_8bit, smtputf8=envelope.smtputf8,
                                  binarymime=envelope.binarymime)
             if envelope.dsn:
                 _add_dsn(tx, envelope, waiting)
             session = await self._attempt(hop, tx)
+            if hop.verifier is not None:
+                self.dane.outcome(domain, hop.name, hop.verifier, bool(session.tls),
+                                  session.connection_error)
             dsn = session.transactions[0].dsn
             for address, reply in session.transactions[0].replies.items():
                 for r in waiting.pop(address, []):
@@ -252,6 +287,7 @@ class RemoteCourier:
             username=hop.username,
             password=hop.password,
             timeouts=self.timeouts,
+            peer_verifier=hop.verifier,
         )
 
     async def _attempt(self, hop: NextHop, tx: OutboundMessage) -> SessionResult:

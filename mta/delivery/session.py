@@ -254,6 +254,11 @@ class ClientSession:
             raise SessionError(f"TLS handshake failed: {e}", "4.7.5") from None
         self.result.tls = self.proto.tls_description()
         self.result.tls_verified = self.options.tls_policy == "verify"
+        if self.options.peer_verifier is not None:  # DANE (RFC 7672 §3): before any command
+            problem = self.options.peer_verifier.verify(self.proto.peer_chain())
+            if problem is not None:
+                raise SessionError(f"TLS authentication failed: {problem}", "4.7.5")
+            self.result.tls_verified = True
         # RFC 3207 §4.2: forget everything learned before TLS and ask again.
         self.caps = await self._hello(State.LHLO_AFTER_TLS if self.options.lmtp
                                       else State.EHLO_AFTER_TLS)

@@ -8,7 +8,11 @@ certificate is checked.
   without it, or if it is refused, go on in plaintext (RFC 3207 §4);
 * ``require``: STARTTLS or fail the server, certificate unchecked;
 * ``verify``: STARTTLS or fail, and the certificate must match the MX or
-  smarthost name (RFC 6125, with service_identity).
+  smarthost name (RFC 6125, with service_identity);
+* ``dane``: STARTTLS or fail, and the certificate chain must match the MX
+  host's TLSA records (RFC 7672): no PKIX check in the handshake, the
+  ``ClientOptions.peer_verifier`` (:mod:`mta.delivery.dane`) checks the
+  chain once the handshake is done, before anything is sent over it.
 
 An LMTP server is usually a local socket, so ``opportunistic`` does not try
 STARTTLS there (RFC 2033: a local, trusted link); ``require`` and ``verify`` do.
@@ -16,7 +20,8 @@ STARTTLS there (RFC 2033: a local, trusted link); ``require`` and ``verify`` do.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 from OpenSSL import SSL
 from twisted.internet import interfaces
@@ -24,7 +29,15 @@ from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.ssl import CertificateOptions, optionsForClientTLS
 from zope.interface import implementer
 
-TLS_POLICIES = ("none", "opportunistic", "require", "verify")
+TLS_POLICIES = ("none", "opportunistic", "require", "verify", "dane")
+
+
+class PeerVerifier(Protocol):
+    """Checks the server's certificate chain after the TLS handshake (DANE)."""
+
+    def verify(self, chain: Sequence[Any]) -> str | None:
+        """None if the chain (pyOpenSSL X509s, the server's certificate first) is
+        accepted, else the reason."""
 
 
 def tries_starttls(policy: str, lmtp: bool) -> bool:
@@ -34,7 +47,7 @@ def tries_starttls(policy: str, lmtp: bool) -> bool:
 
 def requires_tls(policy: str) -> bool:
     """Whether a server without STARTTLS (or refusing it) fails under ``policy``."""
-    return policy in ("require", "verify")
+    return policy in ("require", "verify", "dane")
 
 
 @implementer(interfaces.IOpenSSLClientConnectionCreator)

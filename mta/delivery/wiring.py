@@ -14,13 +14,36 @@ from typing import Any
 from mta.config import Config
 from mta.delivery.cache import ConnectionCache
 from mta.delivery.client import Timeouts
+from mta.delivery.dane import DanePolicy, TLSReport
 from mta.delivery.lmtp import LMTPCourier
 from mta.delivery.local import CommandCourier, MaildirCourier, PipeCourier
 from mta.delivery.mx import MXResolver
 from mta.delivery.remote import RemoteCourier
 from mta.queue.runner import QueueRunner, Router
 from mta.queue.store import QueueStore
-from mta.system.dns import CachingResolver, make_resolver
+from mta.system.dns import (
+    CachingResolver,
+    ValidatingResolver,
+    loopback_servers,
+    make_resolver,
+    nameservers,
+)
+
+
+def build_dane(config: Config, reactor: Any, report: TLSReport | None = None) -> DanePolicy | None:
+    """The DANE policy over the configured validating resolver (``[dane]``), its
+    check started; None when DANE is off."""
+    if not config.dane.enabled:
+        return None
+    servers = list(config.dane.resolvers) or nameservers(config.dns)
+    untrusted = "" if loopback_servers(servers) else (
+        f"the resolver {servers[0][0]} is not on loopback: its AD bit cannot be trusted")
+    dane = DanePolicy(ValidatingResolver(servers, config.dns.timeout, reactor), reactor,
+                      check_name=config.dane.check_name, check_bogus=config.dane.check_bogus,
+                      recheck_interval=config.dane.recheck_interval, report=report,
+                      required=config.delivery.tls_policy == "dane-only", untrusted=untrusted)
+    dane.start()
+    return dane
 
 
 def build_couriers(config: Config, reactor: Any, trust_root: Any = None) -> dict[str, Any]:
@@ -39,7 +62,8 @@ def build_couriers(config: Config, reactor: Any, trust_root: Any = None) -> dict
     return {
         "local": local,
         "pipe": PipeCourier(d.pipe_timeout, reactor),
-        "remote": RemoteCourier(config, mx, reactor, trust_root=trust_root),
+        "remote": RemoteCourier(config, mx, reactor, trust_root=trust_root,
+                                dane=build_dane(config, reactor)),
     }
 
 
