@@ -39,6 +39,8 @@ Scripting, all optional:
   recipient in RCPT order, each scriptable as ``"DATA_END:<address>"`` (falling
   back to ``"DATA_END"``; ``stall``/``drop`` take the same keys).  A message
   records the recipients that got a 2xx in ``delivered_to``.
+* ``requiretls=True`` offers REQUIRETLS (RFC 8689) after STARTTLS and takes
+  its MAIL parameter.
 * ``chunking=True`` offers CHUNKING (RFC 3030) and ``binarymime=True``
   BINARYMIME: ``BDAT n [LAST]`` reads exactly n octets; a non-LAST chunk is
   answered at stage "BDAT" (default ``250 2.0.0 n octets received``), the
@@ -126,6 +128,7 @@ class SinkOptions:
     lmtp: bool = False
     chunking: bool = False
     binarymime: bool = False
+    requiretls: bool = False  # offers REQUIRETLS (RFC 8689) once under TLS
 
 
 @implementer(IHandshakeListener)
@@ -315,6 +318,8 @@ class SinkProtocol(Protocol):
             ext.append("BINARYMIME")
         if o.tls is not None and not self.session.tls:
             ext.append("STARTTLS")
+        if o.requiretls and self.session.tls:
+            ext.append("REQUIRETLS")
         if o.auth is not None and (self.session.tls or not o.auth_requires_tls):
             ext.append(" ".join(["AUTH", *o.auth_mechanisms]))
         return ext
@@ -464,6 +469,8 @@ class SinkProtocol(Protocol):
             elif key == "SMTPUTF8" and "SMTPUTF8" in offered:
                 pass
             elif key in ("RET", "ENVID") and "DSN" in offered:
+                pass
+            elif key == "REQUIRETLS" and "REQUIRETLS" in offered and not value:
                 pass
             else:
                 return f"555 5.5.4 unsupported parameter {p}"

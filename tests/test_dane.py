@@ -115,15 +115,20 @@ async def start(tmp_path: Path, world: DaneWorld, sink_port: int, policy: str = 
     return running, courier
 
 
-def send(port: int, rcpt: str) -> None:
+def send(port: int, rcpt: str, headers: str = "", requiretls: bool = False) -> None:
     c = RawClient(port)
     try:
         assert c.read_reply()[0] == 220
         assert c.cmd("EHLO client.test")[0] == 250
-        assert c.cmd("MAIL FROM:<alice@example.test>")[0] == 250
+        if requiretls:
+            assert c.cmd("STARTTLS")[0] == 220
+            c.starttls()
+            assert c.cmd("EHLO client.test")[0] == 250
+        mail = "MAIL FROM:<alice@example.test>" + (" REQUIRETLS" if requiretls else "")
+        assert c.cmd(mail)[0] == 250
         assert c.cmd(f"RCPT TO:<{rcpt}>")[0] == 250
         assert c.cmd("DATA")[0] == 354
-        assert c.cmd("Subject: dane\r\n\r\nsecret body\r\n.")[0] == 250
+        assert c.cmd(f"Subject: dane\r\n{headers}\r\nsecret body\r\n.")[0] == 250
         c.cmd("QUIT")
     finally:
         c.close()
@@ -342,3 +347,46 @@ def test_tlsa_verifier_names_and_anchor(dane_world):
     assert TLSAVerifier([ta], ["mx-ta.dane.test"]).verify(chain[:1]) is not None
     assert not TLSARecord(3, 1, 1, b"short").usable
     assert not TLSARecord(0, 1, 1, bytes(32)).usable
+
+
+@pytest_twisted.ensureDeferred
+async def test_tls_required_no_ignores_dane(tmp_path, dane_world, dane_sink):
+    # RFC 8689 §4.1: the sender asks that the recipient's DANE policy be ignored.
+    running, courier = await start(tmp_path, dane_world, dane_sink.port)
+    try:
+        await in_thread(send, running.port(), "bob@bad.dane.test", headers="TLS-Required: No\r\n")
+        await wait_for(lambda: dane_sink.messages, what="the message at the sink")
+        assert dane_sink.messages[0].tls
+        assert not any(row[2] == "tlsa-invalid" for row in courier.dane.report.rows)
+    finally:
+        await running.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_requiretls_relayed_over_dane(tmp_path, dane_world):
+    # A DANE-authenticated hop that offers REQUIRETLS takes a REQUIRETLS message
+    # (RFC 8689 §4.2.1), and TLS-Required: No is ignored for it.
+    sink = await start_sink(tls=dane_world.cert, requiretls=True)
+    running, courier = await start(tmp_path, dane_world, sink.port)
+    try:
+        await in_thread(send, running.port(), "bob@pass.dane.test", requiretls=True,
+                        headers="TLS-Required: No\r\n")
+        await wait_for(lambda: sink.messages, what="the message at the sink")
+        assert "REQUIRETLS" in sink.messages[0].mail_params
+    finally:
+        await running.stop()
+        await sink.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_requiretls_over_a_dane_host_without_it_bounces(tmp_path, dane_world, dane_sink):
+    running, courier = await start(tmp_path, dane_world, dane_sink.port)
+    try:
+        await in_thread(send, running.port(), "bob@pass.dane.test", requiretls=True)
+        new = tmp_path / "var" / "mail" / "example.test" / "alice" / "new"
+        await wait_for(lambda: new.exists() and any(new.iterdir()), what="the bounce")
+        assert dane_sink.messages == []
+        (bounce,) = [p.read_bytes() for p in new.iterdir()]
+        assert b"Status: 5.7.30" in bounce and b"REQUIRETLS support required" in bounce
+    finally:
+        await running.stop()

@@ -52,6 +52,8 @@ class OutboundMessage:
     dsn_mail: list[str] | None = None
     dsn_rcpt: dict[str, str] | None = None
     binarymime: bool = False  # received with BODY=BINARYMIME: BDAT only (RFC 3030 §3)
+    # MAIL ... REQUIRETLS (RFC 8689): only over verified TLS to a server offering it.
+    requiretls: bool = False
 
     @property
     def needs_smtputf8(self) -> bool:

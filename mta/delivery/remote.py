@@ -60,12 +60,16 @@ from mta.delivery.mx import DNSError
 from mta.mail.dsnfields import mail_params, rcpt_params
 from mta.queue.courier import DeliveryResult, Outcome
 from mta.queue.envelope import Envelope, Recipient
+from mta.queue.layout import QueuedMessage
 
 log = Logger()
 
 # Domains remembered with the server of their last message (for reuse without
 # a DNS lookup while its connection is cached); the memory starts afresh past it.
 MAX_RECENT = 1000
+# A REQUIRETLS message that no server could take for these reasons bounces (RFC 8689 §5):
+# 5.7.10 no verified TLS, 5.7.30 REQUIRETLS support required.
+REQUIRETLS_FAILURES = ("5.7.10", "5.7.30")
 
 
 @dataclass(frozen=True)
@@ -161,7 +165,7 @@ class RemoteCourier:
         by_id = {id(res.recipient): res for results in lists for res in results}
         return [by_id[id(r)] for r in recipients]
 
-    async def _next_hops(self, domain: str) -> list[NextHop]:
+    async def _next_hops(self, domain: str, relaxed: bool = False) -> list[NextHop]:
         d = self.delivery
         if d.smarthosts:
             hops = []
@@ -174,8 +178,11 @@ class RemoteCourier:
             return hops
         answer = self.resolver.resolve(domain)
         hosts = await answer if inspect.isawaitable(answer) else answer
-        if self.dane is not None:
+        if self.dane is not None and not relaxed:
             return await self._dane_hops(domain, hosts)
+        if relaxed and d.tls_policy in ("dane", "dane-only"):
+            return [NextHop(address, d.mx_port, mx.name, "opportunistic")
+                    for mx in hosts for address in mx.addresses]
         return [NextHop(address, d.mx_port, mx.name, d.tls_policy)
                 for mx in hosts for address in mx.addresses]
 
@@ -234,7 +241,7 @@ class RemoteCourier:
                 return
             tx = OutboundMessage(sender=sender, recipients=list(waiting), data_path=data_path,
                                  size=size, body_8bit=envelope.body_8bit, smtputf8=envelope.smtputf8,
-                                 binarymime=envelope.binarymime)
+                                 binarymime=envelope.binarymime, requiretls=envelope.requiretls)
             if envelope.dsn:
                 _add_dsn(tx, envelope, waiting)
             session = await self._attempt(hop, tx)
@@ -260,7 +267,7 @@ class RemoteCourier:
             await attempt(reused)
         if waiting:
             try:
-                hops = await self._next_hops(domain)
+                hops = await self._next_hops(domain, self._relaxed(envelope, domain, data_path))
             except DNSError as e:
                 outcome = Outcome.FAILED if e.permanent else Outcome.DEFERRED
                 for group in waiting.values():
@@ -272,11 +279,27 @@ class RemoteCourier:
                 if hop != reused:
                     await attempt(hop)
         last_error, last_status, last_server = last
+        outcome = Outcome.DEFERRED
+        if envelope.requiretls and last_status in REQUIRETLS_FAILURES:
+            # RFC 8689 §5: no server could take it as REQUIRETLS asks: a non-delivery notice.
+            outcome, last_error = Outcome.FAILED, f"550 {last_status} {last_error}"
         for group in waiting.values():
             for r in group:
-                results.append(DeliveryResult(r, Outcome.DEFERRED, last_error, last_server,
-                                              last_status))
+                results.append(DeliveryResult(r, outcome, last_error, last_server, last_status))
         return results
+
+    def _relaxed(self, envelope: Envelope, domain: str, data_path: Path) -> bool:
+        """RFC 8689 §4.1/§5: ``TLS-Required: No`` asks that the recipient domain's
+        policies (DANE here, MTA-STS) be ignored: opportunistic TLS then.  Our own
+        configured policies (verify, require, credentials) still hold, and the header
+        is ignored for a REQUIRETLS message.  Only read when DANE is configured."""
+        if self.dane is None or not domain or envelope.requiretls:
+            return False
+        if not tls_required_no(data_path):
+            return False
+        log.info("{id}: TLS-Required: No; DANE is not applied for {domain}", id=envelope.id,
+                 domain=domain, event="dane", mx="", result="tls-required-no")
+        return True
 
     def _options(self, hop: NextHop, policy: str | None = None) -> ClientOptions:
         return ClientOptions(
@@ -319,3 +342,21 @@ def _add_dsn(tx: OutboundMessage, envelope: Envelope, waiting: dict[str, list[Re
             if params:
                 tx.dsn_rcpt[address] = params
                 break
+
+
+HEADER_READ = 64 * 1024  # the part of a message looked at for TLS-Required
+
+
+def tls_required_no(data_path: Path) -> bool:
+    """Whether the message's header section has ``TLS-Required: No`` (RFC 8689 §4.1,
+    case-insensitive, folding allowed)."""
+    try:
+        head = QueuedMessage(data_path).read_start(HEADER_READ)
+    except OSError:
+        return False
+    section = head.split(b"\r\n\r\n", 1)[0].replace(b"\r\n ", b" ").replace(b"\r\n\t", b" ")
+    for line in section.split(b"\r\n"):
+        name, sep, value = line.partition(b":")
+        if sep and name.strip().lower() == b"tls-required":
+            return value.strip().lower() == b"no"
+    return False

@@ -336,6 +336,18 @@ class ClientSession:
             tr.replies[r] = reason
         return True
 
+    def _check_requiretls(self) -> None:
+        """RFC 8689 §4.2.1: a REQUIRETLS message goes only over TLS whose certificate
+        was verified (DANE, MTA-STS or a "verify" policy) to a server that offers
+        REQUIRETLS; otherwise this server fails (5.7.10 / 5.7.30, §5) before MAIL."""
+        if not (self.proto.tls_active and self.result.tls_verified):
+            raise SessionError(f"REQUIRETLS: the connection to {self.result.server} is not TLS "
+                               "with a verified certificate (RFC 8689 §4.2.1)", "5.7.10",
+                               polite=True)
+        if not self.caps.has("REQUIRETLS"):
+            raise SessionError(f"REQUIRETLS support required: {self.result.server} does not offer "
+                               "REQUIRETLS (RFC 8689 §4.2.1)", "5.7.30", polite=True)
+
     def _mail_command(self, tx: OutboundMessage) -> str:
         params = []
         if self.caps.has("SIZE"):
@@ -348,6 +360,8 @@ class ClientSession:
             params.append("SMTPUTF8")  # RFC 6531 §3.4
         if tx.dsn_mail and self.caps.has("DSN"):
             params.extend(tx.dsn_mail)  # RFC 3461 §4.3, §4.4
+        if tx.requiretls:
+            params.append("REQUIRETLS")  # RFC 8689 §4.2.1 (offered: _check_requiretls)
         return " ".join([f"MAIL FROM:<{tx.sender}>", *params])
 
     async def _transaction(self, tr: TransactionResult, recipients: list[str]) -> tuple[bool, list[str]]:
@@ -359,6 +373,8 @@ class ClientSession:
         fails/defers its recipient), and only then does the 421 end the session, with
         the recipients still open left unanswered (for the next server or a retry).
         """
+        if tr.message.requiretls and recipients:
+            self._check_requiretls()
         if not recipients or self._refuse_locally(tr, recipients):
             return True, []
         tx = tr.message

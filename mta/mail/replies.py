@@ -222,3 +222,10 @@ def duplicate_param(keyword: str) -> Reply:
 CHECK_FAILED = Reply(451, "4.3.0", "Temporary failure checking the message, try again later")
 CHECK_FAILED_CONNECT = Reply(421, "4.3.0", "Temporary failure checking the connection, try again later",
                              close=True)
+
+
+# --- REQUIRETLS (RFC 8689) -------------------------------------------------------
+# Its MAIL parameter takes no value (§3) and is only valid over TLS, after which
+# alone the extension is offered (§3, §4.1).
+BAD_REQUIRETLS = Reply(501, "5.5.4", "REQUIRETLS takes no value")
+REQUIRETLS_NEEDS_TLS = Reply(530, "5.7.10", "REQUIRETLS needs a TLS connection: STARTTLS first")

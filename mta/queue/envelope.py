@@ -113,6 +113,9 @@ class Envelope:
     ret: str = ""  # "FULL" or "HDRS"
     envid: str = ""  # decoded from xtext
     dsn: bool = False
+    # Received with MAIL ... REQUIRETLS (RFC 8689 §4.1): relayed only over a
+    # verified TLS hop that offers REQUIRETLS, else bounced.
+    requiretls: bool = False
     # The sender before SRS rewriting, when forwarding rewrote it.
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -174,6 +177,8 @@ class Envelope:
             fields["dsn"], fields["ret"], fields["envid"] = True, self.ret, self.envid
         if self.binarymime:  # only then: every other envelope stays as it was
             fields["binarymime"] = True
+        if self.requiretls:  # likewise
+            fields["requiretls"] = True
         return fields
 
     @classmethod
@@ -207,5 +212,6 @@ class Envelope:
             ret=str(d.get("ret", "")),
             envid=str(d.get("envid", "")),
             dsn=bool(d.get("dsn", False)),
+            requiretls=bool(d.get("requiretls", False)),  # absent before RFC 8689 support
             extra=dict(d.get("extra", {})),
         )

@@ -411,6 +411,7 @@ class MessageReception:
             ret=txn.ret,
             envid=txn.envid,
             dsn=txn.dsn,
+            requiretls=txn.requiretls,
         )
         if verdict.envelope:
             envelope.extra.update(verdict.envelope)

@@ -358,6 +358,8 @@ class SMTPSession(Framing, SASLExchange, MessageReception, Protocol):
             ext.append("STARTTLS")
         if self.tls_active and self.auth_user is None:
             ext.append("AUTH PLAIN LOGIN")
+        if self.tls_active:
+            ext.append("REQUIRETLS")  # RFC 8689 §3: offered only under TLS
         ext.append("HELP")
         return ext
 
@@ -461,6 +463,12 @@ class SMTPSession(Framing, SASLExchange, MessageReception, Protocol):
                 if isinstance(envid, Reply):
                     return envid
                 txn.envid, txn.dsn = envid, True
+            elif key == "REQUIRETLS":  # RFC 8689 §3, §4.1
+                if value is not None:
+                    return R.BAD_REQUIRETLS
+                if not self.tls_active:
+                    return R.REQUIRETLS_NEEDS_TLS
+                txn.requiretls = True
             else:
                 return R.PARAM_UNKNOWN
         try:

@@ -97,6 +97,7 @@ class Transaction:
     ret: str = ""
     envid: str = ""
     dsn: bool = False
+    requiretls: bool = False  # MAIL ... REQUIRETLS (RFC 8689 §4.1)
 
     @property
     def sender_text(self) -> str:
