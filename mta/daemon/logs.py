@@ -62,7 +62,7 @@ DANE (namespace ``mta.delivery.dane``):
 ``dane``        a DANE outcome for an MX host: ``domain``, ``mx``, ``result``
                 (``success``, ``unusable`` or an RFC 8460 failure type:
                 ``tlsa-invalid``, ``dnssec-invalid``, ``dane-required``,
-                ``starttls-not-supported``), ``why``.
+                ``starttls-not-supported``, ``certificate-host-mismatch``), ``why``.
 
 Elsewhere: ``reload`` (``result``, ``err``), ``control`` (``command``, ``uid``),
 ``deleted`` and ``admin_bounce`` (``queue_id``).

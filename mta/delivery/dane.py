@@ -28,7 +28,7 @@ checked against them only.
 
 Outcomes are logged (``dane`` events) and counted for TLS reporting (RFC 8460
 §4.3: ``tlsa-invalid``, ``dnssec-invalid``, ``dane-required``,
-``starttls-not-supported``, and successes) through the :class:`TLSReport`
+``starttls-not-supported``, ``certificate-host-mismatch``, and successes) through the :class:`TLSReport`
 seam, which the TLS reporting code implements.
 
 The validating resolver is checked when the policy starts (:meth:`DanePolicy.start`):
@@ -406,7 +406,10 @@ class DanePolicy:
                          domain=domain, mx=mx, result="success")
             return
         if verifier.failure:
-            result, why = "tlsa-invalid", verifier.failure
+            # RFC 8460 §4.3.1: a DANE-TA chain to a certificate for another name.
+            mismatch = "(RFC 7672 §3.2.2)" in verifier.failure
+            result = "certificate-host-mismatch" if mismatch else "tlsa-invalid"
+            why = verifier.failure
         elif not tls:
             result, why = "starttls-not-supported", error
         else:
