@@ -215,6 +215,38 @@ class ChecksConfig:
         return CheckSettings()
 
 
+# --- operator tools (issue 21): Maildir layout, MTA-STS policy hosting -----------------
+
+# The variables of maildir.template (Dovecot's mail_location names, doc/configuration).
+MAILDIR_VARIABLES = {"u": "the full address (user@domain)", "n": "the local part",
+                     "d": "the domain", "%": "a literal %"}
+MTA_STS_MODES = ("enforce", "testing", "none")  # RFC 8461 §3.2
+
+
+@dataclass(frozen=True)
+class MaildirConfig:
+    # Where a local mailbox's Maildir is, relative to mail_dir: %u the full address,
+    # %n the local part, %d the domain, %% a %; other text is kept (a fixed folder).
+    template: str = "%d/%n"
+
+
+@dataclass(frozen=True)
+class MTASTSConfig:
+    """The MTA-STS policy of our domains (RFC 8461 §3.2) and where it is served.
+
+    ``endpoint`` None: not served (``mta dns-check`` still shows the policy).
+    The certificate is ``cert_file``/``key_file`` when given, else [tls]'s
+    (with its ``cert_dir`` chosen by SNI: ``mta-sts.<domain>`` names).
+    """
+
+    endpoint: str | None = None
+    mode: str = "testing"
+    mx: tuple[str, ...] = ()  # empty: the hostname
+    max_age: int = 604800  # one week; RFC 8461 §3.2 allows up to 31557600
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+
 @dataclass(frozen=True)
 class Config:
     hostname: str
@@ -259,6 +291,8 @@ class Config:
     queue_sync: str = "fsync"
     # Processes accepting SMTP connections (mta.daemon.workers); the first one also delivers.
     workers: int = 1
+    maildir: MaildirConfig = field(default_factory=MaildirConfig)
+    mta_sts: MTASTSConfig = field(default_factory=MTASTSConfig)
 
     def users_file(self, domain: str) -> Path:
         return self.domains_dir / domain / "users"
@@ -382,6 +416,7 @@ def config_from_dict(raw: dict[str, Any], base: Path, overrides: dict[str, Any] 
         "srs_secret",
         "listeners", "tls", "limits", "spf", "dns", "aliases", "delivery", "dkim", "dmarc",
         "checks", "dane",
+        "maildir", "mta_sts",
     }
     _check_keys(raw, top, "")
     hostname = _get(raw, "hostname", str, "", None) or socket.getfqdn()
@@ -417,6 +452,7 @@ def config_from_dict(raw: dict[str, Any], base: Path, overrides: dict[str, Any] 
         kind = _get(spec, "kind", str, prefix, name)
         if kind not in LISTENER_KINDS:
             raise ConfigError(prefix + "kind", f"must be one of {', '.join(LISTENER_KINDS)}")
+        endpoint = listen_endpoint(endpoint, prefix + "endpoint")
         _validate_endpoint(endpoint, prefix + "endpoint")
         listeners.append(Listener(name, endpoint, kind))
     for name in overrides.get("listen", {}):
@@ -573,6 +609,7 @@ def config_from_dict(raw: dict[str, Any], base: Path, overrides: dict[str, Any] 
 
     metrics = _get(raw, "metrics", str, "", None)
     if metrics is not None:
+        metrics = listen_endpoint(metrics, "metrics")
         _validate_endpoint(metrics, "metrics")
 
     return Config(
@@ -605,7 +642,114 @@ def config_from_dict(raw: dict[str, Any], base: Path, overrides: dict[str, Any] 
         helo_check=_choice(raw, "helo_check", ("strict", "normal", "off"), "normal"),
         strict_envelopes=_get(raw, "strict_envelopes", bool, "", False),
         srs_secret=_get(raw, "srs_secret", str, "", None),
+        maildir=_maildir(_table(raw, "maildir")),
+        mta_sts=_mta_sts(_table(raw, "mta_sts"), base, "cert_file" in _table(raw, "tls")),
     )
+
+
+# --- operator tools (issue 21) --------------------------------------------------------------
+
+_HOST_PORT = re.compile(r"(?:\[(?P<v6>[^]]+)\]|(?P<v4>[0-9.]+|\*)?):(?P<port>\d+)")
+
+
+def listen_endpoint(value: str, key: str) -> str:
+    """A listening address as the Twisted endpoint string it stands for.
+
+    ``host:port`` (an IPv4 address, ``*`` or nothing for every address) and
+    ``[v6]:port`` become ``tcp:`` / ``tcp6:`` strings; anything else is taken
+    as a Twisted endpoint string already (``tcp:25:interface=...``, ``haproxy:...``,
+    ``unix:...``) and checked by the caller.
+    """
+    import ipaddress
+
+    m = _HOST_PORT.fullmatch(value.strip())
+    if m is None:
+        return value
+    port = int(m["port"])
+    if not 0 <= port < 65536:
+        raise ConfigError(key, f"{value!r}: port out of range")
+    if m["v6"] is not None:
+        try:
+            address = ipaddress.IPv6Address(m["v6"])
+        except ValueError:
+            raise ConfigError(key, f"{value!r}: {m['v6']!r} is not an IPv6 address") from None
+        return f"tcp6:{port}:interface=" + str(address).replace(":", "\\:")
+    host = m["v4"]
+    if host in (None, "", "*"):
+        return f"tcp:{port}"
+    try:
+        address4 = ipaddress.IPv4Address(host)
+    except ValueError:
+        raise ConfigError(key, f"{value!r}: {host!r} is not an IPv4 address") from None
+    return f"tcp:{port}:interface={address4}"
+
+
+def _maildir(table: dict[str, Any]) -> MaildirConfig:
+    """``[maildir]``: ``template`` checked: relative, no ``..``, known variables only."""
+    cfg = _dataclass_from(table, MaildirConfig, "maildir.", {"template": str})
+    problem = maildir_template_problem(cfg.template)
+    if problem:
+        raise ConfigError("maildir.template", f"{cfg.template!r}: {problem}")
+    return cfg
+
+
+def maildir_template_problem(template: str) -> str | None:
+    """Why ``template`` cannot be a Maildir path template, or None."""
+    if not template.strip():
+        return "must not be empty"
+    if template.startswith(("/", "~")):
+        return "must be relative to mail_dir (no leading / or ~)"
+    if "\x00" in template or any(ord(c) < 0x20 for c in template):
+        return "must not contain control characters"
+    i = 0
+    while i < len(template):
+        if template[i] == "%":
+            if i + 1 >= len(template) or template[i + 1] not in MAILDIR_VARIABLES:
+                names = ", ".join("%" + k for k in MAILDIR_VARIABLES)
+                return f"unknown variable at offset {i} (known: {names})"
+            i += 2
+        else:
+            i += 1
+    for part in template.split("/"):
+        if part in ("", ".", ".."):
+            return "no empty, '.' or '..' path components"
+        if part.startswith(".") and "%" not in part:
+            return f"component {part!r} starts with a dot"
+    return None
+
+
+_STS_MX = re.compile(r"(\*\.)?[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+")
+
+
+def _mta_sts(table: dict[str, Any], base: Path, server_tls: bool) -> MTASTSConfig:
+    """``[mta_sts]``: the policy (mode, mx patterns, max_age) and its HTTPS endpoint."""
+    prefix = "mta_sts."
+    _check_keys(table, {"endpoint", "mode", "mx", "max_age", "cert_file", "key_file"}, prefix)
+    endpoint = _get(table, "endpoint", str, prefix, None)
+    if endpoint is not None:
+        endpoint = listen_endpoint(endpoint, prefix + "endpoint")
+        _validate_endpoint(endpoint, prefix + "endpoint")
+    mode = _get(table, "mode", str, prefix, "testing")
+    if mode not in MTA_STS_MODES:
+        raise ConfigError(prefix + "mode", f"must be one of {', '.join(MTA_STS_MODES)}")
+    mx = _get(table, "mx", list, prefix, [])
+    for i, pattern in enumerate(mx):
+        if not isinstance(pattern, str) or not _STS_MX.fullmatch(pattern):
+            raise ConfigError(f"{prefix}mx[{i}]", "must be a host name or *.domain pattern "
+                              "(RFC 8461 §3.2)")
+    max_age = _get(table, "max_age", int, prefix, 604800)
+    if not 0 <= max_age <= 31557600:
+        raise ConfigError(prefix + "max_age", "must be from 0 to 31557600 seconds (RFC 8461 §3.2)")
+    cert_file = _path(base, _get(table, "cert_file", str, prefix, None))
+    key_file = _path(base, _get(table, "key_file", str, prefix, None))
+    if (cert_file is None) != (key_file is None):
+        raise ConfigError(prefix + ("key_file" if key_file is None else "cert_file"),
+                          "cert_file and key_file go together")
+    if endpoint is not None and cert_file is None and not server_tls:
+        raise ConfigError(prefix + "endpoint", "needs a certificate: mta_sts.cert_file and "
+                          "key_file, or tls.cert_file (the policy is served over HTTPS only)")
+    return MTASTSConfig(endpoint, mode, tuple(p.lower() for p in mx), max_age, cert_file, key_file)
 
 
 def _bounce_from(value: str | None, local_domains: list[str], hostname: str) -> str:

@@ -42,6 +42,7 @@ from twisted.logger import Logger
 from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
 
+from mta.config import maildir_template_problem
 from mta.queue.courier import DeliveryResult, Outcome
 from mta.queue.envelope import Envelope, Recipient
 from mta.queue.layout import QueuedMessage
@@ -149,11 +150,43 @@ def escape_maildir_host(hostname: str) -> str:
     return hostname.replace("/", "\\057").replace(":", "\\072")
 
 
+def expand_maildir_template(template: str, user: str, domain: str) -> str:
+    """``template`` with ``%u`` (user@domain), ``%n`` (user), ``%d`` (domain), ``%%``.
+
+    The names Dovecot's ``mail_location`` uses, so that ``%d/%n/Maildir`` means
+    what a Dovecot administrator expects.  The template is assumed checked
+    (:func:`mta.config.maildir_template_problem`); ``user`` and ``domain`` are
+    safe path components.
+    """
+    values = {"u": f"{user}@{domain}", "n": user, "d": domain, "%": "%"}
+    out = []
+    i = 0
+    while i < len(template):
+        c = template[i]
+        if c == "%" and i + 1 < len(template):
+            out.append(values[template[i + 1]])
+            i += 2
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
 class MaildirCourier:
-    """Delivers local recipients into ``mail_dir/<domain>/<user>/`` Maildirs."""
+    """Delivers local recipients into Maildirs under ``mail_dir``.
+
+    Where: ``template`` (``[maildir] template``) expanded for the mailbox,
+    relative to ``mail_dir``; the default ``%d/%n`` is ``mail_dir/<domain>/<user>/``.
+    Missing directories on the way are created (mode 0700) and their parents
+    fsynced.
+    """
 
     def __init__(self, mail_dir: Path, hostname: str, fsync: bool = True,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, template: str = "%d/%n") -> None:
+        problem = maildir_template_problem(template)
+        if problem:
+            raise ValueError(f"maildir template {template!r}: {problem}")
+        self.template = template
         self.mail_dir = mail_dir
         self.hostname = escape_maildir_host(hostname)
         self.fsync = fsync
@@ -178,7 +211,9 @@ class MaildirCourier:
             problem = _unsafe_name(part)
             if problem:
                 raise ValueError(problem)
-        return self.mail_dir / domain / user
+        if self.template == "%d/%n":
+            return self.mail_dir / domain / user
+        return self.mail_dir / expand_maildir_template(self.template, user, domain)
 
     def _deliver_one(self, envelope: Envelope, rcpt: Recipient, data_path: Path) -> DeliveryResult:
         mailbox = rcpt.mailbox
@@ -205,10 +240,16 @@ class MaildirCourier:
         if (maildir / "new").is_dir() and (maildir / "tmp").is_dir():
             return
         created: list[Path] = []
-        domain_dir = maildir.parent
-        for d in (domain_dir, maildir, maildir / "tmp", maildir / "new", maildir / "cur"):
+        missing = []  # maildir and its missing parents below mail_dir, outermost first
+        d = maildir
+        while d != self.mail_dir and d != d.parent and not d.is_dir():
+            missing.insert(0, d)
+            d = d.parent
+        if not self.mail_dir.is_dir():
+            self.mail_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for d in (*missing, maildir / "tmp", maildir / "new", maildir / "cur"):
             try:
-                d.mkdir(mode=0o700, parents=d == domain_dir)
+                d.mkdir(mode=0o700)
                 created.append(d)
             except FileExistsError:
                 pass

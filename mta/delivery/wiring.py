@@ -54,7 +54,8 @@ def build_couriers(config: Config, reactor: Any, trust_root: Any = None) -> dict
     elif d.mailbox_command:
         local = CommandCourier(d.mailbox_command, d.pipe_timeout, reactor)
     else:
-        local = MaildirCourier(config.mail_dir, config.hostname, fsync=config.fsync)
+        local = MaildirCourier(config.mail_dir, config.hostname, fsync=config.fsync,
+                               template=config.maildir.template)
     resolver: Any = make_resolver(config.dns, reactor)
     if config.dns.cache_max_ttl > 0:
         resolver = CachingResolver(resolver, reactor, max_ttl=config.dns.cache_max_ttl)
