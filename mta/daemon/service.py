@@ -160,6 +160,8 @@ class MTAService(MultiService):
             metrics = build_metrics(self, config.metrics_endpoint)
             metrics.setName("metrics")
             metrics.setServiceParent(self)
+        if config.mta_sts.endpoint is not None:  # issue 21: MTA-STS policy hosting
+            build_mta_sts(self).setServiceParent(self)
 
     def startService(self) -> None:  # noqa: N802
         super().startService()
@@ -312,6 +314,20 @@ def build_control(mta: MTAService) -> IService:
     commands = ControlCommands(context, context.store, mta.runner, submit, mta.reload, mta.reactor)
     return ControlService(mta.config.control_socket, commands, mta.reactor,
                           max_request_size(mta.config))
+
+
+def build_mta_sts(mta: MTAService) -> IService:
+    """The MTA-STS policy over HTTPS (a child service), reading ``mta``'s running
+    configuration at each request. Raises StartupError for a bad certificate."""
+    from mta.daemon.mtasts import mta_sts_service
+    from mta.system.tls import TLSConfigError
+
+    try:
+        service = mta_sts_service(mta.reactor, mta.config, lambda: mta.config)
+    except (TLSConfigError, OSError) as e:
+        raise StartupError(f"mta_sts: {e}") from None
+    service.setName("mta-sts")
+    return service
 
 
 def build_metrics(mta: MTAService, endpoint: str) -> IService:
