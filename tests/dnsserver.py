@@ -35,7 +35,8 @@ Semantics, chosen to look like a real authoritative server:
 Record values: ``A``/``AAAA`` address strings; ``MX`` ``(preference, host)``
 pairs (host ``"."`` is the RFC 7505 null MX); ``TXT`` strings (split into
 255-octet character-strings) or tuples of strings (one character-string each);
-``CNAME``/``PTR``/``NS`` host names.  The description may be changed while the
+``CNAME``/``PTR``/``NS`` host names; ``TLSA`` ``(usage, selector, matching type,
+hex data)`` tuples (served as raw RDATA: twisted.names has no TLSA class).  The description may be changed while the
 server runs (:meth:`set`, :meth:`add`, :meth:`remove`, :meth:`servfail`,
 :meth:`drop`); answers are built from it at each query.  Every query received
 is appended to :attr:`queries` as ``(name, TYPE)``.
@@ -61,7 +62,9 @@ SERVFAIL = "SERVFAIL"
 TIMEOUT = "TIMEOUT"
 BEHAVIOURS = (SERVFAIL, TIMEOUT)
 
-SUPPORTED_TYPES = ("A", "AAAA", "MX", "TXT", "CNAME", "PTR", "NS")
+SUPPORTED_TYPES = ("A", "AAAA", "MX", "TXT", "CNAME", "PTR", "NS", "TLSA")
+# Types twisted.names has no record class for: served as raw RDATA (RFC 3597).
+_RAW_TYPES = {"TLSA": 52}  # RFC 6698 §7.1
 MAX_CNAME_CHAIN = 8
 _DEFAULT_TTL = 60
 
@@ -75,6 +78,13 @@ def _norm_name(name: str) -> str:
     if name != ".":
         name = name.rstrip(".")
     return name
+
+
+def _type_name(qtype: int) -> str:
+    for name, code in _RAW_TYPES.items():
+        if code == qtype:
+            return name
+    return dns.QUERY_TYPES.get(qtype, "")
 
 
 def _norm_type(rtype: str) -> str:
@@ -103,6 +113,9 @@ def _record(rtype: str, value: Any, ttl: int) -> dns.IEncodable:
         return dns.Record_MX(int(preference), exchange, ttl=ttl)
     if rtype == "TXT":
         return dns.Record_TXT(*_txt_strings(value), ttl=ttl)
+    if rtype == "TLSA":  # (usage, selector, matching type, hex data), RFC 6698 §2.1
+        usage, selector, mtype, data = value
+        return dns.UnknownRecord(bytes([usage, selector, mtype]) + bytes.fromhex(data), ttl=ttl)
     host = _norm_name(value).encode("ascii")
     if rtype == "CNAME":
         return dns.Record_CNAME(host, ttl=ttl)
@@ -169,7 +182,7 @@ class _Zone:
         if isinstance(entry, str):
             return entry
         if entry is not None:
-            value = entry.get(dns.QUERY_TYPES.get(qtype, ""))
+            value = entry.get(_type_name(qtype))
             if isinstance(value, str):
                 return value
         return None
@@ -198,12 +211,12 @@ class _Zone:
 
     def _rr(self, owner: str, rtype: str, value: Any) -> dns.RRHeader:
         record = _record(rtype, value, self.ttl)
-        return dns.RRHeader(owner.encode("ascii"), record.TYPE, dns.IN, self.ttl, record,
-                            auth=True)
+        return dns.RRHeader(owner.encode("ascii"), _RAW_TYPES.get(rtype) or record.TYPE, dns.IN,
+                            self.ttl, record, auth=True)
 
     def answer(self, name: str, qtype: int) -> tuple[int, list, list]:
         """(rcode, answers, authority) for one question, CNAMEs followed."""
-        rtype = dns.QUERY_TYPES.get(qtype, "")
+        rtype = _type_name(qtype)
         answers: list[dns.RRHeader] = []
         current = name
         for _ in range(MAX_CNAME_CHAIN):
@@ -241,7 +254,7 @@ class _ServerFactory(server.DNSServerFactory):
     def handleQuery(self, message: dns.Message, protocol: Any, address: Any) -> None:
         query = message.queries[0]
         name = _norm_name(query.name.name.decode("ascii", "replace"))
-        self._queries.append((name, dns.QUERY_TYPES.get(query.type, str(query.type))))
+        self._queries.append((name, _type_name(query.type) or str(query.type)))
         behaviour = self._zone.behaviour(name, query.type)
         if behaviour == TIMEOUT:
             return  # no reply at all: the client's timeout decides

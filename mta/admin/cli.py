@@ -684,6 +684,25 @@ def cmd_dkim_keygen(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dns_check(config: Config, args: argparse.Namespace) -> int:
+    """The records to publish and what DNS answers (:mod:`mta.admin.dnscheck`)."""
+    from mta.admin import dnscheck
+
+    if args.domain:
+        domains = [_local_domain(config, args.domain)]
+    elif config.local_domains:
+        domains = list(config.local_domains)
+    else:
+        raise CLIError("no local_domains in this configuration: nothing to check")
+    reports, host = dnscheck.run_checks(config, domains)
+    if args.json:
+        _print_json(dnscheck.report_json(config.hostname, reports, host))
+    else:
+        for line in dnscheck.report_lines(config.hostname, reports, host):
+            _out(line)
+    return 0 if dnscheck.all_ok(reports, host) else 1
+
+
 # --- argument parsing --------------------------------------------------------------------
 
 
@@ -745,6 +764,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key-file", help="where to write the key (default: "
                                       "domains_dir/DOMAIN/dkim-SELECTOR.pem)")
 
+    p = add(sub, "dns-check", cmd_dns_check, "show the DNS records to publish for the local "
+            "domains and check what DNS answers (exit 1 if any check fails)", json_flag=True)
+    p.add_argument("domain", nargs="?", help="one local domain (default: all)")
     add(sub, "check-config", cmd_check_config,
         "check the configuration and every file it names")
     add(sub, "reload", cmd_reload, "make the daemon re-read its configuration and files")

@@ -181,6 +181,20 @@ def _public_record(key: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey) -> str:
     return f"v=DKIM1; k=ed25519; p={base64.b64encode(raw).decode('ascii')}"
 
 
+def public_record(path: Path | str) -> str:
+    """The TXT record value (``v=DKIM1; k=...; p=...``) of the key in a private key
+    file (PEM RSA or Ed25519, or dkimpy's base64 Ed25519 seed). Raises DKIMKeyError."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DKIMKeyError(f"{path}: cannot read: {e.strerror or e}") from None
+    algorithm, private = _parse_key(data, path)
+    if algorithm == b"rsa-sha256":
+        return _public_record(serialization.load_pem_private_key(private, password=None))  # type: ignore[arg-type]
+    return _public_record(ed25519.Ed25519PrivateKey.from_private_bytes(base64.b64decode(private)))
+
+
 def generate_key(kind: str, key_path: Path) -> str:
     """Make a new key, write it to ``key_path`` and return its TXT record value.
 

@@ -1,0 +1,163 @@
+"""``mta dns-check`` against the loopback DNS server (tests/dnsserver.py) serving
+right and wrong records: each PASS and FAIL in the text output and in --json."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest_twisted
+
+from mta.admin.cli import cmd_dns_check
+from mta.admin.dnscheck import tlsa_data
+from mta.policy.dkim import generate_key
+from mta.policy.mtasts import policy_id, policy_text
+from tests.harness import in_thread, make_config
+
+HOST = "mx.example.test"
+PTR = "1.0.0.127.in-addr.arpa"
+
+
+def configure(tmp_path, dns_server):
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    rsa = generate_key("rsa", keys / "rsa.pem")
+    ed = generate_key("ed25519", keys / "ed.pem")
+    host, port = dns_server.address
+    config = make_config(tmp_path, extra={
+        "dns": {"servers": [f"{host}:{port}"], "timeout": 2.0},
+        "dkim": {"keys": [
+            {"domain": "example.test", "selector": "r1", "key_file": str(keys / "rsa.pem")},
+            {"domain": "example.test", "selector": "e1", "key_file": str(keys / "ed.pem")}]},
+        "mta_sts": {"mode": "enforce"},
+    })
+    return config, rsa, ed
+
+
+async def run(config, capsys) -> tuple[int, str, dict]:
+    code = await in_thread(cmd_dns_check, config, argparse.Namespace(domain=None, json=False))
+    text = capsys.readouterr().out
+    json_code = await in_thread(cmd_dns_check, config, argparse.Namespace(domain=None, json=True))
+    data = json.loads(capsys.readouterr().out)
+    assert json_code == code
+    return code, text, data
+
+
+def by_record(data: dict) -> dict[tuple[str, str], dict]:
+    checks = [c for d in data["domains"] for c in d["checks"]] + data["host"]
+    return {(c["record"], c["name"]): c for c in checks}
+
+
+@pytest_twisted.ensureDeferred
+async def test_everything_published_right_passes(tmp_path, dns_server, capsys) -> None:
+    config, rsa, ed = configure(tmp_path, dns_server)
+    sts_id = policy_id(policy_text(config.mta_sts, HOST))
+    dns_server.load({
+        "example.test": {"MX": [(10, HOST)], "TXT": ["v=spf1 mx -all", "google-site-verification=x"]},
+        "r1._domainkey.example.test": {"TXT": [rsa]},
+        "e1._domainkey.example.test": {"TXT": [ed]},
+        "_dmarc.example.test": {"TXT": ["v=DMARC1; p=reject; rua=mailto:d@example.test"]},
+        "_mta-sts.example.test": {"TXT": [f"v=STSv1; id={sts_id}"]},
+        "mta-sts.example.test": {"CNAME": HOST},
+        "_smtp._tls.example.test": {"TXT": ["v=TLSRPTv1; rua=mailto:tls@example.test"]},
+        f"_25._tcp.{HOST}": {"TLSA": [(3, 1, 1, tlsa_data(config.tls.cert_file))]},
+        HOST: {"A": ["127.0.0.1"]},
+        PTR: {"PTR": [HOST]},
+    })
+    code, text, data = await run(config, capsys)
+    assert code == 0, text
+    assert data["ok"] is True
+    # The zone lines to paste.
+    assert "example.test. 3600 IN MX 10 mx.example.test." in text
+    assert 'example.test. 3600 IN TXT "v=spf1 mx -all"' in text
+    assert f'_mta-sts.example.test. 3600 IN TXT "v=STSv1; id={sts_id}"' in text
+    assert 'e1._domainkey.example.test. 3600 IN TXT "' + ed + '"' in text
+    assert 'r1._domainkey.example.test. 3600 IN TXT ( "' in text  # long: split strings
+    assert f"_25._tcp.{HOST}. 3600 IN TLSA 3 1 1 {tlsa_data(config.tls.cert_file)}" in text
+    assert ";   mode: enforce" in text and ";   mx: mx.example.test" in text
+    for record, name in [("MX", "example.test"), ("SPF", "example.test"),
+                         ("DKIM", "r1._domainkey.example.test"),
+                         ("DKIM", "e1._domainkey.example.test"),
+                         ("DMARC", "_dmarc.example.test"), ("MTA-STS", "_mta-sts.example.test"),
+                         ("MTA-STS host", "mta-sts.example.test"),
+                         ("TLS-RPT", "_smtp._tls.example.test"), ("TLSA", f"_25._tcp.{HOST}"),
+                         ("FCrDNS", "127.0.0.1"), ("HELO", "127.0.0.1")]:
+        assert f"PASS  {record:<12}  {name}: " in text
+        assert by_record(data)[(record, name)]["ok"] is True
+    assert "FAIL" not in text
+    assert "-- 11 passed, 0 failed" in text
+    assert data["domains"][0]["mta_sts_policy"] == policy_text(config.mta_sts, HOST)
+
+
+@pytest_twisted.ensureDeferred
+async def test_wrong_records_fail_with_the_fix(tmp_path, dns_server, capsys) -> None:
+    config, rsa, ed = configure(tmp_path, dns_server)
+    other_key = generate_key("ed25519", tmp_path / "other.pem")
+    dns_server.load({
+        "example.test": {"MX": [(10, "mail.elsewhere.test")], "TXT": ["v=spf1 ip4:192.0.2.1 -all"]},
+        "r1._domainkey.example.test": {"TXT": [other_key]},
+        # e1 is not published at all
+        "_dmarc.example.test": {"TXT": ["v=DMARC1; p=none"]},
+        "_mta-sts.example.test": {"TXT": ["v=STSv1; id=2024old"]},
+        "_smtp._tls.example.test": "SERVFAIL",
+        f"_25._tcp.{HOST}": {"TLSA": [(3, 1, 1, "00" * 32)]},
+        HOST: {"A": ["127.0.0.1"]},
+        PTR: {"PTR": ["host-1.isp.test"]},
+        "host-1.isp.test": {"A": ["192.0.2.77"]},
+    })
+    code, text, data = await run(config, capsys)
+    assert code == 1
+    assert data["ok"] is False
+    checks = by_record(data)
+    expected = {
+        ("MX", "example.test"): ("MX is 10 mail.elsewhere.test, not mx.example.test",
+                                 "publish example.test. 3600 IN MX 10 mx.example.test."),
+        ("SPF", "example.test"): ("gives fail for 127.0.0.1", "allow 127.0.0.1"),
+        ("DKIM", "r1._domainkey.example.test"): ("a different public key",
+                                                 "publish r1._domainkey.example.test. 3600 IN TXT"),
+        ("DKIM", "e1._domainkey.example.test"): ("no such name",
+                                                 'publish e1._domainkey.example.test. 3600 IN '
+                                                 f'TXT "{ed}"'),
+        ("DMARC", "_dmarc.example.test"): ("has no rua=mailto:",
+                                           'publish _dmarc.example.test. 3600 IN TXT "v=DMARC1; '
+                                           'p=none; rua=mailto:postmaster@example.test"'),
+        ("MTA-STS", "_mta-sts.example.test"): ("id=2024old, but the policy's is "
+                                               + policy_id(policy_text(config.mta_sts, HOST)),
+                                               "publish _mta-sts.example.test. 3600 IN TXT"),
+        ("MTA-STS host", "mta-sts.example.test"): ("no address",
+                                                   "mta-sts.example.test. 3600 IN CNAME "
+                                                   "mx.example.test."),
+        ("TLS-RPT", "_smtp._tls.example.test"): ("DNS error: server failure", "could not ask DNS"),
+        ("TLSA", f"_25._tcp.{HOST}"): ("other TLSA data", f"publish _25._tcp.{HOST}. 3600 IN "
+                                       f"TLSA 3 1 1 {tlsa_data(config.tls.cert_file)}"),
+        ("FCrDNS", "127.0.0.1"): ("PTR host-1.isp.test does not resolve back to 127.0.0.1",
+                                  "point the PTR at mx.example.test"),
+        ("HELO", "127.0.0.1"): ("EHLO name mx.example.test is not the confirmed PTR name",
+                                "set the PTR of 127.0.0.1 to mx.example.test"),
+    }
+    for (record, name), (detail, fix) in expected.items():
+        check = checks[(record, name)]
+        assert check["ok"] is False, check
+        assert detail in check["detail"], check
+        assert fix in check["fix"], check
+        line = f"FAIL  {record:<12}  {name}: "
+        assert line in text
+        after = text[text.index(line):].splitlines()
+        assert detail in after[0] and after[1].startswith("      fix: ") and fix in after[1]
+    assert "PASS" not in text
+    assert "-- 0 passed, 11 failed" in text
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_missing_ptr_and_one_domain_only(tmp_path, dns_server, capsys) -> None:
+    config, _rsa, _ed = configure(tmp_path, dns_server)
+    dns_server.load({"example.test": {"MX": [(10, HOST)]}, HOST: {"A": ["127.0.0.1"]}})
+    code = await in_thread(cmd_dns_check, config,
+                           argparse.Namespace(domain="Example.Test", json=True))
+    data = json.loads(capsys.readouterr().out)
+    assert code == 1
+    checks = by_record(data)
+    assert checks[("MX", "example.test")]["ok"] is True
+    assert checks[("SPF", "example.test")]["detail"] == "no v=spf1 record"
+    assert checks[("FCrDNS", "127.0.0.1")]["detail"] == "no PTR for 127.0.0.1"
+    assert [d["domain"] for d in data["domains"]] == ["example.test"]
