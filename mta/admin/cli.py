@@ -239,6 +239,9 @@ def _ask(config: Config, command: str, timeout: float = 30.0, **args: Any) -> di
 def cmd_queue_list(config: Config, args: argparse.Namespace) -> int:
     envelopes = read_queue(config.queue_dir)
     now = time.time()
+    envelopes = _filtered(envelopes, args)  # issue 21: --sender, --recipient, ... (queueviews)
+    if getattr(args, "summary", False):
+        return _queue_summary(envelopes, now, args.json)
     if args.json:
         _print_json([_envelope_json(env, now) for env in envelopes])
         return 0
@@ -251,6 +254,69 @@ def cmd_queue_list(config: Config, args: argparse.Namespace) -> int:
     total = sum(env.size for env in envelopes)
     count = len(envelopes)
     _out(f"-- {count} message{'s' if count != 1 else ''}, {human_size(total)} in total")
+    return 0
+
+
+# --- queue views (issue 21): filters, the qshape-like summary, trace -----------------------
+
+
+def _filtered(envelopes: list[Envelope], args: argparse.Namespace) -> list[Envelope]:
+    from mta.admin.queueviews import select
+
+    return select(envelopes, sender=getattr(args, "sender", None),
+                  recipient=getattr(args, "recipient", None),
+                  destination=getattr(args, "destination", None),
+                  state=getattr(args, "state", None))
+
+
+def _queue_summary(envelopes: list[Envelope], now: float, as_json: bool) -> int:
+    from mta.admin.queueviews import bucket_labels, summary, summary_json
+
+    rows = summary(envelopes, now)
+    if as_json:
+        _print_json(summary_json(rows))
+        return 0
+    headers = ["DESTINATION", "T", *bucket_labels()]
+    for line in format_table(headers, [[d, t, *c] for d, t, c in rows]):
+        _out(line)
+    _out("-- messages by age in minutes (a message counts once per destination)")
+    return 0
+
+
+def _add_queue_view_arguments(parser: argparse.ArgumentParser) -> None:
+    from mta.admin.queueviews import STATES
+
+    parser.add_argument("--summary", action="store_true",
+                        help="messages per destination and age, as Postfix's qshape")
+    parser.add_argument("--sender", metavar="ADDRESS", help="user@domain, domain or <>")
+    parser.add_argument("--recipient", metavar="ADDRESS", help="user@domain or domain")
+    parser.add_argument("--destination", metavar="DOMAIN",
+                        help="a domain still to deliver to (local: this host's mailboxes)")
+    parser.add_argument("--state", choices=STATES)
+
+
+def cmd_queue_trace(config: Config, args: argparse.Namespace) -> int:
+    from mta.admin.queueviews import log_files, read_events, trace, trace_lines
+
+    if config.log_json is None:
+        raise CLIError("queue trace reads the JSON log: set log_json in the configuration "
+                       "(the daemon writes it, and each worker beside it)")
+    target = args.target.strip()
+    is_id = valid_queue_id(target)
+    if not is_id and "@" not in target:
+        raise CLIError(f"{target!r} is neither a queue id nor an address")
+    errors: list[str] = []
+    events = trace(read_events(log_files(config.log_json), errors), target.strip("<>"), is_id)
+    for error in errors:
+        _err(error)
+    if args.json:
+        _print_json(events)
+        return 0
+    if not events:
+        _out(f"no log events for {target} in {config.log_json} (and its worker logs)")
+        return 1
+    for line in trace_lines(events):
+        _out(line)
     return 0
 
 
@@ -736,6 +802,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(qsub, "bounce", cmd_queue_bounce,
             "give up on a message: fail its pending recipients and notify the sender")
     p.add_argument("id")
+
+    _add_queue_view_arguments(qsub.choices["list"])  # issue 21
+    p = add(qsub, "trace", cmd_queue_trace, "every log event of a message (or of an "
+            "address's messages), from the main process and the workers, by time",
+            json_flag=True)
+    p.add_argument("target", metavar="ID|ADDRESS")
 
     user = sub.add_parser("user", help="manage the users (SMTP AUTH accounts) of a domain")
     usub = user.add_subparsers(dest="action", metavar="ACTION", required=True)

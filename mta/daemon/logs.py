@@ -67,6 +67,11 @@ DANE (namespace ``mta.delivery.dane``):
 Elsewhere: ``reload`` (``result``, ``err``), ``control`` (``command``, ``uid``),
 ``deleted`` and ``admin_bounce`` (``queue_id``).
 
+With ``workers = N``, each worker process writes the events of its SMTP
+sessions to a JSON log of its own, ``<log_json>.worker<N>``
+(:func:`worker_json_path`); ``mta queue trace`` merges them with the main
+process's by time.
+
 JSON lines
 ----------
 
@@ -423,6 +428,16 @@ class JSONLogService(Service):
     def reopen(self) -> None:
         if self.observer is not None:
             self.observer.reopen()
+
+
+# A worker process writes its own JSON log beside the main one: <log_json>.worker<N>
+# (one writer per file, so lines never interleave); `mta queue trace` reads them all.
+WORKER_JSON_SUFFIX = ".worker"
+
+
+def worker_json_path(path: Path, index: int) -> Path:
+    """The JSON log of worker ``index`` when the main process writes ``path``."""
+    return path.with_name(f"{path.name}{WORKER_JSON_SUFFIX}{index}")
 
 
 def json_log_service(path: Path, publisher: LogPublisher = globalLogPublisher) -> JSONLogService:

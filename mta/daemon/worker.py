@@ -43,6 +43,13 @@ def run_worker(spec: dict[str, Any]) -> None:
                          config_path=config_path, overrides=spec.get("overrides") or {},
                          install_signals=True)
 
+    if config.log_json is not None:  # the worker's own JSON log (mta.daemon.logs)
+        from mta.daemon.logs import json_log_service, worker_json_path
+
+        json_log = json_log_service(worker_json_path(config.log_json, spec.get("index", 0)))
+        json_log.setName("json-log")
+        json_log.setServiceParent(service)
+
     announcements: list[bytes] = []
 
     def announce(envelope: Any) -> None:
