@@ -8,7 +8,9 @@ import socket
 import pytest
 import pytest_twisted
 
+from mta.admin.cli import config_problems
 from mta.config import ConfigError
+from mta.daemon.service import MTAService, StartupError
 from mta.policy.mtasts import policy_id, policy_text
 from tests.harness import client_tls_context, in_thread, make_config, shared_ca, start_mta
 
@@ -111,3 +113,12 @@ def test_bad_settings_are_refused_at_load(tmp_path, sts, key) -> None:
 def test_an_endpoint_needs_a_certificate(tmp_path) -> None:
     with pytest.raises(ConfigError, match="^mta_sts.endpoint: needs a certificate"):
         make_config(tmp_path, tls=False, extra={"mta_sts": {"endpoint": "127.0.0.1:0"}})
+
+
+def test_an_unreadable_certificate_stops_start_up_and_check_config_names_it(tmp_path) -> None:
+    config = make_config(tmp_path, extra={"mta_sts": {
+        "endpoint": "127.0.0.1:0", "cert_file": "missing.pem", "key_file": "missing.pem"}})
+    with pytest.raises(StartupError, match=r"^mta_sts: .*missing\.pem: No such file"):
+        MTAService(config, runner=False)
+    assert [p for p in config_problems(config) if p.startswith("mta_sts:")] == [
+        f"mta_sts: {tmp_path / 'missing.pem'}: No such file or directory"]

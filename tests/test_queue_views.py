@@ -124,6 +124,8 @@ def test_filters(queue, capsys, filters, expected) -> None:
     if expected:
         code, out = run(capsys, "queue", "list", "--summary", *filters, "--config", str(config))
         assert out.splitlines()[1].split()[:2] == ["TOTAL", str(len(expected))]
+    else:
+        assert out == "no message matches (of 4 queued)\n"
 
 
 def test_bad_state_is_refused(queue, capsys) -> None:

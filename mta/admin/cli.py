@@ -239,9 +239,12 @@ def _ask(config: Config, command: str, timeout: float = 30.0, **args: Any) -> di
 def cmd_queue_list(config: Config, args: argparse.Namespace) -> int:
     envelopes = read_queue(config.queue_dir)
     now = time.time()
-    envelopes = _filtered(envelopes, args)  # issue 21: --sender, --recipient, ... (queueviews)
+    envelopes, filtered = _filtered(envelopes, args), envelopes  # issue 21 (queueviews)
     if getattr(args, "summary", False):
         return _queue_summary(envelopes, now, args.json)
+    if filtered and not envelopes and not args.json:
+        _out(f"no message matches (of {len(filtered)} queued)")
+        return 0
     if args.json:
         _print_json([_envelope_json(env, now) for env in envelopes])
         return 0
@@ -643,6 +646,13 @@ def config_problems(config: Config) -> list[str]:
         server_tls(config.tls)
     except TLSConfigError as e:
         problems.append(f"tls: {e}")
+    if config.mta_sts.cert_file is not None:  # issue 21: the MTA-STS policy's own certificate
+        from mta.daemon.mtasts import policy_tls
+
+        try:
+            policy_tls(config)
+        except TLSConfigError as e:
+            problems.append(f"mta_sts: {e}")
     users: dict[str, dict[str, str]] = {}
     rules: dict[str, dict[str, Any]] = {}
     for domain in config.local_domains:
