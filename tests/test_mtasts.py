@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import socket
+from dataclasses import replace
 
 import pytest
 import pytest_twisted
@@ -84,6 +85,13 @@ async def test_policy_uses_the_tls_certificate_and_hostname_by_default(tmp_path)
         assert (status, ctype) == (200, "text/plain")
         assert body == (b"version: STSv1\r\nmode: testing\r\nmx: mx.example.test\r\n"
                         b"max_age: 604800\r\n")
+        # A reload with another mode serves the new policy at once.
+        changed = mta.config.with_overrides(mta_sts=replace(mta.config.mta_sts, mode="enforce"))
+        mta.service.loader = lambda: changed
+        mta.service.reload()
+        _, _, body = await in_thread(fetch, port, "mta-sts.example.test", POLICY_PATH,
+                                     "mx.example.test")
+        assert body.startswith(b"version: STSv1\r\nmode: enforce\r\n")
     finally:
         await mta.stop()
 
