@@ -12,32 +12,42 @@ from mta.admin.cli import cmd_dns_check
 from mta.admin.dnscheck import tlsa_data
 from mta.policy.dkim import generate_key
 from mta.policy.mtasts import policy_id, policy_text
-from tests.harness import in_thread, make_config
+from tests.daemon import free_port
+from tests.harness import in_thread, make_config, shared_ca, start_mta
 
 HOST = "mx.example.test"
 PTR = "1.0.0.127.in-addr.arpa"
 
 
-def configure(tmp_path, dns_server):
+def settings(tmp_path, dns_server):
     keys = tmp_path / "keys"
     keys.mkdir()
     rsa = generate_key("rsa", keys / "rsa.pem")
     ed = generate_key("ed25519", keys / "ed.pem")
     host, port = dns_server.address
-    config = make_config(tmp_path, extra={
+    return {
         "dns": {"servers": [f"{host}:{port}"], "timeout": 2.0},
         "dkim": {"keys": [
             {"domain": "example.test", "selector": "r1", "key_file": str(keys / "rsa.pem")},
             {"domain": "example.test", "selector": "e1", "key_file": str(keys / "ed.pem")}]},
         "mta_sts": {"mode": "enforce"},
-    })
-    return config, rsa, ed
+    }, rsa, ed
 
 
-async def run(config, capsys) -> tuple[int, str, dict]:
-    code = await in_thread(cmd_dns_check, config, argparse.Namespace(domain=None, json=False))
+def configure(tmp_path, dns_server):
+    extra, rsa, ed = settings(tmp_path, dns_server)
+    return make_config(tmp_path, extra=extra), rsa, ed
+
+
+def args(https_port: int, domain: str | None = None, json: bool = False) -> argparse.Namespace:
+    return argparse.Namespace(domain=domain, json=json, https_port=https_port)
+
+
+async def run(config, capsys, https_port: int = 0) -> tuple[int, str, dict]:
+    https_port = https_port or free_port()  # nothing listens: the policy cannot be fetched
+    code = await in_thread(cmd_dns_check, config, args(https_port))
     text = capsys.readouterr().out
-    json_code = await in_thread(cmd_dns_check, config, argparse.Namespace(domain=None, json=True))
+    json_code = await in_thread(cmd_dns_check, config, args(https_port, json=True))
     data = json.loads(capsys.readouterr().out)
     assert json_code == code
     return code, text, data
@@ -49,8 +59,27 @@ def by_record(data: dict) -> dict[tuple[str, str], dict]:
 
 
 @pytest_twisted.ensureDeferred
-async def test_everything_published_right_passes(tmp_path, dns_server, capsys) -> None:
-    config, rsa, ed = configure(tmp_path, dns_server)
+async def test_everything_published_right_passes(tmp_path, dns_server, capsys,
+                                                 monkeypatch) -> None:
+    # The MTA serves its MTA-STS policy; dns-check fetches it as a sender does,
+    # trusting the CA that signed its certificate (as if it were a public one).
+    extra, rsa, ed = settings(tmp_path, dns_server)
+    cert = shared_ca().issue_cert("mta-sts.example.test")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "sts.pem"))
+    extra["mta_sts"].update(endpoint="127.0.0.1:0", cert_file=str(tmp_path / "sts.pem"),
+                            key_file=str(tmp_path / "sts.pem"))
+    shared_ca().cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
+    mta = await start_mta(tmp_path, extra=extra)
+    try:
+        service = mta.service.getServiceNamed("mta-sts")
+        await service.listening
+        await right_records_pass(mta.config, rsa, ed, dns_server, capsys, service.port.getHost().port)
+    finally:
+        await mta.stop()
+
+
+async def right_records_pass(config, rsa, ed, dns_server, capsys, https_port) -> None:
     sts_id = policy_id(policy_text(config.mta_sts, HOST))
     dns_server.load({
         "example.test": {"MX": [(10, HOST)], "TXT": ["v=spf1 mx -all", "google-site-verification=x"]},
@@ -64,7 +93,7 @@ async def test_everything_published_right_passes(tmp_path, dns_server, capsys) -
         HOST: {"A": ["127.0.0.1"]},
         PTR: {"PTR": [HOST]},
     })
-    code, text, data = await run(config, capsys)
+    code, text, data = await run(config, capsys, https_port)
     assert code == 0, text
     assert data["ok"] is True
     # The zone lines to paste.
@@ -80,12 +109,13 @@ async def test_everything_published_right_passes(tmp_path, dns_server, capsys) -
                          ("DKIM", "e1._domainkey.example.test"),
                          ("DMARC", "_dmarc.example.test"), ("MTA-STS", "_mta-sts.example.test"),
                          ("MTA-STS host", "mta-sts.example.test"),
+                         ("MTA-STS policy", "mta-sts.example.test"),
                          ("TLS-RPT", "_smtp._tls.example.test"), ("TLSA", f"_25._tcp.{HOST}"),
                          ("FCrDNS", "127.0.0.1"), ("HELO", "127.0.0.1")]:
         assert f"PASS  {record:<12}  {name}: " in text
         assert by_record(data)[(record, name)]["ok"] is True
     assert "FAIL" not in text
-    assert "-- 11 passed, 0 failed" in text
+    assert "-- 12 passed, 0 failed" in text
     assert data["domains"][0]["mta_sts_policy"] == policy_text(config.mta_sts, HOST)
 
 
@@ -127,6 +157,9 @@ async def test_wrong_records_fail_with_the_fix(tmp_path, dns_server, capsys) -> 
         ("MTA-STS host", "mta-sts.example.test"): ("no address",
                                                    "mta-sts.example.test. 3600 IN CNAME "
                                                    "mx.example.test."),
+        ("MTA-STS policy", "mta-sts.example.test"): (
+            "cannot fetch https://mta-sts.example.test/.well-known/mta-sts.txt: no address",
+            "serve it: [mta_sts] endpoint"),
         ("TLS-RPT", "_smtp._tls.example.test"): ("DNS error: server failure", "could not ask DNS"),
         ("TLSA", f"_25._tcp.{HOST}"): ("other TLSA data", f"publish _25._tcp.{HOST}. 3600 IN "
                                        f"TLSA 3 1 1 {tlsa_data(config.tls.cert_file)}"),
@@ -145,19 +178,46 @@ async def test_wrong_records_fail_with_the_fix(tmp_path, dns_server, capsys) -> 
         after = text[text.index(line):].splitlines()
         assert detail in after[0] and after[1].startswith("      fix: ") and fix in after[1]
     assert "PASS" not in text
-    assert "-- 0 passed, 11 failed" in text
+    assert "-- 0 passed, 12 failed" in text
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_missing_ptr_and_one_domain_only(tmp_path, dns_server, capsys) -> None:
     config, _rsa, _ed = configure(tmp_path, dns_server)
-    dns_server.load({"example.test": {"MX": [(10, HOST)]}, HOST: {"A": ["127.0.0.1"]}})
-    code = await in_thread(cmd_dns_check, config,
-                           argparse.Namespace(domain="Example.Test", json=True))
+    dns_server.load({"example.test": {"MX": [(10, HOST)]}, HOST: {"A": ["127.0.0.1"]},
+                     "mta-sts.example.test": {"A": ["127.0.0.1"]}})
+    # The policy host has an address, but nothing serves HTTPS there.
+    code = await in_thread(cmd_dns_check, config, args(free_port(), "Example.Test", json=True))
     data = json.loads(capsys.readouterr().out)
     assert code == 1
     checks = by_record(data)
     assert checks[("MX", "example.test")]["ok"] is True
     assert checks[("SPF", "example.test")]["detail"] == "no v=spf1 record"
     assert checks[("FCrDNS", "127.0.0.1")]["detail"] == "no PTR for 127.0.0.1"
+    assert "127.0.0.1: Connection refused" in checks[("MTA-STS policy", "mta-sts.example.test")]["detail"]
     assert [d["domain"] for d in data["domains"]] == ["example.test"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_policy_host_with_the_wrong_certificate_fails(tmp_path, dns_server, capsys,
+                                                              monkeypatch) -> None:
+    # Served with [tls]'s certificate, which names mx.example.test only.
+    extra, _rsa, _ed = settings(tmp_path, dns_server)
+    extra["mta_sts"]["endpoint"] = "127.0.0.1:0"
+    shared_ca().cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
+    mta = await start_mta(tmp_path, extra=extra)
+    try:
+        service = mta.service.getServiceNamed("mta-sts")
+        await service.listening
+        dns_server.load({"mta-sts.example.test": {"A": ["127.0.0.1"]}})
+        code = await in_thread(cmd_dns_check, mta.config,
+                               args(service.port.getHost().port, json=True))
+        check = by_record(json.loads(capsys.readouterr().out))[("MTA-STS policy",
+                                                                 "mta-sts.example.test")]
+        assert code == 1 and check["ok"] is False
+        assert check["detail"].startswith("127.0.0.1: certificate not valid for "
+                                          "mta-sts.example.test: "), check["detail"]
+        assert "Hostname mismatch" in check["detail"]
+    finally:
+        await mta.stop()

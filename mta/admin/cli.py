@@ -770,7 +770,7 @@ def cmd_dns_check(config: Config, args: argparse.Namespace) -> int:
         domains = list(config.local_domains)
     else:
         raise CLIError("no local_domains in this configuration: nothing to check")
-    reports, host = dnscheck.run_checks(config, domains)
+    reports, host = dnscheck.run_checks(config, domains, https_port=args.https_port)
     if args.json:
         _print_json(dnscheck.report_json(config.hostname, reports, host))
     else:
@@ -849,6 +849,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(sub, "dns-check", cmd_dns_check, "show the DNS records to publish for the local "
             "domains and check what DNS answers (exit 1 if any check fails)", json_flag=True)
     p.add_argument("domain", nargs="?", help="one local domain (default: all)")
+    p.add_argument("--https-port", type=int, default=443, metavar="PORT",
+                   help="where to fetch the MTA-STS policy (443, as senders do; for tests)")
     add(sub, "check-config", cmd_check_config,
         "check the configuration and every file it names")
     add(sub, "reload", cmd_reload, "make the daemon re-read its configuration and files")

@@ -17,8 +17,11 @@ one PASS/FAIL line per record with the fix:
   §6.1, §7.1);
 * ``MTA-STS``: the ``_mta-sts`` TXT record with the id of the policy made from
   ``[mta_sts]`` (RFC 8461 §3.1; :mod:`mta.policy.mtasts`), the policy file's
-  contents, and whether ``mta-sts.<domain>`` has an address (the host the
-  policy is fetched from, §3.3);
+  contents, whether ``mta-sts.<domain>`` has an address (the host the
+  policy is fetched from, §3.3), and whether
+  ``https://mta-sts.<domain>/.well-known/mta-sts.txt`` serves that policy
+  (fetched as a sender does: certificate checked against the system's CAs,
+  200, ``text/plain``);
 * ``TLS-RPT``: ``_smtp._tls`` with a ``rua=`` (RFC 8460 §3);
 
 and once for the host:
@@ -52,7 +55,7 @@ import dns.resolver
 import dns.reversename
 
 from mta.config import Config
-from mta.policy.mtasts import policy_id, policy_text, txt_record
+from mta.policy.mtasts import WELL_KNOWN_PATH, policy_id, policy_text, txt_record
 from mta.system.dns import nameservers
 
 TTL = 3600
@@ -277,6 +280,75 @@ def check_mta_sts_host(lookup: Lookup, domain: str, hostname: str) -> Check:
                  publish, f"publish {publish} (and serve the policy: [mta_sts] endpoint)")
 
 
+MAX_POLICY_SIZE = 64 * 1024  # RFC 8461 §3.3: senders may refuse larger policies
+
+
+def fetch_policy(address: str, port: int, host: str, timeout: float) -> tuple[int, str, bytes]:
+    """GET the policy from ``address`` as ``host`` over HTTPS, the certificate checked
+    for ``host`` against the system's CAs, as a sending MTA does (RFC 8461 §3.3)."""
+    import http.client
+    import socket
+    import ssl
+
+    family = socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
+    raw = socket.socket(family, socket.SOCK_STREAM)
+    raw.settimeout(timeout)
+    try:
+        raw.connect((address, port))
+        sock = ssl.create_default_context().wrap_socket(raw, server_hostname=host)
+    except BaseException:
+        raw.close()
+        raise
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    conn.sock = sock
+    try:
+        conn.request("GET", WELL_KNOWN_PATH, headers={"Host": host})
+        response = conn.getresponse()
+        return (response.status, response.getheader("Content-Type") or "",
+                response.read(MAX_POLICY_SIZE + 1))
+    finally:
+        conn.close()
+
+
+def check_mta_sts_policy(domain: str, addresses: list[str], policy: str, port: int,
+                         timeout: float) -> Check:
+    """Whether ``https://mta-sts.<domain>/.well-known/mta-sts.txt`` serves our policy."""
+    import http.client
+    import ssl
+
+    name = f"mta-sts.{domain}"
+    url = f"https://{name}{WELL_KNOWN_PATH}"
+    serve = "serve it: [mta_sts] endpoint (port 443) with a certificate for " + name
+    if not addresses:
+        return Check("MTA-STS policy", name, False, f"cannot fetch {url}: no address", None,
+                     serve)
+    problems = []
+    for address in addresses[:4]:
+        try:
+            status, ctype, body = fetch_policy(address, port, name, timeout)
+        except ssl.SSLCertVerificationError as e:
+            problems.append(f"{address}: certificate not valid for {name}: "
+                            f"{e.verify_message or e.reason}")
+            continue
+        except (OSError, ssl.SSLError, http.client.HTTPException, ValueError) as e:
+            problems.append(f"{address}: {getattr(e, 'strerror', None) or e}")
+            continue
+        if status != 200:
+            problems.append(f"{address}: HTTP {status}")
+        elif not ctype.lower().startswith("text/plain"):
+            problems.append(f"{address}: Content-Type {ctype!r}, not text/plain (RFC 8461 §3.2)")
+        elif len(body) > MAX_POLICY_SIZE:
+            problems.append(f"{address}: larger than 64 KiB")
+        elif body.decode("utf-8", "replace").splitlines() != policy.splitlines():
+            served = "; ".join(body.decode("utf-8", "replace").splitlines()[:6])
+            problems.append(f"{address}: a different policy ({served})")
+        else:
+            return Check("MTA-STS policy", name, True, f"{url} from {address} is this policy",
+                         None, found=[address])
+    return Check("MTA-STS policy", name, False, "; ".join(problems), None,
+                 f"{serve}, or put the policy shown above at {url}", list(addresses))
+
+
 def check_tlsrpt(lookup: Lookup, domain: str) -> Check:
     name = f"_smtp._tls.{domain}"
     value = f"v=TLSRPTv1; rua=mailto:postmaster@{domain}"
@@ -387,9 +459,10 @@ class DomainReport:
     policy: str
 
 
-def run_checks(config: Config, domains: Sequence[str],
-               lookup: Lookup | None = None) -> tuple[list[DomainReport], list[Check]]:
-    """Every check for ``domains`` and for the host."""
+def run_checks(config: Config, domains: Sequence[str], lookup: Lookup | None = None,
+               https_port: int = 443) -> tuple[list[DomainReport], list[Check]]:
+    """Every check for ``domains`` and for the host; the MTA-STS policy is fetched
+    from ``https_port`` (443 but in tests)."""
     lookup = lookup or Lookup(config)
     hostname = config.hostname.lower().rstrip(".")
     addresses, failed = host_addresses(lookup, hostname)
@@ -400,8 +473,11 @@ def run_checks(config: Config, domains: Sequence[str],
                   check_spf(lookup, domain, hostname, addresses, config)]
         checks += [check_dkim(lookup, d, selector, key) for d, selector, key in config.dkim.keys
                    if d == domain]
-        checks += [check_dmarc(lookup, domain), check_mta_sts(lookup, domain, policy),
-                   check_mta_sts_host(lookup, domain, hostname), check_tlsrpt(lookup, domain)]
+        sts_host = check_mta_sts_host(lookup, domain, hostname)
+        checks += [check_dmarc(lookup, domain), check_mta_sts(lookup, domain, policy), sts_host,
+                   check_mta_sts_policy(domain, sts_host.found if sts_host.ok else [], policy,
+                                        https_port, config.dns.timeout),
+                   check_tlsrpt(lookup, domain)]
         reports.append(DomainReport(domain, checks, policy))
     host = []
     if config.tls.cert_file is not None:
