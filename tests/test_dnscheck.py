@@ -4,18 +4,29 @@ right and wrong records: each PASS and FAIL in the text output and in --json."""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+from pathlib import Path
 
 import pytest_twisted
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from mta.admin.cli import cmd_dns_check
-from mta.admin.dnscheck import tlsa_data
 from mta.policy.dkim import generate_key
 from mta.policy.mtasts import policy_id, policy_text
 from tests.daemon import free_port
 from tests.harness import in_thread, make_config, shared_ca, start_mta
 
 HOST = "mx.example.test"
+
+
+def tlsa_data(cert_file) -> str:
+    """3 1 1 data worked out here (not with the code under test): SHA-256 of the SPKI."""
+    cert = x509.load_pem_x509_certificate(Path(cert_file).read_bytes())
+    spki = cert.public_key().public_bytes(serialization.Encoding.DER,
+                                          serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(spki).hexdigest()
 PTR = "1.0.0.127.in-addr.arpa"
 
 

@@ -41,7 +41,6 @@ when everything passes, 1 otherwise.
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import re
 import time
@@ -367,21 +366,24 @@ def check_tlsrpt(lookup: Lookup, domain: str) -> Check:
 
 
 def tlsa_data(cert_file: Any) -> str:
-    """SHA-256 of the SubjectPublicKeyInfo of the first certificate in ``cert_file``."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import serialization
+    """The ``3 1 1`` association data (SHA-256 of the SubjectPublicKeyInfo) of the first
+    certificate in ``cert_file``: what the DANE client (:mod:`mta.delivery.dane`) matches."""
+    from OpenSSL import crypto
 
-    cert = x509.load_pem_x509_certificate(open(cert_file, "rb").read())  # noqa: SIM115
-    spki = cert.public_key().public_bytes(serialization.Encoding.DER,
-                                          serialization.PublicFormat.SubjectPublicKeyInfo)
-    return hashlib.sha256(spki).hexdigest()
+    from mta.delivery.dane import association
+
+    with open(cert_file, "rb") as f:
+        cert = crypto.load_certificate(crypto.FILETYPE_PEM, f.read())
+    return association(cert, 1, 1).hex()
 
 
 def check_tlsa(lookup: Lookup, hostname: str, cert_file: Any) -> Check:
     name = f"_25._tcp.{hostname}"
+    from OpenSSL import crypto
+
     try:
         data = tlsa_data(cert_file)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, crypto.Error) as e:
         return Check("TLSA", name, False, f"cannot read {cert_file}: {e}", None, "fix tls.cert_file")
     expected = f"3 1 1 {data}"
     publish = f"{name}. {TTL} IN TLSA {expected}"
