@@ -546,10 +546,10 @@ def config_from_dict(raw: dict[str, Any], base: Path, overrides: dict[str, Any] 
         if not isinstance(entry, dict):
             raise ConfigError(prefix[:-1], "must be a table with tls, username, password")
         _check_keys(entry, {"tls", "username", "password"}, prefix)
-        tls = _get(entry, "tls", str, prefix, "opportunistic")
-        if tls not in ("none", "opportunistic", "require", "verify"):
+        relay_tls = _get(entry, "tls", str, prefix, "opportunistic")
+        if relay_tls not in ("none", "opportunistic", "require", "verify"):
             raise ConfigError(prefix + "tls", "must be none, opportunistic, require or verify")
-        relays.append((name, tls, _get(entry, "username", str, prefix, None),
+        relays.append((name, relay_tls, _get(entry, "username", str, prefix, None),
                        _get(entry, "password", str, prefix, None)))
     stage_raw = dl.pop("timeouts", {})
     if not isinstance(stage_raw, dict):

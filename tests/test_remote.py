@@ -413,6 +413,22 @@ async def test_per_relay_tls_policy_and_credentials(tmp_path: Path) -> None:
     assert msg.tls and msg.auth_user == "second"
 
 
+def test_relay_settings_keep_the_servers_tls_settings(tmp_path: Path) -> None:
+    """A [delivery.relay."host:port"] table once overwrote Config.tls with its
+    policy string (a loop variable shadowed the [tls] settings)."""
+    from mta.config import TLSConfig, config_from_dict
+
+    (tmp_path / "cert.pem").write_text("x")
+    (tmp_path / "key.pem").write_text("x")
+    config = config_from_dict({
+        "hostname": "h.test", "tls": {"cert_file": "cert.pem", "key_file": "key.pem"},
+        "delivery": {"smarthosts": ["relay:25"], "relay": {"relay:25": {"tls": "require"}}},
+    }, tmp_path)
+    assert isinstance(config.tls, TLSConfig)
+    assert config.tls.cert_file == tmp_path / "cert.pem"
+    assert config.delivery.relays[0][:2] == ("relay:25", "require")
+
+
 def test_relay_settings_must_name_a_smarthost(tmp_path: Path) -> None:
     from mta.config import ConfigError, config_from_dict
 
