@@ -23,7 +23,7 @@ STAGES = ("greeting", "ehlo", "tls", "mail", "rcpt", "data_init", "data_block", 
 # The SMTP session's built-in checks (mta.policy.checks), in the order they run
 # by default; [checks] order may reorder them, leave some out or add others.
 CHECKS = ("limits", "helo", "sender_binding", "user_rate", "spf", "recipient", "forged_authres",
-          "loop", "submission_headers", "from_binding", "msgauth", "srs")
+          "loop", "submission_headers", "from_binding", "msgauth", "milter", "srs")
 CHECK_ON_ERROR = ("tempfail", "accept")
 
 
@@ -212,7 +212,12 @@ class ChecksConfig:
         for key, settings in self.settings:
             if key == name:
                 return settings
-        return CheckSettings()
+        return _DEFAULT_CHECK_SETTINGS.get(name) or CheckSettings()
+
+
+# The milter check bounds each milter step itself (MilterSettings' timeouts);
+# the pipeline's limit on its whole stage is only a last resort (a 100 MB body).
+_DEFAULT_CHECK_SETTINGS = {"milter": CheckSettings(timeout=3600.0)}
 
 
 # --- operator tools (issue 21): Maildir layout, MTA-STS policy hosting -----------------
@@ -267,6 +272,7 @@ class Config:
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     checks: ChecksConfig = field(default_factory=ChecksConfig)
     dane: DANEConfig = field(default_factory=DANEConfig)
+    milters: MiltersConfig = field(default_factory=lambda: MiltersConfig())
     # Loopback is not trusted by default: these networks may relay without AUTH.
     relay_networks: tuple[str, ...] = ()
     # Authenticated users may only use their own address (and +suffixes) or the
@@ -417,6 +423,7 @@ def config_from_dict(raw: dict[str, Any], base: Path, overrides: dict[str, Any] 
         "listeners", "tls", "limits", "spf", "dns", "aliases", "delivery", "dkim", "dmarc",
         "checks", "dane",
         "maildir", "mta_sts",
+        "milters",  # issue 17: the milter client
     }
     _check_keys(raw, top, "")
     hostname = _get(raw, "hostname", str, "", None) or socket.getfqdn()
@@ -631,6 +638,7 @@ def config_from_dict(raw: dict[str, Any], base: Path, overrides: dict[str, Any] 
         delivery=delivery,
         checks=_checks(_table(raw, "checks")),
         dane=_dane(_table(raw, "dane"), dns, delivery.tls_policy),
+        milters=_milters(_table(raw, "milters")),
         relay_networks=relay_networks,
         metrics_endpoint=metrics,
         log_json=_path(base, _get(raw, "log_json", str, "", None)),
@@ -855,3 +863,105 @@ def _choice(table: dict[str, Any], key: str, allowed: tuple[str, ...], default: 
 
 def _bad(key: str, problem: str) -> Any:
     raise ConfigError(key, problem)
+
+
+# --- milters (issue 17) -----------------------------------------------------------
+
+MILTER_DEFAULT_ACTIONS = ("tempfail", "accept")
+# [milters] keys that are lists of milter names: Postfix's smtpd_milters (every
+# listener) and one override per listener kind (as master.cf's -o smtpd_milters=).
+MILTER_LISTS = ("smtpd", *LISTENER_KINDS)
+
+
+@dataclass(frozen=True)
+class MilterSettings:
+    """One ``[milters.NAME]`` table: where the milter listens and how long to wait
+    (Postfix's milter_connect_timeout, milter_command_timeout,
+    milter_content_timeout) and what a failed one means (milter_default_action)."""
+
+    name: str
+    socket: str  # "unix:/path", "inet:host:port" or a Twisted client endpoint string
+    connect_timeout: float = 30.0  # connecting and the negotiation
+    command_timeout: float = 30.0  # each of CONNECT, HELO, MAIL, RCPT, DATA
+    content_timeout: float = 300.0  # each header, body chunk and the end of message
+    default_action: str = "tempfail"
+
+
+@dataclass(frozen=True)
+class MiltersConfig:
+    """``[milters]``: the milters, and which listeners use them, in order."""
+
+    milters: tuple[MilterSettings, ...] = ()
+    smtpd: tuple[str, ...] = ()
+    by_kind: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def get(self, name: str) -> MilterSettings:
+        for m in self.milters:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+    def for_kind(self, kind: str) -> tuple[str, ...]:
+        """The milters of a listener kind: its own list if given, else ``smtpd``."""
+        for key, names in self.by_kind:
+            if key == kind:
+                return names
+        return self.smtpd
+
+
+def _milters(table: dict[str, Any]) -> MiltersConfig:
+    """``[milters.NAME]`` tables (a ``socket`` each) and the lists ``smtpd``, ``mx``,
+    ``submission``, ``submissions`` naming them."""
+    milters = []
+    lists: dict[str, tuple[str, ...]] = {}
+    for name, raw in table.items():
+        if name in MILTER_LISTS:
+            if not isinstance(raw, list) or not all(isinstance(n, str) for n in raw):
+                raise ConfigError(f"milters.{name}", "must be a list of milter names")
+            lists[name] = tuple(raw)
+            continue
+        prefix = f"milters.{name}."
+        if not isinstance(raw, dict):
+            raise ConfigError(f"milters.{name}", "must be a table with socket (or be one of "
+                              f"{', '.join(MILTER_LISTS)}: a list of milter names)")
+        if not _CHECK_NAME.fullmatch(name):
+            raise ConfigError(f"milters.{name}", "a milter name is lower-case letters, digits, _")
+        _check_keys(raw, {"socket", "connect_timeout", "command_timeout", "content_timeout",
+                          "default_action"}, prefix)
+        socket_ = _get(raw, "socket", str, prefix, None)
+        if not socket_:
+            raise ConfigError(prefix + "socket", 'is required: "unix:/path", "inet:host:port" '
+                              "or a Twisted client endpoint")
+        _validate_milter_socket(socket_, prefix + "socket")
+        one = MilterSettings(
+            name=name, socket=socket_,
+            connect_timeout=_positive(float(_get(raw, "connect_timeout", (int, float), prefix, 30.0)),
+                                      prefix + "connect_timeout"),
+            command_timeout=_positive(float(_get(raw, "command_timeout", (int, float), prefix, 30.0)),
+                                      prefix + "command_timeout"),
+            content_timeout=_positive(float(_get(raw, "content_timeout", (int, float), prefix, 300.0)),
+                                      prefix + "content_timeout"),
+            default_action=_choice(raw, "default_action", MILTER_DEFAULT_ACTIONS, "tempfail"),
+        )
+        milters.append(one)
+    known = {m.name for m in milters}
+    for key, names in lists.items():
+        for i, n in enumerate(names):
+            if n not in known:
+                raise ConfigError(f"milters.{key}[{i}]", f"no [milters.{n}] table")
+            if n in names[:i]:
+                raise ConfigError(f"milters.{key}[{i}]", f"{n} is listed twice")
+    return MiltersConfig(tuple(milters), lists.pop("smtpd", ()), tuple(lists.items()))
+
+
+def _validate_milter_socket(value: str, key: str) -> None:
+    if value.startswith("unix:") and "=" not in value:
+        if not value[5:].startswith("/"):
+            raise ConfigError(key, f"{value!r}: unix: needs an absolute path")
+        return
+    if value.startswith(("inet:", "inet6:")):
+        _, _, port = value.split(":", 1)[1].rpartition(":")
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(key, f"{value!r}: inet:host:port needs a port")
+        return
+    _validate_client_endpoint(value, key)

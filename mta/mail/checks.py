@@ -88,6 +88,12 @@ class Verdict(NamedTuple):
     # instead of delivering it; the text is the reason (a milter's SMFIR_QUARANTINE,
     # a content check's verdict).  The first non-empty one wins.
     quarantine: str = ""
+    # MESSAGE only (a milter's end-of-message actions, issue 17): the body, the
+    # recipients and the sender changed (:class:`MessageEdits`); the header
+    # section's changes come as ``header_lines``, the whole section rewritten.
+    # ``discard``: the message is accepted (250) and dropped, not queued.
+    edits: MessageEdits | None = None
+    discard: bool = False
 
     @property
     def accepted(self) -> bool:
@@ -95,6 +101,22 @@ class Verdict(NamedTuple):
 
 
 ACCEPT = Verdict()
+
+
+class MessageEdits(NamedTuple):
+    """What a MESSAGE check changes besides the header section (``Verdict.edits``).
+
+    ``body``: the new body (after the blank line), bytes or a binary file
+    positioned at its start, CRLF line endings; None keeps it.  ``add``: the
+    recipients to add, each (address, its expansion as RCPT's verdict gives
+    it: ``Verdict.targets``); ``delete``: addresses whose recipients go (as
+    given at RCPT, compared without case); ``sender``: the new envelope
+    sender ("" for <>), None keeps it."""
+
+    body: Any = None
+    add: tuple[tuple[str, tuple[Any, ...]], ...] = ()
+    delete: tuple[str, ...] = ()
+    sender: str | None = None
 
 
 def reject(reply: Reply, reason: str = "", quiet: bool = False) -> Verdict:

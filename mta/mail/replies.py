@@ -229,3 +229,19 @@ CHECK_FAILED_CONNECT = Reply(421, "4.3.0", "Temporary failure checking the conne
 # alone the extension is offered (§3, §4.1).
 BAD_REQUIRETLS = Reply(501, "5.5.4", "REQUIRETLS takes no value")
 REQUIRETLS_NEEDS_TLS = Reply(530, "5.7.10", "REQUIRETLS needs a TLS connection: STARTTLS first")
+
+
+# --- milters (mta.policy.milter; issue 17) ----------------------------------------
+# What Postfix's milter client answers for a milter's plain SMFIR_REJECT and
+# SMFIR_TEMPFAIL, and for a milter that failed under default_action = tempfail
+# (RFC 3463 §3.8: 5.7.1 delivery not authorized; 4.7.1 the same, for now).
+MILTER_REJECT = Reply(550, "5.7.1", "Command rejected")
+MILTER_TEMPFAIL = Reply(451, "4.7.1", "Service unavailable - try again later")
+# A message a milter discarded (SMFIR_DISCARD): accepted, then dropped, as the
+# milter asked; the client hears a plain acceptance (Postfix says the same).
+MILTER_DISCARDED = Reply(250, "2.0.0", "Ok")
+
+
+def milter_reply(code: int, enhanced: str, text: str) -> Reply:
+    """A milter's own SMFIR_REPLYCODE (its code, RFC 3463 code and text; lines joined by \\n)."""
+    return Reply(code, enhanced, text)

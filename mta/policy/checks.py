@@ -346,3 +346,13 @@ BUILTIN: dict[str, Any] = {cls.name: cls for cls in (
     ConnectionLimits, HeloName, SenderBinding, UserRate, SPF, RecipientLookup,
     ForgedAuthResults, ReceivedLoop, SubmissionHeaders, FromBinding, MessageAuth, ForwardingSRS,
 )}
+
+
+def _milter(ctx: Any) -> Any:
+    """The milters (issue 17): ``milter`` in [checks] order, configured in [milters]."""
+    from mta.policy.milter.check import MilterCheck
+
+    return MilterCheck(ctx)
+
+
+BUILTIN["milter"] = _milter

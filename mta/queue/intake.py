@@ -111,6 +111,19 @@ class Intake:
             added += 1
         return added
 
+    def remove_recipient(self, address: str) -> int:
+        """Remove the recipients of ``address`` (as given, or as expanded; without
+        case), as a milter's SMFIR_DELRCPT asks.  Returns how many went."""
+        lower = address.lower()
+        keep = [r for r in self.recipients
+                if r.original.lower() != lower and r.address.lower() != lower]
+        removed = len(self.recipients) - len(keep)
+        if removed:
+            self.recipients = keep
+            self.originals = [o for o in self.originals if o.lower() != lower]
+            self._known = {(r.kind, r.mailbox or r.address) for r in keep}
+        return removed
+
     # --- the data --------------------------------------------------------------
 
     def open(self, buffered: bool = True) -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 from typing import Any, BinaryIO
 
 from twisted.internet.defer import Deferred
@@ -87,6 +88,34 @@ class MessageWriter:
         self._file = open(self.tmp_path, "xb")  # noqa: SIM115 - closed by commit or abort
         chunks, self._pending = self._pending, None
         self._file.writelines(chunks)
+
+    def flush(self) -> None:
+        """What was written so far into the file in tmp/ (spilled), for a reader of it."""
+        if self._file is not None:
+            self._file.flush()
+
+    def rewrite(self, keep: int, middle: bytes, rest_from: int, rest: BinaryIO | None = None) -> None:
+        """Change a spilled message's file (a milter's header and body changes): its
+        first ``keep`` octets, then ``middle``, then the old file from ``rest_from``
+        or else ``rest`` (a replacement body), copied in blocks, never held whole."""
+        assert self._open and self._file is not None, "only a spilled message is rewritten"
+        self._file.flush()
+        new_path = self.tmp_path.with_name(self.tmp_path.name + ".new")
+        try:
+            with open(self.tmp_path, "rb") as old, open(new_path, "xb") as new:
+                new.write(old.read(keep))
+                new.write(middle)
+                if rest is None:
+                    old.seek(rest_from)
+                    rest = old
+                shutil.copyfileobj(rest, new, 1 << 16)
+            self._file.close()
+            os.replace(new_path, self.tmp_path)
+        except BaseException:
+            unlink_quietly(new_path)
+            raise
+        self._file = open(self.tmp_path, "ab")  # noqa: SIM115 - closed by commit or abort
+        self.size = os.path.getsize(self.tmp_path)
 
     def commit(self, envelope: Envelope) -> None:
         """Make the message durable now. Raises :class:`QueueError`; then nothing is left."""

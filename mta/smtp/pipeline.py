@@ -70,6 +70,7 @@ def merge(acc: Verdict, v: Verdict) -> Verdict:
         envelope={**(acc.envelope or EMPTY), **v.envelope} if v.envelope else acc.envelope,
         reason=v.reason, quiet=v.quiet,
         quarantine=acc.quarantine or v.quarantine,
+        edits=v.edits if v.edits is not None else acc.edits, discard=acc.discard or v.discard,
     )
 
 
@@ -89,6 +90,21 @@ class Pipeline:
         # Each class of client's plan, made when first asked for; bounded: the
         # keys are (trusted, authenticated, listener kind), at most 2 x 2 x 3.
         self._plans: dict[tuple[bool, bool, str], Plan] = {}
+        # The checks that keep per-session state (a milter's connection) and want
+        # to hear when the session ends: those with a close(state) method.
+        self._closing = tuple(c for c, _ in checks if callable(getattr(c, "close", None)))
+
+    def close(self, state: CheckState) -> None:
+        """The session has ended: the checks that keep per-session state end it
+        (``check.close(state)``; state.check_data is None when none kept any)."""
+        if getattr(state, "check_data", None) is None:
+            return
+        for check in self._closing:
+            try:
+                check.close(state)
+            except Exception:
+                log.failure("check {check}: close() failed", check=check.name, event="check",
+                            result="error")
 
     def names(self, stage: Stage, plan: Plan | None = None) -> list[str]:
         return [c.name for c in (self._stages if plan is None else plan)[stage]]

@@ -86,6 +86,7 @@ class MessageReception:
         self._header_refusal: Verdict | None = None  # a HEADERS check refused: said at the end
         self._chunks: list[bytes] | None = []  # the message held in memory during DATA
         self._held = 0
+        self._spill_prefix = 0  # a spilled message's first octet in its queue file
         self._trace: TraceInfo | None = None
         # The BDAT chunk being read (RFC 3030): octets still to come, whether it
         # is the LAST one, the refusal decided at the command (its octets are
@@ -298,6 +299,7 @@ class MessageReception:
             extra = self._top_headers(txn, txn.auth_results, log_it=False)
             try:
                 self._writer = self._open_writer(extra)
+                self._spill_prefix = self._writer.size  # where the message begins in its file
                 self._writer.writelines(self._chunks)
             except (QueueError, OSError) as e:
                 self._write_failed(e)
@@ -399,6 +401,12 @@ class MessageReception:
             self._reset_transaction()
             return self._refused("data", verdict, sender=logged_sender(txn.sender_text),
                                  rcpts=",".join(txn.rcpt_addresses))
+        if verdict.discard or verdict.edits is not None or (
+                verdict.header_lines is not None and verdict.header_lines is not txn.header_lines):
+            edited = self._apply_edits(verdict, writer, message, txn)  # a milter's (issue 17)
+            if edited is None:
+                return R.MILTER_DISCARDED
+            message = edited
         envelope = txn.intake.envelope(
             created=time.time(),
             body_8bit=txn.body_8bit or eight_bit,
@@ -415,12 +423,51 @@ class MessageReception:
         )
         if verdict.envelope:
             envelope.extra.update(verdict.envelope)
+        if verdict.edits is not None and verdict.edits.sender is not None:
+            envelope.sender = verdict.edits.sender
         if writer is not None:
             return self._commit(writer, envelope, txn)
         assert message is not None
         if verdict.headers:
             top += verdict.headers
         return self._store(message, top, envelope, txn)
+
+    def _apply_edits(self, verdict: Verdict, writer: MessageWriter | None, message: bytes | None,
+                     txn: Transaction) -> bytes | None:
+        """A milter's end-of-message changes (issue 17), before the envelope is made:
+        the header section rewritten (``verdict.header_lines``), the body replaced,
+        recipients deleted then added (``verdict.edits``); the message as it is
+        now (None for a message on disk), or None when it is dropped: discarded
+        by the milter, or left without a recipient (the 250 then says Ok)."""
+        edits = verdict.edits
+        if edits is not None:
+            for address in edits.delete:
+                txn.intake.remove_recipient(address)
+            for address, targets in edits.add:
+                txn.intake.add_recipient(address, targets)
+        if verdict.discard or not txn.recipients:
+            log.info("discarded from={sender} to={rcpts} client={ip}: {why}",
+                     sender=logged_sender(txn.sender_text), rcpts=",".join(txn.rcpt_addresses),
+                     ip=self.client_ip, why="a milter discarded it" if verdict.discard
+                     else "a milter removed every recipient", event="discarded")
+            self._reset_transaction()
+            return None
+        lines = verdict.header_lines if verdict.header_lines is not None else txn.header_lines
+        body = edits.body if edits is not None else None
+        if lines is txn.header_lines and body is None:
+            return message
+        head = b"\r\n".join(lines) + b"\r\n" if lines else b""
+        old_head = len(b"\r\n".join(txn.header_lines) + b"\r\n") if txn.header_lines else 0
+        txn.header_lines = list(lines)
+        if writer is None:
+            assert message is not None
+            if body is None:
+                return head + message[old_head:]
+            return head + b"\r\n" + body.read()
+        # On disk: the file is rewritten after our trace headers (what _collect wrote first).
+        writer.rewrite(self._spill_prefix, head + (b"\r\n" if body is not None else b""),
+                       self._spill_prefix + old_head, body)
+        return None
 
     def _store(self, message: bytes, extra_headers: list[bytes], envelope: Envelope,
                txn: Transaction) -> Deferred[Reply]:

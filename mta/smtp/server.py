@@ -202,6 +202,7 @@ class SMTPSession(Framing, SASLExchange, MessageReception, Protocol):
             if timer is not None and timer.active():
                 timer.cancel()
         self._abort_message()
+        self.pipeline.close(self.view)  # a milter's SMFIC_QUIT (nothing when no check kept state)
         if was_session and self._unlogged_refusals:
             self._log_refusal_summary()
         if was_session:

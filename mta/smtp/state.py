@@ -139,7 +139,7 @@ class SessionView:
     """
 
     __slots__ = ("_s", "client_ip", "trusted", "listener_kind", "auth_user", "recipient",
-                 "header_lines", "message")
+                 "header_lines", "message", "check_data")
 
     def __init__(self, session: Any) -> None:  # an SMTPSession
         # Weakly: the session holds its view, and a strong reference back would make
@@ -155,6 +155,9 @@ class SessionView:
         self.recipient: Address | None = None
         self.header_lines: Sequence[bytes] = ()
         self.message: bytes | None = None
+        # Checks' own per-session state, by check name (a milter's connection);
+        # None until a check keeps something (Pipeline.close ends it).
+        self.check_data: dict[str, Any] | None = None
 
     @property
     def helo(self) -> str:
@@ -187,3 +190,41 @@ class SessionView:
     def facts(self) -> Any:
         txn = self._s.txn
         return EMPTY if txn is None or txn.facts is None else txn.facts
+
+    # --- what the milter client (mta.policy.milter, issue 17) reads besides ---------
+
+    @property
+    def listener_name(self) -> str:
+        return self._s.listener.name
+
+    @property
+    def client_port(self) -> int:
+        return getattr(self._s.transport.getPeer(), "port", 0) or 0
+
+    @property
+    def local_addr(self) -> str:
+        return getattr(self._s.transport.getHost(), "host", "") or ""
+
+    @property
+    def tls_version(self) -> str:
+        return self._s.tls_version
+
+    @property
+    def tls_cipher(self) -> str:
+        return self._s.tls_cipher
+
+    @property
+    def queue_id(self) -> str:
+        """The transaction's queue id once its queue file is made (after the 354), else ""."""
+        txn = self._s.txn
+        return "" if txn is None or txn.intake is None else txn.intake.id
+
+    @property
+    def message_path(self) -> Any:
+        """At MESSAGE, when ``message`` is None (spilled to disk as it arrived): the
+        file it is in, flushed (our trace headers on top, then the message); else None."""
+        writer = self._s._writer
+        if writer is None:
+            return None
+        writer.flush()
+        return writer.tmp_path

@@ -1,0 +1,286 @@
+"""Milters for the tests: a scripted one (any answer, any fault) and the real ones.
+
+:class:`ScriptedMilter` is a small milter server in a thread on loopback that
+speaks the wire format itself (independently of mta.policy.milter.codec): it
+negotiates the actions and protocol flags a test gives, records every packet
+it is sent (``commands``), and answers each command as the test's ``script``
+says (by command letter: a list of replies, a callable, or a fault: "close",
+"garbage", ("sleep", seconds)).
+
+:func:`start_rspamd` and :func:`start_opendkim` start the Debian packages'
+daemons with a minimal configuration in a temporary folder, on loopback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ALL_ACTIONS = 0x1FF
+
+
+def pkt(cmd: bytes, data: bytes = b"") -> bytes:
+    return struct.pack("!I", len(data) + 1) + cmd + data
+
+
+def z(*values: str | bytes) -> bytes:
+    return b"".join((v.encode() if isinstance(v, str) else v) + b"\0" for v in values)
+
+
+CONTINUE = pkt(b"c")
+ACCEPT = pkt(b"a")
+REJECT = pkt(b"r")
+TEMPFAIL = pkt(b"t")
+DISCARD = pkt(b"d")
+
+
+def replycode(text: str) -> bytes:
+    return pkt(b"y", z(text))
+
+
+def add_header(name: str, value: str) -> bytes:
+    return pkt(b"h", z(name, value))
+
+
+def change_header(index: int, name: str, value: str) -> bytes:
+    return pkt(b"m", struct.pack("!I", index) + z(name, value))
+
+
+def insert_header(index: int, name: str, value: str) -> bytes:
+    return pkt(b"i", struct.pack("!I", index) + z(name, value))
+
+
+def replace_body(data: bytes) -> bytes:
+    return pkt(b"b", data)
+
+
+def add_rcpt(address: str) -> bytes:
+    return pkt(b"+", z(f"<{address}>"))
+
+
+def del_rcpt(address: str) -> bytes:
+    return pkt(b"-", z(f"<{address}>"))
+
+
+def change_from(address: str) -> bytes:
+    return pkt(b"e", z(f"<{address}>"))
+
+
+def quarantine(reason: str) -> bytes:
+    return pkt(b"q", z(reason))
+
+
+class ScriptedMilter:
+    """A milter that answers as scripted (see the module docstring)."""
+
+    def __init__(self, script: dict[bytes, Any] | None = None, actions: int = ALL_ACTIONS,
+                 protocol: int = 0, optneg: Any = None) -> None:
+        self.script = script or {}
+        self.actions, self.protocol, self.optneg = actions, protocol, optneg
+        self.commands: list[tuple[bytes, bytes]] = []  # every packet received, all connections
+        self.connections = 0
+        self.body = b""
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(16)
+        self.port = self._sock.getsockname()[1]
+        self.socket = f"inet:127.0.0.1:{self.port}"
+        self._stop = False
+        self._conns: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def names(self) -> list[bytes]:
+        return [c for c, _ in self.commands]
+
+    def _serve(self) -> None:
+        while not self._stop:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            self._conns.append(conn)
+            threading.Thread(target=self._talk, args=(conn,), daemon=True).start()
+
+    def _talk(self, conn: socket.socket) -> None:
+        buf = b""
+        with contextlib.suppress(OSError):
+            while True:
+                while len(buf) < 4 or len(buf) - 4 < struct.unpack("!I", buf[:4])[0]:
+                    data = conn.recv(1 << 20)
+                    if not data:
+                        return
+                    buf += data
+                (n,) = struct.unpack("!I", buf[:4])
+                cmd, data, buf = buf[4:5], buf[5 : 4 + n], buf[4 + n :]
+                self.commands.append((cmd, data))
+                if cmd == b"B":
+                    self.body += data
+                if cmd == b"O":
+                    if self.optneg is not None:
+                        conn.sendall(self.optneg)
+                    else:
+                        conn.sendall(pkt(b"O", struct.pack("!III", 6, self.actions, self.protocol)))
+                    continue
+                if cmd in (b"D", b"A"):
+                    continue  # macros and abort: no reply
+                if cmd == b"Q":
+                    return
+                if not self._answer(conn, cmd, data):
+                    return
+
+    def _answer(self, conn: socket.socket, cmd: bytes, data: bytes) -> bool:
+        action = self.script.get(cmd)
+        if callable(action):
+            action = action(data)
+        if action is None:
+            if self._no_reply(cmd):
+                return True
+            action = [CONTINUE]
+        if action == "close":
+            conn.close()
+            return False
+        if action == "garbage":
+            conn.sendall(b"\xff\xff\xff\xffjunk")
+            return True
+        if isinstance(action, tuple) and action[0] == "sleep":
+            time.sleep(action[1])
+            action = [CONTINUE]
+        if action == "silent":
+            return True
+        conn.sendall(b"".join(action))
+        return True
+
+    def _no_reply(self, cmd: bytes) -> bool:
+        flags = {b"C": 0x1000, b"H": 0x2000, b"M": 0x4000, b"R": 0x8000, b"T": 0x10000,
+                 b"N": 0x40000, b"B": 0x80000, b"L": 0x80}
+        return bool(self.protocol & flags.get(cmd, 0))
+
+    def stop(self) -> None:
+        self._stop = True
+        with contextlib.suppress(OSError):
+            self._sock.close()
+        for c in self._conns:
+            with contextlib.suppress(OSError):
+                c.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"{what} did not listen on {port} in {timeout}s")
+
+
+class Daemon:
+    """A started external milter: its socket (Postfix syntax), stopped by stop()."""
+
+    def __init__(self, proc: subprocess.Popen, port: int, folder: Path) -> None:
+        self.proc, self.port, self.folder = proc, port, folder
+        self.socket = f"inet:127.0.0.1:{port}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+RSPAMD_CONF = """
+options {{
+    pidfile = "{d}/rspamd.pid";
+    dbdir = "{d}/db";
+    filters = "chartable,dkim,regexp,fuzzy_check";
+    dns {{ nameserver = ["127.0.0.1:{dns_port}"]; timeout = 1s; retransmits = 1; }}
+}}
+logging {{ type = "file"; filename = "{d}/rspamd.log"; level = "info"; }}
+worker "normal" {{
+    bind_socket = "127.0.0.1:{normal}";
+    count = 1;
+}}
+worker "rspamd_proxy" {{
+    bind_socket = "127.0.0.1:{port}";
+    milter = yes;
+    timeout = 120s;
+    count = 1;
+    upstream "local" {{ default = yes; self_scan = yes; }}
+}}
+worker "controller" {{ bind_socket = "127.0.0.1:{controller}"; count = 1; }}
+actions {{ reject = 15; add_header = 6; greylist = 4; }}
+milter_headers {{ extended_spam_headers = true; use = ["x-spamd-result", "x-rspamd-server", "x-rspamd-queue-id", "authentication-results", "x-spam-level", "x-spam-status"]; }}
+"""
+
+
+def start_rspamd(folder: Path) -> Daemon:
+    """rspamd with its proxy worker in milter mode (self-scan, no Redis), on loopback."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "db").mkdir(exist_ok=True)
+    port, normal, controller, dns_port = free_port(), free_port(), free_port(), free_port()
+    conf = folder / "rspamd.conf"
+    conf.write_text(RSPAMD_CONF.format(d=folder, port=port, normal=normal, controller=controller,
+                                       dns_port=dns_port))
+    proc = subprocess.Popen(
+        ["rspamd", "-f", "-c", str(conf), "-u", _user(), "-g", _group(), "--insecure"],
+        stdout=open(folder / "stdout.log", "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
+    wait_for_port(port, proc, "rspamd", timeout=60)
+    return Daemon(proc, port, folder)
+
+
+def _user() -> str:
+    import pwd
+
+    return pwd.getpwuid(os.getuid()).pw_name
+
+
+def _group() -> str:
+    import grp
+
+    return grp.getgrgid(os.getgid()).gr_name
+
+
+def start_opendkim(folder: Path, domain: str, selector: str) -> tuple[Daemon, str]:
+    """OpenDKIM signing ``domain`` with a key made by opendkim-genkey; returns the
+    daemon and the DNS TXT record's text for ``selector._domainkey.domain``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["opendkim-genkey", "-b", "2048", "-d", domain, "-s", selector, "-D", str(folder)],
+                   check=True)
+    txt = (folder / f"{selector}.txt").read_text()
+    record = "".join(part for part in txt.split('"')[1::2])
+    port = free_port()
+    conf = folder / "opendkim.conf"
+    conf.write_text(
+        f"Domain {domain}\nSelector {selector}\nKeyFile {folder}/{selector}.private\n"
+        f"Socket inet:{port}@127.0.0.1\nMode sv\nCanonicalization relaxed/relaxed\n"
+        f"PidFile {folder}/opendkim.pid\nUserID {_user()}\nSyslog no\nLogWhy yes\n"
+        "InternalHosts 127.0.0.1\nRequireSafeKeys no\nBackground no\n")
+    os.chmod(folder / f"{selector}.private", 0o600)
+    proc = subprocess.Popen(["opendkim", "-f", "-x", str(conf)],
+                            stdout=open(folder / "stdout.log", "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
+    wait_for_port(port, proc, "opendkim")
+    return Daemon(proc, port, folder), record
+
+
+def have(tool: str) -> bool:
+    return shutil.which(tool) is not None or shutil.which(tool, path="/usr/sbin:/sbin") is not None
