@@ -50,11 +50,25 @@ def dialog(port, *, sender="bob@example.test", rcpts=("alice@example.test",), bo
                 replies.append(c.read_reply())
             else:
                 replies.append((code, text))
+        else:
+            c.cmd("RSET")
         out.append(replies)
     if quit:
         c.cmd("QUIT")
     c.close()
     return out
+
+
+async def wait_for(condition, seconds=3.0):
+    """Until ``condition()`` (what a milter thread records after the client is done)."""
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    for _ in range(int(seconds / 0.02)):
+        if condition():
+            return
+        await deferLater(reactor, 0.02, lambda: None)
+    raise AssertionError("condition not met in time")
 
 
 class Events:
@@ -129,6 +143,292 @@ async def test_clean_message_passes_with_macros_and_steps(tmp_path, scripted):
         headers = [d for c, d in milter.commands if c == b"L"]
         assert headers[0] == b"From\0Bob <bob@example.test>\0"
         assert milter.body == b"body line\r\n"
+        await wait_for(lambda: milter.names()[-1:] == [b"Q"])  # SMFIC_QUIT at the session's end
     finally:
         await mta.stop()
-    assert milter.names()[-1] == b"Q"  # SMFIC_QUIT at the session's end
+
+
+@pytest.mark.parametrize(("stage", "answer", "code", "text"), [
+    (b"M", M.REJECT, 550, "550 5.7.1 Command rejected"),
+    (b"M", M.TEMPFAIL, 451, "451 4.7.1 Service unavailable - try again later"),
+    (b"R", M.REJECT, 550, "550 5.7.1 Command rejected"),
+    (b"R", M.replycode("452 4.2.2 Mailbox full"), 452, "452 4.2.2 Mailbox full"),
+    (b"E", M.replycode("554-5.7.1 Spam message rejected\r\n554 5.7.1 see http://x.test/"), 554,
+     "554-5.7.1 Spam message rejected\n554 5.7.1 see http://x.test/"),
+    (b"E", M.TEMPFAIL, 451, "451 4.7.1 Service unavailable - try again later"),
+    (b"L", M.REJECT, 550, "550 5.7.1 Command rejected"),
+    (b"B", M.replycode("550 5.7.0 Virus found"), 550, "550 5.7.0 Virus found"),
+    (b"C", M.replycode("554 5.7.1 go away"), 554, "554 5.7.1 go away"),
+    (b"H", M.TEMPFAIL, 451, "451 4.7.1 Service unavailable - try again later"),
+], ids=["mail-reject", "mail-tempfail", "rcpt-reject", "rcpt-replycode", "eom-multiline",
+        "eom-tempfail", "header-reject", "body-replycode", "connect-replycode", "helo-tempfail"])
+@pytest_twisted.ensureDeferred
+async def test_refusal_at_each_stage(tmp_path, scripted, stage, answer, code, text):
+    milter = scripted({stage: [answer]})
+    mta = await start(tmp_path, milter)
+    try:
+        with Events() as ev:
+            (replies,) = await in_thread(dialog, mta.port())
+        # A refusal of the connection or HELO is said at MAIL (as Postfix's delayed reject).
+        at = {b"C": 0, b"H": 0, b"M": 0, b"R": 1}.get(stage, -1)
+        assert replies[at] == (code, text)
+        assert mta.queued() == []
+        (rejected,) = ev.of("rejected")
+        assert rejected["code"] == code and rejected["reason"] == "milter"
+    finally:
+        await mta.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_rcpt_refusal_keeps_the_other_recipients(tmp_path, scripted):
+    milter = scripted({b"R": lambda d: [M.REJECT] if b"bob" in d else [M.CONTINUE]})
+    mta = await start(tmp_path, milter)
+    try:
+        ((mail, r1, r2, data),) = await in_thread(
+            dialog, mta.port(), rcpts=("bob@example.test", "alice@example.test"))
+        assert r1[0] == 550 and r2[0] == 250 and data[0] == 250
+        (env,) = mta.queued()
+        assert [r.address for r in env.recipients] == ["alice@example.test"]
+    finally:
+        await mta.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_accept_at_mail_skips_the_rest_of_the_message(tmp_path, scripted):
+    milter = scripted({b"M": [M.ACCEPT]})
+    mta = await start(tmp_path, milter)
+    try:
+        ((mail, rcpt, data),) = await in_thread(dialog, mta.port())
+        assert data[0] == 250 and len(mta.queued()) == 1
+        assert b"R" not in milter.names() and b"E" not in milter.names()
+    finally:
+        await mta.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_accept_of_the_connection_skips_the_session(tmp_path, scripted):
+    milter = scripted({b"C": [M.ACCEPT]})
+    mta = await start(tmp_path, milter)
+    try:
+        replies = await in_thread(dialog, mta.port(), transactions=2)
+        assert [r[-1][0] for r in replies] == [250, 250]
+        assert not {b"M", b"R", b"E"} & set(milter.names())
+    finally:
+        await mta.stop()
+
+
+@pytest.mark.parametrize("stage", [b"M", b"R", b"E"])
+@pytest_twisted.ensureDeferred
+async def test_discard_accepts_and_drops(tmp_path, scripted, stage):
+    milter = scripted({stage: [M.DISCARD]})
+    mta = await start(tmp_path, milter)
+    try:
+        with Events() as ev:
+            ((mail, rcpt, data),) = await in_thread(dialog, mta.port())
+        assert mail[0] == rcpt[0] == 250
+        assert data == (250, "250 2.0.0 Ok")
+        assert mta.queued() == []
+        (discarded,) = ev.of("discarded")
+        assert "discarded" in discarded["why"]
+        assert [e["result"] for e in ev.of("milter")] == ["discard"]
+    finally:
+        await mta.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_connection_per_session_with_abort_between_transactions(tmp_path, scripted):
+    # The first transaction is refused at RCPT by our own lookup (no such user):
+    # the milter saw MAIL, so it is told SMFIC_ABORT before the next MAIL.
+    milter = scripted()
+    mta = await start(tmp_path, milter)
+    try:
+        first, second = await in_thread(dialog, mta.port(), transactions=2,
+                                        rcpts=("nobody@example.test",))
+        assert first[1][0] == 550 and second[1][0] == 550
+        await wait_for(lambda: b"Q" in milter.names())
+        steps = [n for n in milter.names() if n != b"D"]
+        assert milter.connections == 1
+        assert steps == [b"O", b"C", b"H", b"M", b"A", b"M", b"Q"]
+    finally:
+        await mta.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_reply_and_skipped_steps_are_honoured(tmp_path, scripted):
+    # SMFIP_NOHELO | NORCPT | NOHDRS, NR_MAIL, NR_BODY; the milter sends nothing for
+    # those (the scripted one would answer otherwise and desynchronise the session).
+    protocol = 0x02 | 0x08 | 0x20 | 0x4000 | 0x80000
+    milter = scripted(protocol=protocol)
+    mta = await start(tmp_path, milter)
+    try:
+        replies = await in_thread(dialog, mta.port(), transactions=2)
+        assert [r[-1][0] for r in replies] == [250, 250]
+        names = milter.names()
+        assert b"H" not in names and b"R" not in names and b"L" not in names
+        assert names.count(b"M") == 2 and names.count(b"E") == 2
+    finally:
+        await mta.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_setsymlist_macros_are_sent(tmp_path, scripted):
+    optneg = M.pkt(b"O", struct.pack("!III", 6, M.ALL_ACTIONS | 0x100, 0)
+                   + struct.pack("!I", 2) + b"{mail_addr} {client_addr}\0")
+    milter = scripted(optneg=optneg)
+    mta = await start(tmp_path, milter)
+    try:
+        await in_thread(dialog, mta.port())
+        macros = macros_sent(milter)
+        assert macros[b"M"] == {"{mail_addr}": "bob@example.test", "{client_addr}": "127.0.0.1"}
+    finally:
+        await mta.stop()
+
+
+def eom(*mods):
+    return {b"E": [*mods, M.CONTINUE]}
+
+
+@pytest_twisted.ensureDeferred
+async def test_header_actions_land_in_the_queued_message(tmp_path, scripted):
+    milter = scripted(eom(
+        M.add_header("X-Added", "yes\n\tfolded"),
+        M.insert_header(0, "X-Top", "first"),
+        M.change_header(2, "X-Old", "changed"),
+        M.change_header(1, "Subject", ""),
+    ))
+    mta = await start(tmp_path, milter)
+    try:
+        ((_, _, data),) = await in_thread(dialog, mta.port())
+        assert data[0] == 250
+        (env,) = mta.queued()
+        msg = mta.message_bytes(env.id)
+        head, _, body = msg.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        own = lines[lines.index(b"X-Top: first"):]
+        assert own == [b"X-Top: first", b"From: Bob <bob@example.test>", b"To: alice@example.test",
+                       b"X-Old: one", b"X-Old: changed", b"X-Added: yes", b"\tfolded"]
+        assert body == b"body line\r\n"
+    finally:
+        await mta.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_body_recipients_sender_and_quarantine(tmp_path, scripted):
+    milter = scripted(eom(
+        M.replace_body(b"new body\r\n"), M.replace_body(b"second part\r\n"),
+        M.add_rcpt("bob@example.test"), M.del_rcpt("alice@example.test"),
+        M.change_from("bounces@example.test"), M.quarantine("suspicious"),
+    ))
+    mta = await start(tmp_path, milter)
+    try:
+        with Events() as ev:
+            ((_, _, data),) = await in_thread(dialog, mta.port())
+        assert data[0] == 250
+        (env,) = mta.queued()
+        assert env.sender == "bounces@example.test"
+        assert [r.address for r in env.recipients] == ["bob@example.test"]
+        msg = mta.message_bytes(env.id)
+        assert msg.endswith(b"\r\n\r\nnew body\r\nsecond part\r\n")
+        assert [e["detail"] for e in ev.of("milter") if e["result"] == "quarantine"] == ["suspicious"]
+    finally:
+        await mta.stop()
+
+
+def test_quarantine_is_carried_by_the_verdict():
+    """What the hold queue (the screen helper's part of issue 17) reads: Verdict.quarantine."""
+    from mta.mail.checks import ACCEPT
+    from mta.policy.milter.check import MilterSession, _Message
+    from mta.policy.milter.codec import Negotiated, Packet
+
+    class State:
+        header_lines = [b"Subject: x"]
+        message = b"Subject: x\r\n\r\nbody\r\n"
+        message_path = None
+        client_ip = "127.0.0.1"
+
+    ms = MilterSession(None)
+    ms.neg = Negotiated(6, M.ALL_ACTIONS, 0, {})
+    msg = _Message(State())
+    one = msg.apply(ms, [Packet(b"q", b"held by policy\0")], None)
+    assert one.quarantine == "held by policy"
+    verdict = msg.verdict(one.quarantine)
+    assert verdict is not ACCEPT and verdict.quarantine == "held by policy" and verdict.accepted
+
+
+@pytest_twisted.ensureDeferred
+async def test_unnegotiated_action_is_a_fault(tmp_path, scripted):
+    milter = scripted(eom(M.add_header("X-A", "b")), actions=0)
+    mta = await start(tmp_path, milter)
+    try:
+        with Events() as ev:
+            ((_, _, data),) = await in_thread(dialog, mta.port())
+        assert data[0] == 451 and mta.queued() == []
+        (fault,) = ev.of("milter")
+        assert fault["result"] == "garbage" and "not negotiated" in fault["detail"]
+    finally:
+        await mta.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_milters_in_order_the_second_sees_the_first_changes(tmp_path, scripted):
+    first = scripted(eom(M.add_header("X-First", "1"), M.replace_body(b"from first\r\n")))
+    second = scripted(eom(M.add_header("X-Second", "2")))
+    mta = await start(tmp_path, first, second)
+    try:
+        ((_, _, data),) = await in_thread(dialog, mta.port())
+        assert data[0] == 250
+        (env,) = mta.queued()
+        msg = mta.message_bytes(env.id)
+        assert msg.index(b"X-First: 1") < msg.index(b"X-Second: 2")
+        assert (b"L", b"X-First\x001\0") in second.commands
+        assert second.body == b"from first\r\n"
+    finally:
+        await mta.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_first_milter_refusal_stops_the_second(tmp_path, scripted):
+    first = scripted({b"M": [M.REJECT]})
+    second = scripted()
+    mta = await start(tmp_path, first, second)
+    try:
+        ((mail,),) = await in_thread(dialog, mta.port())
+        assert mail[0] == 550
+        assert b"M" not in second.names()
+    finally:
+        await mta.stop()
+
+
+# --- faults ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fault", ["close", "garbage", "slow", "down"])
+@pytest.mark.parametrize("default_action", ["tempfail", "accept"])
+@pytest_twisted.ensureDeferred
+async def test_fault_gets_the_default_action(tmp_path, scripted, fault, default_action):
+    script = {"close": "close", "garbage": "garbage", "slow": ("sleep", 3)}
+    milter = scripted({b"R": script[fault]} if fault != "down" else {})
+    if fault == "down":
+        milter.stop()
+    mta = await start(tmp_path, milter, default_action=default_action)
+    try:
+        with Events() as ev:
+            first, second = await in_thread(dialog, mta.port(), transactions=2)
+        if default_action == "tempfail":
+            at = 0 if fault == "down" else 1
+            assert first[at] == (451, "451 4.7.1 Service unavailable - try again later")
+            assert second[0][0] == 451  # the milter stays failed for the session
+            assert mta.queued() == []
+        else:
+            assert first[-1][0] == 250 and second[-1][0] == 250
+            assert len(mta.queued()) == 2
+        (event,) = ev.of("milter")
+        expected = {"close": "closed", "garbage": "garbage", "slow": "timeout", "down": "down"}[fault]
+        assert event["result"] == expected and event["action"] == default_action
+        # The session stayed in step: other sessions are served, the milter is tried again.
+        if fault != "down":
+            milter.script = {}
+            (again,) = await in_thread(dialog, mta.port())
+            assert again[-1][0] == 250
+    finally:
+        await mta.stop()

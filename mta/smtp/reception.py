@@ -456,9 +456,12 @@ class MessageReception:
         body = edits.body if edits is not None else None
         if lines is txn.header_lines and body is None:
             return message
+        from mta.policy.milter.check import header_section
+
+        lines, old_lines = header_section(lines), header_section(txn.header_lines)
         head = b"\r\n".join(lines) + b"\r\n" if lines else b""
-        old_head = len(b"\r\n".join(txn.header_lines) + b"\r\n") if txn.header_lines else 0
-        txn.header_lines = list(lines)
+        old_head = len(b"\r\n".join(old_lines) + b"\r\n") if old_lines else 0
+        txn.header_lines = lines
         if writer is None:
             assert message is not None
             if body is None:

@@ -99,6 +99,14 @@ def _address(raw: bytes) -> str:
 # --- the header section as fields ---------------------------------------------
 
 
+def header_section(lines: Any) -> list[bytes]:
+    """The header lines without the empty line the DATA reader leaves at their end."""
+    lines = list(lines)
+    while lines and not lines[-1]:  # bounded: the lines
+        lines.pop()
+    return lines
+
+
 def fields_of(lines: list[bytes]) -> list[list[bytes]]:
     """Header lines grouped into fields (a line that begins with space or tab
     continues the field before it)."""
@@ -146,6 +154,9 @@ class MilterSession:
         self.in_txn = False  # sent MAIL without the end of message yet
         self.done_txn = False  # SMFIR_ACCEPT for this message: nothing more of it
         self.discard = False  # SMFIR_DISCARD before the end of the message
+        # Every macro's value known so far in the session: a milter may ask for any
+        # of them at any later stage (SMFIR_SETSYMLIST).
+        self.values: dict[str, str] = {}
 
     def proto_flag(self, flag: int) -> bool:
         return bool(self.neg is not None and self.neg.protocol & flag)
@@ -291,9 +302,10 @@ class MilterCheck:
                     skip: int, no_reply: int, timeout: float | None = None) -> Verdict | None:
         """Send a step (its macros first) unless the milter skips it; its answer as a
         verdict: None to go on, ACCEPT for SMFIR_ACCEPT, a refusal, or ``discard``."""
+        ms.values.update(values)
         if ms.proto_flag(skip):
             return None
-        data = self._macros(ms, macro_stage, values) + command
+        data = self._macros(ms, macro_stage, ms.values) + command
         if ms.proto_flag(no_reply):
             await self._ask(ms, data, 0, answer=False)
             return None
@@ -416,7 +428,8 @@ class MilterCheck:
                 if verdict is not None:
                     break
         if verdict is None:
-            answer_list = await self._ask(ms, self._macros(ms, codec.M_EOM, queue_id)
+            ms.values.update(queue_id)
+            answer_list = await self._ask(ms, self._macros(ms, codec.M_EOM, ms.values)
                                           + codec.packet(codec.BODYEOB), timeout, eom=True)
             ms.in_txn = False  # the end of message ends the milter's transaction
             verdict = self._decide(answer_list[-1])
@@ -487,7 +500,7 @@ class _Message:
     """The message as the milters see it, with the changes of those before."""
 
     def __init__(self, state: CheckState) -> None:
-        self.original_lines = list(state.header_lines)
+        self.original_lines = header_section(state.header_lines)
         self.fields = fields_of(self.original_lines)
         self.headers_changed = False
         self.message = state.message
