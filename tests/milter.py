@@ -88,6 +88,12 @@ class ScriptedMilter:
         self.commands: list[tuple[bytes, bytes]] = []  # every packet received, all connections
         self.connections = 0
         self.body = b""
+        self.keep_body = True  # else only counted: body_size, chunk_sizes, body_hash
+        self.body_size = 0
+        self.chunk_sizes: set[int] = set()
+        import hashlib
+
+        self.body_hash = hashlib.sha256()
         self._sock = socket.socket()
         self._sock.bind(("127.0.0.1", 0))
         self._sock.listen(16)
@@ -122,9 +128,13 @@ class ScriptedMilter:
                     buf += data
                 (n,) = struct.unpack("!I", buf[:4])
                 cmd, data, buf = buf[4:5], buf[5 : 4 + n], buf[4 + n :]
-                self.commands.append((cmd, data))
+                self.commands.append((cmd, data if cmd != b"B" or self.keep_body else b""))
                 if cmd == b"B":
-                    self.body += data
+                    if self.keep_body:
+                        self.body += data
+                    self.body_size += len(data)
+                    self.chunk_sizes.add(len(data))
+                    self.body_hash.update(data)
                 if cmd == b"O":
                     if self.optneg is not None:
                         conn.sendall(self.optneg)

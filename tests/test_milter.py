@@ -432,3 +432,66 @@ async def test_fault_gets_the_default_action(tmp_path, scripted, fault, default_
             assert again[-1][0] == 250
     finally:
         await mta.stop()
+
+
+# --- a big message: streamed from its file, never held whole ------------------------
+
+BIG = 100 * 1024 * 1024
+
+
+def send_big(port, line=b"x" * 998 + b"\r\n", size=BIG):
+    """A ~100 MB message sent in 1 MB writes (never built whole here either)."""
+    import hashlib
+
+    c = RawClient(port, timeout=120)
+    c.read_reply()
+    c.cmd("EHLO client.test")
+    assert c.cmd("MAIL FROM:<bob@example.test>")[0] == 250
+    assert c.cmd("RCPT TO:<alice@example.test>")[0] == 250
+    assert c.cmd("DATA")[0] == 354
+    c.send(MESSAGE.split(b"\r\n\r\n")[0] + b"\r\n\r\n")
+    block = line * (1024 * 1024 // len(line))
+    digest = hashlib.sha256()
+    sent = 0
+    while sent < size:
+        c.send(block)
+        digest.update(block)
+        sent += len(block)
+    c.send(b".\r\n")
+    reply = c.read_reply()
+    c.cmd("QUIT")
+    c.close()
+    return reply, sent, digest.hexdigest()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("edit", [False, True], ids=["stream", "stream-and-edit"])
+@pytest_twisted.ensureDeferred
+async def test_100mb_message_streams_to_the_milter_in_chunks(tmp_path, scripted, edit):
+    import tracemalloc
+
+    milter = scripted(eom(M.add_header("X-Scanned", "big"), M.replace_body(b"replaced\r\n"))
+                      if edit else {})
+    milter.keep_body = False
+    mta = await start(tmp_path, milter, extra={"limits": {"max_message_size": 200 * 1024 * 1024}})
+    tracemalloc.start()
+    try:
+        reply, sent, digest = await in_thread(send_big, mta.port())
+        _, peak = tracemalloc.get_traced_memory()
+        assert reply[0] == 250
+        assert milter.body_size == sent and milter.body_hash.hexdigest() == digest
+        assert max(milter.chunk_sizes) == 65535
+        # Neither the session nor the milter client held the message whole (the
+        # 1 MB writes of the client, the reader's blocks, 64 KiB chunks).
+        assert peak < 30 * 1024 * 1024, peak
+        (env,) = mta.queued()
+        path = mta.store.data_path(env.id)
+        if edit:
+            data = path.read_bytes()
+            head, _, body = data.partition(b"\r\n\r\n")
+            assert b"\r\nX-Scanned: big" in head and body == b"replaced\r\n"
+        else:
+            assert path.stat().st_size > sent
+    finally:
+        tracemalloc.stop()
+        await mta.stop()

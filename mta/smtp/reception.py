@@ -403,10 +403,9 @@ class MessageReception:
                                  rcpts=",".join(txn.rcpt_addresses))
         if verdict.discard or verdict.edits is not None or (
                 verdict.header_lines is not None and verdict.header_lines is not txn.header_lines):
-            edited = self._apply_edits(verdict, writer, message, txn)  # a milter's (issue 17)
-            if edited is None:
+            kept, message = self._apply_edits(verdict, writer, message, txn)  # a milter's (issue 17)
+            if not kept:
                 return R.MILTER_DISCARDED
-            message = edited
         envelope = txn.intake.envelope(
             created=time.time(),
             body_8bit=txn.body_8bit or eight_bit,
@@ -433,12 +432,13 @@ class MessageReception:
         return self._store(message, top, envelope, txn)
 
     def _apply_edits(self, verdict: Verdict, writer: MessageWriter | None, message: bytes | None,
-                     txn: Transaction) -> bytes | None:
+                     txn: Transaction) -> tuple[bool, bytes | None]:
         """A milter's end-of-message changes (issue 17), before the envelope is made:
         the header section rewritten (``verdict.header_lines``), the body replaced,
-        recipients deleted then added (``verdict.edits``); the message as it is
-        now (None for a message on disk), or None when it is dropped: discarded
-        by the milter, or left without a recipient (the 250 then says Ok)."""
+        recipients deleted then added (``verdict.edits``).  Returns whether the
+        message is kept, and the message as it is now (None for one on disk);
+        not kept: discarded by the milter, or left without a recipient (the 250
+        then says Ok)."""
         edits = verdict.edits
         if edits is not None:
             for address in edits.delete:
@@ -451,11 +451,11 @@ class MessageReception:
                      ip=self.client_ip, why="a milter discarded it" if verdict.discard
                      else "a milter removed every recipient", event="discarded")
             self._reset_transaction()
-            return None
+            return False, None
         lines = verdict.header_lines if verdict.header_lines is not None else txn.header_lines
         body = edits.body if edits is not None else None
         if lines is txn.header_lines and body is None:
-            return message
+            return True, message
         from mta.policy.milter.check import header_section
 
         lines, old_lines = header_section(lines), header_section(txn.header_lines)
@@ -465,12 +465,12 @@ class MessageReception:
         if writer is None:
             assert message is not None
             if body is None:
-                return head + message[old_head:]
-            return head + b"\r\n" + body.read()
+                return True, head + message[old_head:]
+            return True, head + b"\r\n" + body.read()
         # On disk: the file is rewritten after our trace headers (what _collect wrote first).
         writer.rewrite(self._spill_prefix, head + (b"\r\n" if body is not None else b""),
                        self._spill_prefix + old_head, body)
-        return None
+        return True, None
 
     def _store(self, message: bytes, extra_headers: list[bytes], envelope: Envelope,
                txn: Transaction) -> Deferred[Reply]:
