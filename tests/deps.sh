@@ -7,6 +7,7 @@
 #   unbound, nsd, ldns-keygen/ldns-signzone     DANE tests: a validating resolver in front of
 #     (Debian: unbound, nsd, ldnsutils)         signed zones on loopback
 #   python3's venv/ensurepip (python3-venv)    only while .venv does not exist yet
+#   rspamd, opendkim, opendkim-genkey          real milters (opendkim-genkey: opendkim-tools)
 #
 # All there: silent, exit 0. Something missing: as root on Debian, install it
 # with apt-get (Postfix unconfigured and not started: debconf "No
@@ -39,6 +40,9 @@ check() {
     command -v nsd >/dev/null 2>&1 || want nsd nsd
     command -v ldns-signzone >/dev/null 2>&1 || want ldns-signzone ldnsutils
     command -v ldns-keygen >/dev/null 2>&1 || want ldns-keygen ldnsutils
+    command -v rspamd >/dev/null 2>&1 || want rspamd rspamd
+    command -v opendkim >/dev/null 2>&1 || want opendkim opendkim
+    command -v opendkim-genkey >/dev/null 2>&1 || want opendkim-genkey opendkim-tools
     if [ ! -d "$VENV/bin" ] && ! "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null; then
         want "$PYTHON venv" python3-venv
     fi
