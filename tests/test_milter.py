@@ -495,3 +495,75 @@ async def test_100mb_message_streams_to_the_milter_in_chunks(tmp_path, scripted,
     finally:
         tracemalloc.stop()
         await mta.stop()
+
+
+# --- mta check-config ------------------------------------------------------------------
+
+
+def test_check_config_probes_each_milter(tmp_path, scripted, capsys):
+    from mta.admin import cli
+    from tests.milter import free_port
+
+    alive = scripted()
+    dead = free_port()
+    config = tmp_path / "mta.toml"
+    config.write_text(f"""
+hostname = "mx.example.test"
+data_dir = "var"
+
+[listeners.mx]
+endpoint = "tcp:0:interface=127.0.0.1"
+kind = "mx"
+
+[milters]
+smtpd = ["alive", "dead"]
+
+[milters.alive]
+socket = "{alive.socket}"
+
+[milters.dead]
+socket = "inet:127.0.0.1:{dead}"
+connect_timeout = 2
+""")
+    assert cli.main(["check-config", "--config", str(config)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert [line for line in out if line.startswith("milters.")] == [
+        f"milters.dead: unreachable: inet:127.0.0.1:{dead}: [Errno 111] Connection refused"]
+    assert alive.names()[:1] == [b"O"]
+    config.write_text(config.read_text().replace(', "dead"', "").split("[milters.dead]")[0])
+    assert cli.main(["check-config", "--config", str(config)]) == 0
+    assert capsys.readouterr().out == "configuration OK\n"
+
+
+@pytest.mark.parametrize(("table", "problem"), [
+    ({"smtpd": ["nope"]}, "milters.smtpd[0]: no [milters.nope] table"),
+    ({"a": {}}, "milters.a.socket: is required"),
+    ({"a": {"socket": "unix:relative"}}, "milters.a.socket: 'unix:relative': unix: needs an absolute path"),
+    ({"a": {"socket": "inet:localhost"}}, "milters.a.socket: 'inet:localhost': inet:host:port needs a port"),
+    ({"a": {"socket": "inet:h:1", "default_action": "reject"}},
+     "default_action: must be one of tempfail, accept"),
+    ({"a": {"socket": "inet:h:1", "command_timeout": 0}}, "milters.a.command_timeout: must be greater than zero"),
+    ({"a": {"socket": "inet:h:1", "bogus": 1}}, "milters.a.bogus"),
+    ({"mx": "a"}, "milters.mx: must be a list of milter names"),
+])
+def test_milter_configuration_errors(tmp_path, table, problem):
+    from mta.config import ConfigError
+    from tests.harness import make_config
+
+    with pytest.raises(ConfigError) as e:
+        make_config(tmp_path, extra={"milters": table})
+    assert problem in str(e.value)
+
+
+def test_milter_lists_follow_postfix(tmp_path):
+    """``smtpd`` is Postfix's smtpd_milters (every listener); a listener kind's own list
+    replaces it, as master.cf's ``-o smtpd_milters=`` does for one service."""
+    from tests.harness import make_config
+
+    config = make_config(tmp_path, extra={"milters": {
+        "spam": {"socket": "inet:127.0.0.1:11332"}, "dkim": {"socket": "unix:/run/opendkim.sock"},
+        "smtpd": ["spam"], "submission": ["dkim", "spam"]}})
+    m = config.milters
+    assert m.for_kind("mx") == ("spam",) and m.for_kind("submission") == ("dkim", "spam")
+    assert m.get("spam").content_timeout == 300 and m.get("spam").default_action == "tempfail"
+    assert "milter" in config.checks.order

@@ -692,6 +692,23 @@ def config_problems(config: Config) -> list[str]:
     if len(os.fsencode(config.control_socket)) > MAX_SOCKET_PATH:
         problems.append(f"control_socket: {config.control_socket} is longer than "
                         f"{MAX_SOCKET_PATH} octets (the limit for a Unix socket path)")
+    problems += milter_problems(config)
+    return problems
+
+
+def milter_problems(config: Config) -> list[str]:
+    """Each configured milter that cannot be reached or does not negotiate (issue 17),
+    and milters configured for listeners while ``milter`` is not in [checks] order."""
+    from mta.policy.milter.probe import probe
+
+    milters = config.milters
+    problems = []
+    if (milters.smtpd or milters.by_kind) and "milter" not in config.checks.order:
+        problems.append("milters: listeners have milters, but milter is not in checks.order")
+    for m in milters.milters:
+        problem = probe(m)
+        if problem:
+            problems.append(f"milters.{m.name}: unreachable: {problem}")
     return problems
 
 
