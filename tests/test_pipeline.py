@@ -410,9 +410,10 @@ def test_the_default_checks_answer_a_plain_message_without_a_deferred(tmp_path):
     state = State(recipient=parse_path("<alice@example.test>"))
     assert {stage: ctx.pipeline.names(stage) for stage in Stage} == {
         Stage.CONNECT: ["limits"], Stage.HELO: ["helo"],
-        Stage.MAIL: ["sender_binding", "user_rate", "spf"], Stage.RCPT: ["recipient"],
+        Stage.MAIL: ["sender_binding", "user_rate", "spf", "milter"],
+        Stage.RCPT: ["recipient", "milter"],
         Stage.HEADERS: ["forged_authres", "loop", "submission_headers"],
-        Stage.MESSAGE: ["from_binding", "msgauth", "srs"]}
+        Stage.MESSAGE: ["from_binding", "msgauth", "milter", "srs"]}
     for stage in (Stage.CONNECT, Stage.HELO, Stage.MAIL, Stage.HEADERS, Stage.MESSAGE):
         assert ctx.pipeline.run(stage, state) is ACCEPT, stage
     verdict = ctx.pipeline.run(Stage.RCPT, state)

@@ -64,6 +64,19 @@ DANE (namespace ``mta.delivery.dane``):
                 ``tlsa-invalid``, ``dnssec-invalid``, ``dane-required``,
                 ``starttls-not-supported``, ``certificate-host-mismatch``), ``why``.
 
+Milters (namespace ``mta.policy.milter``; issue 17):
+
+``milter``      a milter's fault or decision the session does not log itself:
+                ``milter`` (its name), ``result`` (``closed``, ``garbage``,
+                ``timeout``, ``down``, ``shutdown``: a fault, then ``action`` is
+                the default action applied for the rest of the session;
+                ``discard``, ``quarantine``, ``add_rcpt_refused``), ``stage``,
+                ``ip``, ``detail``.  A milter's refusal is a ``rejected`` event
+                with ``reason`` ``milter``.
+``discarded``   (namespace ``mta.smtp.server``) a message answered 250 and dropped:
+                a milter discarded it or removed every recipient: ``sender``,
+                ``rcpts``, ``ip``, ``why``.
+
 Elsewhere: ``reload`` (``result``, ``err``), ``control`` (``command``, ``uid``),
 ``deleted`` and ``admin_bounce`` (``queue_id``).
 

@@ -25,7 +25,9 @@ By stage, in the default order:
   users' mail (RFC 6409 §8).
 * MESSAGE ``from_binding``: an authenticated user's From addresses;
   ``msgauth``: DKIM and DMARC for inbound mail, DKIM signing for our users'
-  (RFC 6376, RFC 7489); ``srs``: the SRS sender of forwarded mail.
+  (RFC 6376, RFC 7489); ``milter``: the milters of [milters] (also at MAIL
+  and RCPT; :mod:`mta.policy.milter.check`); ``srs``: the SRS sender of
+  forwarded mail.
 
 Each says in ``applies`` (:class:`mta.mail.checks.Check`) the clients it has
 nothing to decide for, so that the pipeline does not even run it for them:
@@ -52,6 +54,7 @@ from mta.mail import replies as R
 from mta.mail.address import logged_sender
 from mta.mail.checks import ACCEPT, Action, CheckState, Client, Stage, Verdict, reject
 from mta.mail.headers import unfold_headers
+from mta.policy.milter.check import MilterCheck  # the milters (issue 17): configured in [milters]
 from mta.policy.received import count_received
 from mta.policy.relay import check_recipient
 
@@ -344,15 +347,6 @@ class ForwardingSRS(_Check):
 # Name in [checks] order -> the class, called with the server context.
 BUILTIN: dict[str, Any] = {cls.name: cls for cls in (
     ConnectionLimits, HeloName, SenderBinding, UserRate, SPF, RecipientLookup,
-    ForgedAuthResults, ReceivedLoop, SubmissionHeaders, FromBinding, MessageAuth, ForwardingSRS,
+    ForgedAuthResults, ReceivedLoop, SubmissionHeaders, FromBinding, MessageAuth, MilterCheck,
+    ForwardingSRS,
 )}
-
-
-def _milter(ctx: Any) -> Any:
-    """The milters (issue 17): ``milter`` in [checks] order, configured in [milters]."""
-    from mta.policy.milter.check import MilterCheck
-
-    return MilterCheck(ctx)
-
-
-BUILTIN["milter"] = _milter

@@ -170,12 +170,22 @@ class MilterCheck:
     stages = frozenset({Stage.MAIL, Stage.RCPT, Stage.MESSAGE})
 
     def __init__(self, ctx: Any, reactor: Any = None) -> None:
-        if reactor is None:
-            from twisted.internet import reactor  # type: ignore[no-redef]
         self.ctx = ctx
-        self.reactor = reactor
-        self.clock = ctx.clock
+        self._reactor = reactor
         self._config: Any = None
+
+    @property
+    def reactor(self) -> Any:
+        """What connects: the global reactor unless one was given."""
+        if self._reactor is None:
+            from twisted.internet import reactor
+
+            self._reactor = reactor
+        return self._reactor
+
+    @property
+    def clock(self) -> Any:
+        return self.ctx.clock
 
     @property
     def config(self) -> Any:
@@ -211,7 +221,9 @@ class MilterCheck:
             if ms.proto is not None:
                 ms.proto.close()
 
-    def check(self, stage: Stage, state: CheckState) -> Deferred[Verdict]:
+    def check(self, stage: Stage, state: CheckState) -> Verdict | Deferred[Verdict]:
+        if not self.milters.for_kind(state.listener_kind):
+            return ACCEPT  # (a caller without the pipeline's plan: none configured here)
         return Deferred.fromCoroutine(self._run(stage, state))
 
     async def _run(self, stage: Stage, state: CheckState) -> Verdict:
