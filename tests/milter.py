@@ -87,6 +87,7 @@ class ScriptedMilter:
         self.actions, self.protocol, self.optneg = actions, protocol, optneg
         self.commands: list[tuple[bytes, bytes]] = []  # every packet received, all connections
         self.connections = 0
+        self.progress = (0, 0.0)
         self.body = b""
         self.keep_body = True  # else only counted: body_size, chunk_sizes, body_hash
         self.body_size = 0
@@ -167,6 +168,12 @@ class ScriptedMilter:
             action = [CONTINUE]
         if action == "silent":
             return True
+        if action == "progress":  # SMFIR_PROGRESS every `every` s, `count` times, then CONTINUE
+            count, every = self.progress
+            for _ in range(count):
+                time.sleep(every)
+                conn.sendall(pkt(b"p"))
+            action = [CONTINUE]
         conn.sendall(b"".join(action))
         return True
 

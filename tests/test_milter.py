@@ -567,3 +567,46 @@ def test_milter_lists_follow_postfix(tmp_path):
     assert m.for_kind("mx") == ("spam",) and m.for_kind("submission") == ("dkim", "spam")
     assert m.get("spam").content_timeout == 300 and m.get("spam").default_action == "tempfail"
     assert "milter" in config.checks.order
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_slow_milter_session_does_not_hold_up_the_others(tmp_path, scripted):
+    import time as clock
+
+    def rcpt(data):
+        return ("sleep", 3) if b"bob@" in data else [M.CONTINUE]
+
+    milter = scripted({b"R": rcpt})
+    mta = await start(tmp_path, milter)
+    try:
+        def timed(rcpts):
+            t0 = clock.monotonic()
+            (replies,) = dialog(mta.port(), rcpts=rcpts)
+            return replies, clock.monotonic() - t0
+
+        slow = in_thread(timed, ("bob@example.test",))
+        (fast_replies, fast_time) = await in_thread(timed, ("alice@example.test",))
+        slow_replies, slow_time = await slow
+        assert fast_replies[-1][0] == 250 and fast_time < 1.5
+        assert slow_replies[1][0] == 451 and slow_time >= 2  # command_timeout = 2
+    finally:
+        await mta.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_progress_keeps_a_slow_end_of_message_alive(tmp_path, scripted):
+    import time as clock
+
+    def eom_slowly(data):
+        # SMFIR_PROGRESS every second for 3 s (content_timeout = 2), then CONTINUE.
+        return "progress"
+
+    milter = scripted({b"E": eom_slowly})
+    milter.progress = (3, 1.0)
+    mta = await start(tmp_path, milter)
+    try:
+        t0 = clock.monotonic()
+        ((_, _, data),) = await in_thread(dialog, mta.port())
+        assert data[0] == 250 and clock.monotonic() - t0 >= 3
+    finally:
+        await mta.stop()

@@ -66,7 +66,9 @@ def log_milter(milter: str, result: str, ip: str, stage: str, detail: str = "",
 def parse_replycode(text: bytes) -> Reply:
     """SMFIR_REPLYCODE's ``"550 5.7.1 text"`` (lines ``550-5.7.1 ...``\\r\\n) as a Reply;
     ProtocolError unless a 4xx or 5xx code."""
-    lines = text.rstrip(b"\0").decode("utf-8", "replace").replace("\r\n", "\n").split("\n")
+    text_ = text.rstrip(b"\0").decode("utf-8", "replace").replace("\r\n", "\n")
+    # Only printable text goes into our reply: no CR or control octet of the milter's.
+    lines = ["".join(c for c in line if c.isprintable()) for line in text_.split("\n")]
     code = lines[0][:3]
     if not (code.isdigit() and code[0] in "45") or len(lines) > 100:
         raise ProtocolError(f"reply code {lines[0][:20]!r}")
@@ -468,6 +470,11 @@ class MilterCheck:
             return None
         return (await self._ask(ms, data, timeout))[-1]
 
+    @property
+    def max_body(self) -> int:
+        """The largest replacement body taken: limits.max_message_size."""
+        return self.config.limits.max_message_size
+
     def targets_for(self, address: str) -> tuple[Any, ...]:
         """Where a recipient a milter adds goes (local user, alias or remote, as
         RCPT's lookup says, relay allowed: the milter is ours); () when nowhere."""
@@ -559,6 +566,7 @@ class _Message:
         actions = ms.neg.actions
         quarantine = ""
         new_body: BinaryIO | None = None
+        body_size = 0
         for p in mods:  # bounded: MAX_MODIFICATIONS
             command, data = p.command, p.data
             need = _ACTION_NEEDED[command]
@@ -579,6 +587,11 @@ class _Message:
             elif command == codec.REPLBODY:
                 if new_body is None:
                     new_body = tempfile.SpooledTemporaryFile(BODY_IN_MEMORY)  # noqa: SIM115
+                    body_size = 0
+                body_size += len(data)
+                if body_size > check.max_body:
+                    new_body.close()
+                    raise ProtocolError(f"replacement body over {check.max_body} octets")
                 new_body.write(data)
             elif command in (codec.ADDRCPT, codec.ADDRCPT_PAR):
                 address = _address(codec.split_strings(data, 1)[0])

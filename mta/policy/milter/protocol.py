@@ -115,6 +115,13 @@ class MilterProtocol(Protocol):
 
     def connectionMade(self) -> None:  # noqa: N802
         self.connected = True
+        # No Nagle: the steps a milter does not answer (SMFIP_NR_*: rspamd answers
+        # only the end of message) go out as the client's commands come, each a
+        # small segment while the last is unacknowledged, and the milter's side
+        # delays its ACK (40 ms on Linux): without this every message waited so.
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
         if self.failure is not None:
@@ -176,9 +183,11 @@ class MilterProtocol(Protocol):
         self._cancel_timer()
         d, self._waiting = self._waiting, None
         if drop and self.transport is not None and self.connected:
-            self.transport.abortConnection() if failure.reason != "closed" else \
+            if failure.reason == "closed":  # by us, in order: what was written goes first
                 self.transport.loseConnection()
-        if d is not None:
+            else:  # a milter out of step: nothing more is read from or written to it
+                self.transport.abortConnection()
+        if d is not None and not d.called:  # (called: cancelled by the stage's time limit)
             d.errback(Failure(failure))
 
     def connectionLost(self, reason: Failure = None) -> None:  # noqa: N802
