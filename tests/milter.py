@@ -82,7 +82,7 @@ class ScriptedMilter:
     """A milter that answers as scripted (see the module docstring)."""
 
     def __init__(self, script: dict[bytes, Any] | None = None, actions: int = ALL_ACTIONS,
-                 protocol: int = 0, optneg: Any = None) -> None:
+                 protocol: int = 0, optneg: Any = None, unix: Path | None = None) -> None:
         self.script = script or {}
         self.actions, self.protocol, self.optneg = actions, protocol, optneg
         self.commands: list[tuple[bytes, bytes]] = []  # every packet received, all connections
@@ -95,11 +95,17 @@ class ScriptedMilter:
         import hashlib
 
         self.body_hash = hashlib.sha256()
-        self._sock = socket.socket()
-        self._sock.bind(("127.0.0.1", 0))
+        if unix is not None:  # a Unix socket at that path: socket = "unix:/path"
+            self._sock = socket.socket(socket.AF_UNIX)
+            self._sock.bind(str(unix))
+            self.port = 0
+            self.socket = f"unix:{unix}"
+        else:
+            self._sock = socket.socket()
+            self._sock.bind(("127.0.0.1", 0))
+            self.port = self._sock.getsockname()[1]
+            self.socket = f"inet:127.0.0.1:{self.port}"
         self._sock.listen(16)
-        self.port = self._sock.getsockname()[1]
-        self.socket = f"inet:127.0.0.1:{self.port}"
         self._stop = False
         self._conns: list[socket.socket] = []
         self._thread = threading.Thread(target=self._serve, daemon=True)

@@ -610,3 +610,41 @@ async def test_progress_keeps_a_slow_end_of_message_alive(tmp_path, scripted):
         assert data[0] == 250 and clock.monotonic() - t0 >= 3
     finally:
         await mta.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_milter_on_a_unix_socket(tmp_path, scripted):
+    milter = scripted(eom(M.add_header("X-Unix", "yes")), unix=tmp_path / "milter.sock")
+    assert milter.socket == f"unix:{tmp_path / 'milter.sock'}"
+    mta = await start(tmp_path, milter)
+    try:
+        ((_, _, data),) = await in_thread(dialog, mta.port())
+        assert data[0] == 250
+        (env,) = mta.queued()
+        assert b"\r\nX-Unix: yes\r\n" in mta.message_bytes(env.id)
+        (connect,) = [d for c, d in milter.commands if c == b"C"]
+        assert connect.startswith(b"[127.0.0.1]\x004")
+    finally:
+        await mta.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_stage_time_limit_drops_the_milter_and_the_session_stays_in_step(tmp_path, scripted):
+    # [checks.milter] timeout bounds the whole stage: past it the pipeline gives
+    # up on the check (451 4.3.0, its on_error); the milter's late answer is not
+    # taken for the next step's, and the milter is done for the session.
+    milter = scripted({b"E": ("sleep", 2)})
+    mta = await start(tmp_path, milter, content_timeout=10,
+                      extra={"checks": {"milter": {"timeout": 1}}})
+    try:
+        with Events() as ev:
+            first, second = await in_thread(dialog, mta.port(), transactions=2)
+        assert first[-1][0] == 451 and "4.3.0" in first[-1][1]
+        assert second[0] == (451, "451 4.7.1 Service unavailable - try again later")
+        assert [e["result"] for e in ev.of("check")] == ["timeout"]
+        assert mta.queued() == []
+        milter.script = {}
+        (again,) = await in_thread(dialog, mta.port())
+        assert again[-1][0] == 250
+    finally:
+        await mta.stop()
