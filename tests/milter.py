@@ -191,6 +191,9 @@ class ScriptedMilter:
     def stop(self) -> None:
         self._stop = True
         with contextlib.suppress(OSError):
+            # (shutdown first: a close alone leaves the thread's accept() taking connections)
+            self._sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
             self._sock.close()
         for c in self._conns:
             with contextlib.suppress(OSError):

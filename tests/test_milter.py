@@ -408,8 +408,9 @@ async def test_first_milter_refusal_stops_the_second(tmp_path, scripted):
 async def test_fault_gets_the_default_action(tmp_path, scripted, fault, default_action):
     script = {"close": "close", "garbage": "garbage", "slow": ("sleep", 3)}
     milter = scripted({b"R": script[fault]} if fault != "down" else {})
-    if fault == "down":
+    if fault == "down":  # nothing listens there
         milter.stop()
+        milter.socket = f"inet:127.0.0.1:{M.free_port()}"
     mta = await start(tmp_path, milter, default_action=default_action)
     try:
         with Events() as ev:
