@@ -649,3 +649,23 @@ async def test_the_stage_time_limit_drops_the_milter_and_the_session_stays_in_st
         assert again[-1][0] == 250
     finally:
         await mta.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_auth_and_tls_macros_of_a_submission(tmp_path, scripted):
+    from tests.test_milter_real import message, send
+
+    milter = scripted()
+    mta = await start(tmp_path, milter)
+    try:
+        code, _ = await in_thread(send, mta.port("submission"), message("auth", b"x"),
+                                  sender="alice@example.test", login="alice@example.test")
+        assert code == 250
+        macros = macros_sent(milter)
+        assert macros[b"M"]["{auth_authen}"] == "alice@example.test"
+        assert macros[b"M"]["{auth_type}"] == "PLAIN"
+        assert macros[b"H"]["{tls_version}"].startswith("TLSv1.")
+        assert macros[b"H"]["{cipher}"]
+        assert macros[b"C"]["{daemon_name}"] == "submission"
+    finally:
+        await mta.stop()

@@ -60,6 +60,7 @@ class SASLExchange:
             return R.AUTH_UNKNOWN_MECHANISM
         mechanism = words[0].upper()
         initial = words[1] if len(words) == 2 else None
+        self.auth_mechanism = mechanism  # the milters' {auth_type}, once AUTH succeeds
         if mechanism == "PLAIN":
             if initial is None:
                 return self._ask(b"334 \r\n", self._auth_plain)

@@ -198,6 +198,11 @@ class SessionView:
         return self._s.listener.name
 
     @property
+    def auth_type(self) -> str:
+        """The SASL mechanism of a successful AUTH (PLAIN, LOGIN), else ""."""
+        return getattr(self._s, "auth_mechanism", "") if self.auth_user else ""
+
+    @property
     def client_port(self) -> int:
         return getattr(self._s.transport.getPeer(), "port", 0) or 0
 

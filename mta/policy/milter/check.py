@@ -363,7 +363,7 @@ class MilterCheck:
             sender = state.sender or ""
             ms.in_txn = True
             verdict = await self._step(ms, codec.M_ENVFROM, {
-                "i": state.queue_id, "{auth_type}": "PLAIN" if state.auth_user else "",  # type: ignore[attr-defined]
+                "i": state.queue_id, "{auth_type}": state.auth_type,  # type: ignore[attr-defined]
                 "{auth_authen}": state.auth_user or "", "{auth_author}": "",
                 "{mail_addr}": sender, "{mail_host}": sender.rpartition("@")[2] if "@" in sender else "",
                 "{mail_mailer}": "smtp" if sender else "",
