@@ -189,6 +189,80 @@ class DeliveryConfig:
     bounce_from: str | None = None
 
 
+# --- MTA-STS for delivery, TLS reporting (mta.delivery.mtasts, mta.delivery.tlsrpt) ---
+
+
+@dataclass(frozen=True)
+class STSDeliveryConfig:
+    """[delivery.mta_sts]: apply the MTA-STS policies of destination domains (RFC 8461;
+    [mta_sts] is our own policy, served to others)."""
+
+    enabled: bool = False
+    # The whole HTTPS fetch of one policy (DNS, connect, TLS, headers, body).
+    fetch_timeout: float = 10.0
+    # Octets a policy may have (RFC 8461 §3.3 suggests 64 KiB).
+    max_policy_size: int = 65536
+    # How often cached policies past half their max_age are fetched again.
+    refresh_interval: float = 3600.0
+    # CA certificates (PEM) the policy host's certificate must chain to; unset:
+    # the system trust store.
+    ca_file: Path | None = None
+    # Test hook: the port of https://mta-sts.<domain>/ (443).
+    https_port: int = 443
+
+
+@dataclass(frozen=True)
+class TLSReportsConfig:
+    """[tls_reports]: count outbound TLS outcomes and mail daily reports (RFC 8460)."""
+
+    enabled: bool = False
+    # The report's organization-name and contact-info; loading fills in the host
+    # name and from_address when unset.
+    organization: str = ""
+    contact: str = ""
+    # From: and envelope sender of the reports; loading fills in delivery.bounce_from.
+    from_address: str = ""
+    # Seconds after UTC midnight the previous day's reports are sent.
+    send_delay: float = 900.0
+
+
+def _delivery_sts(table: Any, base: Path) -> STSDeliveryConfig:
+    prefix = "delivery.mta_sts."
+    if not isinstance(table, dict):
+        raise ConfigError("delivery.mta_sts", "must be a table")
+    types = {"enabled": bool, "fetch_timeout": float, "max_policy_size": int,
+             "refresh_interval": float, "ca_file": str, "https_port": int}
+    cfg = _dataclass_from(table, STSDeliveryConfig, prefix, types)
+    _positive(cfg.fetch_timeout, prefix + "fetch_timeout")
+    _positive(cfg.refresh_interval, prefix + "refresh_interval")
+    if not 1 <= cfg.max_policy_size <= 1024 * 1024:
+        raise ConfigError(prefix + "max_policy_size", "must be from 1 to 1048576 octets")
+    if not 0 < cfg.https_port < 65536:
+        raise ConfigError(prefix + "https_port", "must be a port number")
+    ca_file = _path(base, cfg.ca_file)
+    if ca_file is not None and not ca_file.is_file():
+        raise ConfigError(prefix + "ca_file", f"{ca_file} is not a file")
+    return replace(cfg, ca_file=ca_file)
+
+
+def _tls_reports(table: dict[str, Any], hostname: str, bounce_from: str | None) -> TLSReportsConfig:
+    types = {"enabled": bool, "organization": str, "contact": str, "from_address": str,
+             "send_delay": float}
+    cfg = _dataclass_from(table, TLSReportsConfig, "tls_reports.", types)
+    if not 0 <= cfg.send_delay < 86400:
+        raise ConfigError("tls_reports.send_delay", "must be from 0 to 86399 seconds")
+    from_address = cfg.from_address or bounce_from or f"MAILER-DAEMON@{hostname}"
+    from mta.mail.address import AddressError, parse_mailbox
+
+    try:
+        from_address = str(parse_mailbox(from_address, smtputf8=True))
+    except AddressError as e:
+        raise ConfigError("tls_reports.from_address", f"{from_address!r} is not an address: {e}") \
+            from None
+    return replace(cfg, from_address=from_address, organization=cfg.organization or hostname,
+                   contact=cfg.contact or from_address)
+
+
 @dataclass(frozen=True)
 class CheckSettings:
     """How the pipeline runs one check (mta.smtp.pipeline)."""
@@ -273,6 +347,8 @@ class Config:
     checks: ChecksConfig = field(default_factory=ChecksConfig)
     dane: DANEConfig = field(default_factory=DANEConfig)
     milters: MiltersConfig = field(default_factory=lambda: MiltersConfig())
+    delivery_sts: STSDeliveryConfig = field(default_factory=STSDeliveryConfig)
+    tls_reports: TLSReportsConfig = field(default_factory=TLSReportsConfig)
     # Loopback is not trusted by default: these networks may relay without AUTH.
     relay_networks: tuple[str, ...] = ()
     # Authenticated users may only use their own address (and +suffixes) or the
@@ -422,7 +498,7 @@ def config_from_dict(raw: dict[str, Any], base: Path, overrides: dict[str, Any] 
         "srs_secret",
         "listeners", "tls", "limits", "spf", "dns", "aliases", "delivery", "dkim", "dmarc",
         "checks", "dane",
-        "maildir", "mta_sts",
+        "maildir", "mta_sts", "tls_reports",
         "milters",  # issue 17: the milter client
     }
     _check_keys(raw, top, "")
@@ -544,6 +620,7 @@ def config_from_dict(raw: dict[str, Any], base: Path, overrides: dict[str, Any] 
                               {"drop_characters": str, "suffix_separators": str, "max_depth": int})
 
     dl = dict(_table(raw, "delivery"))
+    sts_raw = dl.pop("mta_sts", {})  # [delivery.mta_sts]: STSDeliveryConfig
     relay_raw = dl.pop("relay", {})
     if not isinstance(relay_raw, dict):
         raise ConfigError("delivery.relay", 'must be a table of tables: [delivery.relay."host:port"]')
@@ -639,6 +716,8 @@ def config_from_dict(raw: dict[str, Any], base: Path, overrides: dict[str, Any] 
         checks=_checks(_table(raw, "checks")),
         dane=_dane(_table(raw, "dane"), dns, delivery.tls_policy),
         milters=_milters(_table(raw, "milters")),
+        delivery_sts=_delivery_sts(sts_raw, base),
+        tls_reports=_tls_reports(_table(raw, "tls_reports"), hostname, delivery.bounce_from),
         relay_networks=relay_networks,
         metrics_endpoint=metrics,
         log_json=_path(base, _get(raw, "log_json", str, "", None)),

@@ -77,6 +77,18 @@ Milters (namespace ``mta.policy.milter``; issue 17):
                 a milter discarded it or removed every recipient: ``sender``,
                 ``rcpts``, ``ip``, ``why``.
 
+Outbound TLS policy (namespaces ``mta.delivery.mtasts``, ``mta.delivery.remote``,
+``mta.delivery.tlsrpt``):
+
+``mta_sts``     an MTA-STS step: ``result`` (``fetched``: a policy fetched, with
+                ``mode``, ``mx``, ``max_age``, ``id``; ``removed``: expired or
+                ``mode: none``; ``txt_invalid``; an RFC 8460 result type when a
+                fetch failed or a session under a policy failed TLS;
+                ``mx_mismatch``: no MX matches an enforce policy), ``domain``.
+``tlsrpt``      a TLS report: ``result`` (``queued``, with ``queue_id``, ``rua``,
+                ``report_id``; ``no_record``, ``no_rua``, ``dns_error``,
+                ``rua_skipped``), ``domain``, ``day``.
+
 Elsewhere: ``reload`` (``result``, ``err``), ``control`` (``command``, ``uid``),
 ``deleted`` and ``admin_bounce`` (``queue_id``).
 

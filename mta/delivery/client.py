@@ -134,6 +134,7 @@ async def send(reactor: Any, destination: interfaces.IStreamClientEndpoint | tup
     if session is None:
         proto = SMTPClientProtocol(clock)
         if await _connect(clock, endpoint, proto, options.timeouts.connect, result):
+            result.local_ip = getattr(proto.transport.getHost(), "host", "")
             creator = tls_creator(options.tls_policy, options.tls_hostname, options.trust_root, server)
             session = ClientSession(proto, options, result, creator)
             if await session.run(result.transactions, keep=key is not None):

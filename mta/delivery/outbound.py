@@ -129,3 +129,5 @@ class SessionResult:
     tls_verified: bool = False
     # The TLS handshake itself failed (an opportunistic caller may retry in plaintext).
     tls_failed: bool = False
+    # Our end of the connection (the sending MTA's address in a TLS report, RFC 8460 §4.4).
+    local_ip: str = ""

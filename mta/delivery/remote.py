@@ -26,6 +26,19 @@ refusal is the error the recipients are deferred with if no other host takes
 them).  DANE is decided first: another policy (MTA-STS) only applies to a
 host without usable TLSA records (RFC 8461 §2).
 
+MTA-STS (RFC 8461, :mod:`mta.delivery.mtasts`, with ``[delivery.mta_sts]`` enabled)
+is asked for each MX domain before its hops are tried: under ``enforce`` the MX
+hosts its patterns do not name are left out and the others are tried with the
+``verify`` TLS policy (a failure defers, never a clear-text retry); under
+``testing`` each host is tried with ``verify`` first and, if TLS fails, as
+without a policy; either way each TLS outcome is counted for the TLS report
+(RFC 8460, :mod:`mta.delivery.tlsrpt`).  Precedence: an entry of the routing
+table for the domain, when there is one, overrides both DANE and MTA-STS;
+DANE goes first (RFC 8461 §2): a host DANE gave a policy (usable TLSA
+records) or refused (bogus) is left as DANE says, and MTA-STS applies to the
+hosts without usable TLSA records; ``TLS-Required: No`` (RFC 8689 §4.1)
+turns MTA-STS off for the message, as it does DANE.
+
 DSN (RFC 3461 §5.2): the envelope's RET/ENVID and each recipient's
 NOTIFY/ORCPT go to a server that offers DSN (the client leaves them out for
 one that does not); a recipient it accepts is then reported ``dsn_passed``,
@@ -39,9 +52,10 @@ from __future__ import annotations
 
 import inspect
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
@@ -56,6 +70,7 @@ from mta.delivery.client import (
     cache_key,
     send,
 )
+from mta.delivery.mtasts import STSPolicy
 from mta.delivery.mx import DNSError
 from mta.mail.dsnfields import mail_params, rcpt_params
 from mta.queue.courier import DeliveryResult, Outcome
@@ -86,10 +101,32 @@ class NextHop:
     # DANE (mta.delivery.dane): the TLSA check under "dane", or why the host is not used.
     verifier: Any = field(default=None, compare=False)
     refusal: str | None = field(default=None, compare=False)
+    # The MTA-STS policy this hop is tried under (None: no policy applies).
+    sts: STSPolicy | None = None
 
     @property
     def display(self) -> str:
         return self.name if self.name == self.host else f"{self.name}[{self.host}]"
+
+
+class STSPolicies(Protocol):
+    """What the courier asks of MTA-STS (:class:`mta.delivery.mtasts.MTASTS`)."""
+
+    trust_root: Any  # MX certificates under a policy chain to it (None: the courier's)
+
+    def policy(self, domain: str) -> Deferred[STSPolicy | None]: ...
+
+    def stop(self) -> None: ...
+
+
+class TLSCounter(Protocol):
+    """Where TLS outcomes are counted (:class:`mta.delivery.tlsrpt.TLSReporter`)."""
+
+    def record(self, domain: str, policy_type: str, result: str, mx: str = "",
+               details: dict[str, str] | str | None = None, *,
+               policy_string: Sequence[str] = (), mx_patterns: Sequence[str] = ()) -> None: ...
+
+    def stop(self) -> None: ...
 
 
 def parse_smarthost(text: str, default_port: int = 25) -> tuple[str, int]:
@@ -109,7 +146,8 @@ def _domain(address: str) -> str:
 
 class RemoteCourier:
     def __init__(self, config: Config, mx_resolver: Any, reactor: Any, trust_root: Any = None, *,
-                 timeouts: Timeouts | None = None, clock: Any = None, dane: Any = None) -> None:
+                 timeouts: Timeouts | None = None, clock: Any = None, dane: Any = None,
+                 sts: STSPolicies | None = None, tlsrpt: TLSCounter | None = None) -> None:
         self.delivery = config.delivery
         self.dane = dane  # a mta.delivery.dane.DanePolicy, or None without DANE
         self.helo_name = config.hostname
@@ -124,9 +162,16 @@ class RemoteCourier:
         # Open connections kept between messages (delivery.connection_cache_time).
         self.cache = ConnectionCache(self.clock, idle_time=config.delivery.connection_cache_time,
                                      max_idle=config.delivery.max_connections)
+        # MTA-STS policies (mta.delivery.mtasts.MTASTS) and the TLS report counts
+        # (mta.delivery.tlsrpt.TLSReporter); None when not configured.
+        self.sts = sts
+        self.tlsrpt = tlsrpt
 
     def close(self) -> Deferred[Any]:
         """Close the cached connections (QUIT); fires when they are gone."""
+        for part in (self.sts, self.tlsrpt):
+            if part is not None:
+                part.stop()
         return self.cache.close()
 
     def deliver(self, envelope: Envelope, recipients: list[Recipient],
@@ -262,17 +307,28 @@ class RemoteCourier:
                     self._recent.clear()
                 self._recent[domain] = hop
 
+        policy = await self.sts.policy(domain) if self.sts is not None and domain else None
         reused = self._reusable_hop(domain)
+        if reused is not None and self.sts is not None and not _sts_allows(reused, policy):
+            reused = None
         if reused is not None:
             await attempt(reused)
         if waiting:
             try:
-                hops = await self._next_hops(domain, self._relaxed(envelope, domain, data_path))
+                relaxed = self._relaxed(envelope, domain, data_path)
+                hops = await self._next_hops(domain, relaxed)
             except DNSError as e:
                 outcome = Outcome.FAILED if e.permanent else Outcome.DEFERRED
                 for group in waiting.values():
                     results.extend(DeliveryResult(r, outcome, e.reply, "", e.status) for r in group)
                 return results
+            if policy is not None and not relaxed:
+                hops, refused = _sts_hops(policy, hops)
+                if not hops:  # RFC 8461 §4.1: no MX host matches under enforce
+                    names = ", ".join(dict.fromkeys(h.name for h in refused))
+                    last = (f"451 4.7.0 no MX host of {domain} matches its MTA-STS policy "
+                            f"({names})", "4.7.0", "")
+                    self._record_sts_mismatch(domain, policy, refused)
             for hop in hops:
                 if not waiting:
                     break
@@ -292,13 +348,14 @@ class RemoteCourier:
         """RFC 8689 §4.1/§5: ``TLS-Required: No`` asks that the recipient domain's
         policies (DANE here, MTA-STS) be ignored: opportunistic TLS then.  Our own
         configured policies (verify, require, credentials) still hold, and the header
-        is ignored for a REQUIRETLS message.  Only read when DANE is configured."""
-        if self.dane is None or not domain or envelope.requiretls:
+        is ignored for a REQUIRETLS message.  Only read when DANE or MTA-STS is
+        configured."""
+        if (self.dane is None and self.sts is None) or not domain or envelope.requiretls:
             return False
         if not tls_required_no(data_path):
             return False
-        log.info("{id}: TLS-Required: No; DANE is not applied for {domain}", id=envelope.id,
-                 domain=domain, event="dane", mx="", result="tls-required-no")
+        log.info("{id}: TLS-Required: No; DANE and MTA-STS are not applied for {domain}",
+                 id=envelope.id, domain=domain, event="dane", mx="", result="tls-required-no")
         return True
 
     def _options(self, hop: NextHop, policy: str | None = None) -> ClientOptions:
@@ -314,6 +371,8 @@ class RemoteCourier:
         )
 
     async def _attempt(self, hop: NextHop, tx: OutboundMessage) -> SessionResult:
+        if hop.sts is not None:
+            return await self._sts_attempt(hop, tx)
         session = await send(self.reactor, (hop.host, hop.port), [tx], self._options(hop),
                              clock=self.clock, server=hop.display, cache=self.cache)
         if session.tls_failed and hop.tls_policy == "opportunistic":
@@ -328,6 +387,57 @@ class RemoteCourier:
                 again.transactions[0].replies = {**session.transactions[0].replies,
                                                  **again.transactions[0].replies}
                 return again
+        return session
+
+    # --- MTA-STS (RFC 8461) ---------------------------------------------------------
+
+    def _record_sts(self, policy: STSPolicy, result: str, hop: NextHop, reason: str = "",
+                    local_ip: str = "") -> None:
+        if self.tlsrpt is None:
+            return
+        details = {"receiving-ip": hop.host, "sending-mta-ip": local_ip}
+        if reason:
+            details["failure-reason-code"] = reason[:200]
+        self.tlsrpt.record(policy.domain, "sts", result, hop.name, details,
+                           policy_string=policy.lines(), mx_patterns=policy.mx)
+
+    def _record_sts_mismatch(self, domain: str, policy: STSPolicy, refused: list[NextHop]) -> None:
+        log.warn("MTA-STS (enforce): no MX host of {domain} matches {patterns}; deferred",
+                 domain=domain, patterns=" ".join(policy.mx), event="mta_sts",
+                 result="mx_mismatch")
+        for name in dict.fromkeys(h.name for h in refused):
+            hop = next(h for h in refused if h.name == name)
+            self._record_sts(policy, "validation-failure", hop, "MX host not in the MTA-STS policy")
+
+    async def _sts_attempt(self, hop: NextHop, tx: OutboundMessage) -> SessionResult:
+        """One server under an STS policy: ``verify`` TLS; under ``testing`` a TLS
+        failure (or an MX not in the patterns) is counted, then the server is
+        tried as without a policy (RFC 8461 §5)."""
+        from mta.delivery.tlsrpt import tls_result
+
+        policy = hop.sts
+        assert policy is not None
+        plain = replace(hop, sts=None, tls_policy=self.delivery.tls_policy)
+        if policy.mode == "testing" and not policy.matches(hop.name):
+            self._record_sts(policy, "validation-failure", hop, "MX host not in the MTA-STS policy")
+            return await self._attempt(plain, tx)
+        options = self._options(hop)
+        if self.sts is not None and self.sts.trust_root is not None:
+            options = replace(options, trust_root=self.sts.trust_root)
+        session = await send(self.reactor, (hop.host, hop.port), [tx], options, clock=self.clock,
+                             server=hop.display, cache=self.cache)
+        result = tls_result(session)
+        if result is None:
+            return session  # no TLS outcome (connection refused, 421 greeting): nothing to count
+        self._record_sts(policy, result, hop, "" if result == "success" else
+                         (session.connection_error or ""), session.local_ip)
+        if result == "success":
+            return session
+        log.info("MTA-STS ({mode}) TLS with {server} failed: {error}", mode=policy.mode,
+                 server=hop.display, error=session.connection_error, event="mta_sts",
+                 result=result, domain=policy.domain)
+        if policy.mode == "testing" and not session.transactions[0].replies:
+            return await self._attempt(plain, tx)
         return session
 
 
@@ -360,3 +470,34 @@ def tls_required_no(data_path: Path) -> bool:
         if sep and name.strip().lower() == b"tls-required":
             return value.strip().lower() == b"no"
     return False
+
+
+# --- MTA-STS helpers ---------------------------------------------------------------------
+
+
+def _sts_hops(policy: STSPolicy, hops: list[NextHop]) -> tuple[list[NextHop], list[NextHop]]:
+    """(hops to try, hops refused) under ``policy``, in MX order: a hop DANE decided
+    (a TLSA verifier, or a refusal) stays as DANE says (RFC 8461 §2); under
+    ``enforce`` a hop whose name matches no pattern is refused (§4.1); the
+    rest are tried under the policy."""
+    kept, refused = [], []
+    for hop in hops:
+        if hop.verifier is not None or hop.refusal is not None:
+            kept.append(hop)
+        elif policy.mode == "enforce" and not policy.matches(hop.name):
+            refused.append(hop)
+        else:
+            kept.append(_under_sts(hop, policy))
+    return kept, refused
+
+
+def _under_sts(hop: NextHop, policy: STSPolicy) -> NextHop:
+    """``hop`` tried under ``policy``: TLS with the certificate verified for the MX name."""
+    return replace(hop, sts=policy, tls_policy="verify")
+
+
+def _sts_allows(hop: NextHop, policy: STSPolicy | None) -> bool:
+    """Whether a cached connection opened for ``hop`` may carry mail under ``policy``."""
+    if policy is None:
+        return hop.sts is None
+    return hop.sts == policy and (policy.mode != "enforce" or policy.matches(hop.name))

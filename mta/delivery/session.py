@@ -251,7 +251,10 @@ class ClientSession:
         try:
             await self.proto.start_tls(self._tls_creator, self.t.tls)
         except SessionError as e:
-            raise SessionError(f"TLS handshake failed: {e}", "4.7.5") from None
+            # The certificate check's own reason (expired, untrusted), when it noted one.
+            why = getattr(self._tls_creator, "verify_error", "")
+            raise SessionError(f"TLS handshake failed: {f'{why}: ' if why else ''}{e}",
+                               "4.7.5") from None
         self.result.tls = self.proto.tls_description()
         self.result.tls_verified = self.options.tls_policy == "verify"
         if self.options.peer_verifier is not None:  # DANE (RFC 7672 §3): before any command

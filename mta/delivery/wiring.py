@@ -46,7 +46,8 @@ def build_dane(config: Config, reactor: Any, report: TLSReport | None = None) ->
     return dane
 
 
-def build_couriers(config: Config, reactor: Any, trust_root: Any = None) -> dict[str, Any]:
+def build_couriers(config: Config, reactor: Any, trust_root: Any = None,
+                   store: QueueStore | None = None) -> dict[str, Any]:
     d = config.delivery
     if d.lmtp:
         local: Any = LMTPCourier(d.lmtp, reactor, config.hostname,
@@ -57,15 +58,49 @@ def build_couriers(config: Config, reactor: Any, trust_root: Any = None) -> dict
         local = MaildirCourier(config.mail_dir, config.hostname, fsync=config.fsync,
                                template=config.maildir.template)
     resolver: Any = make_resolver(config.dns, reactor)
+    plain_resolver = resolver  # TXT lookups (the cache below keeps MX, A and AAAA only)
     if config.dns.cache_max_ttl > 0:
         resolver = CachingResolver(resolver, reactor, max_ttl=config.dns.cache_max_ttl)
     mx = MXResolver(resolver, own_names=(config.hostname,))
+    tls = build_tls_policies(config, reactor, plain_resolver, resolver, store)
     return {
         "local": local,
         "pipe": PipeCourier(d.pipe_timeout, reactor),
         "remote": RemoteCourier(config, mx, reactor, trust_root=trust_root,
-                                dane=build_dane(config, reactor)),
+                                dane=build_dane(config, reactor, report=tls.get("tlsrpt")),
+                                **tls),
     }
+
+
+def build_tls_policies(config: Config, reactor: Any, txt_resolver: Any, resolver: Any,
+                       store: QueueStore | None) -> dict[str, Any]:
+    """MTA-STS (``[delivery.mta_sts]``) and TLS reporting (``[tls_reports]``, which needs the
+    queue ``store`` its reports enter): the remote courier's ``sts`` and
+    ``tlsrpt``, started; nothing when neither is enabled."""
+    parts: dict[str, Any] = {}
+    if config.tls_reports.enabled and store is not None:
+        from mta.delivery.tlsrpt import ReportSettings, TLSReporter
+
+        r = config.tls_reports
+        settings = ReportSettings(submitter=config.hostname, organization=r.organization,
+                                  contact=r.contact, from_address=r.from_address,
+                                  send_delay=r.send_delay)
+        local_domains = frozenset(config.local_domains)
+        parts["tlsrpt"] = TLSReporter(store, txt_resolver, reactor, config.data_dir / "tlsrpt",
+                                      settings, is_local=local_domains.__contains__)
+        parts["tlsrpt"].start()
+    if config.delivery_sts.enabled:
+        from mta.delivery.mtasts import MTASTS, PolicyCache, PolicyFetcher, load_trust_root
+
+        s = config.delivery_sts
+        trust = load_trust_root(s.ca_file) if s.ca_file is not None else None
+        fetcher = PolicyFetcher(reactor, resolver, port=s.https_port, trust_root=trust,
+                                timeout=s.fetch_timeout, max_size=s.max_policy_size)
+        parts["sts"] = MTASTS(txt_resolver, fetcher, PolicyCache(config.data_dir / "mta-sts"),
+                              reactor, recorder=parts.get("tlsrpt"),
+                              refresh_interval=s.refresh_interval, trust_root=trust)
+        parts["sts"].start()
+    return parts
 
 
 @dataclass(frozen=True)
@@ -78,7 +113,7 @@ class Delivery:
 
 
 def build_delivery(config: Config, store: QueueStore, reactor: Any, trust_root: Any = None) -> Delivery:
-    couriers = build_couriers(config, reactor, trust_root)
+    couriers = build_couriers(config, reactor, trust_root, store=store)
     router = Router(couriers, smarthost=bool(config.delivery.smarthosts))
     local_domains = frozenset(config.local_domains)
     runner = QueueRunner(store, router, reactor, config.delivery, config.hostname,
