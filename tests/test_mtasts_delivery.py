@@ -648,3 +648,50 @@ async def test_daemon_relays_under_the_policy_from_its_configuration(tmp_path, d
     [entry] = [day["dst.test sts"] for day in state.values()]
     assert entry["success"] == 1
     assert [k.split("|")[0] for k in entry["failures"]] == ["certificate-host-mismatch"]
+
+
+# --- DANE goes first (RFC 8461 §2) -------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_dane_host_is_left_to_dane_when_the_domain_also_has_mta_sts(tmp_path,
+                                                                        dane_world) -> None:
+    """pass.dane.test has DANE (a matching TLSA record, signed zone, validating
+    resolver) and an MTA-STS enforce policy naming no MX host of it: the policy is
+    fetched, but the DANE host is used as DANE says, and the mail goes out."""
+    from tests.harness import in_thread, start_mta
+    from tests.test_dane import send
+    from tests.test_dane import wait_for as dane_wait
+
+    sts_cert = CA.issue_cert("mta-sts.pass.dane.test")
+    policies = await start_policy_server(sts_cert)
+    policies.serve("pass.dane.test", policy_text("enforce", ["mx.elsewhere.test"]))
+    sink = await start_sink(tls=dane_world.cert)
+    CA.cert_pem.write_to_path(str(tmp_path / "sts-ca.pem"))
+    running = None
+    try:
+        running = await start_mta(tmp_path, runner=None, extra={
+            "relay_networks": ["127.0.0.0/8"],
+            "dns": {"servers": [dane_world.resolver], "timeout": 2.0, "cache_max_ttl": 0},
+            "dane": {"enabled": True, "check_name": "dane.test", "check_bogus": "bogus.test"},
+            "delivery": {"tls_policy": "dane", "mx_port": sink.port, "retry_schedule": [600],
+                         "retry_jitter": 0,
+                         "mta_sts": {"enabled": True, "https_port": policies.port,
+                                     "ca_file": "sts-ca.pem"}},
+            "tls_reports": {"enabled": True}})
+        courier = running.service.runner.router.couriers["remote"]
+        await dane_wait(lambda: courier.dane.available is not None, what="the DNSSEC check")
+        await in_thread(send, running.port(), "bob@pass.dane.test")
+        await dane_wait(lambda: sink.messages, what="the message at the sink")
+        assert sink.messages[0].tls and sink.messages[0].recipients == ["bob@pass.dane.test"]
+        assert policies.hits == {"pass.dane.test": 1}
+        assert courier.sts.cached("pass.dane.test").mode == "enforce"
+        day = next(iter(courier.tlsrpt.days.values()))
+        assert day["pass.dane.test tlsa"]["success"] == 1  # counted as DANE, not as STS
+        assert "pass.dane.test sts" not in day
+    finally:
+        if running is not None:
+            await running.stop()
+        await sink.stop()
+        await policies.stop()
