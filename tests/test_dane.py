@@ -65,7 +65,8 @@ class DaneWorld:
             f"_25._tcp.mx-unusable IN TLSA 1 1 1 {other}",  # PKIX-EE: not for SMTP
         ]
         # An MTA-STS policy beside DANE (tests/test_mtasts_delivery.py: DANE goes first).
-        records += ['_mta-sts.pass IN TXT "v=STSv1; id=1"', "mta-sts.pass IN A 127.0.0.1"]
+        records += ['_mta-sts.pass IN TXT "v=STSv1; id=1"', "mta-sts.pass IN A 127.0.0.1",
+                    '_mta-sts.none IN TXT "v=STSv1; id=1"', "mta-sts.none IN A 127.0.0.1"]
         self.dns = ValidatingDNS(root, [
             Zone("dane.test", records, tamper=("_25._tcp.mx-tamper",)),
             Zone("bogus.test", ["@ IN MX 10 mx", "mx IN A 127.0.0.1",

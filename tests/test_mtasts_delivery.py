@@ -659,14 +659,17 @@ async def test_dane_host_is_left_to_dane_when_the_domain_also_has_mta_sts(tmp_pa
                                                                         dane_world) -> None:
     """pass.dane.test has DANE (a matching TLSA record, signed zone, validating
     resolver) and an MTA-STS enforce policy naming no MX host of it: the policy is
-    fetched, but the DANE host is used as DANE says, and the mail goes out."""
+    fetched, but the DANE host is used as DANE says, and the mail goes out.
+    none.dane.test has no TLSA records and a testing policy: MTA-STS applies (the
+    certificate is not from the CA it trusts: counted), then opportunistic TLS."""
     from tests.harness import in_thread, start_mta
     from tests.test_dane import send
     from tests.test_dane import wait_for as dane_wait
 
-    sts_cert = CA.issue_cert("mta-sts.pass.dane.test")
+    sts_cert = CA.issue_cert("mta-sts.pass.dane.test", "mta-sts.none.dane.test")
     policies = await start_policy_server(sts_cert)
     policies.serve("pass.dane.test", policy_text("enforce", ["mx.elsewhere.test"]))
+    policies.serve("none.dane.test", policy_text("testing", ["mx-none.dane.test"]))
     sink = await start_sink(tls=dane_world.cert)
     CA.cert_pem.write_to_path(str(tmp_path / "sts-ca.pem"))
     running = None
@@ -690,6 +693,12 @@ async def test_dane_host_is_left_to_dane_when_the_domain_also_has_mta_sts(tmp_pa
         day = next(iter(courier.tlsrpt.days.values()))
         assert day["pass.dane.test tlsa"]["success"] == 1  # counted as DANE, not as STS
         assert "pass.dane.test sts" not in day
+        await in_thread(send, running.port(), "carol@none.dane.test")
+        await dane_wait(lambda: len(sink.messages) == 2, what="the second message")
+        assert sink.messages[1].tls and sink.messages[1].recipients == ["carol@none.dane.test"]
+        day = next(iter(courier.tlsrpt.days.values()))
+        failures = day["none.dane.test sts"]["failures"]
+        assert [k.split("|")[0] for k in failures] == ["certificate-not-trusted"]
     finally:
         if running is not None:
             await running.stop()

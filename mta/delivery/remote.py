@@ -417,7 +417,10 @@ class RemoteCourier:
 
         policy = hop.sts
         assert policy is not None
-        plain = replace(hop, sts=None, tls_policy=self.delivery.tls_policy)
+        base = self.delivery.tls_policy
+        if base in ("dane", "dane-only"):  # a host DANE left alone: as _dane_hops gives it
+            base = "opportunistic"
+        plain = replace(hop, sts=None, tls_policy=base)
         if policy.mode == "testing" and not policy.matches(hop.name):
             self._record_sts(policy, "validation-failure", hop, "MX host not in the MTA-STS policy")
             return await self._attempt(plain, tx)
