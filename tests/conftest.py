@@ -80,3 +80,16 @@ def dane_world(tmp_path_factory):
     world.start()
     yield world
     world.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One real PostgreSQL 15 server for the whole run (:mod:`tests.pgserver`), on
+    127.0.0.1; a test takes a fresh database with ``postgres.create_database()``
+    and connects with ``postgres.dsn(name)``.  A test that kills it must start it
+    again (``postgres.start()``) before it ends."""
+    from tests.pgserver import start_postgres
+
+    server = start_postgres()
+    yield server
+    server.cleanup()
