@@ -93,3 +93,15 @@ def postgres():
     server = start_postgres()
     yield server
     server.cleanup()
+
+
+@pytest.fixture
+def two_nodes(postgres, tmp_path):
+    """Two ``twistd -n mta`` nodes sharing one fresh PostgreSQL directory
+    (:mod:`tests.nodes`: ports, clients from 127.0.0.2 / 127.0.0.3, the ``mta``
+    command per node); killed after the test."""
+    from tests.nodes import start_nodes, stop_nodes
+
+    nodes = start_nodes(tmp_path, postgres)
+    yield nodes
+    stop_nodes(nodes)
