@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import IService, MultiService
-from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredList, fail, inlineCallbacks, maybeDeferred
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
@@ -319,7 +319,34 @@ class MTAService(MultiService):
         if self.runner is not None:
             yield self.runner.stop()
         self.context.store.discard_spares()
+        if self.context.directory is not None:
+            self.context.directory.close()  # an SQL directory's threads and connections
         yield super().stopService()
+
+
+def _submit_with_sql(context: Any, sender: str, recipients: list[str], data: bytes,
+                     submitter: Any) -> Deferred[str]:
+    """Local submission with an SQL directory: the recipients are looked up in its
+    threads first (mta.policy.relay.Answers), then queued on the reactor thread;
+    the database down is a temporary refusal (the sendmail caller retries)."""
+    from mta.intake.submit import TEMPORARY, SubmitError, submit_message
+    from mta.policy.directory import DirectoryUnavailable
+    from mta.policy.relay import Answers
+
+    directory = context.directory
+    domains = directory.local_domains()
+    if domains is None:
+        return fail(SubmitError("the directory cannot be reached; try again later", TEMPORARY))
+
+    def unavailable(failure: Any) -> Any:
+        failure.trap(DirectoryUnavailable)
+        raise SubmitError("the directory cannot be reached; try again later", TEMPORARY)
+
+    d = directory.defer(Answers, context.aliases, list(recipients))
+    d.addErrback(unavailable)
+    return d.addCallback(lambda answers: submit_message(
+        context.store, context.config, answers, sender, recipients, data, submitter,
+        srs=context.srs, local_domains=domains))
 
 
 def build_control(mta: MTAService) -> IService:
@@ -331,6 +358,9 @@ def build_control(mta: MTAService) -> IService:
     context = mta.context
 
     def submit(sender: str, recipients: list[str], data: bytes, submitter: Any) -> Deferred[str]:
+        directory = context.directory
+        if directory is not None and directory.blocking:
+            return _submit_with_sql(context, sender, recipients, data, submitter)
         return submit_message(context.store, context.config, context.aliases, sender, recipients,
                               data, submitter, srs=context.srs)
 

@@ -577,7 +577,12 @@ class SQLDirectory:
 
     def close(self) -> None:
         if self._loop is not None and self._loop.running:
-            self._loop.stop()
+            from twisted.internet.error import AlreadyCalled, AlreadyCancelled
+
+            try:
+                self._loop.stop()
+            except (AlreadyCalled, AlreadyCancelled):
+                pass
         if self._pool is not None:
             pool, self._pool = self._pool, None
             pool.stop()
