@@ -4,8 +4,8 @@ The MTA of tests/harness.py, its directory switched to an SQLite file made
 with the migrations and filled through :class:`SQLAdmin`: RCPT and AUTH are
 answered from the tables (the files the harness writes are not read), a
 domain only SQL knows is local, local submission expands an SQL alias, and
-the recipient check gives a Deferred only for an SQL lookup (the files back
-end answers synchronously, as before).  The metric of the directory's log
+the recipient check gives a Deferred only for an SQL lookup that is not
+cached (the files back end answers synchronously, as before).  The metric of the directory's log
 events.
 """
 
@@ -104,6 +104,9 @@ async def test_the_recipient_check_waits_only_for_an_sql_lookup(sql_mta, files_m
     assert isinstance(waiting, Deferred)
     verdict = await waiting
     assert verdict.accepted and [t.address for t in verdict.targets] == ["friend@remote.test"]
+    # Asked again within cache_ttl: every answer is cached, so no thread, no Deferred.
+    again = sql_check.check(Stage.RCPT, _state(f"INFO@{SQL_ONLY}"))
+    assert isinstance(again, Verdict) and again.targets == verdict.targets
     # Another domain needs no lookup: refused (no relay) at once.
     refused = sql_check.check(Stage.RCPT, _state("x@remote.test"))
     assert isinstance(refused, Verdict) and refused.reply.code == 554

@@ -306,17 +306,36 @@ def migrate(store: Any) -> list[str]:
 # --- cached lookups ---------------------------------------------------------------
 
 
+class NeedsLookup(Exception):
+    """A question asked with :meth:`Lookups.from_cache` whose answer is not cached."""
+
+
 class Lookups:
-    """Each question the rules ask, as one cached query (safe from any thread)."""
+    """Each question the rules ask, as one cached query (safe from any thread).
+
+    :meth:`from_cache` runs a decision on the calling thread (the reactor's)
+    with the cache alone: NeedsLookup as soon as it would need a query, and
+    then the caller asks again in the directory's threads.  A recipient seen
+    within the TTL is so decided without a thread or a Deferred."""
 
     def __init__(self, store: Any, cache: TTLCache, allow_pipes: bool = False) -> None:
         self.store = store
         self.cache = cache
         self.allow_pipes = allow_pipes
+        self._local = threading.local()
+
+    def from_cache(self, f: Callable[..., Any], *args: Any) -> Any:
+        self._local.cache_only = True
+        try:
+            return f(*args)
+        finally:
+            self._local.cache_only = False
 
     def _cached(self, key: tuple[Any, ...], load: Callable[[], Any]) -> Any:
         value = self.cache.get(key)
         if value is _MISS:
+            if getattr(self._local, "cache_only", False):
+                raise NeedsLookup(key)
             value = load()
             self.cache.put(key, value)
         return value
@@ -460,6 +479,7 @@ class SQLAliasResolver(AliasResolver):
         self._options = options
         self._domains_now = domains
         self.defer = defer
+        self.from_cache = lookups.from_cache  # NeedsLookup when it would need a query
 
     @property
     def _domains(self) -> frozenset[str]:  # type: ignore[override]
