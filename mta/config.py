@@ -250,6 +250,8 @@ class MTASTSConfig:
     max_age: int = 604800  # one week; RFC 8461 §3.2 allows up to 31557600
     cert_file: Path | None = None
     key_file: Path | None = None
+
+
 # --- [directory]: where users, aliases, identities, domains and DKIM keys live (issue 20) ---
 
 
