@@ -406,3 +406,15 @@ def test_config_validates_the_directory_section(tmp_path):
     assert default.backend == "files" and default.cache_ttl == 30.0
     sqlite = config_from_dict(raw_config(tmp_path, {"backend": "sqlite"}), tmp_path).directory
     assert sqlite.path == tmp_path / "var" / "directory.sqlite"
+
+
+def test_check_config_names_an_unmigrated_directory(tmp_path, request, capsys):
+    write_files(tmp_path)
+    path = write_config(tmp_path, directory_settings("postgresql", tmp_path, request))
+    assert cli.main(["check-config", "--config", str(path)]) == 1
+    assert "directory: the directory's schema is version 0, this mta needs 1: run " \
+           "`mta directory migrate`" in capsys.readouterr().out
+    assert cli.main(["directory", "migrate", "--config", str(path)]) == 0
+    capsys.readouterr()
+    cli.main(["check-config", "--config", str(path)])
+    assert "directory:" not in capsys.readouterr().out

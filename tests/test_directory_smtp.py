@@ -139,3 +139,35 @@ def test_directory_events_are_counted_in_the_metrics():
     assert value("mta_directory_events_total", {"result": "recovered"}) == 1
     metrics.observe_event({"event": "auth", "result": "unavailable"})
     assert value("mta_auth_total", {"result": "unavailable"}) == 1
+
+
+def test_dkim_keys_in_sql_sign_for_their_domain(tmp_path):
+    """A dkim_keys row holding the PEM itself, and one naming a file: both are
+    loaded at start (and reload) into the signer, as dkim.keys are."""
+    from mta.config import DirectoryConfig, config_from_dict
+    from mta.daemon.service import load_policies
+    from mta.policy.dkim import generate_key
+
+    make_sqlite(tmp_path / "dir.sqlite")
+    generate_key("ed25519", tmp_path / "inline.pem")
+    generate_key("rsa", tmp_path / "file.pem")
+    store = open_store(DirectoryConfig(backend="sqlite", path=tmp_path / "dir.sqlite"))
+    admin = SQLAdmin(store)
+    admin.set_dkim_key(SQL_ONLY, "s1", pem=(tmp_path / "inline.pem").read_text())
+    admin.set_dkim_key(DOMAIN, "s2", path=str(tmp_path / "file.pem"))
+    store.close()
+    config = config_from_dict({"hostname": "mx.example.test", "local_domains": [DOMAIN],
+                               "data_dir": str(tmp_path / "var"),
+                               "domains_dir": str(tmp_path / "domains"),
+                               "directory": {"backend": "sqlite",
+                                             "path": str(tmp_path / "dir.sqlite")}}, tmp_path)
+    policies = load_policies(config)
+    try:
+        signer = policies.authenticator.signer
+        assert signer.domains == frozenset({SQL_ONLY, DOMAIN})
+        assert [k.selector for k in signer.keys(SQL_ONLY)] == ["s1"]
+        message = b"From: a@sql.example\r\nTo: b@remote.test\r\nSubject: x\r\n\r\nbody\r\n"
+        (field,) = signer.sign(message, SQL_ONLY)
+        assert b"d=sql.example" in field and b"s=s1" in field
+    finally:
+        policies.directory.close()

@@ -713,6 +713,11 @@ def config_problems(config: Config) -> list[str]:
                             config.aliases.suffix_separators)
         except IdentitiesFileError as e:
             problems.append(str(e))
+    if directory_cli.sql(config):  # the SQL directory: reachable, and at this schema
+        try:
+            directory_cli._admin(config).store.close()
+        except CLIError as e:
+            problems.append(f"directory: {e}")
     for key, path in (("queue_dir", config.queue_dir), ("queue_dir", config.queue_dir / "tmp"),
                       ("queue_dir", config.queue_dir / "msg"), ("mail_dir", config.mail_dir),
                       ("control_socket", config.control_socket.parent)):

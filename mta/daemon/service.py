@@ -239,7 +239,11 @@ class MTAService(MultiService):
             policies = load_policies(config, self.reactor)
             from mta.smtp.pipeline import build_pipeline
 
-            pipeline = build_pipeline(config, self.context, self.reactor)  # new sessions' checks
+            try:
+                pipeline = build_pipeline(config, self.context, self.reactor)  # new sessions' checks
+            except ConfigError:
+                policies.directory.close()  # an SQL directory's threads: not kept
+                raise
         except (ConfigError, StartupError) as e:
             log.error("reload failed, keeping the running configuration: {err}", err=e,
                       event="reload", result="failed")
