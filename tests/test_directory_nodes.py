@@ -17,10 +17,13 @@ import time
 from pathlib import Path
 
 import psycopg
+import pytest
 
 from mta.queue.layout import list_ids, load_envelope
 from tests.harness import RawClient, shared_ca
 from tests.nodes import DOMAIN, OUTSIDER, RELAY_CLIENT, Node
+
+pytestmark = pytest.mark.slow  # two twistd nodes and a real PostgreSQL
 
 PASSWORD = "node-shared secret"
 
