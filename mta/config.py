@@ -326,6 +326,64 @@ class MTASTSConfig:
     key_file: Path | None = None
 
 
+# --- [directory]: where users, aliases, identities, domains and DKIM keys live (issue 20) ---
+
+
+DIRECTORY_BACKENDS = ("files", "sqlite", "postgresql")
+
+
+@dataclass(frozen=True)
+class DirectoryConfig:
+    """``[directory]``: the files of today (default) or one SQL database.
+
+    ``path`` is the SQLite file (default ``data_dir/directory.sqlite``); ``dsn``
+    the PostgreSQL connection string (libpq), required for ``postgresql``;
+    ``pool_size`` the connections (and lookup threads) a node keeps; lookups
+    are cached ``cache_ttl`` seconds (answers "no" too), at most ``cache_size``
+    entries; ``timeout`` bounds waiting for a connection and each statement.
+    ``allow_pipes``: an alias row may name a ``| command`` (off: only the
+    files may, since whoever can write the table could run commands as the MTA).
+    """
+
+    backend: str = "files"
+    path: Path | None = None
+    dsn: str | None = None
+    pool_size: int = 4
+    cache_ttl: float = 30.0
+    cache_size: int = 10000
+    timeout: float = 5.0
+    allow_pipes: bool = False
+
+
+def _directory(table: dict[str, Any], base: Path, data_dir: Path) -> DirectoryConfig:
+    prefix = "directory."
+    _check_keys(table, {"backend", "path", "dsn", "pool_size", "cache_ttl", "cache_size",
+                        "timeout", "allow_pipes"}, prefix)
+    backend = _get(table, "backend", str, prefix, "files")
+    if backend not in DIRECTORY_BACKENDS:
+        raise ConfigError(prefix + "backend", f"must be one of {', '.join(DIRECTORY_BACKENDS)}")
+    dsn = _get(table, "dsn", str, prefix, None)
+    if backend == "postgresql" and not dsn:
+        raise ConfigError(prefix + "dsn", "is required for backend = \"postgresql\"")
+    pool_size = _get(table, "pool_size", int, prefix, 4)
+    if not 1 <= pool_size <= 100:
+        raise ConfigError(prefix + "pool_size", "must be from 1 to 100")
+    cache_ttl = _get(table, "cache_ttl", float, prefix, 30.0)
+    if not 0 <= cache_ttl <= 3600:
+        raise ConfigError(prefix + "cache_ttl", "must be from 0 to 3600 seconds")
+    cache_size = _get(table, "cache_size", int, prefix, 10000)
+    if not 0 <= cache_size <= 10_000_000:
+        raise ConfigError(prefix + "cache_size", "must be from 0 to 10000000")
+    path = _path(base, _get(table, "path", str, prefix, None))
+    return DirectoryConfig(
+        backend=backend,
+        path=path or (data_dir / "directory.sqlite" if backend == "sqlite" else None),
+        dsn=dsn, pool_size=pool_size, cache_ttl=cache_ttl, cache_size=cache_size,
+        timeout=_positive(_get(table, "timeout", float, prefix, 5.0), prefix + "timeout"),
+        allow_pipes=_get(table, "allow_pipes", bool, prefix, False),
+    )
+
+
 @dataclass(frozen=True)
 class Config:
     hostname: str
@@ -375,6 +433,7 @@ class Config:
     workers: int = 1
     maildir: MaildirConfig = field(default_factory=MaildirConfig)
     mta_sts: MTASTSConfig = field(default_factory=MTASTSConfig)
+    directory: DirectoryConfig = field(default_factory=DirectoryConfig)
 
     def users_file(self, domain: str) -> Path:
         return self.domains_dir / domain / "users"
@@ -500,6 +559,7 @@ def config_from_dict(raw: dict[str, Any], base: Path, overrides: dict[str, Any] 
         "checks", "dane",
         "maildir", "mta_sts", "tls_reports",
         "milters",  # issue 17: the milter client
+        "directory",
     }
     _check_keys(raw, top, "")
     hostname = _get(raw, "hostname", str, "", None) or socket.getfqdn()
@@ -731,6 +791,7 @@ def config_from_dict(raw: dict[str, Any], base: Path, overrides: dict[str, Any] 
         srs_secret=_get(raw, "srs_secret", str, "", None),
         maildir=_maildir(_table(raw, "maildir")),
         mta_sts=_mta_sts(_table(raw, "mta_sts"), base, "cert_file" in _table(raw, "tls")),
+        directory=_directory(_table(raw, "directory"), base, data_dir),
     )
 
 

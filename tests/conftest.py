@@ -80,3 +80,28 @@ def dane_world(tmp_path_factory):
     world.start()
     yield world
     world.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One real PostgreSQL 15 server for the whole run (:mod:`tests.pgserver`), on
+    127.0.0.1; a test takes a fresh database with ``postgres.create_database()``
+    and connects with ``postgres.dsn(name)``.  A test that kills it must start it
+    again (``postgres.start()``) before it ends."""
+    from tests.pgserver import start_postgres
+
+    server = start_postgres()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def two_nodes(postgres, tmp_path):
+    """Two ``twistd -n mta`` nodes sharing one fresh PostgreSQL directory
+    (:mod:`tests.nodes`: ports, clients from 127.0.0.2 / 127.0.0.3, the ``mta``
+    command per node); killed after the test."""
+    from tests.nodes import start_nodes, stop_nodes
+
+    nodes = start_nodes(tmp_path, postgres)
+    yield nodes
+    stop_nodes(nodes)

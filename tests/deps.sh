@@ -8,6 +8,8 @@
 #     (Debian: unbound, nsd, ldnsutils)         signed zones on loopback
 #   python3's venv/ensurepip (python3-venv)    only while .venv does not exist yet
 #   rspamd, opendkim, opendkim-genkey          real milters (opendkim-genkey: opendkim-tools)
+#   PostgreSQL 15's initdb and postgres        the directory's SQL server (tests/pgserver.py)
+#     (Debian: postgresql; no cluster is made, none started: the tests run their own)
 #
 # All there: silent, exit 0. Something missing: as root on Debian, install it
 # with apt-get (Postfix unconfigured and not started: debconf "No
@@ -43,6 +45,7 @@ check() {
     command -v rspamd >/dev/null 2>&1 || want rspamd rspamd
     command -v opendkim >/dev/null 2>&1 || want opendkim opendkim
     command -v opendkim-genkey >/dev/null 2>&1 || want opendkim-genkey opendkim-tools
+    [ -x "${MTA_TEST_PG_BIN:-/usr/lib/postgresql/15/bin}/initdb" ] || want "PostgreSQL 15" postgresql
     if [ ! -d "$VENV/bin" ] && ! "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null; then
         want "$PYTHON venv" python3-venv
     fi

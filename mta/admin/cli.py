@@ -10,7 +10,9 @@ configuration, as ``twistd -n mta`` without ``--config``; nothing is created).
   running; ``queue delete`` goes through the daemon when it runs (so the runner
   forgets the message) and removes the files itself when it does not;
 * ``user add|passwd|remove`` edit the users file and then ask a running daemon
-  to reload.
+  to reload (with an SQL directory they edit its tables instead, and every node
+  sees the change within directory.cache_ttl: :mod:`mta.admin.directory_cli`,
+  which also has ``alias add|remove``, ``domain ...`` and ``directory ...``).
 
 Output is an aligned table for people, ``--json`` for scripts where offered;
 errors go to stderr as ``mta: ...`` with a non-zero exit status.
@@ -28,6 +30,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from mta.admin import directory_cli
 from mta.admin.control import ControlError, ControlUnavailable, DaemonNotRunning, call
 from mta.config import Config, ConfigError, load_config
 from mta.daemon.control import valid_queue_id
@@ -508,6 +511,9 @@ def _reload_after_change(config: Config, what: str) -> int:
 def cmd_user_add(config: Config, args: argparse.Namespace) -> int:
     from mta.policy.auth import add_user, check_local
 
+    if directory_cli.sql(config):
+        return directory_cli.user_add(config, args)
+
     try:
         check_local(args.user)
     except ValueError as e:
@@ -519,6 +525,8 @@ def cmd_user_add(config: Config, args: argparse.Namespace) -> int:
 def cmd_user_passwd(config: Config, args: argparse.Namespace) -> int:
     from mta.policy.auth import UsersFileError, check_local, read_users_file, set_password
 
+    if directory_cli.sql(config):
+        return directory_cli.user_passwd(config, args)
     domain = _local_domain(config, args.domain)
     try:
         folded = check_local(args.user)
@@ -534,12 +542,16 @@ def cmd_user_passwd(config: Config, args: argparse.Namespace) -> int:
 def cmd_user_remove(config: Config, args: argparse.Namespace) -> int:
     from mta.policy.auth import remove_user
 
+    if directory_cli.sql(config):
+        return directory_cli.user_remove(config, args)
     return _edit_users(config, args, lambda path: remove_user(path, args.user))
 
 
 def cmd_user_list(config: Config, args: argparse.Namespace) -> int:
     from mta.policy.auth import UsersFileError, read_users_file
 
+    if directory_cli.sql(config):
+        return directory_cli.user_list(config, args)
     domain = _local_domain(config, args.domain)
     try:
         users = sorted(read_users_file(config.users_file(domain)))
@@ -575,24 +587,42 @@ def _srs_rewriter(config: Config) -> Any:
 
 
 def cmd_alias_resolve(config: Config, args: argparse.Namespace) -> int:
-    from mta.mail.address import AddressError, parse_mailbox
     from mta.policy.aliases import AliasFileError, AliasResolver
     from mta.policy.auth import UserDB, UsersFileError
-    from mta.policy.relay import check_recipient
 
+    local_domains, close = config.local_domains, None
     try:
-        users = UserDB.load(config.domains_dir, config.local_domains)
-        aliases = AliasResolver.load(config.domains_dir, config.local_domains, users,
-                                     config.aliases)
+        if directory_cli.sql(config):
+            aliases, local_domains, close = directory_cli.resolver(config)
+        else:
+            users = UserDB.load(config.domains_dir, config.local_domains)
+            aliases = AliasResolver.load(config.domains_dir, config.local_domains, users,
+                                         config.aliases)
     except (UsersFileError, AliasFileError) as e:
         raise CLIError(str(e)) from None
+    try:
+        return _resolve_and_show(config, args, aliases, local_domains)
+    finally:
+        if close is not None:
+            close()
+
+
+def _resolve_and_show(config: Config, args: argparse.Namespace, aliases: Any,
+                      local_domains: Any) -> int:
+    from mta.mail.address import AddressError, parse_mailbox
+    from mta.policy.directory import DirectoryUnavailable
+    from mta.policy.relay import check_recipient
+
     try:
         address = parse_mailbox(args.address.strip().strip("<>"), smtputf8=True)
     except AddressError as e:
         raise CLIError(f"{args.address!r} is not an address: {e}") from None
     # may_relay: show where an authenticated sender's mail would go.
-    decision = check_recipient(address, config.local_domains, aliases, may_relay=True,
-                               srs=_srs_rewriter(config))
+    try:
+        decision = check_recipient(address, local_domains, aliases, may_relay=True,
+                                   srs=_srs_rewriter(config))
+    except DirectoryUnavailable as e:
+        raise CLIError(f"the directory cannot be reached: {e}") from None
     if decision.reply is not None:
         raise CLIError(f"{address}: refused with {decision.reply}")
     targets = [{"kind": t.kind, "address": t.address, "mailbox": t.mailbox}
@@ -605,7 +635,7 @@ def cmd_alias_resolve(config: Config, args: argparse.Namespace) -> int:
             for t in targets]
     for line in format_table(["KIND", "ADDRESS", "MAILBOX"], rows):
         _out(line)
-    if address.domain not in config.local_domains:
+    if address.domain not in local_domains:
         _out(f"({address.domain} is not local: relayed only for authenticated senders and "
              "relay_networks)")
     return 0
@@ -683,6 +713,11 @@ def config_problems(config: Config) -> list[str]:
                             config.aliases.suffix_separators)
         except IdentitiesFileError as e:
             problems.append(str(e))
+    if directory_cli.sql(config):  # the SQL directory: reachable, and at this schema
+        try:
+            directory_cli._admin(config).store.close()
+        except CLIError as e:
+            problems.append(f"directory: {e}")
     for key, path in (("queue_dir", config.queue_dir), ("queue_dir", config.queue_dir / "tmp"),
                       ("queue_dir", config.queue_dir / "msg"), ("mail_dir", config.mail_dir),
                       ("control_socket", config.control_socket.parent)):
@@ -853,6 +888,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(asub, "resolve", cmd_alias_resolve, "show where mail to an address goes",
             json_flag=True)
     p.add_argument("address")
+    # alias add/remove, domain ..., directory ...
+    directory_cli.register(sub, add, asub, sys.modules[__name__])
 
     p = add(sub, "dkim-keygen", cmd_dkim_keygen,
             "create a DKIM signing key and print its DNS record")

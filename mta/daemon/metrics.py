@@ -74,7 +74,10 @@ FINAL_OUTCOMES = frozenset({"delivered", "failed"})
 STAGES = frozenset({"connect", "mail", "rcpt", "data"})
 # RFC 7208 §2.6 result names.
 SPF_RESULTS = frozenset({"pass", "fail", "softfail", "neutral", "none", "temperror", "permerror"})
-AUTH_RESULTS = frozenset({"ok", "failed"})
+AUTH_RESULTS = frozenset({"ok", "failed", "unavailable"})
+# The directory's events (mta.policy.sqldirectory): a lookup the database did not
+# answer, its return, rows ignored (a pipe without allow_pipes, a bad target).
+DIRECTORY_RESULTS = frozenset({"unavailable", "recovered", "pipe_refused", "bad_row"})
 LIMITS = frozenset({"connection_rate", "early_talker", "user_messages"})
 NOTICE_ACTIONS = frozenset({"failed", "delayed"})
 # RFC 3463 §2: class.subject.detail.
@@ -235,6 +238,9 @@ class Metrics:
         self.expired = Counter("mta_expired", "Recipients that expired in the queue.", registry=r)
         self.notices = Counter("mta_notices", "Bounces and delay notices queued, or dropped "
                                "(null sender).", ["action"], registry=r)
+        self.directory = Counter("mta_directory_events", "SQL directory events: lookups the "
+                                 "database did not answer, recoveries, ignored rows.",
+                                 ["result"], registry=r)
         self.event_errors = Counter("mta_metrics_event_errors", "Log events that could not be "
                                     "read for metrics.", registry=r)
         self.collector = QueueCollector(store, self.clock, active_sessions, in_flight, outbound)
@@ -251,6 +257,7 @@ class Metrics:
             "expired": self._on_expired,
             "dsn": self._on_dsn,
             "bounce_dropped": self._on_bounce_dropped,
+            "directory": self._on_directory,
         }
 
     # --- feeding ------------------------------------------------------------------
@@ -324,6 +331,9 @@ class Metrics:
 
     def _on_limit(self, event: Mapping[str, Any]) -> None:
         self.limits.labels(limit=_label(event.get("limit"), LIMITS)).inc()
+
+    def _on_directory(self, event: Mapping[str, Any]) -> None:
+        self.directory.labels(result=_label(event.get("result"), DIRECTORY_RESULTS)).inc()
 
     # --- delivery events -----------------------------------------------------------
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import IService, MultiService
-from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredList, fail, inlineCallbacks, maybeDeferred
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
@@ -46,23 +46,38 @@ class Policies:
     tls: Any
     spf: Any
     authenticator: Any
+    # The directory the three above come from (mta.policy.directory); closed when replaced.
+    directory: Any = None
 
 
-def load_policies(config: Config) -> Policies:
+def load_policies(config: Config, reactor: Any = None) -> Policies:
     """Read users, aliases, identities and certificates. Raises StartupError naming the file."""
-    from mta.policy.aliases import AliasFileError, AliasResolver
-    from mta.policy.auth import UserDB, UsersFileError
-    from mta.policy.identities import Identities, IdentitiesFileError
+    from mta.policy.aliases import AliasFileError
+    from mta.policy.auth import UsersFileError
+    from mta.policy.directory import FilesDirectory
+    from mta.policy.identities import IdentitiesFileError
     from mta.system.tls import TLSConfigError, server_tls
 
     try:
         tls = server_tls(config.tls)
-        users = UserDB.load(config.domains_dir, config.local_domains)
-        aliases = AliasResolver.load(config.domains_dir, config.local_domains, users, config.aliases)
-        identities = Identities.load(config.domains_dir, config.local_domains,
-                                     config.aliases.suffix_separators)
+        # The files (snapshots, errors name the file) or SQL (mta.policy.sqldirectory):
+        # a database down at start is no error (the node answers 451 for what needs
+        # it and recovers), one with an older schema is (mta directory migrate).
+        if config.directory.backend == "files":
+            directory = FilesDirectory.load(config)
+        else:
+            from mta.policy.sqldirectory import SQLDirectory
+
+            directory = SQLDirectory.open(config, reactor)
     except (TLSConfigError, UsersFileError, AliasFileError, IdentitiesFileError, OSError) as e:
         raise StartupError(str(e)) from None
+    except Exception as e:  # the SQL back end: a schema to migrate, a driver missing
+        from mta.policy.sqldirectory import SchemaError
+
+        if isinstance(e, SchemaError | ImportError):
+            raise StartupError(f"directory: {e}") from None
+        raise
+    users, aliases, identities = directory.users, directory.aliases, directory.identities
     spf = None
     if config.spf.enabled:
         from mta.policy.spf import SPFChecker
@@ -71,11 +86,15 @@ def load_policies(config: Config) -> Policies:
     from mta.policy.dkim import DKIMKeyError
     from mta.policy.msgauth import build_authenticator
 
+    # An SQL directory's DKIM keys (rows of dkim_keys: a PEM or a path), read at start and reload.
+    extra_keys = [(d, s, pem.encode() if pem else path) for d, s, pem, path in
+                  directory.dkim_keys()] if directory.blocking else []
     try:
-        authenticator = build_authenticator(config)
+        authenticator = build_authenticator(config, extra_keys)
     except DKIMKeyError as e:
+        directory.close()
         raise StartupError(f"dkim: {e}") from None
-    return Policies(users, aliases, identities, tls, spf, authenticator)
+    return Policies(users, aliases, identities, tls, spf, authenticator, directory)
 
 
 def build_context(config: Config, reactor: Any, spare_outlet: SpareOutlet | None = None) -> ServerContext:
@@ -84,11 +103,12 @@ def build_context(config: Config, reactor: Any, spare_outlet: SpareOutlet | None
     from mta.policy.limits import AbuseLimits
     from mta.policy.srs import SRSRewriter, load_or_create_secret
 
-    p = load_policies(config)
+    p = load_policies(config, reactor)
     store = QueueStore(config.queue_dir, fsync=config.fsync, reactor=reactor,
                        syncfs=config.queue_sync == "syncfs", spare_outlet=spare_outlet)
     secret = config.srs_secret or load_or_create_secret(config.data_dir / "srs-secret")
     return ServerContext(config=config, store=store, users=p.users, aliases=p.aliases,
+                         directory=p.directory,
                          identities=p.identities, clock=reactor, tls=p.tls, spf=p.spf,
                          authenticator=p.authenticator,
                          abuse=AbuseLimits(config.limits, reactor), srs=SRSRewriter(secret))
@@ -216,10 +236,14 @@ class MTAService(MultiService):
         """
         try:
             config = self.loader()
-            policies = load_policies(config)
+            policies = load_policies(config, self.reactor)
             from mta.smtp.pipeline import build_pipeline
 
-            pipeline = build_pipeline(config, self.context, self.reactor)  # new sessions' checks
+            try:
+                pipeline = build_pipeline(config, self.context, self.reactor)  # new sessions' checks
+            except ConfigError:
+                policies.directory.close()  # an SQL directory's threads: not kept
+                raise
         except (ConfigError, StartupError) as e:
             log.error("reload failed, keeping the running configuration: {err}", err=e,
                       event="reload", result="failed")
@@ -230,6 +254,9 @@ class MTAService(MultiService):
         ctx = self.context
         ctx.config = config
         ctx.users, ctx.aliases, ctx.identities = policies.users, policies.aliases, policies.identities
+        old_directory, ctx.directory = getattr(ctx, "directory", None), policies.directory
+        if old_directory is not None and old_directory is not policies.directory:
+            old_directory.close()  # an SQL directory's threads and connections
         ctx.tls, ctx.spf, ctx.authenticator = policies.tls, policies.spf, policies.authenticator
         ctx.pipeline = pipeline
         ctx.abuse.reconfigure(config.limits) if hasattr(ctx.abuse, "reconfigure") else None
@@ -296,7 +323,34 @@ class MTAService(MultiService):
         if self.runner is not None:
             yield self.runner.stop()
         self.context.store.discard_spares()
+        if self.context.directory is not None:
+            self.context.directory.close()  # an SQL directory's threads and connections
         yield super().stopService()
+
+
+def _submit_with_sql(context: Any, sender: str, recipients: list[str], data: bytes,
+                     submitter: Any) -> Deferred[str]:
+    """Local submission with an SQL directory: the recipients are looked up in its
+    threads first (mta.policy.relay.Answers), then queued on the reactor thread;
+    the database down is a temporary refusal (the sendmail caller retries)."""
+    from mta.intake.submit import TEMPORARY, SubmitError, submit_message
+    from mta.policy.directory import DirectoryUnavailable
+    from mta.policy.relay import Answers
+
+    directory = context.directory
+    domains = directory.local_domains()
+    if domains is None:
+        return fail(SubmitError("the directory cannot be reached; try again later", TEMPORARY))
+
+    def unavailable(failure: Any) -> Any:
+        failure.trap(DirectoryUnavailable)
+        raise SubmitError("the directory cannot be reached; try again later", TEMPORARY)
+
+    d = directory.defer(Answers, context.aliases, list(recipients))
+    d.addErrback(unavailable)
+    return d.addCallback(lambda answers: submit_message(
+        context.store, context.config, answers, sender, recipients, data, submitter,
+        srs=context.srs, local_domains=domains))
 
 
 def build_control(mta: MTAService) -> IService:
@@ -308,6 +362,9 @@ def build_control(mta: MTAService) -> IService:
     context = mta.context
 
     def submit(sender: str, recipients: list[str], data: bytes, submitter: Any) -> Deferred[str]:
+        directory = context.directory
+        if directory is not None and directory.blocking:
+            return _submit_with_sql(context, sender, recipients, data, submitter)
         return submit_message(context.store, context.config, context.aliases, sender, recipients,
                               data, submitter, srs=context.srs)
 

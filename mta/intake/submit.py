@@ -89,14 +89,16 @@ def _parse_sender(sender: str) -> str:
 
 
 def add_recipients(txn: Intake, addresses: Sequence[str], config: Config, aliases: Any,
-                   srs: Any = None) -> None:
+                   srs: Any = None, local_domains: Any = None) -> None:
     """Check each of ``addresses`` as the SMTP server checks a RCPT of a local
     user (:func:`mta.policy.relay.check_recipient`, relaying allowed) and add
     the accepted ones, expanded, to ``txn`` (:meth:`Intake.add_recipient`: one
     copy per mailbox).
 
     SubmitError listing every refused address if any is refused.
+    ``local_domains``: an SQL directory's (default: the configuration's).
     """
+    domains = config.local_domains if local_domains is None else local_domains
     if not addresses:
         raise SubmitError("no recipients", USAGE)
     if len(addresses) > config.limits.max_recipients:
@@ -109,8 +111,7 @@ def add_recipients(txn: Intake, addresses: Sequence[str], config: Config, aliase
         except AddressError as e:
             refused.append(f"{text}: {e}")
             continue
-        decision = check_recipient(address, config.local_domains, aliases, may_relay=True,
-                                   srs=srs)
+        decision = check_recipient(address, domains, aliases, may_relay=True, srs=srs)
         if decision.reply is not None:
             refused.append(f"{address}: {decision.reply}")
             continue
@@ -122,18 +123,21 @@ def add_recipients(txn: Intake, addresses: Sequence[str], config: Config, aliase
 def submit_message(store: QueueStore, config: Config, aliases: Any, sender: str,
                    recipients: Sequence[str], message: bytes,
                    submitter: Submitter | None = None,
-                   clock: Callable[[], float] = time.time, *, srs: Any = None) -> Deferred[str]:
+                   clock: Callable[[], float] = time.time, *, srs: Any = None,
+                   local_domains: Any = None) -> Deferred[str]:
     """Queue ``message`` (CRLF lines, as it is: not dot-stuffed) with an
     :class:`~mta.queue.intake.Intake`; the Deferred fires with the queue id once
     the message is durable (the store tells the runner on the next reactor turn).
 
     ``aliases`` is the daemon's current :class:`~mta.policy.aliases.AliasResolver`,
-    ``srs`` its :class:`~mta.policy.srs.SRSRewriter` (or None).
+    ``srs`` its :class:`~mta.policy.srs.SRSRewriter` (or None); with an SQL
+    directory, ``aliases`` is its :class:`~mta.policy.relay.Answers` for these
+    recipients and ``local_domains`` its domains.
     Fails with :class:`SubmitError`; then nothing is left in the queue.
     """
     try:
         txn, envelope = _take(store, config, aliases, sender, recipients, message,
-                              submitter or Submitter(), clock, srs)
+                              submitter or Submitter(), clock, srs, local_domains)
     except SubmitError:
         return fail()
 
@@ -152,11 +156,12 @@ def submit_message(store: QueueStore, config: Config, aliases: Any, sender: str,
 
 def _take(store: QueueStore, config: Config, aliases: Any, sender: str,
           recipients: Sequence[str], message: bytes, submitter: Submitter,
-          clock: Callable[[], float], srs: Any) -> tuple[Intake, Envelope]:
+          clock: Callable[[], float], srs: Any,
+          local_domains: Any = None) -> tuple[Intake, Envelope]:
     """The transaction with its message written, and the envelope to commit;
     SubmitError (nothing left) if anything is refused."""
     txn = Intake(store, _parse_sender(sender))
-    add_recipients(txn, recipients, config, aliases, srs)
+    add_recipients(txn, recipients, config, aliases, srs, local_domains)
     smtputf8 = not (txn.sender.isascii() and all(o.isascii() for o in txn.originals))
     try:
         txn.open(buffered=True)  # in memory already: one file, as the SMTP server writes it

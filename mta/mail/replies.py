@@ -245,3 +245,12 @@ MILTER_DISCARDED = Reply(250, "2.0.0", "Ok")
 def milter_reply(code: int, enhanced: str, text: str) -> Reply:
     """A milter's own SMFIR_REPLYCODE (its code, RFC 3463 code and text; lines joined by \\n)."""
     return Reply(code, enhanced, text)
+
+
+# --- the directory (mta.policy.directory): an SQL back end that cannot answer ---
+# Never a 5xx (the address may well exist) and never an acceptance (that could
+# relay): RFC 3463 §3.4 4.3.0, a temporary failure of our mail system, at RCPT
+# and MAIL; for AUTH, RFC 4954 §6 "454 4.7.0 Temporary authentication failure"
+# (the server could not check the credentials; the client may try again).
+DIRECTORY_UNAVAILABLE = Reply(451, "4.3.0", "Directory temporarily unavailable, try again later")
+AUTH_DIRECTORY_UNAVAILABLE = Reply(454, "4.7.0", "Temporary authentication failure, try again later")

@@ -191,6 +191,8 @@ class AliasResolver:
     :func:`parse_aliases`; ``users`` answers ``exists(local, domain)``.
     """
 
+    blocking = False  # answers from memory (mta.policy.directory)
+
     def __init__(self, rules: Mapping[str, Mapping[str, Sequence[Dest]]], users: UserLookup,
                  options: AliasConfig | None = None,
                  local_domains: Iterable[str] | None = None) -> None:

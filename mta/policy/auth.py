@@ -271,6 +271,8 @@ class UserDB:
     reactor thread (default: ``deferToThread``); tests may pass another.
     """
 
+    blocking = False  # answers from memory (mta.policy.directory)
+
     def __init__(self, users: Mapping[str, Mapping[str, str]],
                  run_in_thread: RunInThread | None = None) -> None:
         self._users: dict[str, dict[str, str]] = {

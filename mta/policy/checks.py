@@ -132,7 +132,15 @@ class SenderBinding(_Check):
         if user is None or not ctx.config.sender_binding or ctx.identities is None:
             return ACCEPT
         sender = state.sender or ""
-        if ctx.identities.may_send_as(user, sender):
+        identities = ctx.identities
+        if getattr(identities, "blocking", False):  # SQL: the user's own address needs no lookup
+            if sender and identities.own_address(user, sender):
+                return ACCEPT
+            return identities.defer(identities.may_send_as, user, sender).addCallbacks(
+                lambda ok: ACCEPT if ok else reject(R.sender_not_owned(sender),
+                                                    reason="sender_binding"),
+                _directory_failed)
+        if identities.may_send_as(user, sender):
             return ACCEPT
         return reject(R.sender_not_owned(sender), reason="sender_binding")
 
@@ -202,8 +210,10 @@ class RecipientLookup(_Check):
     name = "recipient"
     stages = frozenset({Stage.RCPT})
 
-    def check(self, stage: Stage, state: CheckState) -> Verdict:
+    def check(self, stage: Stage, state: CheckState) -> Verdict | Deferred[Verdict]:
         ctx = self.ctx
+        if getattr(ctx.aliases, "blocking", False):  # an SQL directory (mta.policy.directory)
+            return self._ask_directory(state)
         decision = check_recipient(
             state.recipient,
             local_domains=ctx.config.local_domains,
@@ -214,6 +224,41 @@ class RecipientLookup(_Check):
         if decision.reply is not None:
             return reject(decision.reply)
         return Verdict(targets=decision.targets)
+
+    def _ask_directory(self, state: CheckState) -> Verdict | Deferred[Verdict]:
+        """The same decision with an SQL directory: a recipient in a local domain
+        is decided at once from the directory's cache when every answer is there,
+        else looked up off the reactor thread (a Deferred); one elsewhere is
+        relayed or refused at once, from the domains the directory last read.
+        The database down: 451 4.3.0, never 5xx, never relayed."""
+        ctx = self.ctx
+        address = state.recipient
+        may_relay = state.auth_user is not None or state.trusted
+        domains = ctx.directory.local_domains() if ctx.directory is not None else None
+        if domains is None:
+            if address.domain not in ctx.config.local_domains:
+                # Never read the domains: this one may be ours, so neither relay nor refuse.
+                return reject(R.DIRECTORY_UNAVAILABLE, reason="directory")
+            domains = frozenset(ctx.config.local_domains)
+        if address.domain not in domains:
+            decision = check_recipient(address, domains, ctx.aliases, may_relay, ctx.srs)
+            return reject(decision.reply) if decision.reply is not None \
+                else Verdict(targets=decision.targets)
+
+        def decided(decision: Any) -> Verdict:
+            if decision.reply is not None:
+                return reject(decision.reply)
+            return Verdict(targets=decision.targets)
+
+        from mta.policy.sqldirectory import NeedsLookup
+
+        try:  # every answer cached (seen within cache_ttl): at once, no thread
+            return decided(ctx.aliases.from_cache(check_recipient, address, domains,
+                                                  ctx.aliases, may_relay, ctx.srs))
+        except NeedsLookup:
+            pass
+        d = ctx.aliases.defer(check_recipient, address, domains, ctx.aliases, may_relay, ctx.srs)
+        return d.addCallbacks(decided, _directory_failed)
 
 
 class ForgedAuthResults(_Check):
@@ -285,7 +330,12 @@ class FromBinding(_Check):
         from mta.policy.identities import header_from_addresses
 
         addresses = header_from_addresses(state.header_lines)
-        if addresses and all(ctx.identities.may_send_as(user, a) for a in addresses):
+        identities = ctx.identities
+        if getattr(identities, "blocking", False) and addresses:  # SQL: looked up off the reactor thread
+            return identities.defer(lambda: all(identities.may_send_as(user, a)
+                                                for a in addresses)).addCallbacks(
+                lambda ok: ACCEPT if ok else reject(R.FROM_NOT_OWNED), _directory_failed)
+        if addresses and all(identities.may_send_as(user, a) for a in addresses):
             return ACCEPT
         return reject(R.FROM_NOT_OWNED)
 
@@ -345,6 +395,15 @@ class ForwardingSRS(_Check):
 
 
 # Name in [checks] order -> the class, called with the server context.
+def _directory_failed(failure: Any) -> Verdict:
+    """An SQL directory that could not answer (logged by it, event ``directory``):
+    a temporary refusal (RFC 3463 4.3.0), so the client tries again later."""
+    from mta.policy.directory import DirectoryUnavailable
+
+    failure.trap(DirectoryUnavailable)
+    return reject(R.DIRECTORY_UNAVAILABLE, reason="directory")
+
+
 BUILTIN: dict[str, Any] = {cls.name: cls for cls in (
     ConnectionLimits, HeloName, SenderBinding, UserRate, SPF, RecipientLookup,
     ForgedAuthResults, ReceivedLoop, SubmissionHeaders, FromBinding, MessageAuth, MilterCheck,

@@ -147,9 +147,11 @@ def _parse_key(data: bytes, path: Path) -> tuple[bytes, bytes]:
     return b"ed25519-sha256", base64.b64encode(seed)
 
 
-def load_signing_key(domain: str, selector: str, path: Path | str) -> SigningKey:
-    """Read one key file. Raises :class:`DKIMKeyError`."""
-    path = Path(path)
+def load_signing_key(domain: str, selector: str, path: Path | str | bytes) -> SigningKey:
+    """Read one key file (or, given bytes, the PEM itself: an SQL directory's
+    ``dkim_keys.private_key``). Raises :class:`DKIMKeyError`."""
+    pem = path if isinstance(path, bytes) else None
+    path = Path(f"<dkim_keys {selector}._domainkey.{domain}>" if pem is not None else path)
     if not re.fullmatch(r"[A-Za-z0-9_-]{1,63}(\.[A-Za-z0-9_-]{1,63})*", selector):
         raise DKIMKeyError(f"{path}: selector {selector!r} is not a DNS label sequence")
     try:
@@ -157,7 +159,7 @@ def load_signing_key(domain: str, selector: str, path: Path | str) -> SigningKey
     except AddressError as e:
         raise DKIMKeyError(f"{path}: bad signing domain {domain!r}: {e}") from None
     try:
-        data = path.read_bytes()
+        data = pem if pem is not None else path.read_bytes()
     except OSError as e:
         raise DKIMKeyError(f"{path}: cannot read: {e.strerror or e}") from None
     algorithm, private = _parse_key(data, path)

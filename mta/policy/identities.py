@@ -77,6 +77,13 @@ class Identities:
                 table[key] = frozenset(entries) | table.get(key, frozenset())
         return cls(table, suffix_separators)
 
+    blocking = False  # a snapshot in memory (mta.policy.sqldirectory has one that is not)
+
+    def own_address(self, auth_user: str, sender: str) -> bool:
+        """``sender`` is the user's own address (any case, any suffix): no table needed."""
+        return bool(sender) and (_canonical(sender, self.suffix_separators)
+                                 == _canonical(auth_user, self.suffix_separators))
+
     def may_send_as(self, auth_user: str, sender: str) -> bool:
         """True if ``auth_user`` ("user@domain") may use ``sender`` ("" = null sender)."""
         user = _canonical(auth_user, self.suffix_separators)

@@ -89,12 +89,13 @@ class MessageAuthenticator:
             return []
 
 
-def build_authenticator(config: Config) -> MessageAuthenticator | None:
-    """From the configuration; None when DKIM, DMARC and signing are all off."""
+def build_authenticator(config: Config, extra_keys: Any = ()) -> MessageAuthenticator | None:
+    """From the configuration; None when DKIM, DMARC and signing are all off.
+    ``extra_keys``: more ``(domain, selector, key path or PEM bytes)`` (an SQL directory's)."""
     signer = None
-    if config.dkim.keys:
+    if config.dkim.keys or extra_keys:
         table: dict[str, list[tuple[str, Any]]] = {}
-        for domain, selector, key_file in config.dkim.keys:
+        for domain, selector, key_file in (*config.dkim.keys, *extra_keys):
             table.setdefault(domain, []).append((selector, key_file))
         signer = dkim.DKIMSigner(table)
     if not (config.spf.enabled or config.dkim.verify or config.dmarc.enabled or signer):

@@ -79,3 +79,39 @@ def check_recipient(address: Address, local_domains: tuple[str, ...], aliases: A
     if may_relay:
         return RecipientDecision(None, (Target("remote", str(address)),))
     return RecipientDecision(R.relay_denied(str(address)))
+
+
+class Answers:
+    """An SQL directory's answers for some recipients, asked ahead (in its threads,
+    ``Answers(aliases, addresses)``) for a caller that decides synchronously
+    (local submission, :mod:`mta.intake.submit`): ``exists`` and ``resolve``
+    as :class:`~mta.policy.aliases.AliasResolver`'s, for those addresses only.
+    DirectoryUnavailable propagates from the constructor."""
+
+    def __init__(self, aliases: Any, addresses: list[str]) -> None:
+        from mta.mail.address import AddressError, parse_mailbox
+        from mta.policy.aliases import AliasLoopError
+
+        self._exists: dict[tuple[str, str], bool] = {}
+        self._resolved: dict[str, Any] = {}
+        for text in addresses[:1000]:  # bounded: max_recipients is checked later, lower
+            try:
+                address = parse_mailbox(text.strip().strip("<>"), smtputf8=True)
+            except AddressError:
+                continue  # refused with its reason by the caller
+            key = (address.local, address.domain)
+            self._exists[key] = exists = aliases.exists(*key)
+            if exists:
+                try:
+                    self._resolved[str(address)] = aliases.resolve(str(address))
+                except AliasLoopError as e:
+                    self._resolved[str(address)] = e
+
+    def exists(self, local: str, domain: str) -> bool:
+        return self._exists.get((local, domain), False)
+
+    def resolve(self, address: str) -> Any:
+        answer = self._resolved[address]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer

@@ -147,7 +147,17 @@ class SASLExchange:
                 return R.AUTH_OK
             return self._auth_failed(user, "bad_credentials")
 
-        return d.addCallback(checked)
+        return d.addCallbacks(checked, self._auth_unavailable, errbackArgs=(user,))
+
+    def _auth_unavailable(self, failure: Any, user: str) -> Reply:
+        """An SQL directory that could not answer: ``454 4.7.0`` (RFC 4954 §6,
+        temporary authentication failure), not counted as a failed guess."""
+        from mta.policy.directory import DirectoryUnavailable
+
+        failure.trap(DirectoryUnavailable)
+        log.warn("auth unavailable for {user} from {ip}: the directory did not answer",
+                 user=user[:64], ip=self.client_ip, event="auth", result="unavailable")
+        return R.AUTH_DIRECTORY_UNAVAILABLE
 
     def _auth_blocked(self, user: str | None = None) -> Reply:
         """``454 4.7.0`` while the address or the account is blocked (RFC 4954 §6,

@@ -51,6 +51,7 @@ class ServerContext:
     srs: Any = None  # mta.policy.srs.SRSRewriter
     authenticator: Any = None  # mta.policy.msgauth.MessageAuthenticator, or None
     identities: Any = None  # mta.policy.identities.Identities
+    directory: Any = None  # mta.policy.directory.Directory that users/aliases/identities come from
     connections: dict[str, int] = field(default_factory=dict)
     sessions: set[Any] = field(default_factory=set)  # the SMTPSession objects
     accepting: bool = True
