@@ -151,6 +151,31 @@ class AliasConfig:
     max_depth: int = 10
 
 
+# --- the per-destination route table ([delivery.route."KEY"], issue 18) -------------
+# TLS levels a route entry may name, as Postfix's smtp_tls_policy_maps spells them
+# (mta.delivery.routes maps them to the client's policies).
+ROUTE_TLS = ("none", "may", "encrypt", "verify", "dane", "mta-sts")
+
+
+@dataclass(frozen=True)
+class RouteEntry:
+    """One ``[delivery.route."KEY"]`` entry; every value left out (None) falls back
+    to the global setting.  ``key`` is a recipient domain (``example.com``), its
+    subdomains (``.example.com``) or a next hop (``[relay.example.net]:587``, or
+    ``[relay.example.net]`` for any port).  Resolution and precedence are in
+    :mod:`mta.delivery.routes`."""
+
+    key: str
+    tls: str | None = None  # one of ROUTE_TLS
+    port: int | None = None  # MX hosts' port, and a smarthost's without ":port"
+    smarthost: str | None = None  # "[host]:port" (no MX lookup) or "host:port" (MX of host)
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)  # never printed or logged
+    bind_address: str | None = None  # IPv4 source address of the connection
+    bind_address6: str | None = None  # IPv6 source address
+    helo_name: str | None = None
+
+
 @dataclass(frozen=True)
 class DeliveryConfig:
     # Smarthost as "host:port" strings; empty means MX delivery.
@@ -187,6 +212,15 @@ class DeliveryConfig:
     # always <>, RFC 5321 §4.5.5). Loading fills in MAILER-DAEMON@ the first local
     # domain (the host name without one); None here means MAILER-DAEMON@hostname.
     bounce_from: str | None = None
+    # Outbound source addresses (Postfix's smtp_bind_address / smtp_bind_address6):
+    # connections to IPv4 servers are made from bind_address, to IPv6 ones from
+    # bind_address6; unset: the kernel chooses.  helo_name: the EHLO name sent
+    # (Postfix's smtp_helo_name; unset: hostname).
+    bind_address: str | None = None
+    bind_address6: str | None = None
+    helo_name: str | None = None
+    # [delivery.route."KEY"] entries (mta.delivery.routes), in file order.
+    routes: tuple[RouteEntry, ...] = ()
 
 
 # --- MTA-STS for delivery, TLS reporting (mta.delivery.mtasts, mta.delivery.tlsrpt) ---
@@ -695,6 +729,7 @@ def config_from_dict(raw: dict[str, Any], base: Path, overrides: dict[str, Any] 
             raise ConfigError(prefix + "tls", "must be none, opportunistic, require or verify")
         relays.append((name, relay_tls, _get(entry, "username", str, prefix, None),
                        _get(entry, "password", str, prefix, None)))
+    route_raw = dl.pop("route", {})
     stage_raw = dl.pop("timeouts", {})
     if not isinstance(stage_raw, dict):
         raise ConfigError("delivery.timeouts", "must be a table")
@@ -712,9 +747,10 @@ def config_from_dict(raw: dict[str, Any], base: Path, overrides: dict[str, Any] 
         "max_connections_per_destination": int, "connect_timeout": float, "mx_port": int,
         "connection_cache_time": float,
         "mailbox_command": str, "lmtp": str, "pipe_timeout": float,
-        "bounce_from": str,
+        "bounce_from": str, "bind_address": str, "bind_address6": str, "helo_name": str,
     }
     delivery = _dataclass_from(dl, DeliveryConfig, "delivery.", types)
+    delivery = replace(delivery, routes=_routes(route_raw, delivery))
     smarthosts = overrides.get("smarthosts") or delivery.smarthosts
     for i, s in enumerate(smarthosts):
         if not isinstance(s, str):
@@ -898,6 +934,130 @@ def _mta_sts(table: dict[str, Any], base: Path, server_tls: bool) -> MTASTSConfi
         raise ConfigError(prefix + "endpoint", "needs a certificate: mta_sts.cert_file and "
                           "key_file, or tls.cert_file (the policy is served over HTTPS only)")
     return MTASTSConfig(endpoint, mode, tuple(p.lower() for p in mx), max_age, cert_file, key_file)
+
+
+def _routes(table: Any, delivery: DeliveryConfig) -> tuple[RouteEntry, ...]:
+    """``[delivery.route."KEY"]``, each entry checked, and the global source addresses
+    and HELO name; one line per problem, naming the key."""
+    _source_addresses("delivery.", delivery.bind_address, delivery.bind_address6, delivery.helo_name)
+    if not isinstance(table, dict):
+        raise ConfigError("delivery.route", 'must be a table of tables: [delivery.route."example.com"]')
+    types = {"tls": str, "port": int, "smarthost": str, "username": str, "password": str,
+             "bind_address": str, "bind_address6": str, "helo_name": str}
+    entries = []
+    seen: set[str] = set()
+    for name, raw in table.items():
+        prefix = f'delivery.route."{name}".'
+        if not isinstance(raw, dict):
+            raise ConfigError(prefix[:-1], "must be a table (tls, port, smarthost, username, "
+                              "password, bind_address, bind_address6, helo_name)")
+        _check_keys(raw, set(types), prefix)
+        key = _route_key(name, prefix[:-1])
+        if key in seen:
+            raise ConfigError(prefix[:-1], f"{key} is listed twice")
+        seen.add(key)
+        values = {k: _get(raw, k, kind, prefix, None) for k, kind in types.items()}
+        entry = RouteEntry(key, **values)
+        if entry.tls is not None and entry.tls not in ROUTE_TLS:
+            raise ConfigError(prefix + "tls", f"must be one of {', '.join(ROUTE_TLS)}")
+        if entry.port is not None and not 0 < entry.port < 65536:
+            raise ConfigError(prefix + "port", "must be a port number from 1 to 65535")
+        next_hop = key.startswith("[")
+        if entry.smarthost is not None:
+            if next_hop:
+                raise ConfigError(prefix + "smarthost", "a next-hop entry cannot name another smarthost")
+            _route_smarthost(entry.smarthost, prefix + "smarthost")
+        if next_hop and entry.port is not None:
+            raise ConfigError(prefix + "port", "a next-hop entry's port is in its key ([host]:port)")
+        if (entry.username is None) != (entry.password is None):
+            raise ConfigError(prefix + ("password" if entry.password is None else "username"),
+                              "username and password go together")
+        if entry.username is not None:
+            if not next_hop and entry.smarthost is None:
+                # Never hand a password to whatever host a domain's MX records name.
+                raise ConfigError(prefix + "username", "credentials need a smarthost (or a "
+                                  "next-hop key); they are never sent to MX hosts")
+            if entry.tls in ("none", "may"):
+                raise ConfigError(prefix + "tls", "credentials need encrypt or verify (AUTH is "
+                                  "never sent in clear)")
+        if entry.tls in ("dane", "mta-sts") and (entry.smarthost is not None or next_hop
+                                                 or delivery.smarthosts):
+            raise ConfigError(prefix + "tls", f"{entry.tls} applies to MX delivery, not to a "
+                              "smarthost (use verify)")
+        _source_addresses(prefix, entry.bind_address, entry.bind_address6, entry.helo_name)
+        entries.append(entry)
+    return tuple(entries)
+
+
+def _route_key(name: str, key: str) -> str:
+    """A route entry's key, normalized: ``example.com``, ``.example.com`` or ``[host]:port``."""
+    from mta.mail.address import AddressError, normalize_domain
+
+    if name.startswith("["):
+        host, port = _route_smarthost(name, key)
+        return f"[{host}]" if port is None else f"[{host}]:{port}"
+    try:
+        if name.startswith("."):
+            return "." + normalize_domain(name[1:])
+        return normalize_domain(name)
+    except AddressError as e:
+        raise ConfigError(key, f"not a domain, .domain or [host]:port: {e}") from None
+
+
+def _route_smarthost(text: str, key: str) -> tuple[str, int | None]:
+    """``[host]:port``, ``[host]``, ``host:port`` or ``host`` (Postfix relayhost syntax):
+    (host, port or None); the host a domain name or, in brackets, an IP address."""
+    import ipaddress
+
+    from mta.mail.address import AddressError, normalize_domain
+
+    bracketed = text.startswith("[")
+    if bracketed:
+        host, close, rest = text[1:].partition("]")
+        if not close or (rest and not rest.startswith(":")):
+            raise ConfigError(key, f"{text!r}: expected [host] or [host]:port")
+        port_text = rest[1:] if rest else None
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            host, port_text = text, None
+    port = None
+    if port_text is not None:
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise ConfigError(key, f"{text!r}: port must be a number from 1 to 65535")
+        port = int(port_text)
+    try:
+        ipaddress.ip_address(host)
+        if not bracketed:
+            raise ConfigError(key, f"{text!r}: an IP address goes in brackets ([{host}])")
+        return host, port
+    except ValueError:
+        pass
+    try:
+        return normalize_domain(host), port
+    except AddressError as e:
+        raise ConfigError(key, f"{text!r}: {e}") from None
+
+
+def _source_addresses(prefix: str, v4: str | None, v6: str | None, helo: str | None) -> None:
+    import ipaddress
+
+    from mta.mail.address import AddressError, normalize_domain
+
+    for name, value, version in (("bind_address", v4, 4), ("bind_address6", v6, 6)):
+        if value is None:
+            continue
+        try:
+            ok = ipaddress.ip_address(value).version == version
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ConfigError(prefix + name, f"{value!r} is not an IPv{version} address")
+    if helo is not None:
+        try:
+            normalize_domain(helo)
+        except AddressError as e:
+            raise ConfigError(prefix + "helo_name", f"{helo!r}: {e}") from None
 
 
 def _bounce_from(value: str | None, local_domains: list[str], hostname: str) -> str:

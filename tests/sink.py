@@ -101,6 +101,7 @@ class SinkSession:
     dropped_at: str | None = None
     closed: bool = False
     data_bytes_received: int = 0  # grows while DATA is being received
+    peer: str = ""  # the client's address (the outbound source address under test)
 
 
 @dataclass
@@ -162,6 +163,7 @@ class SinkProtocol(Protocol):
     # connection
 
     def connectionMade(self) -> None:
+        self.session.peer = getattr(self.transport.getPeer(), "host", "")  # "" on a UNIX socket
         self.sink.sessions.append(self.session)
         kind = "LMTP" if self.opts.lmtp else "ESMTP"
         self._reply("greeting", f"220 {self.opts.hostname} {kind} sink")

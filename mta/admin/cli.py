@@ -641,6 +641,76 @@ def _resolve_and_show(config: Config, args: argparse.Namespace, aliases: Any,
     return 0
 
 
+# --- route explain -----------------------------------------------------------------------
+
+
+def cmd_route_explain(config: Config, args: argparse.Namespace) -> int:
+    """Every step of the routing decision for one recipient (mta.admin.explain)."""
+    from mta.admin.explain import Explainer
+    from mta.mail.address import AddressError, parse_mailbox
+    from mta.policy.aliases import AliasFileError, AliasResolver
+    from mta.policy.auth import UserDB, UsersFileError
+    from mta.policy.relay import check_recipient
+
+    try:
+        users = UserDB.load(config.domains_dir, config.local_domains)
+        aliases = AliasResolver.load(config.domains_dir, config.local_domains, users,
+                                     config.aliases)
+    except (UsersFileError, AliasFileError) as e:
+        raise CLIError(str(e)) from None
+    try:
+        address = parse_mailbox(args.address.strip().strip("<>"), smtputf8=True)
+    except AddressError as e:
+        raise CLIError(f"{args.address!r} is not an address: {e}") from None
+    decision = check_recipient(address, config.local_domains, aliases, may_relay=True,
+                               srs=_srs_rewriter(config))
+    refused = str(decision.reply) if decision.reply is not None else None
+    result = _in_reactor(lambda reactor: Explainer(
+        config, _mx_resolver(config, reactor), dane=_dane(config, reactor)).explain(
+        address, list(decision.targets), refused))
+    if args.json:
+        _print_json(result)
+    else:
+        for line in format_table(["STEP", "SOURCE", "DETAIL"],
+                                 [[s["step"], s["source"], s["detail"]] for s in result["steps"]]):
+            _out(line)
+    return 0
+
+
+def _mx_resolver(config: Config, reactor: Any) -> Any:
+    from mta.delivery.mx import MXResolver
+    from mta.system.dns import make_resolver
+
+    return MXResolver(make_resolver(config.dns, reactor), own_names=(config.hostname,))
+
+
+def _dane(config: Config, reactor: Any) -> Any:
+    """The daemon's DANE policy (its resolver check started), or None without [dane]."""
+    from mta.delivery.wiring import build_dane
+
+    return build_dane(config, reactor)
+
+
+def _in_reactor(make: Callable[[Any], Any]) -> Any:
+    """Run the coroutine ``make(reactor)`` on a reactor started for it; its result."""
+    from twisted.internet import reactor
+    from twisted.internet.defer import Deferred
+    from twisted.python.failure import Failure
+
+    box: list[Any] = []
+
+    def start() -> None:
+        d = Deferred.fromCoroutine(make(reactor))
+        d.addBoth(box.append)
+        d.addBoth(lambda _: reactor.stop())
+
+    reactor.callWhenRunning(start)
+    reactor.run(installSignalHandlers=False)  # type: ignore[attr-defined]
+    if isinstance(box[0], Failure):
+        box[0].raiseException()
+    return box[0]
+
+
 # --- check-config ------------------------------------------------------------------------
 
 
@@ -724,6 +794,15 @@ def config_problems(config: Config) -> list[str]:
         problem = _dir_problem(path, key)
         if problem and problem not in problems:
             problems.append(problem)
+    problems.extend(_bind_problems(config))
+    for entry in config.delivery.routes:
+        key = f'delivery.route."{entry.key}".tls'
+        if entry.tls == "dane" and not config.dane.enabled:
+            problems.append(f"{key}: dane needs [dane] enabled = true (until then mail for "
+                            f"{entry.key} is deferred)")
+        elif entry.tls == "mta-sts" and not config.delivery_sts.enabled:
+            problems.append(f"{key}: mta-sts needs [delivery.mta_sts] enabled = true (until "
+                            f"then mail for {entry.key} is deferred)")
     if len(os.fsencode(config.control_socket)) > MAX_SOCKET_PATH:
         problems.append(f"control_socket: {config.control_socket} is longer than "
                         f"{MAX_SOCKET_PATH} octets (the limit for a Unix socket path)")
@@ -744,6 +823,29 @@ def milter_problems(config: Config) -> list[str]:
         problem = probe(m)
         if problem:
             problems.append(f"milters.{m.name}: unreachable: {problem}")
+    return problems
+
+
+def _bind_problems(config: Config) -> list[str]:
+    """Outbound source addresses (delivery.bind_address*, route entries) this host
+    cannot send from: every connection from them would fail."""
+    import socket
+
+    d = config.delivery
+    keys = [("delivery.", d.bind_address, d.bind_address6)]
+    keys += [(f'delivery.route."{e.key}".', e.bind_address, e.bind_address6) for e in d.routes]
+    problems = []
+    for prefix, v4, v6 in keys:
+        for name, address, family in (("bind_address", v4, socket.AF_INET),
+                                      ("bind_address6", v6, socket.AF_INET6)):
+            if address is None:
+                continue
+            try:
+                with socket.socket(family, socket.SOCK_STREAM) as s:
+                    s.bind((address, 0))
+            except OSError as e:
+                problems.append(f"{prefix}{name}: cannot send from {address} on this host "
+                                f"({e.strerror or e})")
     return problems
 
 
@@ -890,6 +992,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("address")
     # alias add/remove, domain ..., directory ...
     directory_cli.register(sub, add, asub, sys.modules[__name__])
+
+    route = sub.add_parser("route", help="routing of outbound mail")
+    rsub = route.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = add(rsub, "explain", cmd_route_explain, "show every step of the routing decision for "
+            "one recipient: aliases, route, MX hosts, TLS policy and its source", json_flag=True)
+    p.add_argument("address")
 
     p = add(sub, "dkim-keygen", cmd_dkim_keygen,
             "create a DKIM signing key and print its DNS record")

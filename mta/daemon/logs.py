@@ -89,6 +89,15 @@ Outbound TLS policy (namespaces ``mta.delivery.mtasts``, ``mta.delivery.remote``
                 ``report_id``; ``no_record``, ``no_rua``, ``dns_error``,
                 ``rua_skipped``), ``domain``, ``day``.
 
+Outbound TLS (namespace ``mta.delivery.tlsoutcome``):
+
+``tls_outcome``  each new outbound connection's TLS policy outcome: ``domain``,
+                ``server``, ``policy`` (``none``/``may``/``encrypt``/``verify``/
+                ``dane``/``mta-sts``), ``source`` (``table``/``relay``/``default``/
+                ``dane``/``mta-sts``), ``origin`` (the configuration key), ``result``
+                (``verified``/``encrypted``/``cleartext`` or an RFC 8460 failure
+                type), ``tls``, ``error``; see :mod:`mta.delivery.tlsoutcome`.
+
 Elsewhere: ``reload`` (``result``, ``err``), ``control`` (``command``, ``uid``),
 ``deleted`` and ``admin_bounce`` (``queue_id``).
 

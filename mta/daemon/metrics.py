@@ -34,6 +34,9 @@ Metrics (all in one dedicated :class:`CollectorRegistry`)::
     mta_delivery_attempt_seconds{courier}       histogram: one attempt
     mta_delivery_latency_seconds{courier,outcome}  histogram: queued → final result
     mta_outbound_tls_total{tls}                 delivered remote recipients by TLS (TLS out)
+    mta_outbound_tls_policy_total{policy,source,result}  new outbound sessions by TLS policy,
+                                                where it came from and the outcome
+                                                (mta.delivery.tlsoutcome)
     mta_expired_total                           recipients expired in the queue
     mta_notices_total{action}                   bounces / delay notices queued, dropped
     mta_queue_messages                          gauge, at scrape time
@@ -80,6 +83,14 @@ AUTH_RESULTS = frozenset({"ok", "failed", "unavailable"})
 DIRECTORY_RESULTS = frozenset({"unavailable", "recovered", "pipe_refused", "bad_row"})
 LIMITS = frozenset({"connection_rate", "early_talker", "user_messages"})
 NOTICE_ACTIONS = frozenset({"failed", "delayed"})
+# The tls_outcome event's values (mta.delivery.tlsoutcome, mta.delivery.routes).
+TLS_LEVELS = frozenset({"none", "may", "encrypt", "verify", "dane", "mta-sts"})
+TLS_SOURCES = frozenset({"table", "relay", "default", "dane", "mta-sts"})
+TLS_RESULTS = frozenset({"verified", "encrypted", "cleartext", "starttls-not-supported",
+                         "certificate-host-mismatch", "certificate-expired",
+                         "certificate-not-trusted", "validation-failure", "tlsa-invalid",
+                         "dnssec-invalid", "dane-required", "sts-policy-fetch-error",
+                         "sts-policy-invalid", "sts-webpki-invalid"})
 # RFC 3463 §2: class.subject.detail.
 _ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
 _ENHANCED_IN_REPLY = re.compile(r"^\d{3}[ -]([245]\.\d{1,3}\.\d{1,3})(?: |$)")
@@ -235,6 +246,9 @@ class Metrics:
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.outbound_tls = Counter("mta_outbound_tls", "Recipients delivered to remote servers, "
                                     "by whether the connection used TLS.", ["tls"], registry=r)
+        self.tls_policy = Counter("mta_outbound_tls_policy", "New outbound sessions by TLS "
+                                  "policy, its source and the outcome.",
+                                  ["policy", "source", "result"], registry=r)
         self.expired = Counter("mta_expired", "Recipients that expired in the queue.", registry=r)
         self.notices = Counter("mta_notices", "Bounces and delay notices queued, or dropped "
                                "(null sender).", ["action"], registry=r)
@@ -258,6 +272,7 @@ class Metrics:
             "dsn": self._on_dsn,
             "bounce_dropped": self._on_bounce_dropped,
             "directory": self._on_directory,
+            "tls_outcome": self._on_tls_outcome,
         }
 
     # --- feeding ------------------------------------------------------------------
@@ -373,6 +388,11 @@ class Metrics:
 
     def _on_bounce_dropped(self, event: Mapping[str, Any]) -> None:
         self.notices.labels(action="dropped").inc()
+
+    def _on_tls_outcome(self, event: Mapping[str, Any]) -> None:
+        self.tls_policy.labels(policy=_label(event.get("policy"), TLS_LEVELS),
+                               source=_label(event.get("source"), TLS_SOURCES),
+                               result=_label(event.get("result"), TLS_RESULTS)).inc()
 
 
 # --- HTTP -------------------------------------------------------------------------------

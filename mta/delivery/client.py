@@ -73,19 +73,34 @@ class _OneProtocolFactory(Factory):
         return self._proto
 
 
-def _endpoint(reactor: Any, host: str, port: int, timeout: float) -> interfaces.IStreamClientEndpoint:
+def _source(host: str, options: ClientOptions | None) -> str | None:
+    """The source address to bind for ``host`` (ClientOptions.bind_address/6), or None."""
+    if options is None:
+        return None
     if isIPAddress(host):
-        return TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
+        return options.bind_address
     if isIPv6Address(host):
-        return TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
-    return HostnameEndpoint(reactor, host, port, timeout=timeout)
+        return options.bind_address6
+    return options.bind_address or options.bind_address6
+
+
+def _endpoint(reactor: Any, host: str, port: int, timeout: float,
+              options: ClientOptions | None = None) -> interfaces.IStreamClientEndpoint:
+    source = _source(host, options)
+    bind = (source, 0) if source else None
+    if isIPAddress(host):
+        return TCP4ClientEndpoint(reactor, host, port, timeout=timeout, bindAddress=bind)
+    if isIPv6Address(host):
+        return TCP6ClientEndpoint(reactor, host, port, timeout=timeout, bindAddress=bind)
+    return HostnameEndpoint(reactor, host, port, timeout=timeout, bindAddress=bind)
 
 
 def cache_key(host: str, port: int, server: str, options: ClientOptions) -> tuple[Any, ...]:
     """What a cached connection is kept under: the server and every option the
     session was opened with (a connection is reused only with the same ones)."""
     return (host, port, server, options.tls_policy, options.tls_hostname, options.username,
-            options.password, options.lmtp, options.helo_name)
+            options.password, options.lmtp, options.helo_name, options.bind_address,
+            options.bind_address6)
 
 
 async def send(reactor: Any, destination: interfaces.IStreamClientEndpoint | tuple[str, int],
@@ -105,7 +120,7 @@ async def send(reactor: Any, destination: interfaces.IStreamClientEndpoint | tup
     key: tuple[Any, ...] | None = None
     if isinstance(destination, tuple):
         host, port = destination
-        endpoint = _endpoint(reactor, host, port, options.timeouts.connect)
+        endpoint = _endpoint(reactor, host, port, options.timeouts.connect, options)
         server = server or host
         if cache is not None and cache.enabled:
             key = cache_key(host, port, server, options)
@@ -133,7 +148,11 @@ async def send(reactor: Any, destination: interfaces.IStreamClientEndpoint | tup
             result, session = new_result(), None
     if session is None:
         proto = SMTPClientProtocol(clock)
-        if await _connect(clock, endpoint, proto, options.timeouts.connect, result):
+        connected = await _connect(clock, endpoint, proto, options.timeouts.connect, result)
+        if not connected and isinstance(destination, tuple) and _source(destination[0], options):
+            result.connection_error = (f"{result.connection_error} (from source address "
+                                       f"{_source(destination[0], options)})")
+        if connected:
             result.local_ip = getattr(proto.transport.getHost(), "host", "")
             creator = tls_creator(options.tls_policy, options.tls_hostname, options.trust_root, server)
             session = ClientSession(proto, options, result, creator)

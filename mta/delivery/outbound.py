@@ -79,6 +79,11 @@ class ClientOptions:
     # Under "dane": checks the certificate chain after the handshake
     # (mta.delivery.tlspolicy.PeerVerifier; a mta.delivery.dane.TLSAVerifier).
     peer_verifier: Any = None
+    # Source addresses of the connection (delivery.bind_address / bind_address6, or a
+    # route entry's): IPv4 servers are reached from bind_address, IPv6 ones from
+    # bind_address6; a host name from whichever is set (bind_address first).
+    bind_address: str | None = None
+    bind_address6: str | None = None
 
     def __post_init__(self) -> None:
         if self.tls_policy not in TLS_POLICIES:
@@ -131,3 +136,9 @@ class SessionResult:
     tls_failed: bool = False
     # Our end of the connection (the sending MTA's address in a TLS report, RFC 8460 §4.4).
     local_ip: str = ""
+    # This connection's TLS step was done (TLS started, or the policy let it go on in
+    # clear text); False for a reused connection and one that failed before it.
+    tls_checked: bool = False
+    # Why the policy's TLS requirement failed, as RFC 8460 §4.3 names it
+    # (mta.delivery.tlsoutcome.FAILURES); "" when it did not.
+    tls_failure: str = ""

@@ -9,6 +9,13 @@ temporary failure").  Recipients still without an answer after the last server
 are DEFERRED with the last error.  A permanent DNS error (no such domain, null
 MX) fails the domain's recipients; a temporary one defers them.
 
+Which servers, and with which TLS policy, credentials, port, source address
+and HELO name, the route table decides (:mod:`mta.delivery.routes`:
+``[delivery.route."KEY"]`` entries over the global settings); a domain with
+an entry gets its own transaction even with global smarthosts.  Each new
+connection's TLS outcome is one ``tls_outcome`` event
+(:mod:`mta.delivery.tlsoutcome`).
+
 With an idle cached connection to the server that took the domain's last
 message (delivery.connection_cache_time, 2 s), the next message to that domain
 goes over it without a DNS lookup, as Postfix reuses a connection by its next
@@ -72,6 +79,14 @@ from mta.delivery.client import (
 )
 from mta.delivery.mtasts import STSPolicy
 from mta.delivery.mx import DNSError
+from mta.delivery.routes import (
+    LEVEL,
+    Policy,
+    RouteError,
+    RouteTable,
+    Target,
+)
+from mta.delivery.tlsoutcome import log_tls_outcome
 from mta.mail.dsnfields import mail_params, rcpt_params
 from mta.queue.courier import DeliveryResult, Outcome
 from mta.queue.envelope import Envelope, Recipient
@@ -97,12 +112,18 @@ class NextHop:
     name: str  # the server's name: TLS verification, logs, Remote-MTA
     tls_policy: str
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
     # DANE (mta.delivery.dane): the TLSA check under "dane", or why the host is not used.
     verifier: Any = field(default=None, compare=False)
     refusal: str | None = field(default=None, compare=False)
     # The MTA-STS policy this hop is tried under (None: no policy applies).
     sts: STSPolicy | None = None
+    # From the route table (mta.delivery.routes): the policy with its source, the
+    # source addresses (v4, v6) and the HELO name; None: the global settings.
+    policy: Policy | None = None
+    bind_address: str | None = None
+    bind_address6: str | None = None
+    helo_name: str | None = None
 
     @property
     def display(self) -> str:
@@ -129,6 +150,15 @@ class TLSCounter(Protocol):
     def stop(self) -> None: ...
 
 
+def _hop(target: Target, host: str, name: str, **changes: Any) -> NextHop:
+    values: dict[str, Any] = {
+        "tls_policy": target.policy.client_policy, "username": target.username,
+        "password": target.password, "policy": target.policy,
+        "bind_address": target.bind_address, "bind_address6": target.bind_address6,
+        "helo_name": target.helo_name}
+    return NextHop(host, target.port, name, **{**values, **changes})
+
+
 def parse_smarthost(text: str, default_port: int = 25) -> tuple[str, int]:
     """``host``, ``host:port``, ``[v6]:port`` → (host, port)."""
     if text.startswith("["):
@@ -150,7 +180,10 @@ class RemoteCourier:
                  sts: STSPolicies | None = None, tlsrpt: TLSCounter | None = None) -> None:
         self.delivery = config.delivery
         self.dane = dane  # a mta.delivery.dane.DanePolicy, or None without DANE
-        self.helo_name = config.hostname
+        self.helo_name = config.delivery.helo_name or config.hostname
+        # The per-destination route table (mta.delivery.routes): its entries' levels
+        # override DANE and MTA-STS for their domains.
+        self.routes = RouteTable(config.delivery)
         self.resolver = mx_resolver
         self.reactor = reactor
         self.clock = clock or reactor
@@ -194,7 +227,7 @@ class RemoteCourier:
         srs_recipients = set(envelope.extra.get("srs_recipients", ()))
         groups: dict[tuple[str, str], list[Recipient]] = {}
         for r in recipients:
-            domain = "" if self.delivery.smarthosts else _domain(r.address)
+            domain = self.routes.group(_domain(r.address))
             sender = srs_sender if srs_sender and r.address in srs_recipients else envelope.sender
             groups.setdefault((domain, sender), []).append(r)
         size = envelope.size or os.stat(data_path).st_size
@@ -211,40 +244,68 @@ class RemoteCourier:
         return [by_id[id(r)] for r in recipients]
 
     async def _next_hops(self, domain: str, relaxed: bool = False) -> list[NextHop]:
-        d = self.delivery
-        if d.smarthosts:
-            hops = []
-            per_relay = {name: (tls, user, password) for name, tls, user, password in d.relays}
-            for text in d.smarthosts:
-                host, port = parse_smarthost(text)
-                tls, user, password = per_relay.get(
-                    text, (d.smarthost_tls, d.smarthost_username, d.smarthost_password))
-                hops.append(NextHop(host, port, host, tls, user, password))
-            return hops
-        answer = self.resolver.resolve(domain)
-        hosts = await answer if inspect.isawaitable(answer) else answer
-        if self.dane is not None and not relaxed:
-            return await self._dane_hops(domain, hosts)
-        if relaxed and d.tls_policy in ("dane", "dane-only"):
-            return [NextHop(address, d.mx_port, mx.name, "opportunistic")
-                    for mx in hosts for address in mx.addresses]
-        return [NextHop(address, d.mx_port, mx.name, d.tls_policy)
-                for mx in hosts for address in mx.addresses]
+        """The servers to try for ``domain`` ("" for the global smarthosts), as the
+        route table (:mod:`mta.delivery.routes`) decides, MX hosts looked up; DANE
+        for MX hosts unless a table level other than "dane" is set (or ``relaxed``:
+        TLS-Required: No), then MTA-STS."""
+        route = self.routes.route(domain)
+        policy = route.targets[0].policy
+        mechanism = policy.mechanism
+        # The table's "dane" demands DANE (delivery.tls_policy "dane" keeps main's
+        # meaning: DANE when it can be used, else the other policy).
+        dane_required = mechanism == "dane" and policy.source == "table"
+        if dane_required and self.dane is None and not relaxed:
+            raise RouteError(f"TLS policy dane for {domain} ({policy.origin}) needs DANE, "
+                             "which is not available here ([dane] is not enabled)")
+        use_dane = (self.dane is not None and not relaxed and route.kind == "mx"
+                    and (route.consult_mechanisms or mechanism == "dane"))
+        hops: list[NextHop] = []
+        for target in route.targets:
+            if not target.mx_lookup:
+                hops.append(_hop(target, target.host, target.host))
+                continue
+            answer = self.resolver.resolve(target.host)
+            hosts = await answer if inspect.isawaitable(answer) else answer
+            if use_dane and target.via == "mx":
+                hops.extend(await self._dane_hops(domain, hosts, target, dane_required))
+            else:
+                hops.extend(_hop(target, address, mx.name)
+                            for mx in hosts for address in mx.addresses)
+        if mechanism == "mta-sts" and policy.source == "table" and not relaxed:
+            # The table demands MTA-STS: without it, or without a policy, nothing goes out.
+            if self.sts is None:
+                raise RouteError(f"TLS policy mta-sts for {domain} ({policy.origin}) needs "
+                                 "MTA-STS, which is not available here ([delivery.mta_sts] "
+                                 "is not enabled)")
+            if await self.sts.policy(domain) is None:
+                raise RouteError(f"TLS policy mta-sts for {domain} ({policy.origin}): the "
+                                 "domain has no MTA-STS policy")
+        return hops
 
-    async def _dane_hops(self, domain: str, hosts: list[Any]) -> list[NextHop]:
-        """The hops with the TLS policy DANE gives each host (before any other policy)."""
-        d = self.delivery
-        base = "opportunistic" if d.tls_policy in ("dane", "dane-only") else d.tls_policy
-        plan = await self.dane.plan(domain, hosts) or {}
+    async def _dane_hops(self, domain: str, hosts: list[Any], target: Target,
+                         required: bool = False) -> list[NextHop]:
+        """The hops with the TLS policy DANE gives each host (before any other policy);
+        the others get the target's.  ``required``: the route table says "dane", so a
+        DANE that cannot be used (its resolver does not validate) defers the domain."""
+        plan = await self.dane.plan(domain, hosts)
+        if plan is None and required and not self.dane.available:
+            raise RouteError(f"TLS policy dane for {domain} ({target.policy.origin}) needs DANE, "
+                             f"which is not available: {self.dane.check_problem or 'not checked'}")
+        plan = plan or {}
+        base = target.policy.client_policy
         hops = []
         for mx in hosts:
             host = plan.get(mx.name)
             for address in mx.addresses:
                 if host is None or (host.tls_policy is None and host.refusal is None):
-                    hops.append(NextHop(address, d.mx_port, mx.name, base))
+                    hops.append(_hop(target, address, mx.name))
                 else:
-                    hops.append(NextHop(address, d.mx_port, mx.name, host.tls_policy or base,
-                                        verifier=host.verifier, refusal=host.refusal))
+                    # RFC 7672: the host's TLSA records decide (usable: "dane"; present
+                    # but none usable: encrypted, unauthenticated).
+                    level = "dane" if host.tls_policy == "dane" else "encrypt"
+                    hops.append(_hop(target, address, mx.name, tls_policy=host.tls_policy or base,
+                                     verifier=host.verifier, refusal=host.refusal,
+                                     policy=Policy(level, "dane", f"TLSA _25._tcp.{mx.name}")))
         return hops
 
     async def _deliver_group(self, envelope: Envelope, domain: str, recipients: list[Recipient],
@@ -289,7 +350,7 @@ class RemoteCourier:
                                  binarymime=envelope.binarymime, requiretls=envelope.requiretls)
             if envelope.dsn:
                 _add_dsn(tx, envelope, waiting)
-            session = await self._attempt(hop, tx)
+            session = await self._attempt(hop, tx, domain)
             if hop.verifier is not None:
                 self.dane.outcome(domain, hop.name, hop.verifier, bool(session.tls),
                                   session.connection_error)
@@ -307,7 +368,8 @@ class RemoteCourier:
                     self._recent.clear()
                 self._recent[domain] = hop
 
-        policy = await self.sts.policy(domain) if self.sts is not None and domain else None
+        policy = await self.sts.policy(domain) if self.sts is not None and domain \
+            and self._sts_applies(domain) else None
         reused = self._reusable_hop(domain)
         if reused is not None and self.sts is not None and not _sts_allows(reused, policy):
             reused = None
@@ -317,7 +379,7 @@ class RemoteCourier:
             try:
                 relaxed = self._relaxed(envelope, domain, data_path)
                 hops = await self._next_hops(domain, relaxed)
-            except DNSError as e:
+            except (DNSError, RouteError) as e:
                 outcome = Outcome.FAILED if e.permanent else Outcome.DEFERRED
                 for group in waiting.values():
                     results.extend(DeliveryResult(r, outcome, e.reply, "", e.status) for r in group)
@@ -344,6 +406,13 @@ class RemoteCourier:
                 results.append(DeliveryResult(r, outcome, last_error, last_server, last_status))
         return results
 
+    def _sts_applies(self, domain: str) -> bool:
+        """MTA-STS is asked for MX delivery to a domain whose route table entry sets no
+        TLS level, or sets "mta-sts" (an entry's level overrides it)."""
+        route = self.routes.route(domain)
+        return route.kind == "mx" and (route.consult_mechanisms
+                                       or route.targets[0].policy.level == "mta-sts")
+
     def _relaxed(self, envelope: Envelope, domain: str, data_path: Path) -> bool:
         """RFC 8689 §4.1/§5: ``TLS-Required: No`` asks that the recipient domain's
         policies (DANE here, MTA-STS) be ignored: opportunistic TLS then.  Our own
@@ -360,7 +429,7 @@ class RemoteCourier:
 
     def _options(self, hop: NextHop, policy: str | None = None) -> ClientOptions:
         return ClientOptions(
-            helo_name=self.helo_name,
+            helo_name=hop.helo_name or self.helo_name,
             tls_policy=policy or hop.tls_policy,
             tls_hostname=hop.name,
             trust_root=self.trust_root,
@@ -368,13 +437,16 @@ class RemoteCourier:
             password=hop.password,
             timeouts=self.timeouts,
             peer_verifier=hop.verifier,
+            bind_address=hop.bind_address,
+            bind_address6=hop.bind_address6,
         )
 
-    async def _attempt(self, hop: NextHop, tx: OutboundMessage) -> SessionResult:
+    async def _attempt(self, hop: NextHop, tx: OutboundMessage, domain: str = "") -> SessionResult:
         if hop.sts is not None:
-            return await self._sts_attempt(hop, tx)
+            return await self._sts_attempt(hop, tx, domain)
         session = await send(self.reactor, (hop.host, hop.port), [tx], self._options(hop),
                              clock=self.clock, server=hop.display, cache=self.cache)
+        _tls_outcome(domain, hop, session)
         if session.tls_failed and hop.tls_policy == "opportunistic":
             unanswered = session.transactions[0].unanswered()
             if unanswered:
@@ -384,6 +456,7 @@ class RemoteCourier:
                 again = await send(self.reactor, (hop.host, hop.port), [retry],
                                    self._options(hop, "none"), clock=self.clock,
                                    server=hop.display, cache=self.cache)
+                _tls_outcome(domain, hop, again)
                 again.transactions[0].replies = {**session.transactions[0].replies,
                                                  **again.transactions[0].replies}
                 return again
@@ -409,7 +482,7 @@ class RemoteCourier:
             hop = next(h for h in refused if h.name == name)
             self._record_sts(policy, "validation-failure", hop, "MX host not in the MTA-STS policy")
 
-    async def _sts_attempt(self, hop: NextHop, tx: OutboundMessage) -> SessionResult:
+    async def _sts_attempt(self, hop: NextHop, tx: OutboundMessage, domain: str = "") -> SessionResult:
         """One server under an STS policy: ``verify`` TLS; under ``testing`` a TLS
         failure (or an MX not in the patterns) is counted, then the server is
         tried as without a policy (RFC 8461 §5)."""
@@ -420,15 +493,17 @@ class RemoteCourier:
         base = self.delivery.tls_policy
         if base in ("dane", "dane-only"):  # a host DANE left alone: as _dane_hops gives it
             base = "opportunistic"
-        plain = replace(hop, sts=None, tls_policy=base)
+        plain = replace(hop, sts=None, tls_policy=base,
+                        policy=Policy(LEVEL.get(base, base), "default", "delivery.tls_policy"))
         if policy.mode == "testing" and not policy.matches(hop.name):
             self._record_sts(policy, "validation-failure", hop, "MX host not in the MTA-STS policy")
-            return await self._attempt(plain, tx)
+            return await self._attempt(plain, tx, domain)
         options = self._options(hop)
         if self.sts is not None and self.sts.trust_root is not None:
             options = replace(options, trust_root=self.sts.trust_root)
         session = await send(self.reactor, (hop.host, hop.port), [tx], options, clock=self.clock,
                              server=hop.display, cache=self.cache)
+        _tls_outcome(domain, hop, session)
         result = tls_result(session)
         if result is None:
             return session  # no TLS outcome (connection refused, 421 greeting): nothing to count
@@ -440,8 +515,19 @@ class RemoteCourier:
                  server=hop.display, error=session.connection_error, event="mta_sts",
                  result=result, domain=policy.domain)
         if policy.mode == "testing" and not session.transactions[0].replies:
-            return await self._attempt(plain, tx)
+            return await self._attempt(plain, tx, domain)
         return session
+
+
+def _tls_outcome(domain: str, hop: NextHop, session: SessionResult) -> None:
+    """The TLS outcome event of a new session (a reused connection had its own)."""
+    if not (session.tls_checked or session.tls_failure):
+        return  # reused, or failed before the TLS step (connect, greeting, EHLO)
+    policy = hop.policy or Policy(LEVEL.get(hop.tls_policy, hop.tls_policy), "default",
+                                  "delivery.tls_policy")
+    log_tls_outcome(domain=domain, server=hop.display, policy=policy.level, source=policy.source,
+                    origin=policy.origin, tls=session.tls, verified=session.tls_verified,
+                    failure=session.tls_failure, error=session.connection_error or "")
 
 
 def _add_dsn(tx: OutboundMessage, envelope: Envelope, waiting: dict[str, list[Recipient]]) -> None:
@@ -496,7 +582,9 @@ def _sts_hops(policy: STSPolicy, hops: list[NextHop]) -> tuple[list[NextHop], li
 
 def _under_sts(hop: NextHop, policy: STSPolicy) -> NextHop:
     """``hop`` tried under ``policy``: TLS with the certificate verified for the MX name."""
-    return replace(hop, sts=policy, tls_policy="verify")
+    return replace(hop, sts=policy, tls_policy="verify",
+                   policy=Policy("mta-sts", "mta-sts", f"MTA-STS {policy.mode} policy id "
+                                 f"{policy.id}"))
 
 
 def _sts_allows(hop: NextHop, policy: STSPolicy | None) -> bool:

@@ -55,6 +55,7 @@ from mta.delivery.outbound import (
     TransactionResult,
 )
 from mta.delivery.protocol import CHUNK_SIZE, SMALL_BODY, SessionError, SMTPClientProtocol, refused
+from mta.delivery.tlsoutcome import handshake_failure
 from mta.delivery.tlspolicy import requires_tls, tries_starttls
 from mta.delivery.wire import Capabilities, ServerReply, bdat_command
 from mta.queue.courier import Outcome
@@ -212,6 +213,7 @@ class ClientSession:
         self.caps = await self._hello(State.LHLO if self.options.lmtp else State.EHLO)
         if self._want_tls():
             await self._starttls()
+        self.result.tls_checked = True
         if self.options.username is not None:
             await self._auth()
 
@@ -236,6 +238,7 @@ class ClientSession:
             return True
         if not requires_tls(policy):
             return False
+        self.result.tls_failure = "starttls-not-supported"  # RFC 8460 §4.3.2.1
         raise SessionError(f"TLS is required (policy {policy}) but the server does not offer STARTTLS",
                            "4.7.10", polite=True)
 
@@ -245,6 +248,7 @@ class ClientSession:
         if reply.code != 220:
             if not requires_tls(self.options.tls_policy):  # RFC 3207 §4: may go on in plaintext
                 return
+            self.result.tls_failure = "starttls-not-supported"
             raise SessionError(f"STARTTLS refused: {reply}", "4.7.10", polite=True)
         self._check_nothing_after_starttls()
         self._enter(State.TLS_HANDSHAKE)
@@ -253,6 +257,8 @@ class ClientSession:
         except SessionError as e:
             # The certificate check's own reason (expired, untrusted), when it noted one.
             why = getattr(self._tls_creator, "verify_error", "")
+            self.result.tls_failure = handshake_failure(f"{why} {e}",
+                                                        self.options.tls_policy == "verify")
             raise SessionError(f"TLS handshake failed: {f'{why}: ' if why else ''}{e}",
                                "4.7.5") from None
         self.result.tls = self.proto.tls_description()
@@ -260,6 +266,9 @@ class ClientSession:
         if self.options.peer_verifier is not None:  # DANE (RFC 7672 §3): before any command
             problem = self.options.peer_verifier.verify(self.proto.peer_chain())
             if problem is not None:
+                # RFC 8460 §4.3: as mta.delivery.dane counts it for TLS reporting.
+                self.result.tls_failure = ("certificate-host-mismatch" if "(RFC 7672 §3.2.2)"
+                                           in problem else "tlsa-invalid")
                 raise SessionError(f"TLS authentication failed: {problem}", "4.7.5")
             self.result.tls_verified = True
         # RFC 3207 §4.2: forget everything learned before TLS and ask again.
