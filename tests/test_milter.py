@@ -642,7 +642,9 @@ async def test_the_stage_time_limit_drops_the_milter_and_the_session_stays_in_st
             first, second = await in_thread(dialog, mta.port(), transactions=2)
         assert first[-1][0] == 451 and "4.3.0" in first[-1][1]
         assert second[0] == (451, "451 4.7.1 Service unavailable - try again later")
-        assert [e["result"] for e in ev.of("check")] == ["timeout"]
+        # The pipeline's "check" events: the first stage's timeout, then the
+        # milter check's own 451 (its default_action) in the second transaction.
+        assert [e["result"] for e in ev.of("check")] == ["timeout", "tempfail"]
         assert mta.queued() == []
         milter.script = {}
         (again,) = await in_thread(dialog, mta.port())
