@@ -327,6 +327,7 @@ async def test_body_recipients_sender_and_quarantine(tmp_path, scripted):
         (env,) = mta.queued()
         assert env.sender == "bounces@example.test"
         assert [r.address for r in env.recipients] == ["bob@example.test"]
+        assert env.hold == "suspicious"  # SMFIR_QUARANTINE: in the hold queue (test_hold.py)
         msg = mta.message_bytes(env.id)
         assert msg.endswith(b"\r\n\r\nnew body\r\nsecond part\r\n")
         assert [e["detail"] for e in ev.of("milter") if e["result"] == "quarantine"] == ["suspicious"]
