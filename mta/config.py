@@ -25,6 +25,9 @@ STAGES = ("greeting", "ehlo", "tls", "mail", "rcpt", "data_init", "data_block", 
 CHECKS = ("limits", "helo", "sender_binding", "user_rate", "spf", "recipient", "forged_authres",
           "loop", "submission_headers", "from_binding", "msgauth", "milter", "srs")
 CHECK_ON_ERROR = ("tempfail", "accept")
+# Built-in checks that run only when [checks] order names them (issue 17: DNS
+# blocklists and greylisting, each with a section of its own; off by default).
+OPTIONAL_CHECKS = ("dnsbl", "greylist")
 
 
 class ConfigError(Exception):
@@ -418,6 +421,50 @@ def _directory(table: dict[str, Any], base: Path, data_dir: Path) -> DirectoryCo
     )
 
 
+# --- issue 17: DNS blocklists ([dnsbl]) and greylisting ([greylist]) ---------------
+
+
+@dataclass(frozen=True)
+class DNSBLSite:
+    """One ``[dnsbl] sites`` entry, as Postfix's postscreen_dnsbl_sites writes it:
+    ``zone[=filter][*weight]``.  ``filter``: the allowed values of each octet of
+    the A record (``127.0.0.[2..11]``, ``127.0.0.[2;4]``), None for any answer."""
+
+    zone: str
+    filter: tuple[frozenset[int], frozenset[int], frozenset[int], frozenset[int]] | None = None
+    weight: int = 1
+    text: str = ""
+
+
+@dataclass(frozen=True)
+class DNSBLConfig:
+    sites: tuple[DNSBLSite, ...] = ()
+    # A client whose summed weights reach this is refused (postscreen_dnsbl_threshold).
+    threshold: int = 1
+    # A client whose sum is at or below this (< 0; 0 = off) is allowlisted: it is
+    # not greylisted (postscreen_dnsbl_allowlist_threshold).
+    allowlist_threshold: int = 0
+    # "connect": 554 greeting, then only QUIT; "rcpt": each RCPT refused with 554
+    # except exempt_recipients.
+    stage: str = "connect"
+    # At RCPT: local parts (at any domain) or whole addresses always accepted.
+    exempt_recipients: tuple[str, ...] = ("postmaster", "abuse")
+    # Answers are kept for their TTL, at most this long; at most max_cache_entries.
+    cache_max_ttl: float = 3600.0
+    max_cache_entries: int = 10000
+
+
+@dataclass(frozen=True)
+class GreylistConfig:
+    db: Path | None = None  # loading fills in data_dir/greylist.sqlite
+    delay: float = 300.0  # a retry passes this long after the first attempt...
+    window: float = 2 * 86400.0  # ...and no later than this after it
+    max_age: float = 35 * 86400.0  # a triplet not seen this long is forgotten
+    auto_allow: int = 5  # successful retries after which a client network passes (0: never)
+    ipv4_prefix: int = 24
+    ipv6_prefix: int = 64
+
+
 @dataclass(frozen=True)
 class Config:
     hostname: str
@@ -441,6 +488,8 @@ class Config:
     milters: MiltersConfig = field(default_factory=lambda: MiltersConfig())
     delivery_sts: STSDeliveryConfig = field(default_factory=STSDeliveryConfig)
     tls_reports: TLSReportsConfig = field(default_factory=TLSReportsConfig)
+    dnsbl: DNSBLConfig = field(default_factory=DNSBLConfig)  # issue 17
+    greylist: GreylistConfig = field(default_factory=GreylistConfig)  # issue 17
     # Loopback is not trusted by default: these networks may relay without AUTH.
     relay_networks: tuple[str, ...] = ()
     # Authenticated users may only use their own address (and +suffixes) or the
@@ -594,6 +643,7 @@ def config_from_dict(raw: dict[str, Any], base: Path, overrides: dict[str, Any] 
         "maildir", "mta_sts", "tls_reports",
         "milters",  # issue 17: the milter client
         "directory",
+        "dnsbl", "greylist",
     }
     _check_keys(raw, top, "")
     hostname = _get(raw, "hostname", str, "", None) or socket.getfqdn()
@@ -791,6 +841,7 @@ def config_from_dict(raw: dict[str, Any], base: Path, overrides: dict[str, Any] 
     if metrics is not None:
         metrics = listen_endpoint(metrics, "metrics")
         _validate_endpoint(metrics, "metrics")
+    checks = _checks(_table(raw, "checks"))
 
     return Config(
         hostname=hostname,
@@ -809,11 +860,13 @@ def config_from_dict(raw: dict[str, Any], base: Path, overrides: dict[str, Any] 
         dmarc=dmarc_cfg,
         aliases=aliases,
         delivery=delivery,
-        checks=_checks(_table(raw, "checks")),
+        checks=checks,
         dane=_dane(_table(raw, "dane"), dns, delivery.tls_policy),
         milters=_milters(_table(raw, "milters")),
         delivery_sts=_delivery_sts(sts_raw, base),
         tls_reports=_tls_reports(_table(raw, "tls_reports"), hostname, delivery.bounce_from),
+        dnsbl=_dnsbl(_table(raw, "dnsbl"), checks),
+        greylist=_greylist(_table(raw, "greylist"), checks, base, data_dir),
         relay_networks=relay_networks,
         metrics_endpoint=metrics,
         log_json=_path(base, _get(raw, "log_json", str, "", None)),
@@ -1108,13 +1161,15 @@ def _checks(table: dict[str, Any]) -> ChecksConfig:
             raise ConfigError(prefix + "on_error", "must be tempfail for recipient")
         if one.factory is not None and not _FACTORY.fullmatch(one.factory):
             raise ConfigError(prefix + "factory", f"{one.factory!r}: must be 'package.module:name'")
-        if one.factory is not None and name in CHECKS:
+        if one.factory is not None and name in CHECKS + OPTIONAL_CHECKS:
             raise ConfigError(prefix + "factory", f"{name} is a built-in check")
         settings.append((name, one))
     for i, name in enumerate(order):
-        if name not in CHECKS and not any(key == name and s.factory for key, s in settings):
+        if name not in CHECKS + OPTIONAL_CHECKS and not any(key == name and s.factory
+                                                             for key, s in settings):
             raise ConfigError(f"checks.order[{i}]", f"unknown check {name!r}: built in are "
-                              f"{', '.join(CHECKS)}; others need checks.{name}.factory")
+                              f"{', '.join(CHECKS + OPTIONAL_CHECKS)}; others need "
+                              f"checks.{name}.factory")
     return ChecksConfig(tuple(order), tuple(settings))
 
 
@@ -1145,6 +1200,113 @@ def _dane(table: dict[str, Any], dns: DNSConfig, tls_policy: str) -> DANEConfig:
     return DANEConfig(enabled, tuple(resolvers), _get(table, "check_name", str, "dane.", "."),
                       _get(table, "check_bogus", str, "dane.", ""),
                       float(_positive(interval, "dane.recheck_interval")))
+# --- issue 17: [dnsbl] and [greylist] -------------------------------------------------
+
+_DNS_ZONE = re.compile(r"(?=.{1,253}$)([A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?\.)+"
+                       r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+_SITE = re.compile(r"(?P<zone>[^=*]+)(?:=(?P<filter>[^*]+))?(?:\*(?P<weight>-?\d{1,4}))?")
+_FILTER = re.compile(r"(\[[^\]]*\]|[^.\[\]]+)\.(\[[^\]]*\]|[^.\[\]]+)\."
+                     r"(\[[^\]]*\]|[^.\[\]]+)\.(\[[^\]]*\]|[^.\[\]]+)")
+_OCTET_ITEM = re.compile(r"(\d{1,3})(?:\.\.(\d{1,3}))?")
+
+
+def _octet_values(text: str, key: str, site: str) -> frozenset[int]:
+    """One octet of a reply filter: ``2``, or ``[2..11]``, ``[2;4]``, ``[1;3..5]``."""
+    items = text[1:-1].split(";") if text.startswith("[") and text.endswith("]") else [text]
+    values: set[int] = set()
+    for item in items:
+        m = _OCTET_ITEM.fullmatch(item)
+        low = int(m.group(1)) if m else 256
+        high = int(m.group(2)) if m and m.group(2) else low
+        if not m or not low <= high <= 255:
+            raise ConfigError(key, f"{site!r}: {text!r} is not an octet filter (N, [N..M], [N;M])")
+        values.update(range(low, high + 1))
+    return frozenset(values)
+
+
+def dnsbl_site(text: str, key: str) -> DNSBLSite:
+    """Parse ``zone[=filter][*weight]`` (Postfix's postscreen_dnsbl_sites syntax)."""
+    m = _SITE.fullmatch(text.strip())
+    if m is None or not _DNS_ZONE.fullmatch(m.group("zone").rstrip(".")):
+        raise ConfigError(key, f"{text!r}: must be zone[=filter][*weight], e.g. "
+                          "'zen.spamhaus.org=127.0.0.[2..11]*2'")
+    weight = int(m.group("weight")) if m.group("weight") else 1
+    if weight == 0:
+        raise ConfigError(key, f"{text!r}: a weight of 0 counts nothing")
+    octets: Any = None
+    if m.group("filter"):
+        parts = _FILTER.fullmatch(m.group("filter"))
+        if parts is None:
+            raise ConfigError(key, f"{text!r}: the filter must have four octets, each N, "
+                              "[N..M] or [N;M] (127.0.0.[2..11])")
+        octets = tuple(_octet_values(p, key, text) for p in parts.groups())
+    return DNSBLSite(m.group("zone").rstrip(".").lower(), octets, weight, text.strip())
+
+
+def _dnsbl(table: dict[str, Any], checks: ChecksConfig) -> DNSBLConfig:
+    """``[dnsbl]``: sites, thresholds, the stage, the exempt recipients, the cache."""
+    prefix = "dnsbl."
+    _check_keys(table, {"sites", "threshold", "allowlist_threshold", "stage",
+                        "exempt_recipients", "cache_max_ttl", "max_cache_entries"}, prefix)
+    d = DNSBLConfig()
+    sites = _get(table, "sites", list, prefix, [])
+    parsed = []
+    for i, text in enumerate(sites):
+        if not isinstance(text, str):
+            raise ConfigError(f"dnsbl.sites[{i}]", "must be a string")
+        parsed.append(dnsbl_site(text, f"dnsbl.sites[{i}]"))
+    named = "dnsbl" in checks.order
+    if named and not parsed:
+        raise ConfigError("dnsbl.sites", "is empty, but checks.order names dnsbl")
+    if parsed and not named:
+        raise ConfigError("dnsbl.sites", "are set, but checks.order does not name dnsbl "
+                          "(they would never be asked)")
+    threshold = _get(table, "threshold", int, prefix, d.threshold)
+    if threshold < 1:
+        raise ConfigError("dnsbl.threshold", "must be 1 or more")
+    allow = _get(table, "allowlist_threshold", int, prefix, d.allowlist_threshold)
+    if allow > 0:
+        raise ConfigError("dnsbl.allowlist_threshold", "must be 0 (off) or negative")
+    stage = _get(table, "stage", str, prefix, d.stage)
+    if stage not in ("connect", "rcpt"):
+        raise ConfigError("dnsbl.stage", "must be connect or rcpt")
+    exempt = _get(table, "exempt_recipients", list, prefix, list(d.exempt_recipients))
+    for i, entry in enumerate(exempt):
+        if not isinstance(entry, str) or not entry or " " in entry or entry.count("@") > 1:
+            raise ConfigError(f"dnsbl.exempt_recipients[{i}]",
+                              "must be a local part (postmaster) or an address")
+    max_ttl = _get(table, "cache_max_ttl", float, prefix, d.cache_max_ttl)
+    if max_ttl < 0:
+        raise ConfigError("dnsbl.cache_max_ttl", "must be 0 (no cache) or more")
+    entries = _get(table, "max_cache_entries", int, prefix, d.max_cache_entries)
+    if not 1 <= entries <= 10_000_000:
+        raise ConfigError("dnsbl.max_cache_entries", "must be from 1 to 10000000")
+    return DNSBLConfig(tuple(parsed), threshold, allow, stage,
+                       tuple(e.lower() for e in exempt), max_ttl, entries)
+
+
+def _greylist(table: dict[str, Any], checks: ChecksConfig, base: Path, data_dir: Path) -> GreylistConfig:
+    """``[greylist]``: the SQLite file, delay, window, expiry, auto-allow, prefixes."""
+    prefix = "greylist."
+    g = _dataclass_from(table, GreylistConfig, prefix, {
+        "db": str, "delay": float, "window": float, "max_age": float, "auto_allow": int,
+        "ipv4_prefix": int, "ipv6_prefix": int})
+    if table and "greylist" not in checks.order:
+        raise ConfigError("greylist", "is configured, but checks.order does not name greylist")
+    if g.delay < 0:
+        raise ConfigError("greylist.delay", "must be 0 or more seconds")
+    if g.window <= g.delay:
+        raise ConfigError("greylist.window", "must be longer than greylist.delay")
+    if g.max_age < g.window:
+        raise ConfigError("greylist.max_age", "must be at least greylist.window")
+    if not 0 <= g.auto_allow <= 1000:
+        raise ConfigError("greylist.auto_allow", "must be from 0 (off) to 1000")
+    if not 8 <= g.ipv4_prefix <= 32:
+        raise ConfigError("greylist.ipv4_prefix", "must be from 8 to 32")
+    if not 16 <= g.ipv6_prefix <= 128:
+        raise ConfigError("greylist.ipv6_prefix", "must be from 16 to 128")
+    db = _path(base, g.db) if g.db is not None else data_dir / "greylist.sqlite"
+    return replace(g, db=db)
 
 
 def _workers(raw: dict[str, Any]) -> int:

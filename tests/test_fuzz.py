@@ -555,7 +555,7 @@ def test_envelope_writes_every_field_and_round_trips():
     # With DSN parameters (RFC 3461), BINARYMIME (RFC 3030) and REQUIRETLS (RFC 8689), every field is written ...
     r = Recipient("a@b.test", RecipientKind.REMOTE, "a@b.test", mailbox="", notify="NEVER")
     env = Envelope("q1", "s@x.test", [r], 1.5, extra={"srs_sender": "x"}, dsn=True, ret="HDRS",
-                   binarymime=True, requiretls=True)
+                   binarymime=True, requiretls=True, hold="quarantined")
     doc = json.loads(env.to_bytes())
     assert set(doc) - {"version"} == {f.name for f in dataclasses.fields(Envelope)}
     assert set(doc["recipients"][0]) == {f.name for f in dataclasses.fields(Recipient)}
@@ -565,7 +565,7 @@ def test_envelope_writes_every_field_and_round_trips():
     env = Envelope("q1", "s@x.test", [r], 1.5, extra={"srs_sender": "x"})
     doc = json.loads(env.to_bytes())
     assert set(doc) - {"version"} == {f.name for f in dataclasses.fields(Envelope)} - {
-        "dsn", "ret", "envid", "binarymime", "requiretls"}
+        "dsn", "ret", "envid", "binarymime", "requiretls", "hold"}
     assert set(doc["recipients"][0]) == {f.name for f in dataclasses.fields(Recipient)} - {
         "notify", "orcpt"}
     assert Envelope.from_bytes(env.to_bytes()) == env

@@ -327,6 +327,7 @@ async def test_body_recipients_sender_and_quarantine(tmp_path, scripted):
         (env,) = mta.queued()
         assert env.sender == "bounces@example.test"
         assert [r.address for r in env.recipients] == ["bob@example.test"]
+        assert env.hold == "suspicious"  # SMFIR_QUARANTINE: in the hold queue (test_hold.py)
         msg = mta.message_bytes(env.id)
         assert msg.endswith(b"\r\n\r\nnew body\r\nsecond part\r\n")
         assert [e["detail"] for e in ev.of("milter") if e["result"] == "quarantine"] == ["suspicious"]
@@ -642,7 +643,9 @@ async def test_the_stage_time_limit_drops_the_milter_and_the_session_stays_in_st
             first, second = await in_thread(dialog, mta.port(), transactions=2)
         assert first[-1][0] == 451 and "4.3.0" in first[-1][1]
         assert second[0] == (451, "451 4.7.1 Service unavailable - try again later")
-        assert [e["result"] for e in ev.of("check")] == ["timeout"]
+        # The pipeline's "check" events: the first stage's timeout, then the
+        # milter check's own 451 (its default_action) in the second transaction.
+        assert [e["result"] for e in ev.of("check")] == ["timeout", "tempfail"]
         assert mta.queued() == []
         milter.script = {}
         (again,) = await in_thread(dialog, mta.port())

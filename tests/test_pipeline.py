@@ -12,7 +12,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 
-from mta.config import CHECKS, CheckSettings, ConfigError
+from mta.config import CHECKS, OPTIONAL_CHECKS, CheckSettings, ConfigError
 from mta.mail import replies as R
 from mta.mail.checks import ACCEPT, EMPTY, Action, Stage, Verdict, reject
 from mta.smtp.pipeline import Pipeline
@@ -233,9 +233,13 @@ async def test_an_asynchronous_connect_check_holds_the_greeting_and_may_refuse(t
     mta = await start_mta(tmp_path, extra=with_check("slow_connect", "SlowConnect"))
 
     def refused() -> tuple[tuple[int, str], bool]:
+        # A 554 that is not a closing reply is the greeting; then only QUIT (RFC 5321 §3.1).
         c = RawClient(mta.port(), source="127.0.0.2")
         try:
-            return c.read_reply(), c.is_closed()
+            greeting = c.read_reply()
+            assert c.cmd("EHLO client.test")[0] == 503
+            assert c.cmd("QUIT")[0] == 221
+            return greeting, c.is_closed()
         finally:
             c.close()
 
@@ -529,7 +533,9 @@ def test_default_checks_are_every_builtin_in_todays_order(tmp_path):
     from mta.policy.checks import BUILTIN
 
     config = make_config(tmp_path)
-    assert config.checks.order == CHECKS == tuple(BUILTIN)
+    # The optional ones (issue 17: dnsbl, greylist) run only when the order names them.
+    assert config.checks.order == CHECKS
+    assert tuple(BUILTIN) == CHECKS + OPTIONAL_CHECKS
     assert config.checks.settings_for("spf") == CheckSettings(timeout=120.0, on_error="tempfail")
 
 

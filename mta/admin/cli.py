@@ -215,7 +215,8 @@ def queue_rows(envelopes: Sequence[Envelope], now: float) -> list[list[str]]:
                  f"<{env.sender}>" if env.sender == "" else env.sender]
         for i, r in enumerate(env.recipients or []):
             lead = first if i == 0 else ["", "", "", ""]
-            rows.append(lead + [_recipient_label(r.address, r.original), str(r.state),
+            state = "held" if env.hold and not r.state.final else str(r.state)  # issue 17
+            rows.append(lead + [_recipient_label(r.address, r.original), state,
                                 r.last_reply])
         if not env.recipients:
             rows.append(first + ["", "", ""])
@@ -241,6 +242,9 @@ def _ask(config: Config, command: str, timeout: float = 30.0, **args: Any) -> di
 
 def cmd_queue_list(config: Config, args: argparse.Namespace) -> int:
     envelopes = read_queue(config.queue_dir)
+    held = getattr(args, "held", False)
+    if held:  # issue 17: the hold queue only
+        envelopes = [env for env in envelopes if env.hold]
     now = time.time()
     envelopes, filtered = _filtered(envelopes, args), envelopes  # issue 21 (queueviews)
     if getattr(args, "summary", False):
@@ -252,11 +256,14 @@ def cmd_queue_list(config: Config, args: argparse.Namespace) -> int:
         _print_json([_envelope_json(env, now) for env in envelopes])
         return 0
     if not envelopes:
-        _out("queue is empty")
+        _out("no held messages" if held else "queue is empty")
         return 0
     headers = ["ID", "AGE", "SIZE", "SENDER", "RECIPIENT", "STATE", "LAST REPLY"]
     for line in format_table(headers, queue_rows(envelopes, now)):
         _out(line)
+    for env in envelopes:  # issue 17: why each held message is held
+        if env.hold:
+            _out(f"{env.id} held: {env.hold}")
     total = sum(env.size for env in envelopes)
     count = len(envelopes)
     _out(f"-- {count} message{'s' if count != 1 else ''}, {human_size(total)} in total")
@@ -352,6 +359,8 @@ def cmd_queue_show(config: Config, args: argparse.Namespace) -> int:
     ]
     if env.extra:
         fields.append(("Extra", json.dumps(env.extra, ensure_ascii=False)))
+    if env.hold:  # issue 17
+        fields.append(("Held", env.hold))
     width = max(len(name) for name, _ in fields) + 1
     for name, value in fields:
         _out(f"{(name + ':').ljust(width)} {value}")
@@ -409,6 +418,15 @@ def delete_files(queue_dir: Path, queue_id: str) -> None:
             pass
         except OSError as e:
             raise CLIError(f"cannot remove {path}: {e.strerror or e}") from None
+
+
+def cmd_queue_release(config: Config, args: argparse.Namespace) -> int:
+    """Issue 17: a held message back into the active queue (through the daemon,
+    whose runner delivers it at once)."""
+    _check_id(args.id)
+    _ask(config, "release", id=args.id)
+    _out(f"released {args.id}: delivery is being attempted now")
+    return 0
 
 
 def cmd_queue_bounce(config: Config, args: argparse.Namespace) -> int:
@@ -955,13 +973,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     queue = sub.add_parser("queue", help="list, inspect, flush, delete or bounce queued mail")
     qsub = queue.add_subparsers(dest="action", metavar="ACTION", required=True)
-    add(qsub, "list", cmd_queue_list, "list queued messages", json_flag=True)
+    p = add(qsub, "list", cmd_queue_list, "list queued messages", json_flag=True)
+    p.add_argument("--held", action="store_true", help="only the held (quarantined) messages")
     p = add(qsub, "show", cmd_queue_show, "show a message's envelope and headers",
             json_flag=True)
     p.add_argument("id")
     p = add(qsub, "flush", cmd_queue_flush, "attempt delivery now (all messages, or one)")
     p.add_argument("id", nargs="?")
     p = add(qsub, "delete", cmd_queue_delete, "remove a message without notifying anyone")
+    p.add_argument("id")
+    p = add(qsub, "release", cmd_queue_release,
+            "release a held (quarantined) message: deliver it now")
     p.add_argument("id")
     p = add(qsub, "bounce", cmd_queue_bounce,
             "give up on a message: fail its pending recipients and notify the sender")

@@ -9,7 +9,8 @@ protocol is one JSON object per line each way::
     ← {"ok": false, "error": "no message 6650a1b2c3d4e5f6a7b8 in the queue", "code": "not_found"}
 
 Commands: ``status``; ``flush`` [id]; ``delete`` id; ``bounce`` id;
-``submit`` sender, recipients, message (base64); ``reload``.  Requests on one
+``release`` id (out of the hold queue, delivered now; code ``not_held`` when
+it is not held); ``submit`` sender, recipients, message (base64); ``reload``.  Requests on one
 connection are answered in order.  ``code`` in an error names its kind for
 scripts: usage, not_found, busy, unavailable, reload, internal, or one of
 :mod:`mta.intake.submit`'s kinds (recipient, data, temporary).
@@ -111,6 +112,9 @@ class Runner(TypingProtocol):
     def bounce(self, queue_id: str) -> Any:
         """How many recipients failed, or a Deferred firing with that."""
 
+    def release(self, queue_id: str) -> None:
+        """Out of the hold queue, delivered now (issue 17)."""
+
 
 class ControlCommands:
     """Carries out control commands against the daemon's queue, runner and policies.
@@ -182,6 +186,7 @@ class ControlCommands:
             "uptime": round(self.clock.seconds() - self.started, 3),
             "queued": len(self.queue.ids()),
             "in_flight": self.runner.in_flight if self.runner is not None else 0,
+            "held": getattr(self.runner, "held_count", 0),  # issue 17: the hold queue
             "delivery": self.runner is not None,
             "listeners": [{"name": lst.name, "endpoint": lst.endpoint, "kind": lst.kind}
                           for lst in self.config.listeners],
@@ -232,6 +237,24 @@ class ControlCommands:
         # The runner's answer may come at once or once the bounce is queued.
         return maybeDeferred(runner.bounce, queue_id).addCallbacks(
             lambda failed: {"id": queue_id, "failed": failed}, refused)
+
+    def do_release(self, request: dict[str, Any], peer: dict[str, int]) -> dict[str, Any]:
+        """Issue 17: a held message back into the active queue, delivered at once."""
+        from mta.queue.runner import MessageBusy, NotHeld
+
+        queue_id = self._queue_id(request)
+        assert queue_id is not None
+        runner = self._runner("release a message")
+        self._exists(queue_id)
+        try:
+            runner.release(queue_id)
+        except NotHeld as e:
+            raise CommandError(str(e), "not_held") from None
+        except MessageBusy as e:
+            raise CommandError(str(e), "busy") from None
+        except FileNotFoundError:
+            raise CommandError(f"no message {queue_id} in the queue", "not_found") from None
+        return {"id": queue_id}
 
     def do_submit(self, request: dict[str, Any], peer: dict[str, int]) -> Deferred[dict[str, Any]]:
         from mta.intake.submit import SubmitError, Submitter

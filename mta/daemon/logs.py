@@ -38,6 +38,15 @@ sender (never an empty string); the text lines print it as ``from=<>``.
                 ``sender``, ``rcpts`` (comma-separated), ``size`` (octets), ``ip``.
 ``limit``       an abuse limit hit: ``limit`` (``connection_rate``,
                 ``early_talker``, ``user_messages``), ``ip`` or ``user``.
+``check``       a check's verdict that is not a plain acceptance (mta.smtp.pipeline):
+                ``check``, ``stage``, ``result`` (``reject``, ``tempfail``,
+                ``disconnect``, ``quarantine``; a failure: ``error`` or
+                ``timeout``, with ``on_error``), ``reason``, ``code``,
+                ``enhanced``, ``reply``, ``ip``.  Acceptances are only counted.
+``held``        a message committed into the hold queue: ``queue_id``, ``reason``,
+                ``sender``, ``ip``.
+``dnsbl``       a DNS blocklist that could not be asked (namespace
+                ``mta.policy.dnsbl``): ``zone``, ``ip``, ``result`` (``error``), ``err``.
 
 Queue runner (namespace ``mta.queue.runner``):
 
@@ -99,7 +108,8 @@ Outbound TLS (namespace ``mta.delivery.tlsoutcome``):
                 type), ``tls``, ``error``; see :mod:`mta.delivery.tlsoutcome`.
 
 Elsewhere: ``reload`` (``result``, ``err``), ``control`` (``command``, ``uid``),
-``deleted`` and ``admin_bounce`` (``queue_id``).
+``deleted`` and ``admin_bounce`` (``queue_id``), ``released`` (``queue_id``,
+``reason``: out of the hold queue).
 
 With ``workers = N``, each worker process writes the events of its SMTP
 sessions to a JSON log of its own, ``<log_json>.worker<N>``

@@ -45,6 +45,9 @@ Metrics (all in one dedicated :class:`CollectorRegistry`)::
     mta_outbound_connections_idle               gauge: connections kept open for reuse
     mta_outbound_connections_reused_total       deliveries that reused an open connection
     mta_metrics_event_errors_total              events this module could not read
+    mta_check_verdicts_total{check,result}      each check's verdicts (mta.smtp.pipeline), at scrape time
+    mta_queue_held_messages                     gauge: messages in the hold queue, at scrape time
+    mta_messages_held_total                     messages put in the hold queue (event "held")
 """
 
 from __future__ import annotations
@@ -163,8 +166,12 @@ class QueueCollector:
     def __init__(self, store: QueueListing | None = None, clock: Callable[[], float] = time.time,
                  active_sessions: Callable[[], int] | None = None,
                  in_flight: Callable[[], int] | None = None,
-                 outbound: Callable[[], tuple[int, int]] | None = None) -> None:
+                 outbound: Callable[[], tuple[int, int]] | None = None,
+                 verdicts: Callable[[], Mapping[tuple[str, str], int]] | None = None,
+                 held: Callable[[], int] | None = None) -> None:
         self.store = store
+        self.verdicts = verdicts  # issue 17: (check, result) -> count
+        self.held = held  # issue 17: messages in the hold queue
         self.clock = clock
         self.active_sessions = active_sessions
         self.in_flight = in_flight
@@ -194,6 +201,15 @@ class QueueCollector:
             yield CounterMetricFamily("mta_outbound_connections_reused",
                                       "Deliveries that went over an already open connection.",
                                       value=reused)
+        if self.held is not None:
+            yield GaugeMetricFamily("mta_queue_held_messages",
+                                    "Messages in the hold (quarantine) queue.", value=self.held())
+        if self.verdicts is not None:
+            family = CounterMetricFamily("mta_check_verdicts", "Verdicts of the SMTP session's "
+                                         "checks, by check and result.", labels=["check", "result"])
+            for (check, result), n in sorted(self.verdicts().items()):
+                family.add_metric([check, result], n)
+            yield family
 
     def describe(self) -> list[Any]:
         return []  # values are only known at scrape time
@@ -206,7 +222,9 @@ class Metrics:
                  active_sessions: Callable[[], int] | None = None,
                  in_flight: Callable[[], int] | None = None,
                  registry: CollectorRegistry | None = None,
-                 outbound: Callable[[], tuple[int, int]] | None = None) -> None:
+                 outbound: Callable[[], tuple[int, int]] | None = None,
+                 verdicts: Callable[[], Mapping[tuple[str, str], int]] | None = None,
+                 held: Callable[[], int] | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         if clock is None:
             clock = getattr(store, "clock", None) or time.time
@@ -257,7 +275,10 @@ class Metrics:
                                  ["result"], registry=r)
         self.event_errors = Counter("mta_metrics_event_errors", "Log events that could not be "
                                     "read for metrics.", registry=r)
-        self.collector = QueueCollector(store, self.clock, active_sessions, in_flight, outbound)
+        self.held_total = Counter("mta_messages_held", "Messages put in the hold (quarantine) "
+                                  "queue.", registry=r)
+        self.collector = QueueCollector(store, self.clock, active_sessions, in_flight, outbound,
+                                        verdicts, held)
         r.register(self.collector)
         self._handlers: dict[str, Callable[[Mapping[str, Any]], None]] = {
             "session": self._on_session,
@@ -273,6 +294,7 @@ class Metrics:
             "bounce_dropped": self._on_bounce_dropped,
             "directory": self._on_directory,
             "tls_outcome": self._on_tls_outcome,
+            "held": lambda event: self.held_total.inc(),
         }
 
     # --- feeding ------------------------------------------------------------------
@@ -509,9 +531,17 @@ class OpenConnections(Protocol):
     def __len__(self) -> int: ...
 
 
+class Checks(Protocol):
+    """What the metrics read of the check pipeline's counts (:class:`mta.smtp.state.ServerContext`,
+    whose ``pipeline`` a reload replaces)."""
+
+    pipeline: Any  # mta.smtp.pipeline.Pipeline: verdict_counts()
+
+
 def metrics_service(reactor: Any, endpoint: str, *, queue: QueueListing, sessions: Sized,
                     replies: ReplyHook, deliveries: Deliveries | None = None,
-                    connections: OpenConnections | None = None) -> IService:
+                    connections: OpenConnections | None = None,
+                    checks: Checks | None = None) -> IService:
     """The metrics service on ``endpoint`` (a Twisted server endpoint string such
     as ``tcp:9125:interface=127.0.0.1``), reading at scrape time the ``queue``
     listing, the open SMTP ``sessions``, the runner's ``deliveries`` in flight
@@ -524,6 +554,14 @@ def metrics_service(reactor: Any, endpoint: str, *, queue: QueueListing, session
     def outbound() -> tuple[int, int]:
         return (connections.reused, len(connections)) if connections is not None else (0, 0)
 
+    def verdicts() -> Mapping[tuple[str, str], int]:
+        return checks.pipeline.verdict_counts() if checks is not None else {}
+
+    def held() -> int:
+        return getattr(deliveries, "held_count", 0) if deliveries is not None else 0
+
     metrics = Metrics(store=queue, active_sessions=lambda: len(sessions),
-                      in_flight=in_flight, outbound=outbound)
+                      in_flight=in_flight, outbound=outbound,
+                      verdicts=verdicts if checks is not None else None,
+                      held=held if deliveries is not None else None)
     return MetricsService(metrics, serverFromString(reactor, endpoint), context=replies)

@@ -395,4 +395,5 @@ def build_metrics(mta: MTAService, endpoint: str) -> IService:
     context = mta.context
     return metrics.metrics_service(mta.reactor, endpoint, queue=context.store,
                                    sessions=context.sessions, replies=context,
-                                   deliveries=mta.runner, connections=mta.connections)
+                                   deliveries=mta.runner, connections=mta.connections,
+                                   checks=context)

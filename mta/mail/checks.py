@@ -43,7 +43,10 @@ class Stage(StrEnum):
     A StrEnum: its members hash as their strings, in C (the pipeline looks the
     stage up at every step of every message)."""
 
-    CONNECT = "connect"  # a new connection, before the greeting (refusal: 421/554 and close)
+    # A new connection, before the greeting.  Refused with a closing reply (421):
+    # that reply, then the connection is closed; with one that does not close (a
+    # 554): that is the greeting, and the session takes only QUIT (RFC 5321 §3.1).
+    CONNECT = "connect"
     HELO = "helo"  # the EHLO/HELO name, once its syntax is good
     MAIL = "mail"  # MAIL FROM, once its syntax and parameters are good
     RCPT = "rcpt"  # each RCPT TO address, once parsed

@@ -254,3 +254,22 @@ def milter_reply(code: int, enhanced: str, text: str) -> Reply:
 # (the server could not check the credentials; the client may try again).
 DIRECTORY_UNAVAILABLE = Reply(451, "4.3.0", "Directory temporarily unavailable, try again later")
 AUTH_DIRECTORY_UNAVAILABLE = Reply(454, "4.7.0", "Temporary authentication failure, try again later")
+
+
+# --- issue 17: DNS blocklists (mta.policy.dnsbl) and greylisting (mta.policy.greylist) ---
+def dnsbl_listed(ip: str, zones: str) -> Reply:
+    """A client the DNS blocklists listed (RFC 3463 §3.8: 5.7.1, delivery not
+    authorized).  Not ``close``: at connect it is the greeting, and then the
+    session waits for QUIT, answering :data:`GREETING_REFUSED` to anything
+    else (RFC 5321 §3.1)."""
+    return Reply(554, "5.7.1", f"Service unavailable; client [{ip}] blocked using {zones}")
+
+
+# RFC 5321 §3.1: after a 554 greeting, "503 bad sequence of commands" to all but QUIT.
+GREETING_REFUSED = Reply(503, "5.5.1", "Bad sequence of commands: this connection was refused; send QUIT")
+
+
+def greylisted(wait: int) -> Reply:
+    """First sight of a (client network, sender, recipient) triplet: try again
+    later (RFC 5321 §4.5.4.1 retries; RFC 3463 4.7.1, as postgrey answers)."""
+    return Reply(451, "4.7.1", f"Greylisted: try again in {max(1, wait)} seconds")

@@ -394,6 +394,96 @@ class ForwardingSRS(_Check):
         return Verdict(envelope=extra) if extra else ACCEPT
 
 
+# --- issue 17: DNS blocklists and greylisting (run only when [checks] order names them) ---
+
+
+def _exempt(recipient: Any, exempt: tuple[str, ...]) -> bool:
+    """``recipient`` is one of ``exempt``: a local part (at any domain) or an address."""
+    if recipient is None:
+        return False
+    local = recipient.local.lower()
+    return local in exempt or f"{local}@{recipient.domain.lower()}" in exempt
+
+
+class DNSBlocklist(_Check):
+    """``[dnsbl]``: the client refused with 554 5.7.1 naming the lists, when its
+    summed weight reaches the threshold (:mod:`mta.policy.dnsbl`).  At CONNECT
+    (``stage = "connect"``) the refusal is the greeting and the session then
+    only takes QUIT (RFC 5321 §3.1); at RCPT each recipient is refused but
+    ``exempt_recipients`` (postmaster, abuse: RFC 2142 §4, a listed sender must
+    still be able to reach them).  Never for relay_networks or an authenticated
+    client, and only on ``mx`` listeners: the submission ports' users
+    authenticate, and often send from addresses that policy lists (dynamic
+    ranges) name.  A lookup that fails counts as not listed (logged by the screen)."""
+
+    name = "dnsbl"
+
+    def __init__(self, ctx: Any) -> None:
+        super().__init__(ctx)
+        from mta.policy.dnsbl import Screen
+        from mta.system.dns import make_resolver
+
+        config = ctx.config
+        self.stages = frozenset({Stage.CONNECT if config.dnsbl.stage == "connect" else Stage.RCPT})
+        self.screen = Screen(config.dnsbl, make_resolver(config.dns), ctx.clock)
+        ctx.screen = self.screen  # what the greylist asks about DNS allowlisting
+
+    @staticmethod
+    def applies(client: Client) -> bool:
+        return client.listener_kind == "mx" and not client.trusted and not client.authenticated
+
+    def check(self, stage: Stage, state: CheckState) -> Verdict | Deferred[Verdict]:
+        if state.trusted or state.auth_user is not None or state.listener_kind != "mx":
+            return ACCEPT
+        if stage is Stage.RCPT and _exempt(state.recipient, self.screen.config.exempt_recipients):
+            return ACCEPT
+        score = self.screen.score(state.client_ip)
+        if isinstance(score, tuple):  # every answer was in the cache
+            return self._decided(score, state.client_ip)
+        return score.addCallback(self._decided, state.client_ip)
+
+    def _decided(self, score: Any, ip: str) -> Verdict:
+        if score.total < self.screen.config.threshold:
+            return ACCEPT
+        return reject(R.dnsbl_listed(ip, score.names()), reason="dnsbl")
+
+
+class Greylisting(_Check):
+    """``[greylist]`` (:mod:`mta.policy.greylist`): 451 4.7.1 for a triplet's first
+    attempt at RCPT, as postgrey; never for relay_networks, an authenticated
+    client or one a DNS allowlist vouches for (dnsbl.allowlist_threshold)."""
+
+    name = "greylist"
+    stages = frozenset({Stage.RCPT})
+
+    def __init__(self, ctx: Any) -> None:
+        super().__init__(ctx)
+        import sqlite3
+
+        from mta.config import ConfigError
+        from mta.policy.greylist import Greylist
+
+        try:
+            self.greylist = Greylist(ctx.config.greylist, ctx.clock)
+        except (sqlite3.Error, OSError) as e:
+            raise ConfigError("greylist.db", f"cannot open {ctx.config.greylist.db}: {e}") from None
+
+    @staticmethod
+    def applies(client: Client) -> bool:
+        return not client.trusted and not client.authenticated
+
+    def check(self, stage: Stage, state: CheckState) -> Verdict:
+        if state.trusted or state.auth_user is not None or state.recipient is None:
+            return ACCEPT
+        screen = getattr(self.ctx, "screen", None)
+        if screen is not None and screen.allowlisted(state.client_ip):
+            return ACCEPT
+        decision = self.greylist.check(state.client_ip, state.sender or "", str(state.recipient))
+        if decision.passed:
+            return ACCEPT
+        return reject(R.greylisted(decision.wait), reason=f"greylist_{decision.why}")
+
+
 # Name in [checks] order -> the class, called with the server context.
 def _directory_failed(failure: Any) -> Verdict:
     """An SQL directory that could not answer (logged by it, event ``directory``):
@@ -408,4 +498,5 @@ BUILTIN: dict[str, Any] = {cls.name: cls for cls in (
     ConnectionLimits, HeloName, SenderBinding, UserRate, SPF, RecipientLookup,
     ForgedAuthResults, ReceivedLoop, SubmissionHeaders, FromBinding, MessageAuth, MilterCheck,
     ForwardingSRS,
+    DNSBlocklist, Greylisting,  # issue 17: optional, named in [checks] order
 )}

@@ -118,6 +118,10 @@ class Envelope:
     requiretls: bool = False
     # The sender before SRS rewriting, when forwarding rewrote it.
     extra: dict[str, Any] = field(default_factory=dict)
+    # Issue 17, the quarantine (hold) queue: not "" while the message is held (the
+    # reason: a milter's SMFIR_QUARANTINE text, a check's).  The runner never
+    # delivers a held message; ``mta queue release`` clears it.
+    hold: str = ""
 
     @property
     def done(self) -> bool:
@@ -179,6 +183,8 @@ class Envelope:
             fields["binarymime"] = True
         if self.requiretls:  # likewise
             fields["requiretls"] = True
+        if self.hold:  # only then, as binarymime
+            fields["hold"] = self.hold
         return fields
 
     @classmethod
@@ -214,4 +220,5 @@ class Envelope:
             dsn=bool(d.get("dsn", False)),
             requiretls=bool(d.get("requiretls", False)),  # absent before RFC 8689 support
             extra=dict(d.get("extra", {})),
+            hold=str(d.get("hold", "")),  # absent: not held
         )

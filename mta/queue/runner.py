@@ -85,6 +85,10 @@ class MessageBusy(Exception):
 # --- routing -------------------------------------------------------------------------
 
 
+class NotHeld(ValueError):
+    """``release`` of a message that is not in the hold queue."""
+
+
 @dataclass(frozen=True)
 class Route:
     """Recipients of one message that go to one courier in one ``deliver`` call.
@@ -225,6 +229,9 @@ class QueueRunner:
         self._subscribed = False
         self._stop_waiters: list[Deferred[None]] = []
         self._stop_timer: IDelayedCall | None = None
+        # Issue 17: the ids of the messages held (Envelope.hold): never delivered
+        # until released (release()); counted by the metrics (held_count).
+        self.held: set[str] = set()
 
     # --- life cycle ---------------------------------------------------------------
 
@@ -238,9 +245,13 @@ class QueueRunner:
         now = self._now()
         count = 0
         for env in self.store.envelopes():
+            if env.hold:
+                self.held.add(env.id)
+                continue
             self._schedule_envelope(env, now)
             count += 1
-        log.info("queue runner started with {count} queued messages", count=count)
+        log.info("queue runner started with {count} queued messages ({held} held)", count=count,
+                 held=len(self.held))
 
     def adopt_unknown(self) -> int:
         """Schedule every queued message the runner was never told of: one that a
@@ -252,7 +263,9 @@ class QueueRunner:
         now = self._now()
         count = 0
         for env in self.store.envelopes():
-            if env.id not in self._timers and env.id not in self._in_flight:
+            if env.hold:
+                self.held.add(env.id)
+            elif env.id not in self._timers and env.id not in self._in_flight:
                 self._schedule_envelope(env, now)
                 count += 1
         if count:
@@ -325,8 +338,33 @@ class QueueRunner:
             raise FileNotFoundError(f"no message {queue_id} in the queue")
         self._forget(queue_id)
         self.store.remove(queue_id)
+        self.held.discard(queue_id)
         log.info("message {queue_id} deleted by the administrator", queue_id=queue_id,
                  event="deleted")
+
+    @property
+    def held_count(self) -> int:
+        """Messages in the hold queue (for the metrics)."""
+        return len(self.held)
+
+    def release(self, queue_id: str) -> None:
+        """Take a held message out of the hold queue and deliver it now.
+
+        The envelope is saved without its hold first (atomically, as every
+        envelope change), then the message is scheduled at once.  NotHeld if it
+        is not held, FileNotFoundError if it is not queued.  Its queue lifetime
+        (delivery.max_queue_lifetime) still counts from its arrival.
+        """
+        self._refuse_busy(queue_id)
+        env = self.store.load(queue_id)
+        if not env.hold:
+            raise NotHeld(f"message {queue_id} is not held")
+        reason, env.hold = env.hold, ""
+        self.store.save(env)
+        self.held.discard(queue_id)
+        log.info("message {queue_id} released from the hold queue (held for: {reason})",
+                 queue_id=queue_id, reason=reason, event="released")
+        self._schedule_at(queue_id, self._now())
 
     def bounce(self, queue_id: str, reason: str = ADMIN_BOUNCE_REPLY) -> Deferred[int]:
         """Fail every recipient not yet final with ``reason`` and bounce them now.
@@ -377,6 +415,7 @@ class QueueRunner:
             timer.cancel()
         self._forced.discard(queue_id)
         self._again.discard(queue_id)
+        self.held.discard(queue_id)
 
     # --- scheduling ---------------------------------------------------------------
 
@@ -395,6 +434,9 @@ class QueueRunner:
         # runner queued itself is not nested in the pass that queued it.
         if not self._running or envelope.id in self._in_flight:
             return  # a pass has it already (start() found it on disk): the file is newer
+        if envelope.hold:  # quarantined: kept, not delivered (release() brings it back)
+            self.held.add(envelope.id)
+            return
         if envelope.id in self._timers:
             self._schedule_at(envelope.id, self._now())  # known from disk: read it from there
             return
@@ -508,6 +550,9 @@ class QueueRunner:
             return  # removed meanwhile
         except (OSError, ValueError, KeyError) as e:
             log.error("cannot read envelope {queue_id}: {err}", queue_id=queue_id, err=e)
+            return
+        if env.hold:  # held (a flush, or a timer from before the hold): not delivered
+            self.held.add(queue_id)
             return
         data_path = self.store.data_path(queue_id)
         try:

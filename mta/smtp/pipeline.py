@@ -17,7 +17,15 @@
 * an exception, a failed Deferred or a timeout is the check's failure: one log
   event (event ``check``, ``result`` ``error`` or ``timeout``), then its
   ``on_error`` action: ``tempfail`` (451 4.3.0; 421 4.3.0 and close at
-  CONNECT) or ``accept``.  Never a traceback to the client.
+  CONNECT) or ``accept``.  Never a traceback to the client;
+* every verdict of every check is counted by check and result
+  (:meth:`Pipeline.verdict_counts`, read by the metrics at scrape time:
+  ``mta_check_verdicts_total``); a verdict that is not a plain acceptance
+  (``reject``, ``tempfail``, ``disconnect``, ``quarantine``) is also one log
+  event (event ``check``, with ``check``, ``stage``, ``result``, ``reason``,
+  ``code``, ``enhanced``, ``ip``), unless the check logged it itself
+  (``quiet``).  An acceptance is only counted (one dictionary increment, no
+  event: it is the hot path of every message).
 
 Not every check has something to say about every client (SPF not for a
 trusted or authenticated one, the submission fixes only for an authenticated
@@ -53,6 +61,19 @@ from mta.mail.checks import ACCEPT, EMPTY, Action, Check, CheckState, Client, St
 
 log = Logger()
 
+# What a failed check with on_error = "accept" answers: an acceptance, but not
+# the shared ACCEPT, so that it is not counted a second time (as "accept" after
+# its "error" or "timeout").
+_FAILED_ACCEPT = Verdict()
+# What a failed check with on_error = "tempfail" answers, by (at CONNECT, timed out):
+# made once, so that they are told from a check's own verdicts (counted and logged
+# once, by _failed, not again as "tempfail").
+_FAILURES = {
+    (connect, timed_out): Verdict(Action.DISCONNECT if connect else Action.TEMPFAIL,
+                                  R.CHECK_FAILED_CONNECT if connect else R.CHECK_FAILED,
+                                  reason=f"check_{'timeout' if timed_out else 'error'}")
+    for connect in (False, True) for timed_out in (False, True)}
+
 
 def merge(acc: Verdict, v: Verdict) -> Verdict:
     """``v`` with what the accepting verdicts before it (``acc``) added."""
@@ -81,8 +102,15 @@ Plan = Mapping[Stage, tuple[Check, ...]]
 class Pipeline:
     """The checks of each stage, in order, with their settings."""
 
-    def __init__(self, checks: Sequence[tuple[Check, CheckSettings]], clock: Any) -> None:
+    def __init__(self, checks: Sequence[tuple[Check, CheckSettings]], clock: Any,
+                 counts: Mapping[tuple[str, str], int] | None = None) -> None:
         self.clock = clock
+        # Verdicts by (check, result): acceptances by id(check) (the hot path: one
+        # increment), the rest by name; ``counts`` carries a previous pipeline's
+        # totals over a reload.
+        self._accepts: dict[int, int] = {id(c): 0 for c, _ in checks}
+        self._names: dict[int, str] = {id(c): c.name for c, _ in checks}
+        self._counts: dict[tuple[str, str], int] = dict(counts or {})
         self._stages: dict[Stage, tuple[Check, ...]] = {
             stage: tuple(c for c, _ in checks if stage in c.stages) for stage in Stage}
         # Looked up only when a check fails or waits (by id: a check need not be hashable).
@@ -144,12 +172,14 @@ class Pipeline:
         asynchronous check: the next check's place, and the verdict so far."""
         if checks is None:
             checks = self._stages[stage]
+        accepts = self._accepts  # every verdict is counted: one increment per check
         for check in checks[start:] if start else checks:  # bounded: one step per check
             try:
                 v = check.check(stage, state)
             except Exception:
                 v = self._failed(Failure(), check, stage, state)
             if v is ACCEPT:  # the common answer: nothing to add
+                accepts[id(check)] += 1
                 continue
             # (isinstance on Verdict, a plain class, is cheap; on Deferred, an ABC, it is not.)
             if not isinstance(v, Verdict):
@@ -165,7 +195,13 @@ class Pipeline:
                     v.addTimeout(self._settings[id(check)].timeout, self.clock)
                     v.addCallback(_checked).addErrback(self._failed, check, stage, state)
                     after = checks.index(check) + 1
-                    return v.addCallback(self._resume, stage, state, checks, after, acc)
+                    return v.addCallback(self._resume, stage, state, checks, after, acc, check)
+            if v is _FAILED_ACCEPT:  # counted by _failed
+                continue
+            if v.action is Action.ACCEPT and not v.quarantine:  # (inlined from _record)
+                accepts[id(check)] += 1
+            else:
+                self._record(check, stage, state, v)
             acc = v if acc is ACCEPT and v.header_lines is None else self._step(acc, v, state)
             if acc.action is not Action.ACCEPT:
                 return acc
@@ -177,11 +213,49 @@ class Pipeline:
         return self.run(stage, state, checks, True)
 
     def _resume(self, v: Verdict, stage: Stage, state: CheckState, checks: tuple[Check, ...],
-                start: int, acc: Verdict) -> Any:
+                start: int, acc: Verdict, check: Check) -> Any:
+        if v is _FAILED_ACCEPT:
+            v = ACCEPT
+        else:
+            self._record(check, stage, state, v)
         acc = self._step(acc, v, state)
         if acc.action is not Action.ACCEPT:
             return acc
         return self.run(stage, state, checks, False, start, acc)
+
+    def _record(self, check: Check, stage: Stage, state: CheckState, v: Verdict) -> None:
+        """Count a check's verdict; log it unless it is a plain acceptance or quiet
+        (a failure was counted and logged by :meth:`_failed`)."""
+        if v.action is Action.ACCEPT and not v.quarantine:
+            self._accepts[id(check)] += 1
+            return
+        if any(v is f for f in _FAILURES.values()):
+            return
+        result = v.action.value if v.action is not Action.ACCEPT else "quarantine"
+        self._count(check.name, result)
+        if v.quiet:
+            return
+        reply = v.reply
+        log.info("check {check} at {stage} for {ip}: {result} {reply}", check=check.name,
+                 stage=stage.value, ip=state.client_ip, result=result,
+                 reply=str(reply) if reply is not None else v.quarantine,
+                 code=reply.code if reply is not None else 250,
+                 enhanced=reply.enhanced if reply is not None else "",
+                 reason=v.reason or v.quarantine, event="check")
+
+    def _count(self, name: str, result: str) -> None:
+        key = (name, result)
+        self._counts[key] = self._counts.get(key, 0) + 1
+
+    def verdict_counts(self) -> dict[tuple[str, str], int]:
+        """Every check's verdicts so far, by (check name, result): ``accept``,
+        ``reject``, ``tempfail``, ``disconnect``, ``quarantine``, ``error``, ``timeout``."""
+        counts = dict(self._counts)
+        for key, n in self._accepts.items():
+            if n:
+                k = (self._names[key], "accept")
+                counts[k] = counts.get(k, 0) + n
+        return counts
 
     @staticmethod
     def _step(acc: Verdict, v: Verdict, state: CheckState) -> Verdict:
@@ -194,6 +268,7 @@ class Pipeline:
     def _failed(self, failure: Failure, check: Check, stage: Stage, state: CheckState) -> Verdict:
         settings = self._settings[id(check)]
         timed_out = failure.check(TimeoutError) is not None
+        self._count(check.name, "timeout" if timed_out else "error")
         fields = dict(check=check.name, stage=stage.value, on_error=settings.on_error,
                       ip=state.client_ip, event="check")
         if timed_out:
@@ -203,10 +278,8 @@ class Pipeline:
             log.failure("check {check} failed at {stage} for {ip}: {on_error}", failure,
                         result="error", **fields)
         if settings.on_error == "accept":
-            return ACCEPT
-        reply = R.CHECK_FAILED_CONNECT if stage is Stage.CONNECT else R.CHECK_FAILED
-        return Verdict(Action.DISCONNECT if stage is Stage.CONNECT else Action.TEMPFAIL, reply,
-                       reason=f"check_{'timeout' if timed_out else 'error'}")
+            return _FAILED_ACCEPT
+        return _FAILURES[stage is Stage.CONNECT, timed_out]
 
 
 def _checked(v: Any) -> Verdict:
@@ -241,4 +314,6 @@ def build_pipeline(config: Config, ctx: Any, clock: Any) -> Pipeline:
     for name in config.checks.order:
         settings = config.checks.settings_for(name)
         entries.append((load_check(name, settings, ctx), settings))
-    return Pipeline(entries, clock)
+    previous = getattr(ctx, "pipeline", None)  # a reload: its counts carry over
+    counts = previous.verdict_counts() if isinstance(previous, Pipeline) else None
+    return Pipeline(entries, clock, counts)

@@ -424,6 +424,8 @@ class MessageReception:
             envelope.extra.update(verdict.envelope)
         if verdict.edits is not None and verdict.edits.sender is not None:
             envelope.sender = verdict.edits.sender
+        if verdict.quarantine:  # issue 17: committed (the 250), but held, not delivered
+            envelope.hold = verdict.quarantine
         if writer is not None:
             return self._commit(writer, envelope, txn)
         assert message is not None
@@ -513,6 +515,11 @@ class MessageReception:
             size=envelope.size, ip=self.client_ip, event="queued",
             auth=self.auth_user or "-", tls=self.tls_version or "no", kind=self.listener.kind,
         ))
+        if envelope.hold:  # issue 17: the one event of the hold, with its reason
+            self._after_reply.append(partial(
+                log.info, "held {queue_id} in the hold queue: {reason}", queue_id=envelope.id,
+                reason=envelope.hold, sender=logged_sender(envelope.sender), ip=self.client_ip,
+                event="held"))
         return R.queued(envelope.id)
 
     def _abort_message(self) -> None:

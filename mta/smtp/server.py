@@ -152,10 +152,19 @@ class SMTPSession(Framing, SASLExchange, MessageReception, Protocol):
         self._reset_idle_timer()
 
     def _refuse_connection(self, verdict: Verdict) -> None:
-        """A CONNECT check refused: its reply, then the connection is closed."""
+        """A CONNECT check refused: its reply, then the connection is closed; or,
+        for a reply that does not close (a 554 of the DNS blocklists), that reply
+        is the greeting and the session then only takes QUIT (RFC 5321 §3.1)."""
         reply = verdict.reply or R.CHECK_FAILED_CONNECT
         if not verdict.quiet:
             self._rejected("connect", reply, **({"reason": verdict.reason} if verdict.reason else {}))
+        if not reply.close and self.listener.kind != "submissions":  # (no TLS yet there: close)
+            if self not in self.ctx.sessions:  # a synchronous verdict: not counted yet
+                self._start_session()
+            self._command = self._refused_greeting_command  # type: ignore[method-assign]
+            self._greeted = True
+            self._send(reply)
+            return
         self._send(reply)
         if self.phase is not Phase.CLOSED:
             self.phase = Phase.CLOSED
@@ -301,6 +310,12 @@ class SMTPSession(Framing, SASLExchange, MessageReception, Protocol):
         self._unlogged_refusals = {}
 
     # --- commands -----------------------------------------------------------------
+
+    def _refused_greeting_command(self, line: str) -> Reply:
+        """After a 554 greeting (RFC 5321 §3.1): QUIT closes, anything else is 503."""
+        if line.partition(" ")[0].upper() == "QUIT":
+            return R.closing(self.config.hostname)
+        return R.GREETING_REFUSED
 
     def _command(self, line: str) -> Reply | Deferred[Reply] | None:
         verb, _, arg = line.partition(" ")

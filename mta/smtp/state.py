@@ -59,6 +59,9 @@ class ServerContext:
     observer: Any = None
     # The check pipeline (mta.smtp.pipeline); made from config.checks when not given.
     pipeline: Any = None
+    # The DNS blocklists' screen (mta.policy.dnsbl.Screen), set by the dnsbl check
+    # when [checks] order names it: the greylist asks it about allowlisted clients.
+    screen: Any = None
 
     def __post_init__(self) -> None:
         if self.pipeline is None:
