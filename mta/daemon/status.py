@@ -38,7 +38,6 @@ import hmac
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from twisted.application.service import Service
@@ -51,6 +50,7 @@ from twisted.web.server import Request, Site
 
 from mta.config import StatusConfig
 from mta.daemon.logs import event_name
+from mta.daemon.statuspage import SERIES, Note, Snapshot, TLSCount, render
 from mta.queue.envelope import Envelope
 from mta.queue.shape import Row, deferral_reasons, destinations, summary
 
@@ -62,35 +62,10 @@ MAX_TLS_DESTINATIONS = 500
 MAX_SCAN = 5000  # envelopes read per request
 MAX_ROWS = 50  # rows of each queue table (then one "other" row)
 MAX_TEXT = 500  # characters of a reply or an address kept
-SERIES = ("received", "delivered", "deferred", "bounced")
 
 
 def _text(value: Any) -> str:
     return value[:MAX_TEXT] if isinstance(value, str) else ""
-
-
-@dataclass(frozen=True)
-class Note:
-    """One delivery result as the page lists it."""
-
-    time: float
-    queue_id: str
-    recipient: str
-    destination: str
-    outcome: str  # delivered, failed, expired
-    reply: str
-    remote_mta: str = ""
-    tls: str = ""
-
-
-@dataclass
-class TLSCount:
-    """Delivered recipients of one destination by how the connection was protected."""
-
-    verified: int = 0
-    encrypted: int = 0  # TLS without a verified certificate
-    clear: int = 0
-    last: str = ""  # the last TLS version and cipher ("" for none)
 
 
 class Throughput:
@@ -204,25 +179,6 @@ class QueueReader(Protocol):
 
     def load(self, queue_id: str) -> Envelope:
         """The envelope; FileNotFoundError once gone, ValueError etc. if unreadable."""
-
-
-@dataclass
-class Snapshot:
-    """Everything on one rendering of the page."""
-
-    hostname: str
-    now: float
-    queued: int  # messages in the queue
-    scanned: int  # envelopes read for the tables
-    unreadable: int
-    by_destination: list[Row]
-    by_reason: list[Row]
-    oldest: Envelope | None
-    deliveries: list[Note]
-    failures: list[Note]
-    tls: list[tuple[str, TLSCount]]
-    throughput: list[tuple[float, list[int]]]
-    notes: list[str] = field(default_factory=list)
 
 
 def _capped(rows: list[Row]) -> list[Row]:
@@ -394,8 +350,6 @@ def status_service(reactor: Any, endpoint: str, *, queue: QueueReader,
                    clock: Callable[[], float]) -> StatusService:
     """The status page on ``endpoint``, reading the ``queue`` and the running
     ``settings()`` and ``hostname()`` at each request; ``clock()`` is the time."""
-    from mta.daemon.statuspage import render
-
     recorder = StatusRecorder(clock)
 
     def page() -> str:

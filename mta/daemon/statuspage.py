@@ -1,5 +1,6 @@
-"""The status page's HTML (issue 21): one :class:`~mta.daemon.status.Snapshot`
-rendered on the server, no JavaScript; the throughput charts are inline SVG.
+"""The status page's HTML (issue 21): what one rendering shows (:class:`Snapshot`,
+made by :func:`mta.daemon.status.snapshot`) rendered on the server, no
+JavaScript; the throughput charts are inline SVG.
 
 Every value that came from mail or from a peer (addresses, replies, host names,
 queue ids, TLS descriptions) goes through :func:`esc` (``html.escape`` with
@@ -12,12 +13,58 @@ from __future__ import annotations
 
 import html
 import time
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any
 
-from mta.queue.shape import bucket_labels, destinations
+from mta.queue.envelope import Envelope
+from mta.queue.shape import Row, bucket_labels, destinations
 
-if TYPE_CHECKING:
-    from mta.daemon.status import Note, Snapshot
+SERIES = ("received", "delivered", "deferred", "bounced")  # the throughput charts
+
+
+@dataclass(frozen=True)
+class Note:
+    """One delivery result as the page lists it."""
+
+    time: float
+    queue_id: str
+    recipient: str
+    destination: str
+    outcome: str  # delivered, failed, expired
+    reply: str
+    remote_mta: str = ""
+    tls: str = ""
+
+
+@dataclass
+class TLSCount:
+    """Delivered recipients of one destination by how the connection was protected."""
+
+    verified: int = 0
+    encrypted: int = 0  # TLS without a verified certificate
+    clear: int = 0
+    last: str = ""  # the last TLS version and cipher ("" for none)
+
+
+@dataclass
+class Snapshot:
+    """Everything on one rendering of the page."""
+
+    hostname: str
+    now: float
+    queued: int  # messages in the queue
+    scanned: int  # envelopes read for the tables
+    unreadable: int
+    by_destination: list[Row]
+    by_reason: list[Row]
+    oldest: Envelope | None
+    deliveries: list[Note]
+    failures: list[Note]
+    tls: list[tuple[str, TLSCount]]
+    throughput: list[tuple[float, list[int]]]
+    notes: list[str] = field(default_factory=list)
+
+
 
 CHART_W, CHART_H = 360, 100  # the plot area of a chart, in SVG user units
 COLOURS = {"received": "#1f77b4", "delivered": "#2ca02c", "deferred": "#ff7f0e",
@@ -138,8 +185,6 @@ def chart(name: str, points: list[int], start: float) -> str:
 
 
 def _throughput(snap: Snapshot) -> str:
-    from mta.daemon.status import SERIES
-
     start = snap.throughput[0][0] if snap.throughput else snap.now
     charts = "".join(chart(name, [counts[i] for _, counts in snap.throughput], start)
                      for i, name in enumerate(SERIES))
