@@ -466,6 +466,22 @@ class GreylistConfig:
 
 
 @dataclass(frozen=True)
+class StatusConfig:
+    """The read-only status page (issue 21, :mod:`mta.daemon.status`).
+
+    ``endpoint`` None: not served.  ``local``: the endpoint listens on loopback
+    (or a UNIX socket) only; otherwise a ``token`` (``Authorization: Bearer``)
+    or a ``password`` (HTTP Basic with ``user``) is required at load.
+    """
+
+    endpoint: str | None = None
+    local: bool = True
+    token: str | None = None
+    user: str = "status"
+    password: str | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     hostname: str
     listeners: tuple[Listener, ...]
@@ -517,6 +533,7 @@ class Config:
     maildir: MaildirConfig = field(default_factory=MaildirConfig)
     mta_sts: MTASTSConfig = field(default_factory=MTASTSConfig)
     directory: DirectoryConfig = field(default_factory=DirectoryConfig)
+    status: StatusConfig = field(default_factory=StatusConfig)
 
     def users_file(self, domain: str) -> Path:
         return self.domains_dir / domain / "users"
@@ -644,6 +661,7 @@ def config_from_dict(raw: dict[str, Any], base: Path, overrides: dict[str, Any] 
         "milters",  # issue 17: the milter client
         "directory",
         "dnsbl", "greylist",
+        "status",
     }
     _check_keys(raw, top, "")
     hostname = _get(raw, "hostname", str, "", None) or socket.getfqdn()
@@ -881,6 +899,7 @@ def config_from_dict(raw: dict[str, Any], base: Path, overrides: dict[str, Any] 
         maildir=_maildir(_table(raw, "maildir")),
         mta_sts=_mta_sts(_table(raw, "mta_sts"), base, "cert_file" in _table(raw, "tls")),
         directory=_directory(_table(raw, "directory"), base, data_dir),
+        status=_status(_table(raw, "status")),
     )
 
 
@@ -1111,6 +1130,54 @@ def _source_addresses(prefix: str, v4: str | None, v6: str | None, helo: str | N
             normalize_domain(helo)
         except AddressError as e:
             raise ConfigError(prefix + "helo_name", f"{helo!r}: {e}") from None
+
+
+STATUS_MIN_SECRET = 16  # characters of a status token or password
+
+
+def _status(table: dict[str, Any]) -> StatusConfig:
+    """``[status]``: the status page's endpoint (a bare port listens on 127.0.0.1)
+    and its credentials, required unless the endpoint is loopback-only."""
+    prefix = "status."
+    _check_keys(table, {"endpoint", "token", "user", "password"}, prefix)
+    endpoint = _get(table, "endpoint", str, prefix, None)
+    if endpoint is not None:
+        if endpoint.strip().isdigit():
+            endpoint = "127.0.0.1:" + endpoint.strip()  # loopback by default
+        endpoint = listen_endpoint(endpoint, prefix + "endpoint")
+        _validate_endpoint(endpoint, prefix + "endpoint")
+    token = _get(table, "token", str, prefix, None)
+    user = _get(table, "user", str, prefix, "status")
+    password = _get(table, "password", str, prefix, None)
+    for key, secret in (("token", token), ("password", password)):
+        if secret is not None and (len(secret) < STATUS_MIN_SECRET
+                                   or any(ord(c) < 0x21 or ord(c) > 0x7e for c in secret)):
+            raise ConfigError(prefix + key, f"must be at least {STATUS_MIN_SECRET} printable "
+                              "ASCII characters without spaces")
+    if not user or ":" in user or any(ord(c) < 0x21 or ord(c) > 0x7e for c in user):
+        raise ConfigError(prefix + "user", "must be printable ASCII without spaces or ':'")
+    local = endpoint is None or endpoint_is_local(endpoint)
+    if not local and token is None and password is None:
+        raise ConfigError(prefix + "endpoint", "is not loopback: set status.token or "
+                          "status.password (the page shows addresses and replies)")
+    return StatusConfig(endpoint, local, token, user, password)
+
+
+def endpoint_is_local(endpoint: str) -> bool:
+    """Whether a server endpoint string only listens on loopback or a UNIX socket."""
+    import ipaddress
+
+    _, args, kwargs = _parseServer(endpoint, None)
+    kind = endpoint.partition(":")[0].strip().lower()
+    if kind == "unix":
+        return True
+    if kind not in ("tcp", "tcp6", "ssl"):
+        return False  # haproxy:, systemd: and others: cannot tell, so not local
+    interface = kwargs.get("interface") or (args[1] if len(args) > 1 else "")
+    try:
+        return ipaddress.ip_address(str(interface).strip("[]")).is_loopback
+    except ValueError:
+        return False  # "" (every address) or a name
 
 
 def _bounce_from(value: str | None, local_domains: list[str], hostname: str) -> str:

@@ -6,6 +6,7 @@
 #   smtp-sink, smtp-source (Debian: postfix)   a real peer server for the client tests
 #   unbound, nsd, ldns-keygen/ldns-signzone     DANE tests: a validating resolver in front of
 #     (Debian: unbound, nsd, ldnsutils)         signed zones on loopback
+#   chromium (headless)                         the status page's browser tests
 #   python3's venv/ensurepip (python3-venv)    only while .venv does not exist yet
 #   rspamd, opendkim, opendkim-genkey          real milters (opendkim-genkey: opendkim-tools)
 #   PostgreSQL 15's initdb and postgres        the directory's SQL server (tests/pgserver.py)
@@ -46,6 +47,7 @@ check() {
     command -v opendkim >/dev/null 2>&1 || want opendkim opendkim
     command -v opendkim-genkey >/dev/null 2>&1 || want opendkim-genkey opendkim-tools
     [ -x "${MTA_TEST_PG_BIN:-/usr/lib/postgresql/15/bin}/initdb" ] || want "PostgreSQL 15" postgresql
+    command -v chromium >/dev/null 2>&1 || want chromium chromium
     if [ ! -d "$VENV/bin" ] && ! "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null; then
         want "$PYTHON venv" python3-venv
     fi

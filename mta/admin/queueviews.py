@@ -24,11 +24,18 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from mta.queue.envelope import Envelope, RecipientKind, RecipientState
+from mta.queue.envelope import Envelope
+
+# The shape of the queue is shared with the status page (mta.daemon.status).
+from mta.queue.shape import (  # noqa: F401 (AGE_BUCKETS, bucket_labels, summary: this module's API)
+    AGE_BUCKETS,
+    bucket_labels,
+    destinations,
+    message_state,
+    summary,
+)
 
 STATES = ("active", "deferred")
-# qshape's buckets: the upper bound of each, in minutes; the last one is open.
-AGE_BUCKETS = (5, 10, 20, 40, 80, 160, 320, 640, 1280)
 MAX_TRACE_EVENTS = 100_000  # per trace: a bound on memory, whatever the logs hold
 MAX_LINKED_IDS = 1000
 
@@ -43,26 +50,6 @@ def _matches(address: str, pattern: str) -> bool:
     if local:
         return address == pattern
     return address.rpartition("@")[2] == (domain if at else pattern).lstrip("@")
-
-
-def destinations(env: Envelope) -> list[str]:
-    """The destinations of the recipients still to deliver, each once, in order."""
-    seen: dict[str, None] = {}
-    for r in env.recipients:
-        if r.state.final:
-            continue
-        if r.kind is RecipientKind.REMOTE:
-            seen[r.address.rpartition("@")[2].lower() or "local"] = None
-        else:
-            seen["local"] = None
-    return list(seen)
-
-
-def message_state(env: Envelope) -> str:
-    pending = [r for r in env.recipients if not r.state.final]
-    if any(r.state is RecipientState.DEFERRED or r.attempts > 0 for r in pending):
-        return "deferred"
-    return "active"
 
 
 def select(envelopes: Iterable[Envelope], sender: str | None = None,
@@ -83,32 +70,6 @@ def select(envelopes: Iterable[Envelope], sender: str | None = None,
             continue
         out.append(env)
     return out
-
-
-def bucket_labels() -> list[str]:
-    return [str(b) for b in AGE_BUCKETS] + [f"{AGE_BUCKETS[-1]}+"]
-
-
-def _bucket(age_seconds: float) -> int:
-    minutes = age_seconds / 60
-    for i, bound in enumerate(AGE_BUCKETS):
-        if minutes <= bound:
-            return i
-    return len(AGE_BUCKETS)
-
-
-def summary(envelopes: Sequence[Envelope], now: float) -> list[tuple[str, int, list[int]]]:
-    """``(destination, total, counts per bucket)`` rows, TOTAL first, then by total."""
-    width = len(AGE_BUCKETS) + 1
-    rows: dict[str, list[int]] = {}
-    total = [0] * width
-    for env in envelopes:
-        i = _bucket(now - env.created)
-        total[i] += 1
-        for dest in destinations(env):
-            rows.setdefault(dest, [0] * width)[i] += 1
-    ordered = sorted(rows.items(), key=lambda kv: (-sum(kv[1]), kv[0]))
-    return [("TOTAL", sum(total), total)] + [(d, sum(c), c) for d, c in ordered]
 
 
 def summary_json(rows: list[tuple[str, int, list[int]]]) -> dict[str, Any]:

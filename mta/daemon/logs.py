@@ -56,7 +56,8 @@ Queue runner (namespace ``mta.queue.runner``):
                 ``outcome`` (``delivered``/``deferred``/``failed``), ``state``,
                 ``reply``, ``attempt`` (number), ``duration`` (seconds of this
                 attempt), ``remote_mta`` (host that answered, or empty), ``tls``
-                (outbound TLS version and cipher, empty for none), ``age``
+                (outbound TLS version and cipher, empty for none), ``tls_verified``
+                (that connection's certificate was verified), ``age``
                 (seconds since the message was queued).
 ``expired``     ``queue_id``, ``recipient``, ``reply``.
 ``dsn``         a bounce or delay notice queued: ``action`` (``failed``/``delayed``),

@@ -182,6 +182,8 @@ class MTAService(MultiService):
             metrics.setServiceParent(self)
         if config.mta_sts.endpoint is not None:  # issue 21: MTA-STS policy hosting
             build_mta_sts(self).setServiceParent(self)
+        if config.status.endpoint is not None:  # issue 21: the status page
+            build_status(self, config.status.endpoint).setServiceParent(self)
 
     def startService(self) -> None:  # noqa: N802
         super().startService()
@@ -384,6 +386,18 @@ def build_mta_sts(mta: MTAService) -> IService:
     except (TLSConfigError, OSError) as e:
         raise StartupError(f"mta_sts: {e}") from None
     service.setName("mta-sts")
+    return service
+
+
+def build_status(mta: MTAService, endpoint: str) -> IService:
+    """The status page on ``endpoint`` (a child service): the queue's envelopes, and
+    the running configuration's ``[status]`` credentials and host name."""
+    from mta.daemon.status import status_service
+
+    service = status_service(mta.reactor, endpoint, queue=mta.context.store,
+                             settings=lambda: mta.config.status,
+                             hostname=lambda: mta.config.hostname, clock=mta.reactor.seconds)
+    service.setName("status")
     return service
 
 

@@ -359,7 +359,8 @@ class RemoteCourier:
                 for r in waiting.pop(address, []):
                     results.append(DeliveryResult(r, reply.outcome, str(reply), hop.name,
                                                   reply.enhanced, tls=session.tls,
-                                                  dsn_passed=dsn and bool(r.notify or r.orcpt)))
+                                                  dsn_passed=dsn and bool(r.notify or r.orcpt),
+                                                  tls_verified=session.tls_verified))
             if session.connection_error is not None:
                 last = (f"{hop.display}: {session.connection_error}",
                         session.error_status or "4.4.2", hop.name)

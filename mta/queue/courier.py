@@ -39,6 +39,9 @@ class DeliveryResult:
     # The next hop took the recipient's DSN parameters (it offered DSN, RFC 3461
     # §5.2): success and delay notices are its job from now on, not ours.
     dsn_passed: bool = False
+    # That TLS connection's certificate was verified (a "verify" policy, DANE or
+    # MTA-STS); shown per destination by the status page (issue 21).
+    tls_verified: bool = False
 
 
 class Courier(Protocol):

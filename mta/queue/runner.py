@@ -682,7 +682,7 @@ class QueueRunner:
                      recipient=r.original, destination=route.key, outcome=str(res.outcome),
                      state=str(r.state), reply=reply, attempt=r.attempts,
                      duration=now - start, remote_mta=r.remote_mta, tls=res.tls,
-                     age=now - env.created)
+                     tls_verified=res.tls_verified, age=now - env.created)
 
     def _apply(self, env: Envelope, r: Recipient, res: DeliveryResult, now: float) -> str:
         reply = res.reply.strip()
