@@ -50,29 +50,18 @@ def run_worker(spec: dict[str, Any]) -> None:
         json_log.setName("json-log")
         json_log.setServiceParent(service)
 
-    announcements: list[bytes] = []
+    def announce(envelopes: list[Any]) -> None:
+        # The store tells us on the turn after the commits became durable, once
+        # for all of that turn's commits (the SMTP server's 250s have gone out
+        # by then: waking the main process earlier could take this one's CPU
+        # before it has replied): one write, one wake-up of the main process.
+        write_all(1, b"".join(b"queued %s %s\n" % (e.id.encode("ascii"), e.to_line())
+                                for e in envelopes))
 
-    def announce(envelope: Any) -> None:
-        # Called once the client's 250 has gone out (the SMTP server tells the
-        # store then): waking the main process earlier could take this one's
-        # CPU before it has replied.  The messages of one reactor turn go in
-        # one write, when the turn ends: one wake-up of the main process for
-        # all of them.
-        if not announcements:
-            reactor.callLater(0, send_announcements)
-        announcements.append(b"queued %s %s\n" % (envelope.id.encode("ascii"), envelope.to_line()))
-
-    def send_announcements() -> None:
-        if not announcements:
-            return
-        data = b"".join(announcements)
-        announcements.clear()
-        write_all(1, data)
-
-    service.context.store.subscribe(announce)
+    service.context.store.subscribe_turn(announce)
     reactor.addReader(_SpareReader(service.context.store))
-    # A message acknowledged in the reactor's last turn is still announced.
-    reactor.addSystemEventTrigger("after", "shutdown", send_announcements)
+    # A message committed in the reactor's last turn is still announced.
+    reactor.addSystemEventTrigger("after", "shutdown", service.context.store.tell_announced)
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     # Ignore SIGINT from a terminal's Ctrl-C: the main process stops us with SIGTERM.
