@@ -51,31 +51,6 @@ async def test_listeners_hear_of_a_commit_once_durable_and_on_a_later_turn(tmp_p
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_turn_listener_hears_the_commits_of_a_turn_in_one_call(tmp_path: Path) -> None:
-    store = QueueStore(tmp_path / "q", fsync=True, reactor=reactor)
-    single: list[str] = []
-    turns: list[list[str]] = []
-    store.subscribe(lambda env: single.append(env.id))
-    store.subscribe_turn(lambda envs: turns.append([e.id for e in envs]))
-    try:
-        ids = []
-        for n in range(3):
-            txn = Intake(store, "s@x.test")
-            txn.add_recipient(f"a{n}@y.test", [Recipient(f"a{n}@y.test", RecipientKind.REMOTE, "")])
-            txn.open()
-            txn.write(b"Subject: x\r\n\r\nbody\r\n")
-            txn.writer.commit(txn.envelope(created=time.time()))  # synchronous, all in this turn
-            ids.append(txn.id)
-        assert turns == [] and single == []  # not from inside the commits
-        await later_turns()
-        assert turns == [ids] and single == ids  # one call for the turn, in commit order
-        store.tell_announced()  # nothing left to tell: nobody hears anything twice
-        assert turns == [ids] and single == ids
-    finally:
-        store.discard_spares()
-
-
-@pytest_twisted.ensureDeferred
 async def test_intake_keeps_one_copy_per_mailbox_and_aborts_cleanly(tmp_path: Path) -> None:
     store = QueueStore(tmp_path / "q", fsync=False, reactor=reactor, spares=False)
     txn = Intake(store, "s@x.test")

@@ -80,7 +80,6 @@ class QueueStore(SparePool):
                                       name="queue-files", linger=REMOVAL_LINGER)
         self.reactor = reactor
         self._listeners: list[Callable[[Envelope], None]] = []
-        self._turn_listeners: list[Callable[[list[Envelope]], None]] = []
         self._announced: list[Envelope] = []  # committed this turn, told on the next
         self._init_spares(spares, spare_outlet)
         for d in (self.root, self.tmp_dir, self.msg_dir):
@@ -112,14 +111,6 @@ class QueueStore(SparePool):
         """Call ``listener(envelope)`` after each message is committed."""
         self._listeners.append(listener)
 
-    def subscribe_turn(self, listener: Callable[[list[Envelope]], None]) -> None:
-        """Call ``listener(envelopes)`` once per reactor turn that tells of commits,
-        with that turn's envelopes in commit order (when and how as
-        :meth:`announce` says): a listener that passes them on (a worker writing
-        them to the main process) does so in one go, on that same turn, with no
-        turn of its own to wait for."""
-        self._turn_listeners.append(listener)
-
     def announce(self, envelope: Envelope) -> None:
         """``envelope``'s message is durably committed: tell the listeners on the
         next reactor turn, never on the committer's stack (a runner that queued
@@ -129,27 +120,14 @@ class QueueStore(SparePool):
             self.reactor.callLater(0, self._tell_announced)
         self._announced.append(envelope)
 
-    def tell_announced(self) -> None:
-        """Tell the listeners now of the commits still waiting for the next turn
-        (a process about to end: its reactor will not turn again)."""
-        if self._announced:
-            self._tell_announced()
-
     def _tell_announced(self) -> None:
         envelopes, self._announced = self._announced, []
-        if not envelopes:
-            return  # told already, by tell_announced
         for envelope in envelopes:
             for listener in self._listeners:
                 try:
                     listener(envelope)
                 except Exception:
                     log.failure("queue listener failed for {id}", id=envelope.id)
-        for turn_listener in self._turn_listeners:
-            try:
-                turn_listener(envelopes)
-            except Exception:
-                log.failure("queue listener failed for {ids}", ids=" ".join(e.id for e in envelopes))
 
     # --- the queue's contents ---------------------------------------------------
 
