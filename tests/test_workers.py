@@ -144,6 +144,8 @@ def test_both_processes_deliver_and_a_worker_hands_over_what_it_could_not(tmp_pa
         # took it over, waits for its retry time), nothing delivered twice.
         log = daemon.read_log()
         assert len(re.findall(rf"delivery {handed} to bob@far\.test", log)) == 1
+        assert re.search(rf"^\S+ \[mta\.daemon\.workers#info\] message {handed} still queued after "
+                         "worker 1's first pass: the main process keeps it", log, re.M), log[-3000:]
         assert any(f.startswith(handed) for f in os.listdir(tmp_path / "var" / "queue" / "msg"))
         assert len(list(new.iterdir())) == 40
         assert "Unhandled error" not in log and "Traceback" not in log, log[-2000:]

@@ -113,7 +113,11 @@ class _WorkerProtocol(ProcessProtocol):
             queue_id, _, envelope = rest.partition(b" ")
             if verb == b"queued" and queue_id:
                 self.pool.spares.owe_spare(self.index)
-                self.pool.queued(queue_id.decode("ascii", "replace"), envelope)
+                qid = queue_id.decode("ascii", "replace")
+                log.info("message {queue_id} still queued after worker {worker}'s first pass: "
+                         "the main process keeps it", queue_id=qid, worker=self.index,
+                         event="handed_over")
+                self.pool.queued(qid, envelope)
 
     def errReceived(self, data: bytes) -> None:  # noqa: N802
         # The worker's log lines arrive formatted ("<time> [workerN namespace#level] text");
