@@ -156,6 +156,9 @@ def test_trace_gathers_the_main_process_and_the_worker(tmp_path, capsys) -> None
             time.sleep(0.1)
         worker_log = tmp_path / "var" / "mta.json.worker1"
         main_log = tmp_path / "var" / "mta.json"
+        # The worker (it imports the delivery side too) has started once its log is there.
+        while not worker_log.exists() and time.monotonic() < deadline + 15:
+            time.sleep(0.1)
         # The kernel spreads connections over both processes: send (a bounded
         # number of messages) until the worker has taken one.
         sent_by = {}
