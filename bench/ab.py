@@ -22,7 +22,9 @@ most changes are worth; taking turns on one sink, with both versions started,
 warmed up and idle when not measured, lets that drift hit both alike.  The
 medians and B/A ratios are printed at the end, the runs as they come.  Needs
 root (start_mta.py: cgroups and a mount namespace), smtp-source and smtp-sink;
-loopback only, every run bounded in time.
+loopback only, every run bounded in time.  BENCH_PORT_OFFSET=N (environment)
+moves its ports (and instructions.py's) by N, for a second benchmark running at
+the same time on the machine.
 """
 import argparse
 import json
@@ -43,8 +45,11 @@ sys.dont_write_bytecode = True
 import benchlib  # noqa: E402
 import run_load  # noqa: E402
 
-SINK_PORT = 32526
-PORTS = (32535, 32545)
+# BENCH_PORT_OFFSET=N moves every port by N: two benchmarks on one machine
+# (say, from two worktrees) then do not share a sink or a listener.
+PORT_OFFSET = int(os.environ.get("BENCH_PORT_OFFSET", "0"))
+SINK_PORT = 32526 + PORT_OFFSET
+PORTS = (32535 + PORT_OFFSET, 32545 + PORT_OFFSET)
 
 
 def checkout(rev: str, where: str, made: list[str]) -> str:

@@ -39,7 +39,7 @@ sys.dont_write_bytecode = True
 import ab  # noqa: E402
 import run_load  # noqa: E402
 
-PORT = 32555
+PORT = 32555 + ab.PORT_OFFSET  # and ab.SINK_PORT: both moved by BENCH_PORT_OFFSET
 
 
 def count(code: str, workdir: str, messages: int, workers: int, python: str) -> float:

@@ -156,6 +156,9 @@ def test_trace_gathers_the_main_process_and_the_worker(tmp_path, capsys) -> None
             time.sleep(0.1)
         worker_log = tmp_path / "var" / "mta.json.worker1"
         main_log = tmp_path / "var" / "mta.json"
+        # The worker (it imports the delivery side too) has started once its log is there.
+        while not worker_log.exists() and time.monotonic() < deadline + 15:
+            time.sleep(0.1)
         # The kernel spreads connections over both processes: send (a bounded
         # number of messages) until the worker has taken one.
         sent_by = {}
@@ -174,14 +177,19 @@ def test_trace_gathers_the_main_process_and_the_worker(tmp_path, capsys) -> None
         assert worker_ids, "the worker took no connection"
         queue_id = worker_ids[0]
         sender = sent_by[queue_id]
-        # Wait for the main process's deliveries of that message (alice: delivered,
-        # far@example.test, forwarded: deferred at the dead smarthost).
+        # Wait for the worker's first pass over that message (alice: delivered,
+        # far@example.test, forwarded: deferred at the dead smarthost), and for
+        # the main process to take it over (its retries are the main process's).
         def deliveries_logged() -> int:
-            return sum(1 for line in main_log.read_text().splitlines()
+            return sum(1 for line in worker_log.read_text().splitlines()
                        if '"event":"delivery"' in line and f'"queue_id":"{queue_id}"' in line)
 
+        def handed_over() -> bool:
+            return any('"event":"handed_over"' in line and f'"queue_id":"{queue_id}"' in line
+                       for line in main_log.read_text().splitlines())
+
         deadline = time.monotonic() + 20
-        while deliveries_logged() < 2 and time.monotonic() < deadline:
+        while (deliveries_logged() < 2 or not handed_over()) and time.monotonic() < deadline:
             time.sleep(0.1)
 
         code, out = run(capsys, "queue", "trace", queue_id, "--json", "--config", str(config))
@@ -190,8 +198,9 @@ def test_trace_gathers_the_main_process_and_the_worker(tmp_path, capsys) -> None
         assert [(e["event"], e["process"]) for e in events[:1]] == [("queued", "worker1")]
         deliveries = {e["recipient"]: e for e in events if e["event"] == "delivery"}
         assert deliveries["alice@example.test"]["outcome"] == "delivered"
-        assert deliveries["alice@example.test"]["process"] == "main"
+        assert deliveries["alice@example.test"]["process"] == "worker1"  # both cores deliver
         assert deliveries["far@example.test"]["outcome"] == "deferred"
+        assert [e["process"] for e in events if e["event"] == "handed_over"] == ["main"]
         assert deliveries["far@example.test"]["destination"] == "remote:smarthost"
         assert [e["time"] for e in events] == sorted(e["time"] for e in events)
         assert all(e.get("queue_id") == queue_id for e in events)
@@ -200,7 +209,7 @@ def test_trace_gathers_the_main_process_and_the_worker(tmp_path, capsys) -> None
         lines = out.splitlines()
         assert re.match(rf"\S+Z  worker1   queued      queued {queue_id} from={sender}",
                         lines[0]), lines[0]
-        assert any(re.match(rf"\S+Z  main      delivery    delivery {queue_id} to "
+        assert any(re.match(rf"\S+Z  worker1   delivery    delivery {queue_id} to "
                             r"alice@example\.test via local: delivered", line) for line in lines)
 
         # By address: the sender's one message, from both processes.

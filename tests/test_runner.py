@@ -258,6 +258,31 @@ def test_a_message_no_process_announced_is_adopted(world: Any) -> None:
     assert w.runner.adopt_unknown() == 0
 
 
+def test_a_workers_runner_makes_the_first_pass_and_hands_over_what_is_left(world: Any) -> None:
+    # A worker process's runner (hand_over set, started without recovery):
+    # what it delivers it removes; what is still queued after its first pass
+    # goes to the main process, with its state as saved, and is not retried here.
+    def decide(env: Envelope, r: Recipient) -> tuple[Outcome, str]:
+        return (Outcome.DEFERRED, "451 4.3.0 later") if r.address == "bob@one.example" \
+            else (Outcome.DELIVERED, "250 2.0.0 ok")
+
+    w = world(remote_courier=FakeCourier(decide))
+    on_disk = queue(w.store, remote("dave@one.example"))  # the main process's: not ours
+    handed: list[Envelope] = []
+    w.runner.hand_over = handed.append
+    w.runner.start(recover=False)
+    assert w.remote.calls == []  # nothing read from disk
+    done = queue(w.store, remote("carol@two.example"))
+    left = queue(w.store, remote("bob@one.example"))
+    assert [(c.queue_id, c.addresses) for c in w.remote.calls] == [
+        (done, ["carol@two.example"]), (left, ["bob@one.example"])]
+    assert [e.id for e in handed] == [left]
+    assert [str(r.state) for r in handed[0].recipients] == w.state(left) == ["deferred"]
+    assert sorted(w.store.ids()) == sorted([on_disk, left])  # done is removed
+    w.clock.advance(3600)  # past any retry: the main process retries, not us
+    assert len(w.remote.calls) == 2
+
+
 def test_deferred_recipient_is_retried_on_schedule(world: Any) -> None:
     replies = iter([(Outcome.DEFERRED, "451 4.7.1 greylisted"),
                     (Outcome.DEFERRED, "421 4.4.2 timeout"),

@@ -47,12 +47,14 @@ def children_of(pid: int) -> list[int]:
     return found
 
 
-def start_with_a_worker(tmp_path: Path) -> tuple[Daemon, int]:
-    """A daemon with ``workers = 2`` (alice@example.test local) and its worker's pid."""
+def start_with_a_worker(tmp_path: Path, top: str = "") -> tuple[Daemon, int]:
+    """A daemon with ``workers = 2`` (alice@example.test local) and its worker's pid;
+    ``top``: more top-level settings."""
     write_domain(tmp_path / "domains", "example.test", {"alice": PASSWORD})
     port = free_port()
     config = tmp_path / "mta.toml"
-    config.write_text(CONFIG.format(port=port, dead_port=free_port()))
+    config.write_text(CONFIG.replace("workers = 2\n", "workers = 2\n" + top).format(
+        port=port, dead_port=free_port()))
     daemon = Daemon(tmp_path, config, port)
     daemon.start()
     deadline = time.monotonic() + 15
@@ -96,6 +98,56 @@ def test_two_workers_share_the_port_and_deliver_everything_once(tmp_path):
         # end): no spare queue file is left behind, and nothing failed.
         assert list((tmp_path / "var" / "queue" / "msg").iterdir()) == []
         log = daemon.read_log()
+        assert "Unhandled error" not in log and "Traceback" not in log, log[-2000:]
+    finally:
+        daemon.kill()
+
+
+def test_both_processes_deliver_and_a_worker_hands_over_what_it_could_not(tmp_path):
+    """Each process delivers the messages it accepted (both cores deliver); one
+    a worker could not deliver at once is handed to the main process, which
+    keeps it for its retries: tried once, still queued, never twice."""
+    daemon, worker = start_with_a_worker(tmp_path, 'relay_networks = ["127.0.0.0/8"]\n')
+    try:
+        deadline = time.monotonic() + 15
+        while "SMTPFactory starting" not in daemon.read_log().split("started worker 1", 1)[-1] \
+                and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for i in range(40):
+            with smtplib.SMTP("127.0.0.1", daemon.port, timeout=10) as s:
+                s.sendmail("s@remote.test", ["alice@example.test"], f"Subject: {i}\r\n\r\nn{i}\r\n".encode())
+        new = tmp_path / "var" / "mail" / "example.test" / "alice" / "new"
+        deadline = time.monotonic() + 20
+        while (not new.exists() or len(list(new.iterdir())) < 40) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(list(new.iterdir())) == 40
+        log = daemon.read_log()
+        delivered = re.compile(r"^\S+ \[(worker1 )?mta\.queue\.runner#info\] delivery \w+ to "
+                               r"alice@example\.test via \S+: delivered", re.M)
+        by = {m.group(1) or "main" for m in delivered.finditer(log)}
+        assert by == {"worker1 ", "main"}, log[-3000:]
+        # Remote mail (its smarthost is dead: deferred) until the worker took one.
+        handed = None
+        for i in range(40):
+            with smtplib.SMTP("127.0.0.1", daemon.port, timeout=10) as s:
+                s.sendmail("s@remote.test", ["bob@far.test"], f"Subject: r{i}\r\n\r\nr{i}\r\n".encode())
+            time.sleep(0.2)
+            m = re.search(r"\[worker1 mta\.queue\.runner#info\] delivery (\w+) to bob@far\.test "
+                          r"via \S+: deferred", daemon.read_log())
+            if m:
+                handed = m.group(1)
+                break
+        assert handed is not None, daemon.read_log()[-3000:]
+        code = daemon.terminate()
+        assert code in (0, -signal.SIGTERM)
+        # Still queued, deferred once (by the worker; the main process, which
+        # took it over, waits for its retry time), nothing delivered twice.
+        log = daemon.read_log()
+        assert len(re.findall(rf"delivery {handed} to bob@far\.test", log)) == 1
+        assert re.search(rf"^\S+ \[mta\.daemon\.workers#info\] message {handed} still queued after "
+                         "worker 1's first pass: the main process keeps it", log, re.M), log[-3000:]
+        assert any(f.startswith(handed) for f in os.listdir(tmp_path / "var" / "queue" / "msg"))
+        assert len(list(new.iterdir())) == 40
         assert "Unhandled error" not in log and "Traceback" not in log, log[-2000:]
     finally:
         daemon.kill()

@@ -108,12 +108,19 @@ Outbound TLS (namespace ``mta.delivery.tlsoutcome``):
                 (``verified``/``encrypted``/``cleartext`` or an RFC 8460 failure
                 type), ``tls``, ``error``; see :mod:`mta.delivery.tlsoutcome`.
 
+Worker pool (namespace ``mta.daemon.workers``, main process):
+
+``handed_over``  a worker's message still queued after the worker's first
+                delivery pass, taken over by the main process's runner (its
+                retries): ``queue_id``, ``worker`` (index).
+
 Elsewhere: ``reload`` (``result``, ``err``), ``control`` (``command``, ``uid``),
 ``deleted`` and ``admin_bounce`` (``queue_id``), ``released`` (``queue_id``,
 ``reason``: out of the hold queue).
 
 With ``workers = N``, each worker process writes the events of its SMTP
-sessions to a JSON log of its own, ``<log_json>.worker<N>``
+sessions and of its deliveries (the first pass of the mail it accepted) to a
+JSON log of its own, ``<log_json>.worker<N>``
 (:func:`worker_json_path`); ``mta queue trace`` merges them with the main
 process's by time.
 

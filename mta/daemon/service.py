@@ -150,10 +150,18 @@ class MTAService(MultiService):
         self.pool: Any = None
         # The remote courier's open connections (for the metrics), when we built it.
         self.connections: ConnectionCache | None = None
-        if worker_fds is not None:
-            self.runner = None  # only the main process delivers
-            return
         # runner=False: no delivery at all (tests of the receiving side).
+        if worker_fds is not None:
+            # A worker delivers what it accepted, a first pass each (so every
+            # process's core delivers), and hands what is left to the main
+            # process (QueueRunner.hand_over, set by mta.daemon.worker).
+            if runner is None:
+                from mta.delivery.wiring import build_delivery
+
+                delivery = build_delivery(config, self.context.store, reactor)
+                runner, self.connections = delivery.runner, delivery.connections
+            self.runner = None if runner is False else runner
+            return
         if runner is None:
             from mta.delivery.wiring import build_delivery
 
@@ -192,7 +200,7 @@ class MTAService(MultiService):
             # twistd's text log: the same lines, time stamps cached, one flush per turn
             speed_up_text_log(self.reactor)
         if self.runner is not None:
-            self.runner.start()
+            self.runner.start(recover=self.worker_fds is None)  # a worker: only its new messages
         elif self.worker_fds is None:
             self.context.store.recover()
         self.context.store.prepare_spares()

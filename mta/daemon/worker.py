@@ -1,7 +1,8 @@
 """A worker process (``python -m mta.daemon.worker SPEC``), started by
 :class:`mta.daemon.workers.WorkerPool`: it adopts the main process's listening
-sockets and runs the SMTP side of an MTAService, announcing each message it
-committed on its stdout and taking spare queue files on its stdin.
+sockets and runs an MTAService: the SMTP side, and a first delivery pass of
+each message it committed; a message still queued after it is announced on
+its stdout, for the main process's runner; spare queue files come on its stdin.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from mta.system.fsutil import write_all
 
 
 def run_worker(spec: dict[str, Any]) -> None:
-    """The worker process: the SMTP listeners of the main process, no runner."""
+    """The worker process: the SMTP listeners of the main process, and a runner
+    for the first pass of its own messages (see :mod:`mta.daemon.workers`)."""
     # A worker never outlives the main process (even after a SIGKILL of it):
     # Linux delivers SIGTERM to us when the parent dies (prctl PR_SET_PDEATHSIG).
     import ctypes
@@ -50,29 +52,18 @@ def run_worker(spec: dict[str, Any]) -> None:
         json_log.setName("json-log")
         json_log.setServiceParent(service)
 
-    announcements: list[bytes] = []
+    def hand_over(envelope: Any) -> None:
+        # The first pass (ours) left this message queued: the main process's
+        # runner keeps its retries from here, with the envelope as the pass
+        # saved it (no read back from disk).
+        try:
+            write_all(1, b"queued %s %s\n" % (envelope.id.encode("ascii"), envelope.to_line()))
+        except OSError:
+            pass  # the main process is gone; the message is on disk for the next start
 
-    def announce(envelope: Any) -> None:
-        # Called once the client's 250 has gone out (the SMTP server tells the
-        # store then): waking the main process earlier could take this one's
-        # CPU before it has replied.  The messages of one reactor turn go in
-        # one write, when the turn ends: one wake-up of the main process for
-        # all of them.
-        if not announcements:
-            reactor.callLater(0, send_announcements)
-        announcements.append(b"queued %s %s\n" % (envelope.id.encode("ascii"), envelope.to_line()))
-
-    def send_announcements() -> None:
-        if not announcements:
-            return
-        data = b"".join(announcements)
-        announcements.clear()
-        write_all(1, data)
-
-    service.context.store.subscribe(announce)
+    if service.runner is not None:
+        service.runner.hand_over = hand_over
     reactor.addReader(_SpareReader(service.context.store))
-    # A message acknowledged in the reactor's last turn is still announced.
-    reactor.addSystemEventTrigger("after", "shutdown", send_announcements)
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     # Ignore SIGINT from a terminal's Ctrl-C: the main process stops us with SIGTERM.

@@ -5,13 +5,16 @@ The Python reactor runs on one core; with ``workers`` > 1 the main process
 that adopt the same listening sockets (``IReactorSocket.adoptStreamPort``), so
 the kernel spreads new connections over all of them.  Every process runs the
 full SMTP session and commits to the same queue directory (queue ids are
-unique per message); only the main process runs the queue runner, the control
-socket and the metrics.  A worker tells the main process about each message it
-committed by writing ``queued <id> <envelope as one line of JSON>`` on its
-stdout, right after the client's 250 has gone out (so the main process need
-not read the envelope back from disk, and waking it does not delay the 250); if
-that line is lost (the worker died), the message is still on disk, and the
-main process looks for such messages when it learns that a worker ended.  A worker's
+unique per message); only the main process runs the control socket and the
+metrics.  Every process delivers: a worker makes the first delivery pass of
+each message it committed itself (so delivery, most of the CPU per message,
+runs on every core, not only on the main process's); a message still queued
+after that pass (deferred, a notice owed) is handed to the main process, whose
+runner keeps the retries: the worker writes ``queued <id> <envelope as one
+line of JSON>`` on its stdout (so the main process need not read the envelope
+back from disk).  If a worker dies, what it had committed and not handed over
+is still on disk, and the main process looks for such messages when it learns
+that a worker ended.  A worker's
 log lines (``[worker1 mta.smtp.server#info] ...``) come on its stderr and are
 appended to the main log as they are.
 
@@ -21,8 +24,10 @@ itself is :mod:`mta.daemon.worker`.  Neither class sees the service: the
 composition root (:mod:`mta.daemon.service`) hands each exactly what it uses,
 typed by the small protocols below.
 
-Limits kept per process (connections per IP, rates) are per worker: with N
-workers an address may hold up to N times ``max_connections_per_ip``.
+Limits kept per process (connections per IP, rates, delivery connections) are
+per worker: with N workers an address may hold up to N times
+``max_connections_per_ip``, and up to N times ``delivery.max_connections``
+connections go out.
 """
 
 from __future__ import annotations
@@ -108,7 +113,11 @@ class _WorkerProtocol(ProcessProtocol):
             queue_id, _, envelope = rest.partition(b" ")
             if verb == b"queued" and queue_id:
                 self.pool.spares.owe_spare(self.index)
-                self.pool.queued(queue_id.decode("ascii", "replace"), envelope)
+                qid = queue_id.decode("ascii", "replace")
+                log.info("message {queue_id} still queued after worker {worker}'s first pass: "
+                         "the main process keeps it", queue_id=qid, worker=self.index,
+                         event="handed_over")
+                self.pool.queued(qid, envelope)
 
     def errReceived(self, data: bytes) -> None:  # noqa: N802
         # The worker's log lines arrive formatted ("<time> [workerN namespace#level] text");

@@ -227,6 +227,11 @@ class QueueRunner:
         self._fresh: dict[str, Envelope] = {}
         self._running = False
         self._subscribed = False
+        # A worker process's runner (mta.daemon.worker): each of its messages
+        # gets its first pass here, and one still queued after it is handed to
+        # the main process (``hand_over(envelope)``), whose runner keeps the
+        # retries, warnings and expiry; None: this runner keeps everything.
+        self.hand_over: Callable[[Envelope], None] | None = None
         self._stop_waiters: list[Deferred[None]] = []
         self._stop_timer: IDelayedCall | None = None
         # Issue 17: the ids of the messages held (Envelope.hold): never delivered
@@ -235,13 +240,17 @@ class QueueRunner:
 
     # --- life cycle ---------------------------------------------------------------
 
-    def start(self) -> None:
-        """Recover the store and schedule every queued message per its envelope."""
+    def start(self, recover: bool = True) -> None:
+        """Recover the store and schedule every queued message per its envelope.
+        ``recover=False`` (a worker process: the main process owns what is on
+        disk): only the messages committed from now on."""
         self._running = True
-        self.store.recover()
         if not self._subscribed:
             self.store.subscribe(self._on_commit)
             self._subscribed = True
+        if not recover:
+            return
+        self.store.recover()
         now = self._now()
         count = 0
         for env in self.store.envelopes():
@@ -583,6 +592,9 @@ class QueueRunner:
                 return
             log.info("message {queue_id} done and removed from the queue", queue_id=queue_id,
                      event="removed")
+            return
+        if self.hand_over is not None:
+            self.hand_over(env)  # saved by the pass: on disk as it is here
             return
         wake = self._next_wake(env, self._now())
         if wake is not None:
