@@ -23,9 +23,10 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import Request
 
 from mta.config import Config, TLSConfig
+from mta.daemon.web import QuietSite
 from mta.policy.mtasts import HOST_PREFIX, WELL_KNOWN_PATH, policy_text
 
 log = Logger()
@@ -68,14 +69,6 @@ class PolicyResource(Resource):
     def render_HEAD(self, request: Request) -> bytes:  # noqa: N802
         return self.render_GET(request)
 
-
-class QuietSite(Site):
-    """No access-log line per request."""
-
-    noisy = False
-
-    def log(self, request: Request) -> None:
-        pass
 
 
 def policy_tls(config: Config) -> Any:

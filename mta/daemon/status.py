@@ -46,11 +46,12 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger, LogPublisher, globalLogPublisher
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import Request
 
 from mta.config import StatusConfig
 from mta.daemon.logs import event_name
 from mta.daemon.statuspage import SERIES, Note, Snapshot, TLSCount, render
+from mta.daemon.web import QuietSite
 from mta.queue.envelope import Envelope
 from mta.queue.shape import Row, deferral_reasons, destinations, summary
 
@@ -289,14 +290,6 @@ class StatusResource(Resource):
     def render_HEAD(self, request: Request) -> bytes:  # noqa: N802
         return self.render_GET(request)
 
-
-class QuietSite(Site):
-    """No access-log line per request (and so no request line or header in any log)."""
-
-    noisy = False
-
-    def log(self, request: Request) -> None:
-        pass
 
 
 class StatusService(Service):
