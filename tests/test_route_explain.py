@@ -195,3 +195,31 @@ def test_check_config_names_table_levels_whose_mechanism_is_missing(tmp_path: Pa
         "a.test is deferred)",
         'delivery.route."b.test".tls: mta-sts needs [delivery.mta_sts] enabled = true (until '
         "then mail for b.test is deferred)"]
+
+
+def mta(config: Path, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "mta.admin.cli", *args, "--config", str(config)],
+                          env=env, capture_output=True, text=True, timeout=60)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_sql_directory_is_what_explain_reads(setup: Any) -> None:
+    """With [directory] backend = "sqlite", the domain and the alias come from
+    the database (a domain the files and local_domains do not have), not the files."""
+    config, dns = setup
+    config.write_text(config.read_text().replace(
+        "[dns]", '[directory]\nbackend = "sqlite"\ncache_ttl = 0\n\n[dns]'))
+    for argv in (("directory", "migrate"), ("domain", "add", "sql.test"),
+                 ("alias", "add", "sql.test", "crew", "friend@plain.test")):
+        done = await in_thread(mta, config, *argv)
+        assert done.returncode == 0, done.stderr
+    done = await in_thread(explain, config, "crew@sql.test")
+    assert done.returncode == 0, done.stderr
+    steps = rows(done.stdout)
+    assert steps[:3] == [
+        ["recipient", "argument", "crew@sql.test"],
+        ["domain", "directory (sqlite)", "sql.test is a local domain"],
+        ["alias", "directory (sqlite)", "crew@sql.test expands to friend@plain.test"],
+    ]
+    assert ["mx", "dns", "preference 5: mx.plain.test (127.0.0.13)"] in steps

@@ -605,24 +605,28 @@ def _srs_rewriter(config: Config) -> Any:
 
 
 def cmd_alias_resolve(config: Config, args: argparse.Namespace) -> int:
-    from mta.policy.aliases import AliasFileError, AliasResolver
-    from mta.policy.auth import UserDB, UsersFileError
-
-    local_domains, close = config.local_domains, None
-    try:
-        if directory_cli.sql(config):
-            aliases, local_domains, close = directory_cli.resolver(config)
-        else:
-            users = UserDB.load(config.domains_dir, config.local_domains)
-            aliases = AliasResolver.load(config.domains_dir, config.local_domains, users,
-                                         config.aliases)
-    except (UsersFileError, AliasFileError) as e:
-        raise CLIError(str(e)) from None
+    aliases, local_domains, close = _directory_aliases(config)
     try:
         return _resolve_and_show(config, args, aliases, local_domains)
     finally:
         if close is not None:
             close()
+
+
+def _directory_aliases(config: Config) -> tuple[Any, Any, Callable[[], None] | None]:
+    """``(aliases, local domains, close)`` from the configured directory: the
+    files, or the SQL back end (then ``close`` closes it)."""
+    from mta.policy.aliases import AliasFileError, AliasResolver
+    from mta.policy.auth import UserDB, UsersFileError
+
+    try:
+        if directory_cli.sql(config):
+            return directory_cli.resolver(config)
+        users = UserDB.load(config.domains_dir, config.local_domains)
+        return (AliasResolver.load(config.domains_dir, config.local_domains, users, config.aliases),
+                config.local_domains, None)
+    except (UsersFileError, AliasFileError) as e:
+        raise CLIError(str(e)) from None
 
 
 def _resolve_and_show(config: Config, args: argparse.Namespace, aliases: Any,
@@ -666,25 +670,24 @@ def cmd_route_explain(config: Config, args: argparse.Namespace) -> int:
     """Every step of the routing decision for one recipient (mta.admin.explain)."""
     from mta.admin.explain import Explainer
     from mta.mail.address import AddressError, parse_mailbox
-    from mta.policy.aliases import AliasFileError, AliasResolver
-    from mta.policy.auth import UserDB, UsersFileError
     from mta.policy.relay import check_recipient
 
-    try:
-        users = UserDB.load(config.domains_dir, config.local_domains)
-        aliases = AliasResolver.load(config.domains_dir, config.local_domains, users,
-                                     config.aliases)
-    except (UsersFileError, AliasFileError) as e:
-        raise CLIError(str(e)) from None
     try:
         address = parse_mailbox(args.address.strip().strip("<>"), smtputf8=True)
     except AddressError as e:
         raise CLIError(f"{args.address!r} is not an address: {e}") from None
-    decision = check_recipient(address, config.local_domains, aliases, may_relay=True,
-                               srs=_srs_rewriter(config))
+    # The aliases of the configured directory (files or SQL), as the daemon sees them.
+    aliases, local_domains, close = _directory_aliases(config)
+    try:
+        decision = check_recipient(address, local_domains, aliases, may_relay=True,
+                                   srs=_srs_rewriter(config))
+    finally:
+        if close is not None:
+            close()
     refused = str(decision.reply) if decision.reply is not None else None
     result = _in_reactor(lambda reactor: Explainer(
-        config, _mx_resolver(config, reactor), dane=_dane(config, reactor)).explain(
+        config, _mx_resolver(config, reactor), dane=_dane(config, reactor),
+        local_domains=local_domains).explain(
         address, list(decision.targets), refused))
     if args.json:
         _print_json(result)

@@ -69,8 +69,11 @@ class Explainer:
     None); MTA-STS policies are read from the daemon's on-disk cache."""
 
     def __init__(self, config: Config, resolver: MXResolver, dane: Any = None,
-                 clock: Any = time.time) -> None:
+                 clock: Any = time.time, local_domains: Any = None) -> None:
         self.config = config
+        # The directory's local domains (an SQL directory has its own; None: the files').
+        self.local_domains = config.local_domains if local_domains is None else local_domains
+        self.sql = config.directory.backend != "files"
         self.resolver = resolver
         self.dane = dane  # a mta.delivery.dane.DanePolicy when [dane] is enabled
         self.table = RouteTable(config.delivery)
@@ -87,24 +90,27 @@ class Explainer:
         config = self.config
         self.add("recipient", "argument", str(address))
         domain = address.domain
-        if domain in config.local_domains:
-            self.add("domain", "local_domains", f"{domain} is a local domain")
+        domains_source = f"directory ({config.directory.backend})" if self.sql else "local_domains"
+        if domain in self.local_domains:
+            self.add("domain", domains_source, f"{domain} is a local domain")
         else:
-            self.add("domain", "local_domains", f"{domain} is not local: relayed, for "
+            self.add("domain", domains_source, f"{domain} is not local: relayed, for "
                      "authenticated senders and relay_networks only")
         if refused is not None:
             self.add("refused", "recipient check", refused)
             return self.result(address)
         plain = [(t.kind, t.address) for t in targets] == [("local", str(address))] or \
             [(t.kind, t.address) for t in targets] == [("remote", str(address))]
-        if domain in config.local_domains and not plain:
+        aliases_source = (f"directory ({config.directory.backend})" if self.sql
+                          else str(config.aliases_file(domain)))
+        if domain in self.local_domains and not plain:
             shown = ", ".join(t.address if t.kind != "pipe" else f"| {t.address}" for t in targets)
-            self.add("alias", str(config.aliases_file(domain)), f"{address} expands to {shown}")
+            self.add("alias", aliases_source, f"{address} expands to {shown}")
         for target in targets:
             if target.kind == "local":
                 self.local(target)
             elif target.kind == "pipe":
-                self.add("route", str(config.aliases_file(domain)), f"pipe to the command "
+                self.add("route", aliases_source, f"pipe to the command "
                          f"{target.address!r} (delivery.pipe_timeout {config.delivery.pipe_timeout:g}s)")
                 self.deliveries.append({"kind": "pipe", "address": target.address, "route": "pipe"})
             else:
