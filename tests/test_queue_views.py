@@ -86,18 +86,20 @@ def test_summary_is_a_qshape_table(queue, capsys) -> None:
     lines = out.splitlines()
     assert lines[0].split() == ["DESTINATION", "T", "5", "10", "20", "40", "80", "160", "320",
                                 "640", "1280", "1280+"]
-    rows = {line.split()[0]: line.split()[1:] for line in lines[1:-1]}
+    rows = {line.split()[0]: line.split()[1:] for line in lines[1:-2]}
     assert rows["TOTAL"] == ["4", "1", "1", "0", "1", "0", "0", "0", "0", "0", "1"]
     assert rows["gmail.test"] == ["2", "1", "0", "0", "1", "0", "0", "0", "0", "0", "0"]
     assert rows["yahoo.test"] == ["2", "0", "0", "0", "1", "0", "0", "0", "0", "0", "1"]
     assert rows["local"] == ["1", "0", "1", "0", "0", "0", "0", "0", "0", "0", "0"]
-    assert [line.split()[0] for line in lines[1:-1]][0] == "TOTAL"
+    assert [line.split()[0] for line in lines[1:-2]][0] == "TOTAL"
+    assert lines[-1] == "-- by state: active 2, deferred 2, held 0"
 
     code, out = run(capsys, "queue", "list", "--summary", "--json", "--config", str(config))
     data = json.loads(out)
     assert data["buckets_minutes"][-1] == "1280+"
     by_dest = {d["destination"]: d for d in data["destinations"]}
     assert by_dest["gmail.test"]["total"] == 2 and by_dest["gmail.test"]["counts"][3] == 1
+    assert data["states"] == {"active": 2, "deferred": 2, "held": 0}
 
 
 @pytest.mark.parametrize(("filters", "expected"), [
@@ -126,6 +128,35 @@ def test_filters(queue, capsys, filters, expected) -> None:
         assert out.splitlines()[1].split()[:2] == ["TOTAL", str(len(expected))]
     else:
         assert out == "no message matches (of 4 queued)\n"
+
+
+def hold(config: Path, queue_id: str, reason: str) -> None:
+    """Put a queued message in the hold queue, as a quarantining check does (issue 17)."""
+    store = QueueStore(config.parent / "var" / "queue", fsync=False)
+    env = store.load(queue_id)
+    env.hold = reason
+    store.save(env)
+
+
+def test_held_state_filter_and_summary(queue, capsys) -> None:
+    config, ids = queue
+    hold(config, ids["old"], "spam score 14.2")  # a deferred message, then quarantined
+    code, out = run(capsys, "queue", "list", "--json", "--state", "held", "--config", str(config))
+    assert code == 0 and [e["id"] for e in json.loads(out)] == [ids["old"]]
+    code, out = run(capsys, "queue", "list", "--state", "held", "--config", str(config))
+    assert ids["old"] in out and ids["fresh"] not in out
+    assert f"{ids['old']} held: spam score 14.2" in out
+    # Held is a state of its own: no longer listed as deferred.
+    code, out = run(capsys, "queue", "list", "--json", "--state", "deferred", "--config", str(config))
+    assert {e["id"] for e in json.loads(out)} == {ids["ancient"]}
+    code, out = run(capsys, "queue", "list", "--summary", "--config", str(config))
+    assert out.splitlines()[-1] == "-- by state: active 2, deferred 1, held 1"
+    code, out = run(capsys, "queue", "list", "--summary", "--state", "held", "--config", str(config))
+    rows = {line.split()[0]: line.split()[1:3] for line in out.splitlines()[1:-2]}
+    assert rows == {"TOTAL": ["1", "0"], "gmail.test": ["1", "0"], "yahoo.test": ["1", "0"]}
+    assert out.splitlines()[-1] == "-- by state: active 0, deferred 0, held 1"
+    code, out = run(capsys, "queue", "list", "--summary", "--json", "--config", str(config))
+    assert json.loads(out)["states"] == {"active": 2, "deferred": 1, "held": 1}
 
 
 def test_bad_state_is_refused(queue, capsys) -> None:

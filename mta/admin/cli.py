@@ -283,16 +283,18 @@ def _filtered(envelopes: list[Envelope], args: argparse.Namespace) -> list[Envel
 
 
 def _queue_summary(envelopes: list[Envelope], now: float, as_json: bool) -> int:
-    from mta.admin.queueviews import bucket_labels, summary, summary_json
+    from mta.admin.queueviews import bucket_labels, state_counts, states_line, summary, summary_json
 
     rows = summary(envelopes, now)
+    states = state_counts(envelopes)  # active, deferred, held (issue 17's hold queue)
     if as_json:
-        _print_json(summary_json(rows))
+        _print_json(summary_json(rows, states))
         return 0
     headers = ["DESTINATION", "T", *bucket_labels()]
     for line in format_table(headers, [[d, t, *c] for d, t, c in rows]):
         _out(line)
     _out("-- messages by age in minutes (a message counts once per destination)")
+    _out(states_line(states))
     return 0
 
 

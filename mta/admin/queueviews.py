@@ -4,12 +4,14 @@
   address matches ``user@domain`` exactly (any case), or a ``domain`` /
   ``@domain`` by its domain; the null sender is ``<>``.  A message's
   destinations are the domains of its recipients still to deliver (``local``
-  for mailboxes and pipes of this host).  Its state is ``deferred`` once a
-  recipient still to deliver has been tried and deferred, else ``active``
-  (waiting for its first attempt, as Postfix's incoming/active queues).
+  for mailboxes and pipes of this host).  Its state is ``held`` while it is in
+  the hold queue (issue 17), else ``deferred`` once a recipient still to
+  deliver has been tried and deferred, else ``active`` (waiting for its first
+  attempt, as Postfix's incoming/active queues).
 * ``--summary``: as Postfix's qshape, one row per destination (and a TOTAL
   row) with the number of messages in each age bucket (minutes: at most 5,
-  10, 20, ..., 1280, more); a message counts once per destination.
+  10, 20, ..., 1280, more); a message counts once per destination.  Then the
+  number of messages in each state (``--json``: ``states``).
 * ``trace ID|ADDRESS``: every event of the JSON logs the daemon writes
   (``log_json``, and each worker's ``<log_json>.worker<N>``:
   :func:`mta.daemon.logs.worker_json_path`) that names the message (or, for an
@@ -27,15 +29,16 @@ from typing import Any
 from mta.queue.envelope import Envelope
 
 # The shape of the queue is shared with the status page (mta.daemon.status).
-from mta.queue.shape import (  # noqa: F401 (AGE_BUCKETS, bucket_labels, summary: this module's API)
+from mta.queue.shape import (  # noqa: F401 (AGE_BUCKETS, STATES, bucket_labels, ...: this module's API)
     AGE_BUCKETS,
+    STATES,
     bucket_labels,
     destinations,
     message_state,
+    state_counts,
     summary,
 )
 
-STATES = ("active", "deferred")
 MAX_TRACE_EVENTS = 100_000  # per trace: a bound on memory, whatever the logs hold
 MAX_LINKED_IDS = 1000
 
@@ -72,9 +75,19 @@ def select(envelopes: Iterable[Envelope], sender: str | None = None,
     return out
 
 
-def summary_json(rows: list[tuple[str, int, list[int]]]) -> dict[str, Any]:
-    return {"buckets_minutes": bucket_labels(),
-            "destinations": [{"destination": d, "total": t, "counts": c} for d, t, c in rows]}
+def summary_json(rows: list[tuple[str, int, list[int]]],
+                 states: dict[str, int] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "buckets_minutes": bucket_labels(),
+        "destinations": [{"destination": d, "total": t, "counts": c} for d, t, c in rows]}
+    if states is not None:
+        out["states"] = states
+    return out
+
+
+def states_line(states: dict[str, int]) -> str:
+    """The summary's last line: the messages in each state."""
+    return "-- by state: " + ", ".join(f"{name} {n}" for name, n in states.items())
 
 
 # --- trace ---------------------------------------------------------------------------------
