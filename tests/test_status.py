@@ -194,3 +194,29 @@ def test_every_value_from_mail_is_escaped():
     assert page.count("&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;") >= 10
     assert "1 envelopes could not be read." in page  # the torn one; the gone one is skipped
     assert 'data-row="remote:&lt;script&gt;' in page  # attributes too
+
+
+def test_held_messages_from_the_runner_and_past_the_scan(monkeypatch):
+    import mta.daemon.status as status
+
+    now = 100_000.0
+    monkeypatch.setattr(status, "MAX_SCAN", 2)
+    held_old = envelope("a", now - 7200, "", sender="")
+    held_old.hold = 'milter: <b>"spam"</b>'
+    other = envelope("b", now - 60, "")
+    late = envelope("c", now - 30, "")  # past the scan: known from the runner's held set
+    late.hold = "tagged"
+    queue = Queue([held_old, other, late])
+    snap = snapshot("mx", queue, StatusRecorder(lambda: now), now, {"c", "gone"})
+    assert [e.id for e in snap.held] == ["a", "c"] and snap.held_total == 2  # "gone": released
+    assert deferral_reasons(held_old) == ['held: milter: <b>"spam"</b>']
+    page = render(snap)
+    section = page[page.index('<section id="held">'):]
+    section = section[:section.index("</section>")]
+    assert "<p>2 held.</p>" in section
+    assert ('<tr data-row="a"><td><code>a</code></td><td>&lt;&gt;</td>'
+            '<td>u0@dest0.test</td><td class="reply">milter: &lt;b&gt;&quot;spam&quot;'
+            '&lt;/b&gt;</td><td class="n">2h 0m</td></tr>') in section
+    assert '<tr data-row="c">' in section and '<td class="n">30s</td>' in section
+    empty = render(snapshot("mx", Queue([other]), StatusRecorder(lambda: now), now))
+    assert "<p>No message is held.</p>" in empty

@@ -6,7 +6,8 @@ reached by address literal (no DNS): Postfix's smtp-sink on 127.0.0.1, which
 takes everything; nothing on 127.0.0.2 (a dead destination: the mail waits);
 and smtp-sink on 127.0.0.3 refusing every RCPT with a reply that carries
 markup.  The messages' sender is a quoted local part holding a ``<script>``
-element.  chromium (tests/chromium.py) loads the page with ``--dump-dom``, over
+element.  The quarantining check of tests/test_hold.py, added by configuration,
+holds one message for a local mailbox (issue 17's hold queue).  chromium (tests/chromium.py) loads the page with ``--dump-dom``, over
 the DevTools protocol with script execution disabled, and with ``--screenshot``;
 these tests are blocking and run no reactor code.
 """
@@ -30,6 +31,7 @@ import pytest
 from tests import chromium
 from tests.daemon import Daemon, free_port
 from tests.harness import PASSWORD, write_domain
+from tests.test_hold import HOLD_CHECKS
 
 pytestmark = pytest.mark.slow
 
@@ -146,13 +148,15 @@ def start_sink(address: str, port: int, *refuse: str) -> subprocess.Popen:
     raise RuntimeError(f"smtp-sink on {address}:{port} did not start")
 
 
-def send(port: int, recipient: str, subject: str) -> None:
+def send(port: int, recipient: str, subject: str) -> str:
     with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
         s.ehlo("client.test")
         code, _ = s.docmd(f"MAIL FROM:<{HOSTILE_SENDER}>")
         assert code == 250
         assert s.docmd(f"RCPT TO:<{recipient}>")[0] == 250
-        assert s.data(f"Subject: {subject}\r\n\r\nstatus page test\r\n".encode())[0] == 250
+        code, text = s.data(f"Subject: {subject}\r\n\r\nstatus page test\r\n".encode())
+        assert code == 250
+        return text.decode().rsplit(" ", 1)[-1]  # "250 2.0.0 Ok: queued as ID"
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +166,7 @@ def world(tmp_path_factory):
     write_domain(root / "domains", "example.test", {"alice": PASSWORD})
     config = root / "mta.toml"
     config.write_text(CONFIG.format(port=port, status_port=status_port, sink_port=sink_port,
-                                    token=TOKEN, password=STATUS_PASSWORD))
+                                    token=TOKEN, password=STATUS_PASSWORD) + HOLD_CHECKS)
     sinks = [start_sink("127.0.0.1", sink_port), start_sink("127.0.0.3", sink_port, "rcpt")]
     daemon = Daemon(root, config, port)
     try:
@@ -172,18 +176,20 @@ def world(tmp_path_factory):
         for i in range(3):
             send(port, f"carol{i}@[127.0.0.2]", f"dead {i}")
         send(port, "dave@[127.0.0.3]", "refused")
+        held_id = send(port, "alice@example.test", "[quarantine] held")
         bearer = f"Bearer {TOKEN}"
         deadline = time.monotonic() + 30
         while True:  # until every attempt has been made (the page's own counts)
             page = Page(fetch(status_port, bearer)[2])
             done = (len(page.rows.get("deliveries", [])) >= 3
                     and len(page.rows.get("failures", [])) >= 2
-                    and page.series.get("deferred", 0) >= 3)
+                    and page.series.get("deferred", 0) >= 3
+                    and page.series.get("received", 0) >= 7)
             if done:
                 break
             assert time.monotonic() < deadline, f"deliveries not made:\n{daemon.read_log()}"
             time.sleep(0.2)
-        yield {"root": root, "daemon": daemon, "status_port": status_port,
+        yield {"root": root, "daemon": daemon, "status_port": status_port, "held_id": held_id,
                "url": f"http://admin:{STATUS_PASSWORD}@127.0.0.1:{status_port}/"}
     finally:
         daemon.kill()
@@ -197,12 +203,21 @@ def test_the_dom_shows_the_queue_deliveries_failures_and_tls(world):
     page = Page(result.stdout)
     assert page.rows, result.stdout[:2000] + result.stderr[-2000:]
     # The queue as qshape: the dead destination waits with its 3 messages (all under
-    # 5 minutes old), beside the bounce for the refused recipient (to evil.test).
+    # 5 minutes old), beside the bounce for the refused recipient (to evil.test) and
+    # the held message (local).
     assert page.row("queue-destinations", "[127.0.0.2]")[1:3] == ["3", "3"]
-    assert page.row("queue-destinations", "TOTAL")[1] == "4"
+    assert page.row("queue-destinations", "local")[1] == "1"
+    assert page.row("queue-destinations", "TOTAL")[1] == "5"
     reasons = {r[0]: r[1] for r in page.rows["queue-reasons"][1:]}
     refused = [reason for reason in reasons if "connect to 127.0.0.2 failed" in reason]
     assert len(refused) == 1 and reasons[refused[0]] == "3", reasons
+    assert reasons["held: tagged by the test check"] == "1"
+    # The hold queue: the quarantined message with its sender, recipient, reason and age.
+    assert page.rows["held"][0] == ["queue id", "sender", "recipients", "held because", "age"]
+    (held,) = page.rows["held"][1:]
+    assert held[:4] == [world["held_id"], HOSTILE_SENDER, "alice@example.test",
+                        "tagged by the test check"]
+    assert re.fullmatch(r"\d+s", held[4]), held
     # Recent deliveries: the two to the live sink (and the refused one's bounce is not one).
     delivered = [r for r in page.rows["deliveries"][1:] if r[4] == "delivered"]
     assert sorted(r[2] for r in delivered)[:2] == ["bob0@[127.0.0.1]", "bob1@[127.0.0.1]"]
@@ -214,8 +229,8 @@ def test_the_dom_shows_the_queue_deliveries_failures_and_tls(world):
     # TLS per destination: smtp-sink offers no STARTTLS, so both went in clear.
     assert page.row("tls", "remote:[127.0.0.1]")[1:4] == ["0", "0", "2"]
     assert page.row("tls", "remote:[127.0.0.1]")[4] == "none"
-    # Throughput of the last hour: 6 received, 2 delivered, the 3 deferrals, 1 bounced.
-    assert page.series["received"] == 6  # (the bounce is a dsn event, not mail received)
+    # Throughput of the last hour: 7 received (one held), 2 delivered, the 3 deferrals, 1 bounced.
+    assert page.series["received"] == 7  # (the bounce is a dsn event, not mail received)
     assert page.series["delivered"] == 2
     assert page.series["deferred"] >= 3
     assert page.series["bounced"] == 1

@@ -404,7 +404,8 @@ def build_status(mta: MTAService, endpoint: str) -> IService:
 
     service = status_service(mta.reactor, endpoint, queue=mta.context.store,
                              settings=lambda: mta.config.status,
-                             hostname=lambda: mta.config.hostname, clock=mta.reactor.seconds)
+                             hostname=lambda: mta.config.hostname, clock=mta.reactor.seconds,
+                             held=lambda: getattr(mta.runner, "held", ()))
     service.setName("status")
     return service
 

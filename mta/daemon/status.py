@@ -11,6 +11,11 @@ What it shows, and where each part comes from:
   rows as ``mta queue list --summary``), and the oldest message.  At most
   :data:`MAX_SCAN` envelopes are read per request (the page says so when the
   queue is larger: the counts are then of the oldest ones);
+* the held (quarantined) messages (issue 17's hold queue): those of the
+  runner's held set (``held()``, :attr:`mta.queue.runner.QueueRunner.held`) and
+  any other envelope read with a hold (a worker's), at most :data:`MAX_HELD`,
+  oldest first, each with its sender, recipients, why it is held
+  (``Envelope.hold``) and its age;
 * recent deliveries and failures with their replies, the TLS outcome per
   destination, and the throughput of the last hour: kept in memory by
   :class:`StatusRecorder`, a log observer fed by the ``queued``, ``delivery``
@@ -37,7 +42,7 @@ import binascii
 import hmac
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, Protocol
 
 from twisted.application.service import Service
@@ -63,6 +68,7 @@ MAX_TLS_DESTINATIONS = 500
 MAX_SCAN = 5000  # envelopes read per request
 MAX_ROWS = 50  # rows of each queue table (then one "other" row)
 MAX_TEXT = 500  # characters of a reply or an address kept
+MAX_HELD = 100  # held messages listed
 
 
 def _text(value: Any) -> str:
@@ -191,7 +197,29 @@ def _capped(rows: list[Row]) -> list[Row]:
     return rows[:MAX_ROWS + 1] + [(f"({len(rest)} more)", sum(counts), counts)]
 
 
-def snapshot(hostname: str, queue: QueueReader, recorder: StatusRecorder, now: float) -> Snapshot:
+def _held(queue: QueueReader, envelopes: list[Envelope], held_ids: Collection[str]) -> \
+        tuple[list[Envelope], int]:
+    """The held envelopes (at most MAX_HELD, oldest first) and how many are held:
+    those read with a hold, and the ``held_ids`` not among them (past MAX_SCAN)."""
+    found = {e.id: e for e in envelopes if e.hold}
+    missing = [i for i in held_ids if i not in found]
+    total = len(found) + len(missing)
+    for queue_id in sorted(missing)[:max(0, MAX_HELD - len(found))]:
+        try:
+            env = queue.load(queue_id)
+        except (OSError, ValueError, KeyError, TypeError):
+            total -= 1  # released, deleted or unreadable meanwhile
+            continue
+        if env.hold:
+            found[env.id] = env
+        else:
+            total -= 1
+    held = sorted(found.values(), key=lambda e: e.created)[:MAX_HELD]
+    return held, total
+
+
+def snapshot(hostname: str, queue: QueueReader, recorder: StatusRecorder, now: float,
+             held_ids: Collection[str] = ()) -> Snapshot:
     ids = queue.ids()
     envelopes: list[Envelope] = []
     unreadable = 0
@@ -208,6 +236,7 @@ def snapshot(hostname: str, queue: QueueReader, recorder: StatusRecorder, now: f
                      f"{MAX_SCAN}.")
     if recorder.errors:
         notes.append(f"{recorder.errors} log events could not be read.")
+    held, held_total = _held(queue, envelopes, held_ids)
     return Snapshot(
         hostname=hostname, now=now, queued=len(ids), scanned=len(envelopes),
         unreadable=unreadable,
@@ -216,7 +245,7 @@ def snapshot(hostname: str, queue: QueueReader, recorder: StatusRecorder, now: f
         oldest=min(envelopes, key=lambda e: e.created, default=None),
         deliveries=list(recorder.deliveries), failures=list(recorder.failures),
         tls=sorted(recorder.tls.items()), throughput=recorder.throughput.last_hour(now),
-        notes=notes)
+        notes=notes, held=held, held_total=held_total)
 
 
 # --- HTTP ----------------------------------------------------------------------------------
@@ -340,12 +369,14 @@ class StatusService(Service):
 
 def status_service(reactor: Any, endpoint: str, *, queue: QueueReader,
                    settings: Callable[[], StatusConfig], hostname: Callable[[], str],
-                   clock: Callable[[], float]) -> StatusService:
-    """The status page on ``endpoint``, reading the ``queue`` and the running
-    ``settings()`` and ``hostname()`` at each request; ``clock()`` is the time."""
+                   clock: Callable[[], float],
+                   held: Callable[[], Collection[str]] = tuple) -> StatusService:
+    """The status page on ``endpoint``, reading the ``queue``, the ids of the held
+    messages (``held()``) and the running ``settings()`` and ``hostname()`` at each
+    request; ``clock()`` is the time."""
     recorder = StatusRecorder(clock)
 
     def page() -> str:
-        return render(snapshot(hostname(), queue, recorder, clock()))
+        return render(snapshot(hostname(), queue, recorder, clock(), list(held())))
 
     return StatusService(reactor, endpoint, recorder, StatusResource(settings, page))

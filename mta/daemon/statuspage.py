@@ -5,7 +5,7 @@ JavaScript; the throughput charts are inline SVG.
 Every value that came from mail or from a peer (addresses, replies, host names,
 queue ids, TLS descriptions) goes through :func:`esc` (``html.escape`` with
 quotes), in text and in attributes alike.  Sections have stable ids
-(``queue-destinations``, ``queue-reasons``, ``oldest``, ``deliveries``,
+(``queue-destinations``, ``queue-reasons``, ``oldest``, ``held``, ``deliveries``,
 ``failures``, ``tls``, ``throughput``) for tests and for whoever scrapes it.
 """
 
@@ -63,7 +63,8 @@ class Snapshot:
     tls: list[tuple[str, TLSCount]]
     throughput: list[tuple[float, list[int]]]
     notes: list[str] = field(default_factory=list)
-
+    held: list[Envelope] = field(default_factory=list)  # the hold queue (issue 17), oldest first
+    held_total: int = 0  # messages held (held lists at most status.MAX_HELD)
 
 
 CHART_W, CHART_H = 360, 100  # the plot area of a chart, in SVG user units
@@ -131,6 +132,27 @@ def _oldest(snap: Snapshot) -> str:
             f"{env.size} octets, to {esc(', '.join(destinations(env)))}.</p>"
             f"<table><thead><tr><th>recipient</th><th>state</th><th>attempts</th>"
             f"<th>last reply</th></tr></thead><tbody>{rows}</tbody></table>{more}</section>")
+
+
+def _held(snap: Snapshot) -> str:
+    title = "Held messages (the hold queue: released by mta queue release ID)"
+    if not snap.held:
+        return f'<section id="held"><h2>{esc(title)}</h2><p>No message is held.</p></section>'
+    rows = []
+    for env in snap.held:
+        pending = [r.original or r.address for r in env.recipients if not r.state.final]
+        shown = ", ".join(pending[:5]) + (f" and {len(pending) - 5} more" if len(pending) > 5
+                                          else "")
+        rows.append(f'<tr data-row="{esc(env.id)}"><td><code>{esc(env.id)}</code></td>'
+                    f"<td>{esc(env.sender or '<>')}</td><td>{esc(shown)}</td>"
+                    f'<td class="reply">{esc(env.hold)}</td>'
+                    f'<td class="n">{esc(age(snap.now - env.created))}</td></tr>')
+    more = (f"<p>and {snap.held_total - len(snap.held)} more held messages</p>"
+            if snap.held_total > len(snap.held) else "")
+    return (f'<section id="held"><h2>{esc(title)}</h2><p>{snap.held_total} held.</p>'
+            f"<table><thead><tr><th>queue id</th><th>sender</th><th>recipients</th>"
+            f"<th>held because</th><th>age</th></tr></thead><tbody>{''.join(rows)}</tbody>"
+            f"</table>{more}</section>")
 
 
 def _notes_table(section: str, title: str, notes: list[Note], empty: str) -> str:
@@ -209,6 +231,7 @@ def render(snap: Snapshot) -> str:
         + _shape_table("queue-reasons", "Queue by deferral reason and age", "reason",
                        snap.by_reason)
         + _oldest(snap)
+        + _held(snap)
         + _notes_table("deliveries", "Recent deliveries", snap.deliveries,
                        "No delivery since start.")
         + _notes_table("failures", "Recent failures (bounced or expired)", snap.failures,
