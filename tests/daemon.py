@@ -52,8 +52,10 @@ def twistd() -> str:
 
 
 class Daemon:
-    def __init__(self, root: Path, config_path: Path, port: int) -> None:
+    def __init__(self, root: Path, config_path: Path, port: int,
+                 env: dict[str, str] | None = None) -> None:
         self.root = root
+        self.env = env or {}  # added to the daemon's environment (SSL_CERT_FILE, ...)
         self.config_path = config_path
         self.port = port
         self.proc: subprocess.Popen | None = None
@@ -62,6 +64,7 @@ class Daemon:
     def start(self, timeout: float = 20.0) -> None:
         env = dict(os.environ)
         env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+        env.update(self.env)
         self.proc = subprocess.Popen(
             [twistd(), "-n", "--pidfile=", "-l", str(self.log), "mta", "--config", str(self.config_path)],
             cwd=self.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -48,6 +48,15 @@ Scripting, all optional:
   octets are dropped.  The message's ``data`` and ``raw`` are the chunks'
   octets, ``chunks`` their sizes.  A message over ``MAX_MESSAGE`` octets
   (DATA or BDAT) is refused with 552 and the connection closed.
+
+For tests whose MTA is another process (the twistd daemon of tests/daemon.py,
+whose reactor is not the test's), ``python -m tests.sink --listen HOST:PORT
+[--tls-ca FILE]`` runs a sink in a process of its own: with ``--tls-ca`` it
+offers STARTTLS with a trustme certificate for HOST (a name or an address
+literal's IP) and writes the CA certificate that issued it to FILE.  It prints
+``ready`` once listening, then one JSON line per accepted message (sender,
+recipients, tls, the TLS version, helo, the client's address) as it comes; it
+stops at SIGTERM.
 """
 
 from __future__ import annotations
@@ -663,3 +672,52 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> Non
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         await deferLater(reactor, 0.01, lambda: None)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The sink in a process of its own (see the module's docstring)."""
+    import argparse
+    import json
+
+    from twisted.internet.task import LoopingCall
+
+    parser = argparse.ArgumentParser(prog="python -m tests.sink")
+    parser.add_argument("--listen", required=True, metavar="HOST:PORT")
+    parser.add_argument("--tls-ca", metavar="FILE", help="offer STARTTLS; write the CA here")
+    args = parser.parse_args(argv)
+    host, _, port = args.listen.rpartition(":")
+    options: dict[str, Any] = {}
+    if args.tls_ca:
+        import trustme
+
+        ca = trustme.CA()
+        options["tls"] = ca.issue_cert(host)
+        ca.cert_pem.write_to_path(args.tls_ca)
+    started: list[Sink] = []
+    reported: set[int] = set()
+
+    def report() -> None:
+        for sink in started:
+            for session in sink.sessions:
+                for m in session.messages:
+                    if m.accepted and id(m) not in reported:
+                        reported.add(id(m))
+                        print(json.dumps({"sender": m.sender, "recipients": m.recipients,
+                                          "tls": m.tls, "tls_version": session.tls_version,
+                                          "helo": m.helo, "peer": session.peer}), flush=True)
+
+    async def start() -> None:
+        started.append(await start_sink(host, int(port), **options))
+        LoopingCall(report).start(0.05)
+        print("ready", flush=True)
+
+    def failed(failure: Failure) -> None:
+        print(f"failed: {failure.value}", flush=True)
+        reactor.stop()
+
+    reactor.callWhenRunning(lambda: Deferred.fromCoroutine(start()).addErrback(failed))
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main()

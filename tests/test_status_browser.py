@@ -5,7 +5,10 @@ loopback (basic-auth password and bearer token), three real destinations
 reached by address literal (no DNS): Postfix's smtp-sink on 127.0.0.1, which
 takes everything; nothing on 127.0.0.2 (a dead destination: the mail waits);
 and smtp-sink on 127.0.0.3 refusing every RCPT with a reply that carries
-markup.  The messages' sender is a quoted local part holding a ``<script>``
+markup; and a TLS peer on 127.0.0.4 (tests/sink.py in a process of its own,
+STARTTLS with a trustme certificate for that address, whose CA the daemon
+trusts through SSL_CERT_FILE), the smarthost of two route-table domains: one
+at ``tls = "verify"`` and one at ``encrypt``.  The messages' sender is a quoted local part holding a ``<script>``
 element.  The quarantining check of tests/test_hold.py, added by configuration,
 holds one message for a local mailbox (issue 17's hold queue).  chromium (tests/chromium.py) loads the page with ``--dump-dom``, over
 the DevTools protocol with script execution disabled, and with ``--screenshot``;
@@ -20,11 +23,14 @@ import re
 import smtplib
 import struct
 import subprocess
+import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 import zlib
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
 
@@ -74,6 +80,14 @@ enabled = false
 mx_port = {sink_port}
 retry_schedule = [3600]
 connect_timeout = 2
+
+[delivery.route."verified.test"]
+smarthost = "[127.0.0.4]:{tls_port}"
+tls = "verify"
+
+[delivery.route."encrypted.test"]
+smarthost = "[127.0.0.4]:{tls_port}"
+tls = "encrypt"
 """
 
 
@@ -148,10 +162,47 @@ def start_sink(address: str, port: int, *refuse: str) -> subprocess.Popen:
     raise RuntimeError(f"smtp-sink on {address}:{port} did not start")
 
 
-def send(port: int, recipient: str, subject: str) -> str:
+class TLSSink:
+    """tests/sink.py in a process of its own (``python -m tests.sink``), offering
+    STARTTLS with a trustme certificate for ``address``; ``ca_file`` is its CA."""
+
+    def __init__(self, address: str, port: int, ca_file: Path) -> None:
+        self.ca_file = ca_file
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.sink", "--listen", f"{address}:{port}",
+             "--tls-ca", str(ca_file)],
+            cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        deadline = time.monotonic() + 20
+        while "ready" not in self.lines:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"tests.sink did not start: {self.lines}")
+            time.sleep(0.05)
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.strip())
+
+    def messages(self) -> list[dict]:
+        import json
+
+        return [json.loads(line) for line in self.lines if line.startswith("{")]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        self.proc.wait(10)
+
+
+def send(port: int, recipient: str, subject: str, sender: str = HOSTILE_SENDER) -> str:
     with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
         s.ehlo("client.test")
-        code, _ = s.docmd(f"MAIL FROM:<{HOSTILE_SENDER}>")
+        code, _ = s.docmd(f"MAIL FROM:<{sender}>")
         assert code == 250
         assert s.docmd(f"RCPT TO:<{recipient}>")[0] == 250
         code, text = s.data(f"Subject: {subject}\r\n\r\nstatus page test\r\n".encode())
@@ -162,13 +213,15 @@ def send(port: int, recipient: str, subject: str) -> str:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("status")
-    port, status_port, sink_port = free_port(), free_port(), free_port()
+    port, status_port, sink_port, tls_port = free_port(), free_port(), free_port(), free_port()
     write_domain(root / "domains", "example.test", {"alice": PASSWORD})
     config = root / "mta.toml"
     config.write_text(CONFIG.format(port=port, status_port=status_port, sink_port=sink_port,
-                                    token=TOKEN, password=STATUS_PASSWORD) + HOLD_CHECKS)
+                                    tls_port=tls_port, token=TOKEN, password=STATUS_PASSWORD)
+                      + HOLD_CHECKS)
     sinks = [start_sink("127.0.0.1", sink_port), start_sink("127.0.0.3", sink_port, "rcpt")]
-    daemon = Daemon(root, config, port)
+    tls_sink = TLSSink("127.0.0.4", tls_port, root / "ca.pem")
+    daemon = Daemon(root, config, port, env={"SSL_CERT_FILE": str(tls_sink.ca_file)})
     try:
         daemon.start()
         for i in range(2):
@@ -177,22 +230,27 @@ def world(tmp_path_factory):
             send(port, f"carol{i}@[127.0.0.2]", f"dead {i}")
         send(port, "dave@[127.0.0.3]", "refused")
         held_id = send(port, "alice@example.test", "[quarantine] held")
+        # (tests/sink.py parses MAIL FROM by spaces: a plain sender for it)
+        send(port, "erin@verified.test", "over verified TLS", "ops@example.test")
+        send(port, "frank@encrypted.test", "over TLS, not verified", "ops@example.test")
         bearer = f"Bearer {TOKEN}"
         deadline = time.monotonic() + 30
         while True:  # until every attempt has been made (the page's own counts)
             page = Page(fetch(status_port, bearer)[2])
-            done = (len(page.rows.get("deliveries", [])) >= 3
+            done = (len(page.rows.get("deliveries", [])) >= 5
                     and len(page.rows.get("failures", [])) >= 2
                     and page.series.get("deferred", 0) >= 3
-                    and page.series.get("received", 0) >= 7)
+                    and page.series.get("received", 0) >= 9)
             if done:
                 break
             assert time.monotonic() < deadline, f"deliveries not made:\n{daemon.read_log()}"
             time.sleep(0.2)
         yield {"root": root, "daemon": daemon, "status_port": status_port, "held_id": held_id,
+               "tls_sink": tls_sink,
                "url": f"http://admin:{STATUS_PASSWORD}@127.0.0.1:{status_port}/"}
     finally:
         daemon.kill()
+        tls_sink.stop()
         for sink in sinks:
             sink.terminate()
             sink.wait(10)
@@ -221,7 +279,8 @@ def test_the_dom_shows_the_queue_deliveries_failures_and_tls(world):
     # Recent deliveries: the two to the live sink (and the refused one's bounce is not one).
     delivered = [r for r in page.rows["deliveries"][1:] if r[4] == "delivered"]
     assert sorted(r[2] for r in delivered)[:2] == ["bob0@[127.0.0.1]", "bob1@[127.0.0.1]"]
-    assert all(r[3] == "remote:[127.0.0.1]" and r[7].startswith("250") for r in delivered)
+    assert all(r[3] == "remote:[127.0.0.1]" and r[7].startswith("250") for r in delivered
+               if r[2].startswith("bob"))
     # The failure with the peer's reply, markup shown as text, not run.
     failure = next(r for r in page.rows["failures"][1:] if r[2] == "dave@[127.0.0.3]")
     assert failure[4] == "failed"
@@ -229,9 +288,9 @@ def test_the_dom_shows_the_queue_deliveries_failures_and_tls(world):
     # TLS per destination: smtp-sink offers no STARTTLS, so both went in clear.
     assert page.row("tls", "remote:[127.0.0.1]")[1:4] == ["0", "0", "2"]
     assert page.row("tls", "remote:[127.0.0.1]")[4] == "none"
-    # Throughput of the last hour: 7 received (one held), 2 delivered, the 3 deferrals, 1 bounced.
-    assert page.series["received"] == 7  # (the bounce is a dsn event, not mail received)
-    assert page.series["delivered"] == 2
+    # Throughput of the last hour: 9 received (one held), 4 delivered, the 3 deferrals, 1 bounced.
+    assert page.series["received"] == 9  # (the bounce is a dsn event, not mail received)
+    assert page.series["delivered"] == 4
     assert page.series["deferred"] >= 3
     assert page.series["bounced"] == 1
     # The hostile sender is text on the page; no script element was created from it.
@@ -313,3 +372,22 @@ def test_the_credentials_are_never_logged(world):
     assert re.search(r"status page on http://127\.0\.0\.1:\d+/", log)
     assert TOKEN not in log and STATUS_PASSWORD not in log
     assert base64.b64encode(f"admin:{STATUS_PASSWORD}".encode()).decode() not in log
+
+
+def test_the_dom_shows_tls_verified_and_encrypted_from_a_real_tls_peer(world):
+    page = Page(chromium.run("--dump-dom", world["url"]).stdout)
+    tls = {r[0]: r[1:] for r in page.rows["tls"][1:]}
+    # Verified: the route's "verify", the trustme certificate for 127.0.0.4 checked
+    # against the CA the daemon trusts; encrypted: the route's "encrypt", not checked.
+    verified, encrypted = tls["remote:verified.test"], tls["remote:encrypted.test"]
+    assert verified[:3] == ["1", "0", "0"], tls
+    assert encrypted[:3] == ["0", "1", "0"], tls
+    assert re.match(r"TLSv1\.[23] ", verified[3]) and re.match(r"TLSv1\.[23] ", encrypted[3])
+    assert tls["remote:[127.0.0.1]"][:3] == ["0", "0", "2"]  # smtp-sink: clear
+    rows = {r[2]: r for r in page.rows["deliveries"][1:]}
+    assert rows["erin@verified.test"][6] == verified[3]
+    assert rows["erin@verified.test"][5].startswith("127.0.0.4")
+    # At the peer: both messages, each over TLS.
+    got = {m["recipients"][0]: m for m in world["tls_sink"].messages()}
+    assert set(got) == {"erin@verified.test", "frank@encrypted.test"}
+    assert all(m["tls"] and m["tls_version"].startswith("TLSv1.") for m in got.values())
