@@ -232,3 +232,48 @@ async def test_a_policy_host_with_the_wrong_certificate_fails(tmp_path, dns_serv
         assert "Hostname mismatch" in check["detail"]
     finally:
         await mta.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_configured_source_addresses_and_helo_name(tmp_path, dns_server, capsys) -> None:
+    # Mail leaves from delivery.bind_address / bind_address6 with EHLO delivery.helo_name
+    # (issue 18), not from the host name's address: SPF, FCrDNS and HELO are of those.
+    extra, _rsa, _ed = settings(tmp_path, dns_server)
+    extra["delivery"] = {"bind_address": "127.0.0.5", "bind_address6": "::1",
+                         "helo_name": "out.example.test"}
+    config = make_config(tmp_path, extra=extra)
+    records = {
+        "example.test": {"MX": [(10, HOST)], "TXT": ["v=spf1 mx -all"]},
+        HOST: {"A": ["127.0.0.1"]},  # the MX (and the SPF "mx"): not where mail leaves from
+        "5.0.0.127.in-addr.arpa": {"PTR": ["out.example.test"]},
+        "out.example.test": {"A": ["127.0.0.5"], "AAAA": ["::1"]},
+        "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.ip6.arpa":
+            {"PTR": [HOST]},  # the IPv6 address's PTR names the host, which has no AAAA
+    }
+    dns_server.load(records)
+    code, text, data = await run(config, capsys)
+    checks = by_record(data)
+    assert code == 1
+    spf = checks[("SPF", "example.test")]
+    assert spf["ok"] is False
+    assert spf["detail"] == "'v=spf1 mx -all' gives fail for 127.0.0.5, fail for ::1"
+    assert 'example.test. 3600 IN TXT "v=spf1 ip4:127.0.0.5 ip6:::1 mx -all"' in text
+    assert checks[("FCrDNS", "127.0.0.5")]["ok"] is True
+    assert checks[("HELO", "127.0.0.5")]["ok"] is True
+    assert checks[("HELO", "127.0.0.5")]["detail"] == ("EHLO name out.example.test is the "
+                                                       "confirmed PTR name of 127.0.0.5")
+    assert checks[("FCrDNS", "::1")]["detail"] == f"PTR {HOST} does not resolve back to ::1"
+    assert checks[("HELO", "::1")]["fix"] == ("set the PTR of ::1 to out.example.test (or "
+                                              "delivery.helo_name to its name)")
+    assert ("FCrDNS", "127.0.0.1") not in checks  # the host name's address sends nothing
+
+    # Published as suggested: SPF passes for both source addresses.
+    records["example.test"]["TXT"] = ["v=spf1 ip4:127.0.0.5 ip6:::1 mx -all"]
+    records["1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.ip6.arpa"] = \
+        {"PTR": ["out.example.test"]}
+    dns_server.load(records)
+    code, text, data = await run(config, capsys)
+    checks = by_record(data)
+    assert checks[("SPF", "example.test")]["ok"] is True, checks[("SPF", "example.test")]
+    assert checks[("SPF", "example.test")]["detail"].endswith("pass for 127.0.0.5, ::1")
+    assert all(checks[(r, ip)]["ok"] for r in ("FCrDNS", "HELO") for ip in ("127.0.0.5", "::1"))

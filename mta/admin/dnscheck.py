@@ -7,9 +7,10 @@ one PASS/FAIL line per record with the fix:
 
 * ``MX``: ``<domain> MX 10 <hostname>`` (RFC 5321 §5.1);
 * ``SPF``: one ``v=spf1`` TXT record (RFC 7208 §4.5); it passes when SPF,
-  evaluated with pyspf (the check the receivers run), gives ``pass`` for every
-  address our host name has: the addresses we send from (the MTA binds no
-  other source address).  Suggested: ``v=spf1 mx -all``;
+  evaluated with pyspf (the check the receivers run, with our HELO name),
+  gives ``pass`` for every outgoing address (below).  Suggested:
+  ``v=spf1 mx -all``, with ``ip4:``/``ip6:`` of the configured source
+  addresses before ``mx`` when there are any;
 * ``DKIM``: for each ``[[dkim.keys]]`` of the domain, the TXT record of the
   public key derived from the private key file (RFC 6376 §3.6.1, RFC 8463);
   passes when the published ``p=`` is that key;
@@ -28,9 +29,17 @@ and once for the host:
 
 * ``TLSA`` when ``[tls]`` has a certificate: ``_25._tcp.<hostname> TLSA 3 1 1``
   (DANE-EE, SPKI, SHA-256: RFC 7671 §5.1, RFC 7672 §3.1.1) of that certificate;
-* ``FCrDNS``: for each address of the host name, a PTR whose name resolves
-  back to the address (forward-confirmed reverse DNS), and ``HELO``: whether
-  the host name (our EHLO name) is one of those PTR names.
+* ``FCrDNS``: for each outgoing address, a PTR whose name resolves back to
+  the address (forward-confirmed reverse DNS), and ``HELO``: whether the HELO
+  name we send (``delivery.helo_name``, else ``hostname``) is one of those
+  PTR names.
+
+The outgoing addresses (:func:`outgoing_addresses`) are those mail leaves
+from: ``delivery.bind_address`` (IPv4) and ``delivery.bind_address6`` (IPv6)
+where set (issue 18's source addresses, as Postfix's smtp_bind_address), and
+for a family left unset, the host name's A or AAAA addresses (the kernel
+chooses the source; on a host with one address per family that is it).
+Route-table entries' own source addresses are not checked.
 
 DNS is asked with dnspython, synchronously: this is a command, not the event
 loop, and dnspython (already the DNS client of pyspf and dkimpy here) knows
@@ -176,11 +185,20 @@ def check_mx(lookup: Lookup, domain: str, hostname: str) -> Check:
     return Check("MX", domain, False, detail, publish, f"publish {publish}", answer.values)
 
 
+def spf_value(bound: Sequence[str]) -> str:
+    """The SPF record to suggest: the configured source addresses, then ``mx``."""
+    ips = [f"ip{ipaddress.ip_address(a).version}:{a}" for a in bound]
+    return " ".join(["v=spf1", *ips, "mx", "-all"])
+
+
 def check_spf(lookup: Lookup, domain: str, hostname: str, addresses: list[str],
-              config: Config) -> Check:
+              config: Config, helo: str | None = None, bound: Sequence[str] = ()) -> Check:
+    """SPF for mail from ``domain`` sent from each of ``addresses`` with EHLO
+    ``helo`` (default ``hostname``); ``bound``: the configured source addresses."""
     from mta.policy.spf import install_pyspf_dns_hook, make_dns_lookup, run_pyspf
 
-    value = "v=spf1 mx -all"
+    helo = helo or hostname
+    value = spf_value(bound)
     publish = _txt_zone(domain, value)
     answer, records = _txt_records(lookup, domain, "v=spf1")
     if answer.status == "error":
@@ -195,7 +213,7 @@ def check_spf(lookup: Lookup, domain: str, hostname: str, addresses: list[str],
                      "to check it with", publish, f"give {hostname} an A/AAAA record", records)
     install_pyspf_dns_hook()
     spf_lookup = make_dns_lookup(config.dns)
-    results = {ip: run_pyspf(spf_lookup, ip, f"postmaster@{domain}", hostname, hostname,
+    results = {ip: run_pyspf(spf_lookup, ip, f"postmaster@{domain}", helo, hostname,
                              time.time()).result for ip in addresses}
     bad = {ip: r for ip, r in results.items() if r != "pass"}
     if not bad:
@@ -407,8 +425,23 @@ def host_addresses(lookup: Lookup, hostname: str) -> tuple[list[str], Answer | N
     return addresses, None
 
 
+def outgoing_addresses(config: Config, host: list[str]) -> tuple[list[str], list[str]]:
+    """``(outgoing, bound)``: the addresses mail leaves from (see the module's
+    docstring) and of them the configured ones; ``host``: the host name's addresses."""
+    d = config.delivery
+    bound = [a for a in (d.bind_address, d.bind_address6) if a]
+    out = list(bound)
+    for version, configured in ((4, d.bind_address), (6, d.bind_address6)):
+        if not configured:
+            out += [a for a in host if ipaddress.ip_address(a).version == version]
+    return out, bound
+
+
 def check_reverse(lookup: Lookup, hostname: str, addresses: list[str],
-                  failed: Answer | None) -> list[Check]:
+                  failed: Answer | None, helo: str | None = None) -> list[Check]:
+    """FCrDNS of each outgoing address, and whether ``helo`` (our EHLO name,
+    default ``hostname``) is its confirmed PTR name."""
+    helo = helo or hostname
     if failed is not None:
         return [_dns_failed("FCrDNS", hostname, failed, "")]
     if not addresses:
@@ -418,7 +451,7 @@ def check_reverse(lookup: Lookup, hostname: str, addresses: list[str],
     for ip in addresses:
         ptr_name = dns.reversename.from_address(ip).to_text(omit_final_dot=True)
         answer = lookup(ptr_name, "PTR")
-        publish = f"{ptr_name}. {TTL} IN PTR {hostname}.  ; at the address's owner (ISP, host)"
+        publish = f"{ptr_name}. {TTL} IN PTR {helo}.  ; at the address's owner (ISP, host)"
         if answer.status == "error":
             checks.append(_dns_failed("FCrDNS", ip, answer, publish))
             checks.append(_dns_failed("HELO", ip, answer, publish))
@@ -435,18 +468,19 @@ def check_reverse(lookup: Lookup, hostname: str, addresses: list[str],
         elif answer.values:
             checks.append(Check("FCrDNS", ip, False, f"PTR {', '.join(answer.values)} does not "
                                 f"resolve back to {ip}", publish,
-                                f"point the PTR at {hostname} (whose address is {ip})",
+                                f"point the PTR at {helo} (whose address is {ip})",
                                 answer.values))
         else:
             checks.append(Check("FCrDNS", ip, False, f"no PTR for {ip}", publish,
                                 f"ask the address's owner to set {publish.split(';')[0].strip()}"))
-        if hostname in confirmed:
-            checks.append(Check("HELO", ip, True, f"EHLO name {hostname} is the confirmed PTR "
+        name_setting = "delivery.helo_name" if helo != hostname else "hostname"
+        if helo in confirmed:
+            checks.append(Check("HELO", ip, True, f"EHLO name {helo} is the confirmed PTR "
                                 f"name of {ip}", publish, found=answer.values))
         else:
-            checks.append(Check("HELO", ip, False, f"EHLO name {hostname} is not the confirmed "
+            checks.append(Check("HELO", ip, False, f"EHLO name {helo} is not the confirmed "
                                 f"PTR name of {ip}", publish,
-                                f"set the PTR of {ip} to {hostname} (or hostname to its name)",
+                                f"set the PTR of {ip} to {helo} (or {name_setting} to its name)",
                                 answer.values))
     return checks
 
@@ -467,12 +501,16 @@ def run_checks(config: Config, domains: Sequence[str], lookup: Lookup | None = N
     from ``https_port`` (443 but in tests)."""
     lookup = lookup or Lookup(config)
     hostname = config.hostname.lower().rstrip(".")
-    addresses, failed = host_addresses(lookup, hostname)
+    helo = (config.delivery.helo_name or hostname).lower().rstrip(".")
+    host_ips, failed = host_addresses(lookup, hostname)
+    addresses, bound = outgoing_addresses(config, host_ips)
+    if failed is not None and len(bound) == 2:
+        failed = None  # both source addresses configured: the host's are not needed
     policy = policy_text(config.mta_sts, hostname)
     reports = []
     for domain in domains:
         checks = [check_mx(lookup, domain, hostname),
-                  check_spf(lookup, domain, hostname, addresses, config)]
+                  check_spf(lookup, domain, hostname, addresses, config, helo, bound)]
         checks += [check_dkim(lookup, d, selector, key) for d, selector, key in config.dkim.keys
                    if d == domain]
         sts_host = check_mta_sts_host(lookup, domain, hostname)
@@ -484,7 +522,7 @@ def run_checks(config: Config, domains: Sequence[str], lookup: Lookup | None = N
     host = []
     if config.tls.cert_file is not None:
         host.append(check_tlsa(lookup, hostname, config.tls.cert_file))
-    host += check_reverse(lookup, hostname, addresses, failed)
+    host += check_reverse(lookup, hostname, addresses, failed, helo)
     return reports, host
 
 
