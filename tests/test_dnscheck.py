@@ -277,3 +277,63 @@ async def test_the_configured_source_addresses_and_helo_name(tmp_path, dns_serve
     assert checks[("SPF", "example.test")]["ok"] is True, checks[("SPF", "example.test")]
     assert checks[("SPF", "example.test")]["detail"].endswith("pass for 127.0.0.5, ::1")
     assert all(checks[(r, ip)]["ok"] for r in ("FCrDNS", "HELO") for ip in ("127.0.0.5", "::1"))
+
+
+def served_certificate(port: int, server_name: str) -> bytes:
+    """The certificate (DER) the MX listener presents after STARTTLS to a client
+    asking for ``server_name`` by SNI, as a DANE client does (RFC 7672 §8.1)."""
+    import smtplib
+    import ssl
+
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # only looking
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+        s._host = server_name  # smtplib sends its connect host as the SNI name
+        s.starttls(context=context)
+        return s.sock.getpeercert(binary_form=True)
+
+
+def spki_sha256(der: bytes) -> str:
+    spki = x509.load_der_x509_certificate(der).public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(spki).hexdigest()
+
+
+@pytest_twisted.ensureDeferred
+async def test_tlsa_of_the_cert_dir_certificate_served_for_the_mx_name(tmp_path, dns_server,
+                                                                      capsys) -> None:
+    # tls.cert_dir holds a certificate (another key) for the MX name: the listener
+    # serves it to clients asking for mx.example.test, so that is the one for TLSA.
+    extra, _rsa, _ed = settings(tmp_path, dns_server)
+    by_name = tmp_path / "certs" / HOST.upper()  # directory names match in any case
+    by_name.mkdir(parents=True)
+    cert = shared_ca().issue_cert(HOST)
+    cert.cert_chain_pems[0].write_to_path(str(by_name / "fullchain.pem"))
+    cert.private_key_pem.write_to_path(str(by_name / "privkey.pem"))
+    (tmp_path / "certs" / "other.example.test").mkdir()  # (no certificate in it)
+    extra["tls"] = {"cert_dir": str(tmp_path / "certs")}
+    mta = await start_mta(tmp_path, extra=extra)
+    try:
+        served = await in_thread(served_certificate, mta.port("mx"), HOST)
+        default = await in_thread(served_certificate, mta.port("mx"), "localhost")
+    finally:
+        await mta.stop()
+    assert spki_sha256(served) == tlsa_data(by_name / "fullchain.pem")
+    assert spki_sha256(default) == tlsa_data(mta.config.tls.cert_file) != spki_sha256(served)
+    name = f"_25._tcp.{HOST}"
+    # Published: the default certificate's TLSA, which no DANE client is shown.
+    dns_server.load({name: {"TLSA": [(3, 1, 1, spki_sha256(default))]}})
+    code, text, data = await run(mta.config, capsys)
+    check = by_record(data)[("TLSA", name)]
+    assert check["ok"] is False
+    assert check["detail"] == (f"the TLSA of tls.cert_file ({mta.config.tls.cert_file}), but a "
+                               f"DANE client, which asks for {HOST} by SNI (RFC 7672 §8.1), "
+                               f"is served {by_name / 'fullchain.pem'}")
+    assert f"{name}. 3600 IN TLSA 3 1 1 {spki_sha256(served)}" in text
+    # Published as shown: passes, naming the certificate.
+    dns_server.load({name: {"TLSA": [(3, 1, 1, spki_sha256(served))]}})
+    code, text, data = await run(mta.config, capsys)
+    check = by_record(data)[("TLSA", name)]
+    assert check["ok"] is True, check
+    assert check["detail"] == (f"3 1 1 of {by_name / 'fullchain.pem'} (tls.cert_dir, served "
+                               f"for {HOST} by SNI)")

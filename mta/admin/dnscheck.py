@@ -28,7 +28,11 @@ one PASS/FAIL line per record with the fix:
 and once for the host:
 
 * ``TLSA`` when ``[tls]`` has a certificate: ``_25._tcp.<hostname> TLSA 3 1 1``
-  (DANE-EE, SPKI, SHA-256: RFC 7671 §5.1, RFC 7672 §3.1.1) of that certificate;
+  (DANE-EE, SPKI, SHA-256: RFC 7671 §5.1, RFC 7672 §3.1.1) of the certificate
+  our MX presents for the host name: a DANE client sends the MX name by SNI
+  (RFC 7672 §8.1), so it is ``tls.cert_dir``'s ``<hostname>/fullchain.pem``
+  when there is one (as :func:`mta.system.tls.server_tls` chooses), else
+  ``tls.cert_file``;
 * ``FCrDNS``: for each outgoing address, a PTR whose name resolves back to
   the address (forward-confirmed reverse DNS), and ``HELO``: whether the HELO
   name we send (``delivery.helo_name``, else ``hostname``) is one of those
@@ -395,22 +399,34 @@ def tlsa_data(cert_file: Any) -> str:
     return association(cert, 1, 1).hex()
 
 
-def check_tlsa(lookup: Lookup, hostname: str, cert_file: Any) -> Check:
+def check_tlsa(lookup: Lookup, hostname: str, cert_file: Any, default: Any = None) -> Check:
+    """The TLSA record of ``cert_file``: tls.cert_file's, or (``default`` given: that
+    is tls.cert_file) tls.cert_dir's certificate for ``hostname``, chosen by SNI."""
     name = f"_25._tcp.{hostname}"
     from OpenSSL import crypto
 
+    by_sni = default is not None
+    source = f"{cert_file} (tls.cert_dir, served for {hostname} by SNI)" if by_sni else cert_file
+    setting = "tls.cert_dir" if by_sni else "tls.cert_file"
     try:
         data = tlsa_data(cert_file)
     except (OSError, ValueError, crypto.Error) as e:
-        return Check("TLSA", name, False, f"cannot read {cert_file}: {e}", None, "fix tls.cert_file")
+        return Check("TLSA", name, False, f"cannot read {source}: {e}", None, f"fix {setting}")
     expected = f"3 1 1 {data}"
     publish = f"{name}. {TTL} IN TLSA {expected}"
     answer = lookup(name, "TLSA")
     if answer.status == "error":
         return _dns_failed("TLSA", name, answer, publish)
     if expected in answer.values:
-        return Check("TLSA", name, True, f"3 1 1 of {cert_file}", publish, found=answer.values)
+        return Check("TLSA", name, True, f"3 1 1 of {source}", publish, found=answer.values)
     detail = "other TLSA data (the certificate's key changed?)" if answer.values else answer.describe()
+    if by_sni and answer.values:
+        try:
+            if f"3 1 1 {tlsa_data(default)}" in answer.values:
+                detail = (f"the TLSA of tls.cert_file ({default}), but a DANE client, which "
+                          f"asks for {hostname} by SNI (RFC 7672 §8.1), is served {cert_file}")
+        except (OSError, ValueError, crypto.Error):
+            pass
     return Check("TLSA", name, False, detail, publish,
                  f"publish {publish} (DNSSEC-signed, or receivers ignore it)", answer.values)
 
@@ -521,7 +537,11 @@ def run_checks(config: Config, domains: Sequence[str], lookup: Lookup | None = N
         reports.append(DomainReport(domain, checks, policy))
     host = []
     if config.tls.cert_file is not None:
-        host.append(check_tlsa(lookup, hostname, config.tls.cert_file))
+        from mta.system.tls import sni_certificate
+
+        by_name = sni_certificate(config.tls, hostname)
+        host.append(check_tlsa(lookup, hostname, config.tls.cert_file) if by_name is None
+                    else check_tlsa(lookup, hostname, by_name, config.tls.cert_file))
     host += check_reverse(lookup, hostname, addresses, failed, helo)
     return reports, host
 

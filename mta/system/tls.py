@@ -93,6 +93,24 @@ def server_tls(config: TLSConfig) -> SNIContextFactory | ssl.CertificateOptions 
     return SNIContextFactory(default, by_name)
 
 
+def sni_certificate(config: TLSConfig, name: str) -> Path | None:
+    """The ``fullchain.pem`` of ``cert_dir`` that :func:`server_tls` serves to a client
+    asking for ``name`` by SNI (its directory's name, any case, with a ``privkey.pem``),
+    or None when none applies (the default ``cert_file`` is served)."""
+    if config.cert_dir is None:
+        return None
+    try:
+        entries = sorted(config.cert_dir.iterdir())
+    except OSError:
+        return None
+    wanted = name.lower().rstrip(".")
+    for d in entries:
+        if d.name.lower() == wanted and (d / "fullchain.pem").exists() \
+                and (d / "privkey.pem").exists():
+            return d / "fullchain.pem"
+    return None
+
+
 def describe_tls(transport: object) -> tuple[str, str]:
     """(protocol version, cipher name) of an established TLS transport, or ("", "")."""
     conn = None
