@@ -58,7 +58,8 @@ class SinkStats:
 
 
 async def _sink_session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                        context: ssl.SSLContext, stats: SinkStats, max_size: int) -> None:
+                        context: ssl.SSLContext, stats: SinkStats, max_size: int,
+                        print_counts: bool) -> None:
     stats.sessions += 1
     out: list[bytes] = [b"220 sink.bench.test ESMTP tls_load\r\n"]
     tls = False
@@ -95,6 +96,9 @@ async def _sink_session(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
                 await asyncio.wait_for(reader.readuntil(b"\r\n.\r\n"), READ_TIMEOUT)
                 stats.messages += 1
                 out.append(b"250 2.0.0 ok\r\n")
+                if print_counts:  # the running count, as smtp-sink -c shows it (run_load.py reads it)
+                    sys.stdout.write(f"mesg={stats.messages}\n")
+                    sys.stdout.flush()
             elif verb == b"QUIT":
                 writer.write(b"".join(out) + b"221 2.0.0 bye\r\n")
                 await writer.drain()
@@ -114,7 +118,8 @@ async def run_sink(args: argparse.Namespace) -> None:
     stats = SinkStats()
     host, port = args.listen
     server = await asyncio.start_server(
-        lambda r, w: _sink_session(r, w, context, stats, args.max_size), host, port,
+        lambda r, w: _sink_session(r, w, context, stats, args.max_size, args.print_counts),
+        host, port,
         limit=args.max_size, backlog=1024)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -253,6 +258,7 @@ def main() -> None:
     s.add_argument("--lifetime", type=float, default=3600)
     s.add_argument("--max-size", type=int, default=10 * 1024 * 1024)
     s.add_argument("--count-file")
+    s.add_argument("--print-counts", action="store_true", help="mesg=N on stdout per message")
     c = sub.add_parser("send")
     c.add_argument("--target", type=_address, required=True)
     c.add_argument("--messages", type=int, default=2000)
