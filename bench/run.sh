@@ -14,6 +14,16 @@
 #   MODE=smarthost | mx   smarthost: both MTAs relay to smtp-sink as a fixed
 #                         smarthost; mx: both look up "MX bench.test" in
 #                         dns_stub.py (-> sink.bench.test -> the sink address)
+#        | tls            TLS on both hops (issue 19 point 1): the smarthost
+#                         setup, with bench/tls_load.py as load (STARTTLS on
+#                         every connection, pipelining) and as sink (offers
+#                         STARTTLS); both MTAs get one new P-256 certificate
+#                         (OUT/tls), offer STARTTLS and require it to the sink
+#                         (Postfix: smtpd_tls_security_level = may,
+#                         smtp_tls_security_level = encrypt, tlsmgr session
+#                         cache; ours: [tls], smarthost_tls = "require", TLS
+#                         session resumption); OpenSSL's default ciphers on all
+#                         sides; throughput only (no latency runs)
 #   MTAS="postfix ours ours-fsync"  targets after the floor (also: chasquid
 #                         opensmtpd). ours: CONFIG as is (queue_sync = "syncfs":
 #                         one syncfs(2) per group-commit batch); ours-fsync: the
@@ -70,8 +80,11 @@ case $MODE in
     smarthost) SINK=${SINK:-127.0.0.1:32526}; START_ARGS=() ;;
     # Postfix refuses an MX on one of its own addresses: the sink gets another one.
     mx) SINK=${SINK:-127.0.0.2:32526}; START_ARGS=(--mx-domain bench.test) ;;
-    *) echo "run.sh: MODE must be smarthost or mx" >&2; exit 2 ;;
+    tls) SINK=${SINK:-127.0.0.1:32526}; START_ARGS=() ;;
+    *) echo "run.sh: MODE must be smarthost, mx or tls" >&2; exit 2 ;;
 esac
+LOAD_MODE=throughput,latency
+LOAD_ARGS=()
 
 if [ "$(id -u)" != 0 ]; then echo "run.sh: needs root (cgroups, namespaces, smtp-sink -u)" >&2; exit 1; fi
 PATH=$PATH:/usr/sbin:/sbin
@@ -103,6 +116,19 @@ sed -e "s|^data_dir = .*|data_dir = \"$OUT/mta-data\"|" \
     -e "s|^domains_dir = .*|domains_dir = \"$OUT/mta-data/domains\"|" "$CONFIG" > "$OURS_CONFIG"
 if ! grep -q '^data_dir = ' "$OURS_CONFIG"; then
     sed -i "1i data_dir = \"$OUT/mta-data\"" "$OURS_CONFIG"
+fi
+if [ "$MODE" = tls ]; then
+    # One certificate for both MTAs and the sink (P-256: the handshake's
+    # signature is cheap, so the load generator and sink are not the limit).
+    mkdir -p "$OUT/tls"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+        -subj /CN=bench-mta.test -keyout "$OUT/tls/key.pem" -out "$OUT/tls/cert.pem" 2>/dev/null
+    TLS_PAIR=$OUT/tls/cert.pem,$OUT/tls/key.pem
+    START_ARGS=(--tls "$TLS_PAIR")
+    LOAD_MODE=throughput
+    LOAD_ARGS=(--tls "$TLS_PAIR")
+    sed -i 's/^smarthost_tls = .*/smarthost_tls = "require"/' "$OURS_CONFIG"
+    printf '\n[tls]\ncert_file = "%s"\nkey_file = "%s"\n' "$OUT/tls/cert.pem" "$OUT/tls/key.pem" >> "$OURS_CONFIG"
 fi
 # ours-fsync: the same configuration with the product's default queue_sync.
 OURS_FSYNC_CONFIG=$OUT/mta-bench-fsync.toml
@@ -150,10 +176,10 @@ trap 'stop_current; exit 130' INT TERM
 
 load() {  # label, then extra run_load.py arguments; one smtp-sink for all its runs
     local label=$1; shift
-    python3 run_load.py --label "$label" --mode throughput,latency --size "${SIZES// /,}" \
+    python3 run_load.py --label "$label" --mode "$LOAD_MODE" --size "${SIZES// /,}" \
         --messages "$MESSAGES" --sessions "$SESSIONS" --runs "$RUNS" \
         --latency-size "$LAT_SIZE" --samples "$LAT_SAMPLES" \
-        --timeout "$RUN_TIMEOUT" --out "$RES" "$@"
+        --timeout "$RUN_TIMEOUT" --out "$RES" "${LOAD_ARGS[@]}" "$@"
 }
 
 start() {  # kind [label]: starts one MTA, sets CURRENT to its workdir
@@ -195,7 +221,7 @@ profile() {  # py-spy on our MTA during one extra throughput run (not in results
     sleep 1
     python3 run_load.py --label ours-profiled --state "$CURRENT" --mode throughput --size "$PROFILE_SIZE" \
         --messages "$PROFILE_MESSAGES" --sessions "$SESSIONS" --runs 1 --warmup 0 \
-        --timeout "$RUN_TIMEOUT" --out "$OUT/profile-load.jsonl" >&2
+        --timeout "$RUN_TIMEOUT" --out "$OUT/profile-load.jsonl" "${LOAD_ARGS[@]}" >&2
     kill -INT "$PYSPY" 2>/dev/null || true
     t1=$(date +%s.%N)
     wait "$PYSPY" || true

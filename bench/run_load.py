@@ -53,19 +53,24 @@ sys.dont_write_bytecode = True  # leave no __pycache__ beside the scripts
 import benchlib  # noqa: E402
 
 MESG_RE = re.compile(rb"mesg=(\d+)")
+TLS_LOAD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tls_load.py")
 
 
 class Sink:
     """smtp-sink -c on ADDR; a reader thread keeps the running message count."""
 
-    def __init__(self, host, port, backlog=1024):
+    def __init__(self, host, port, backlog=1024, tls=None):
         binary = shutil.which("smtp-sink", path=os.environ.get("PATH", "") + ":/usr/sbin")
-        if not binary:
+        if tls is not None:  # (cert, key): tls_load.py's sink, which speaks STARTTLS
+            argv = [sys.executable, TLS_LOAD, "sink", "--listen", benchlib.fmt_hostport(host, port),
+                    "--cert", tls[0], "--key", tls[1], "--print-counts", "--lifetime", "7200"]
+        elif not binary:
             raise SystemExit("smtp-sink not found (Debian package postfix)")
-        argv = [binary, "-c"]
-        if os.geteuid() == 0:
-            argv += ["-u", "nobody"]
-        argv += [benchlib.fmt_hostport(host, port), str(backlog)]
+        else:
+            argv = [binary, "-c"]
+            if os.geteuid() == 0:
+                argv += ["-u", "nobody"]
+            argv += [benchlib.fmt_hostport(host, port), str(backlog)]
         self.count = 0
         self.changed_at = time.monotonic()
         self.cond = threading.Condition()
@@ -192,6 +197,12 @@ def throughput_run(a, sink, cg, n, run_no):
     if a.reuse:
         argv.append("-d")
     argv.append(a.target)
+    if a.tls:  # tls_load.py: STARTTLS (and AUTH PLAIN with --auth) on every connection
+        argv = [sys.executable, TLS_LOAD, "send", "--target", a.target, "--messages", str(n),
+                "--sessions", str(a.sessions), "--size", str(a.size), "--starttls",
+                "--sender", a.sender, "--recipient", a.recipient, "--timeout", str(a.timeout)]
+        if a.auth:
+            argv += ["--auth", a.auth]
     base = sink.count
     mta0 = benchlib.cgroup_cpu_seconds(cg)
     sys0 = benchlib.system_cpu_snapshot()
@@ -210,8 +221,14 @@ def throughput_run(a, sink, cg, n, run_no):
     t_acc = time.monotonic()
     mta_acc = benchlib.cgroup_cpu_seconds(cg)
     sys_acc = benchlib.system_cpu_snapshot()
-    counts = re.findall(rb"(\d+)\r", out)
-    accepted = int(counts[-1]) if counts else 0
+    if a.tls:
+        try:
+            accepted = int(json.loads(out.decode().strip().splitlines()[-1])["accepted"])
+        except (ValueError, IndexError, KeyError):
+            accepted = 0
+    else:
+        counts = re.findall(rb"(\d+)\r", out)
+        accepted = int(counts[-1]) if counts else 0
     got, t_last = sink.wait_for(base + n, deadline)
     t_e2e = t_last if got >= base + n else None
     t_end = time.monotonic()
@@ -245,7 +262,10 @@ def throughput_run(a, sink, cg, n, run_no):
         **memory,
     )
     if src.returncode != 0 or accepted != n:
-        rec["source_error"] = err.decode("utf-8", "replace")[-400:]
+        rec["source_error"] = (err + out).decode("utf-8", "replace")[-400:]
+    if a.tls:
+        rec["tls"] = True
+        rec["auth"] = bool(a.auth)
     if delivered > n:
         rec["duplicates"] = delivered - n
     return rec
@@ -359,7 +379,13 @@ def main():
     ap.add_argument("--mem-interval", type=float, default=0.5,
                     help="throughput: seconds between memory samples of the MTA cgroup (0: off)")
     ap.add_argument("--out", help="also append the JSON lines to this file")
+    ap.add_argument("--tls", help="CERT,KEY: STARTTLS on both hops: the load from tls_load.py send "
+                                  "--starttls, the sink tls_load.py sink with this certificate "
+                                  "(throughput mode only)")
+    ap.add_argument("--auth", help="with --tls: USER:PASSWORD for AUTH PLAIN on every connection")
     a = ap.parse_args()
+    if a.tls and "latency" in a.mode:
+        ap.error("--tls: throughput mode only")
 
     cg = a.cgroup
     if a.state:
@@ -386,7 +412,7 @@ def main():
 
     # One sink for the whole invocation: an MTA may keep its connection to the
     # sink open between runs, and a restarted sink would make it fail and retry.
-    sink = Sink(sh_, sp)
+    sink = Sink(sh_, sp, tls=tuple(a.tls.split(",", 1)) if a.tls else None)
     try:
         for mode in modes:
             for size in (sizes if mode == "throughput" else [a.latency_size or sizes[0]]):

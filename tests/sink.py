@@ -68,6 +68,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from OpenSSL import SSL
+from OpenSSL._util import lib as _ssl_lib
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IHandshakeListener
@@ -103,6 +104,7 @@ class SinkSession:
     command_batches: list[list[str]] = field(default_factory=list)
     tls: bool = False
     tls_version: str = ""
+    tls_resumed: bool = False  # the handshake resumed an earlier TLS session (RFC 8446 §2.2)
     auth_user: str | None = None
     helo: str = ""
     messages: list[SinkMessage] = field(default_factory=list)  # accepted and rejected
@@ -186,6 +188,8 @@ class SinkProtocol(Protocol):
         handle = self.transport.getHandle()
         if isinstance(handle, SSL.Connection):
             self.session.tls_version = handle.get_protocol_version_name()
+            # pyOpenSSL has no session_reused(): ask OpenSSL through its binding.
+            self.session.tls_resumed = bool(_ssl_lib.SSL_session_reused(handle._ssl))
 
     # input
 
@@ -378,14 +382,7 @@ class SinkProtocol(Protocol):
         if self.opts.tls_broken:
             self._broken_tls = True
             return
-        pem = self.opts.tls.private_key_and_cert_chain_pem.bytes()
-        server = PrivateCertificate.loadPEM(pem)
-        # The intermediates too (a DANE-TA record may name one of them).
-        extra = [Certificate.loadPEM(p.bytes()).original
-                 for p in self.opts.tls.cert_chain_pems[1:]]
-        self.transport.startTLS(CertificateOptions(
-            privateKey=server.privateKey.original, certificate=server.original,
-            extraCertChain=extra))
+        self.transport.startTLS(self.sink.tls_options())
         self.session.tls = True
         self._greeted = False  # RFC 3207 §4.2: start over
         self._reset()
@@ -623,10 +620,24 @@ class Sink:
     def __init__(self, options: SinkOptions) -> None:
         self.options = options
         self.sessions: list[SinkSession] = []
+        self._tls_options: CertificateOptions | None = None
         self._connections: set[SinkProtocol] = set()
         self._port: Any = None
         self.port = 0
         self.unix_path: str | None = None
+
+    def tls_options(self) -> CertificateOptions:
+        """The server TLS context, one per sink (so, like a real server, it keeps one
+        session cache and can resume a client's earlier session)."""
+        if self._tls_options is None:
+            tls = self.options.tls
+            server = PrivateCertificate.loadPEM(tls.private_key_and_cert_chain_pem.bytes())
+            # The intermediates too (a DANE-TA record may name one of them).
+            extra = [Certificate.loadPEM(p.bytes()).original for p in tls.cert_chain_pems[1:]]
+            self._tls_options = CertificateOptions(
+                privateKey=server.privateKey.original, certificate=server.original,
+                extraCertChain=extra, enableSessions=True)
+        return self._tls_options
 
     @property
     def endpoint(self) -> str:

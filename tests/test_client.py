@@ -512,6 +512,34 @@ async def test_required_tls_not_offered(tmp_path: Path, policy: str) -> None:
 
 
 @pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("policy", ["opportunistic", "require"])
+async def test_next_connection_resumes_the_tls_session(tmp_path: Path, policy: str) -> None:
+    """The second connection to a server (no connection cache: a new TCP
+    connection each) resumes the first one's TLS session: the server sees a
+    resumed handshake, and the mail goes through it as before."""
+    async with running(tls=CERT) as sink:
+        for i in range(3):
+            result = await deliver(sink, [tx(message(tmp_path, name=f"m{i}"))], tls_policy=policy,
+                                   tls_hostname=MX_NAME)
+            assert outcomes(result) == {"b@dst.test": (250, Outcome.DELIVERED)}
+    assert [s.tls for s in sink.sessions] == [True, True, True]
+    assert [s.tls_resumed for s in sink.sessions] == [False, True, True]
+    assert [m.data for m in sink.messages] == [BODY] * 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_verified_tls_is_never_resumed(tmp_path: Path) -> None:
+    """Under verify a resumed session would skip the certificate check: a full
+    handshake every time."""
+    async with running(tls=CERT) as sink:
+        for i in range(2):
+            result = await deliver(sink, [tx(message(tmp_path, name=f"v{i}"))], tls_policy="verify",
+                                   tls_hostname=MX_NAME, trust_root=trust(CA))
+            assert result.tls_verified
+    assert [s.tls_resumed for s in sink.sessions] == [False, False]
+
+
+@pytest_twisted.ensureDeferred
 async def test_tls_policy_none_never_starts_tls(tmp_path: Path) -> None:
     async with running(tls=CERT) as sink:
         result = await deliver(sink, [tx(message(tmp_path))], tls_policy="none")

@@ -12,6 +12,7 @@ import os
 import re
 import secrets
 import stat
+import subprocess
 from pathlib import Path
 
 import dkim as dkimpy
@@ -271,7 +272,7 @@ async def test_malformed_signature_is_neutral_without_dns(dns):
 @pytest_twisted.ensureDeferred
 async def test_rsa_sha1_is_not_accepted(keys, dns):
     server, dns_txt = dns
-    private = load_signing_key(DOMAIN, "rsa1", keys["rsa1"][0]).private
+    private = keys["rsa1"][0].read_bytes()  # PKCS#8 PEM, which dkimpy reads too
     header = dkimpy.sign(MESSAGE, b"rsa1", DOMAIN.encode(), private,
                          signature_algorithm=b"rsa-sha1")
     results = await check(header + MESSAGE, dns_txt)
@@ -411,3 +412,91 @@ def test_key_formats(tmp_path):
     with pytest.raises(DKIMKeyError, match="selector"):
         load_signing_key(DOMAIN, "bad selector", pkcs1)
     assert "PRIVATE" not in repr(load_signing_key(DOMAIN, "a", pkcs1))
+
+
+# --- interoperability: dkimpy's pure-Python code and OpenDKIM ------------------------
+
+
+def _dkimpy_dnsfunc(keys):
+    records = {dns_record_name(sel, DOMAIN): record.encode() for sel, (_p, record) in keys.items()}
+
+    def dnsfunc(name, timeout=5):
+        return records.get((name.decode() if isinstance(name, bytes) else name).rstrip("."))
+    return dnsfunc
+
+
+def test_our_signatures_verify_with_dkimpy_itself(signer, keys):
+    """dkimpy's own verifier (its pure-Python RSA, PyNaCl for Ed25519) accepts
+    both signatures made through OpenSSL, and refuses them on a changed body."""
+    message = signed(signer)
+    dnsfunc = _dkimpy_dnsfunc(keys)
+    verifier = dkimpy.DKIM(message)
+    assert [verifier.verify(idx=i, dnsfunc=dnsfunc) for i in (0, 1)] == [True, True]
+    tampered = dkimpy.DKIM(message.replace(b"Hello Bob", b"Hello Eve"))
+    for i in (0, 1):
+        with pytest.raises(dkimpy.ValidationError, match="body hash mismatch"):
+            tampered.verify(idx=i, dnsfunc=dnsfunc)
+    # A changed signed header field: the body hash holds, the signature does not.
+    forged = dkimpy.DKIM(message.replace(b"Subject: DKIM round trip", b"Subject: forged"))
+    assert [forged.verify(idx=i, dnsfunc=dnsfunc) for i in (0, 1)] == [False, False]
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("selector", ["rsa1", "ed1"])
+async def test_dkimpy_signatures_verify_with_ours(keys, dns, selector):
+    """A signature made by dkimpy's own code (pure-Python RSA, PyNaCl Ed25519)
+    passes our OpenSSL verification; the same message changed fails."""
+    _server, dns_txt = dns
+    path = keys[selector][0]
+    if selector == "rsa1":
+        private, algorithm = path.read_bytes(), b"rsa-sha256"  # PKCS#8 PEM: dkimpy reads it
+    else:
+        raw = serialization.load_pem_private_key(path.read_bytes(), None).private_bytes(
+            serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+            serialization.NoEncryption())
+        private, algorithm = base64.b64encode(raw), b"ed25519-sha256"
+    header = dkimpy.sign(MESSAGE, selector.encode(), DOMAIN.encode(), private,
+                         signature_algorithm=algorithm, canonicalize=(b"relaxed", b"simple"),
+                         include_headers=[b"from", b"to", b"subject", b"date"])
+    results = await check(header + MESSAGE, dns_txt)
+    assert [(r.result, r.selector, r.algorithm) for r in results] == [
+        ("pass", selector, algorithm.decode())]
+    results = await check(header + MESSAGE.replace(b"Alice\r\n", b"Mallory\r\n"), dns_txt)
+    assert [(r.result, r.reason) for r in results] == [("fail", "body hash did not verify")]
+    results = await check(header + MESSAGE.replace(b"To: bob@", b"To: eve@"), dns_txt)
+    assert [(r.result, r.reason) for r in results] == [("fail", "signature did not verify")]
+
+
+def _opendkim(tmp_path: Path, keys, message: bytes) -> str:
+    """OpenDKIM's verdict (its Authentication-Results value) on ``message``.
+
+    ``opendkim -t`` verifies a file through libopendkim and prints the field it
+    would add; the key records are the very TXT values the loopback DNS
+    serves in the other tests (OpenDKIM's resolver cannot be pointed at a
+    server on another port than 53, so they reach it as its TestDNSData).
+    """
+    data = tmp_path / "keys"
+    data.write_text("".join(f"{dns_record_name(sel, DOMAIN)} {record}\n"
+                            for sel, (_path, record) in keys.items()))
+    conf = tmp_path / "opendkim.conf"
+    conf.write_text(f"Mode v\nSyslog no\nTestDNSData file:{data}\n")
+    path = tmp_path / "message.eml"
+    path.write_bytes(message)
+    proc = subprocess.run(["opendkim", "-x", str(conf), "-vvv", "-t", str(path)],
+                          capture_output=True, timeout=30, check=True,
+                          env={**os.environ, "PATH": os.environ.get("PATH", "") + ":/usr/sbin"})
+    found = re.search(r"hname='Authentication-Results' hvalue='([^']*)'", proc.stdout.decode())
+    assert found, proc.stdout
+    return " ".join(found.group(1).split())
+
+
+def test_our_signatures_verify_with_opendkim(signer, keys, tmp_path):
+    message = signed(signer)
+    verdict = _opendkim(tmp_path, keys, message)
+    assert "dkim=pass (2048-bit key) header.d=example.test header.i=@example.test " \
+           "header.a=rsa-sha256 header.s=rsa1" in verdict
+    assert "dkim=pass header.d=example.test header.i=@example.test " \
+           "header.a=ed25519-sha256 header.s=ed1" in verdict
+    verdict = _opendkim(tmp_path, keys, message.replace(b"Hello Bob", b"Hello Eve"))
+    assert verdict.count('dkim=fail reason="signature verification failed"') == 2, verdict
+    assert "dkim=pass" not in verdict

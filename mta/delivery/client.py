@@ -154,7 +154,8 @@ async def send(reactor: Any, destination: interfaces.IStreamClientEndpoint | tup
                                        f"{_source(destination[0], options)})")
         if connected:
             result.local_ip = getattr(proto.transport.getHost(), "host", "")
-            creator = tls_creator(options.tls_policy, options.tls_hostname, options.trust_root, server)
+            creator = tls_creator(options.tls_policy, options.tls_hostname, options.trust_root, server,
+                                  session_key=destination if isinstance(destination, tuple) else None)
             session = ClientSession(proto, options, result, creator)
             if await session.run(result.transactions, keep=key is not None):
                 cache.put(key, session)  # type: ignore[union-attr]

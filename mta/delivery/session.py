@@ -274,6 +274,9 @@ class ClientSession:
         # RFC 3207 §4.2: forget everything learned before TLS and ask again.
         self.caps = await self._hello(State.LHLO_AFTER_TLS if self.options.lmtp
                                       else State.EHLO_AFTER_TLS)
+        remember = getattr(self._tls_creator, "remember", None)
+        if remember is not None:  # TLS session resumption (mta.delivery.tlspolicy)
+            remember(self.proto.transport.getHandle())
 
     def _check_nothing_after_starttls(self) -> None:
         try:

@@ -14,13 +14,21 @@ certificate is checked.
   ``ClientOptions.peer_verifier`` (:mod:`mta.delivery.dane`) checks the
   chain once the handshake is done, before anything is sent over it.
 
+Under ``opportunistic`` and ``require`` the TLS session is resumed on the next
+connection to the same server (RFC 8446 §2.2, RFC 5077): one client context
+for all of them (:class:`TLSSessionStore`, like Postfix's tlsmgr), the
+session remembered after the first EHLO reply under TLS (by then a TLS 1.3
+server's tickets have arrived).  Not under ``verify`` and ``dane``: a resumed
+session would skip the certificate they check.
+
 An LMTP server is usually a local socket, so ``opportunistic`` does not try
 STARTTLS there (RFC 2033: a local, trusted link); ``require`` and ``verify`` do.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
 from typing import Any, Protocol
 
 from OpenSSL import SSL
@@ -57,15 +65,55 @@ def requires_tls(policy: str) -> bool:
     return policy in ("require", "verify", "dane")
 
 
+class TLSSessionStore:
+    """The outbound client's TLS sessions to resume, by server: bounded, least
+    recently used first out.
+
+    One shared client context (its session cache in client mode) serves every
+    unverified connection, so a session of one connection can be offered on
+    the next (``SSL_set_session``); a new context per connection, as
+    ``CertificateOptions`` gives, could not.
+    """
+
+    def __init__(self, max_entries: int = 1000) -> None:
+        self.max_entries = max_entries
+        self.options = CertificateOptions()  # verify=False by default
+        self.options.getContext().set_session_cache_mode(SSL.SESS_CACHE_CLIENT)
+        self._sessions: OrderedDict[Hashable, SSL.Session] = OrderedDict()
+
+    def get(self, key: Hashable) -> SSL.Session | None:
+        session = self._sessions.get(key)
+        if session is not None:
+            self._sessions.move_to_end(key)
+        return session
+
+    def put(self, key: Hashable, session: SSL.Session) -> None:
+        self._sessions[key] = session
+        self._sessions.move_to_end(key)
+        while len(self._sessions) > self.max_entries:
+            self._sessions.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+
+CLIENT_SESSIONS = TLSSessionStore()  # the process's store (one per worker process)
+
+
 @implementer(interfaces.IOpenSSLClientConnectionCreator)
 class UnverifiedClientTLS:
     """Encrypt without checking the certificate (opportunistic/require, RFC 7435).
 
-    Still sends SNI for a DNS name, like optionsForClientTLS does.
+    Still sends SNI for a DNS name, like optionsForClientTLS does.  With a
+    ``sessions`` store and a ``session_key``, offers the session last
+    remembered under that key and :meth:`remember` keeps the new one.
     """
 
-    def __init__(self, hostname: str | None) -> None:
-        self._options = CertificateOptions()  # verify=False by default
+    def __init__(self, hostname: str | None, sessions: TLSSessionStore | None = None,
+                 session_key: Hashable | None = None) -> None:
+        self._sessions = sessions if session_key is not None else None
+        self._key = session_key
+        self._options = sessions.options if self._sessions is not None else CertificateOptions()
         self._sni = None
         if hostname and not isIPAddress(hostname) and not isIPv6Address(hostname):
             try:
@@ -77,8 +125,19 @@ class UnverifiedClientTLS:
         connection = self._options.clientConnectionForTLS(tlsProtocol)
         if self._sni:
             connection.set_tlsext_host_name(self._sni)
+        if self._sessions is not None:
+            session = self._sessions.get(self._key)
+            if session is not None:
+                connection.set_session(session)
         return connection
 
+    def remember(self, connection: Any) -> None:
+        """Keep ``connection``'s session (a pyOpenSSL Connection after the handshake)."""
+        if self._sessions is None or not isinstance(connection, SSL.Connection):
+            return
+        session = connection.get_session()
+        if session is not None:
+            self._sessions.put(self._key, session)
 
 # OpenSSL's X509_V_ERR_* codes worth naming in a failure (and in a TLS report,
 # RFC 8460 §4.3.1: certificate-expired rather than certificate-not-trusted).
@@ -134,10 +193,18 @@ class VerifyingClientTLS:
         return connection
 
 
-def tls_creator(policy: str, tls_hostname: str | None, trust_root: Any, server: str) -> Any:
-    """The connection creator for STARTTLS to ``server`` under ``policy``."""
+def tls_creator(policy: str, tls_hostname: str | None, trust_root: Any, server: str, *,
+                sessions: TLSSessionStore | None = CLIENT_SESSIONS,
+                session_key: Hashable | None = None) -> Any:
+    """The connection creator for STARTTLS to ``server`` under ``policy``.
+
+    ``session_key`` (the server's address and the TLS name) names the session
+    to resume under ``opportunistic``/``require``; None: a full handshake.
+    """
     if policy == "verify":
         # RFC 7672-style verification is out of scope; this is the certificate checked
         # with service_identity against the MX / smarthost name (RFC 6125).
         return VerifyingClientTLS(tls_hostname or server, trust_root)
+    if policy in ("opportunistic", "require") and session_key is not None:
+        return UnverifiedClientTLS(tls_hostname, sessions, (session_key, tls_hostname))
     return UnverifiedClientTLS(tls_hostname)
