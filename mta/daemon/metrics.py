@@ -276,13 +276,10 @@ class Metrics:
                                  ["result"], registry=r)
         self.event_errors = Counter("mta_metrics_event_errors", "Log events that could not be "
                                     "read for metrics.", registry=r)
-        # --- shared abuse counters (issue 20): shown once the first "counters" event came
-        self.counters_up = Gauge("mta_counters_backend_up", "1 while the shared abuse counters' "
-                                 "back end answers, 0 while the node counts locally.",
-                                 ["backend"], registry=r)
-        self.counters_outages = Counter("mta_counters_backend_outages", "Times the shared abuse "
-                                        "counters' back end went down (fallback to local).",
-                                        ["backend"], registry=r)
+        # --- shared abuse counters (issue 20): made at the first "counters" event, so a
+        # node without [counters] backend = "redis" exports neither.
+        self.counters_up: Gauge | None = None
+        self.counters_outages: Counter | None = None
         self.held_total = Counter("mta_messages_held", "Messages put in the hold (quarantine) "
                                   "queue.", registry=r)
         self.collector = QueueCollector(store, self.clock, active_sessions, in_flight, outbound,
@@ -376,6 +373,13 @@ class Metrics:
             self.message_size.observe(size)
 
     def _on_counters(self, event: Mapping[str, Any]) -> None:
+        if self.counters_up is None or self.counters_outages is None:
+            self.counters_up = Gauge("mta_counters_backend_up", "1 while the shared abuse "
+                                     "counters' back end answers, 0 while the node counts "
+                                     "locally.", ["backend"], registry=self.registry)
+            self.counters_outages = Counter("mta_counters_backend_outages", "Times the shared "
+                                            "abuse counters' back end went down (fallback to "
+                                            "local).", ["backend"], registry=self.registry)
         backend = _label(event.get("backend"), COUNTER_BACKENDS)
         state = event.get("state")
         if state == "down":
