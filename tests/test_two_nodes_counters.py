@@ -1,10 +1,12 @@
-"""Two MTA nodes (two ``twistd -n mta`` processes) sharing one real Redis for the
-abuse counters (issue 20), and one node living through a Redis outage.
+"""Two MTA nodes (two ``twistd -n mta`` processes, tests/nodes.py) sharing one
+PostgreSQL directory and one real Redis for the abuse counters (issue 20), and one
+node living through a Redis outage.
 
-Each node has its own data_dir, queue and users file (the same users); only the
-counters are shared, under one key prefix.  Clients connect from their own
-loopback addresses (127.0.0.x) so that the tests' counts do not mix; 127.0.0.1
-is the address the daemon's start-up greeting check comes from.
+Each node has its own data_dir and queue; the users are in the shared
+PostgreSQL directory and the counters in Redis, under one key prefix.  Clients
+connect from their own loopback addresses (127.0.x.y) so that the tests' counts
+do not mix; 127.0.0.1 is the address the daemon's start-up greeting check
+comes from.
 
 Blocking and subprocess-based like test_daemon.py: no reactor code runs here.
 """
@@ -22,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from mta.mail import replies as R
+from tests import nodes
 from tests.daemon import QUIET_TAIL, Daemon, free_port
 from tests.harness import PASSWORD, RawClient, client_tls_context, shared_ca, write_domain
 from tests.redisserver import RedisServer
@@ -136,8 +139,8 @@ class Node:
                     return line.split()[-1]
         return None
 
-    def mailbox(self, user: str) -> int:
-        new = self.root / "var" / "mail" / "example.test" / user / "new"
+    def mailbox(self, user: str, domain: str = "example.test") -> int:
+        new = self.root / "var" / "mail" / domain / user / "new"
         return len(list(new.iterdir())) if new.exists() else 0
 
 
@@ -149,56 +152,83 @@ def wait_until(predicate, timeout: float = 15.0, what: str = "condition") -> Non
         time.sleep(0.05)
 
 
+LIMITS = """auth_block_failures = 10
+auth_block_window = 600
+auth_block_time = 600
+connection_rate_per_ip = 4
+messages_per_user_per_hour = 3
+"""
+
+
+class SharedNode(Node):
+    """A node of tests/nodes.py seen through this module's clients."""
+
+    def __init__(self, node: nodes.Node) -> None:  # not Node.__init__: tests/nodes.py made it
+        self.root = node.root
+        self.mx_port = node.ports["mx"]
+        self.submission_port = node.ports["submission"]
+        self.metrics_port = None
+        self.daemon = node.daemon
+        self.node = node
+
+
 @pytest.fixture(scope="module")
-def two_nodes(redis_server, tmp_path_factory):
-    root = tmp_path_factory.mktemp("two-nodes")
+def redis_nodes(postgres, redis_server, tmp_path_factory):
+    """Two nodes on one PostgreSQL directory and one Redis (a prefix of their own)."""
     prefix = f"twonodes{next(_prefixes)}:"
-    a = Node(root / "a", redis_server.port, prefix)
-    b = Node(root / "b", redis_server.port, prefix)
-    a.daemon.start()
+    extra = f"""
+[counters]
+backend = "redis"
+port = {redis_server.port}
+prefix = "{prefix}"
+timeout = 0.5
+"""
+    started = nodes.start_nodes(tmp_path_factory.mktemp("redis-nodes"), postgres,
+                                extra_toml=extra, limits_toml=LIMITS)
     try:
-        b.daemon.start()
-    except BaseException:
-        a.daemon.kill()
-        raise
-    yield a, b
-    for node in (a, b):
-        node.daemon.kill()
-        assert "Traceback" not in node.daemon.read_log()
+        for user in ("alice", "bob", "carol"):
+            added = started[0].mta("user", "add", nodes.DOMAIN, user, stdin=PASSWORD + "\n")
+            assert added.returncode == 0, added.stderr
+        yield [SharedNode(n) for n in started]
+    finally:
+        nodes.stop_nodes(started)
+    for node in started:
+        assert "Traceback" not in node.log()
 
 
-def test_ten_failed_logins_over_both_nodes_block_the_account_on_both(two_nodes):
-    a, b = two_nodes
+def test_ten_failed_logins_over_both_nodes_block_the_account_on_both(redis_nodes):
+    a, b = redis_nodes
     # Ten failures, alternating nodes, each from its own address (no address reaches
     # the limit: it is the account that is blocked).
     for i in range(10):
         node = (a, b)[i % 2]
-        code, text = node.login("bob@example.test", "wrong", source=f"127.0.1.{i + 1}")
+        code, text = node.login("bob@example.org", "wrong", source=f"127.0.1.{i + 1}")
         assert (code, text.split()[0]) == (535, "5.7.8"), (i, code, text)
     for node, source in ((a, "127.0.1.50"), (b, "127.0.1.51")):
-        code, text = node.login("bob@example.test", PASSWORD, source=source)
+        code, text = node.login("bob@example.org", PASSWORD, source=source)
         assert (code, text) == (R.AUTH_BLOCKED.code,
                                 f"{R.AUTH_BLOCKED.enhanced} {R.AUTH_BLOCKED.text}")
     # Another account is not blocked, on either node.
-    assert a.login("carol@example.test", PASSWORD, source="127.0.1.52")[0] == 235
-    assert b.login("carol@example.test", PASSWORD, source="127.0.1.53")[0] == 235
+    assert a.login("carol@example.org", PASSWORD, source="127.0.1.52")[0] == 235
+    assert b.login("carol@example.org", PASSWORD, source="127.0.1.53")[0] == 235
 
 
-def test_hourly_message_limit_counts_across_both_nodes(two_nodes):
-    a, b = two_nodes
-    assert a.submit("alice@example.test", source="127.0.2.1") == (250, "")
-    assert b.submit("alice@example.test", source="127.0.2.2") == (250, "")
-    assert a.submit("alice@example.test", source="127.0.2.3") == (250, "")
+def test_hourly_message_limit_counts_across_both_nodes(redis_nodes):
+    a, b = redis_nodes
+    assert a.submit("alice@example.org", source="127.0.2.1") == (250, "")
+    assert b.submit("alice@example.org", source="127.0.2.2") == (250, "")
+    assert a.submit("alice@example.org", source="127.0.2.3") == (250, "")
     # The fourth in the hour, on either node: 450 4.7.1 at MAIL FROM.
     refused = (R.USER_RATE_LIMIT.code, f"{R.USER_RATE_LIMIT.enhanced} {R.USER_RATE_LIMIT.text}")
-    assert b.submit("alice@example.test", source="127.0.2.4") == refused
-    assert a.submit("alice@example.test", source="127.0.2.5") == refused
-    wait_until(lambda: a.mailbox("alice") + b.mailbox("alice") == 3, what="3 deliveries")
-    assert (a.mailbox("alice"), b.mailbox("alice")) == (2, 1)
+    assert b.submit("alice@example.org", source="127.0.2.4") == refused
+    assert a.submit("alice@example.org", source="127.0.2.5") == refused
+    wait_until(lambda: a.mailbox("alice", "example.org") + b.mailbox("alice", "example.org") == 3,
+               what="3 deliveries")
+    assert (a.mailbox("alice", "example.org"), b.mailbox("alice", "example.org")) == (2, 1)
 
 
-def test_connection_rate_per_ip_counts_across_both_nodes(two_nodes):
-    a, b = two_nodes
+def test_connection_rate_per_ip_counts_across_both_nodes(redis_nodes):
+    a, b = redis_nodes
     source = "127.0.3.1"
     for node in (a, b, a, b):
         assert node.greeting(source)[0] == 220
