@@ -534,6 +534,7 @@ class Config:
     mta_sts: MTASTSConfig = field(default_factory=MTASTSConfig)
     directory: DirectoryConfig = field(default_factory=DirectoryConfig)
     status: StatusConfig = field(default_factory=StatusConfig)
+    counters: CountersConfig = field(default_factory=lambda: CountersConfig())  # issue 20: Redis
 
     def users_file(self, domain: str) -> Path:
         return self.domains_dir / domain / "users"
@@ -662,6 +663,7 @@ def config_from_dict(raw: dict[str, Any], base: Path, overrides: dict[str, Any] 
         "directory",
         "dnsbl", "greylist",
         "status",
+        "counters",  # issue 20: shared abuse counters (Redis)
     }
     _check_keys(raw, top, "")
     hostname = _get(raw, "hostname", str, "", None) or socket.getfqdn()
@@ -900,6 +902,7 @@ def config_from_dict(raw: dict[str, Any], base: Path, overrides: dict[str, Any] 
         mta_sts=_mta_sts(_table(raw, "mta_sts"), base, "cert_file" in _table(raw, "tls")),
         directory=_directory(_table(raw, "directory"), base, data_dir),
         status=_status(_table(raw, "status")),
+        counters=_counters(_table(raw, "counters")),
     )
 
 
@@ -1494,3 +1497,72 @@ def _validate_milter_socket(value: str, key: str) -> None:
             raise ConfigError(key, f"{value!r}: inet:host:port needs a port")
         return
     _validate_client_endpoint(value, key)
+
+
+# --- shared abuse counters (issue 20) -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CountersConfig:
+    """``[counters]``: where the abuse counters of ``[limits]`` are kept.
+
+    ``backend = "local"`` (the default): in this process's memory, as always.
+    ``"redis"``: in one Redis server shared by every node (mta.policy.rediscounters),
+    at ``url`` (``redis://[:password@]host[:port][/db]``) or ``host``/``port``/
+    ``password``/``db``; keys begin with ``prefix``; each Redis call waits at most
+    ``timeout`` seconds (connecting, too), and while Redis cannot be reached the
+    node counts locally and tries again every ``retry_interval`` seconds.  The
+    password and the URL are never logged (``repr=False``).
+    """
+
+    backend: str = "local"
+    url: str | None = field(default=None, repr=False)
+    host: str = "127.0.0.1"
+    port: int = 6379
+    password: str | None = field(default=None, repr=False)
+    db: int = 0
+    prefix: str = "mta:"
+    timeout: float = 0.5
+    retry_interval: float = 5.0
+    max_connections: int = 8
+
+
+def _counters(table: dict[str, Any]) -> CountersConfig:
+    p = "counters."
+    _check_keys(table, {"backend", "url", "host", "port", "password", "db", "prefix", "timeout",
+                        "retry_interval", "max_connections"}, p)
+    url = _get(table, "url", str, p, None)
+    if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(p + "url", "must begin with redis://, rediss:// or unix://")
+    port = _get(table, "port", int, p, 6379)
+    if not 0 < port < 65536:
+        raise ConfigError(p + "port", "must be between 1 and 65535")
+    db = _get(table, "db", int, p, 0)
+    if db < 0:
+        raise ConfigError(p + "db", "must be 0 or more")
+    prefix = _get(table, "prefix", str, p, "mta:")
+    if len(prefix) > 64 or any(c.isspace() for c in prefix):
+        raise ConfigError(p + "prefix", "at most 64 characters, no spaces")
+    max_connections = _get(table, "max_connections", int, p, 8)
+    if not 1 <= max_connections <= 256:
+        raise ConfigError(p + "max_connections", "must be between 1 and 256")
+    return CountersConfig(
+        backend=_counters_backend(table),
+        url=url,
+        host=_get(table, "host", str, p, "127.0.0.1"),
+        port=port,
+        password=_get(table, "password", str, p, None),
+        db=db,
+        prefix=prefix,
+        timeout=_positive(float(_get(table, "timeout", (int, float), p, 0.5)), p + "timeout"),
+        retry_interval=_positive(float(_get(table, "retry_interval", (int, float), p, 5.0)),
+                                 p + "retry_interval"),
+        max_connections=max_connections,
+    )
+
+
+def _counters_backend(table: dict[str, Any]) -> str:
+    backend = _get(table, "backend", str, "counters.", "local")
+    if backend not in ("local", "redis"):
+        raise ConfigError("counters.backend", 'must be "local" or "redis"')
+    return backend

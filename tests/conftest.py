@@ -105,3 +105,14 @@ def two_nodes(postgres, tmp_path):
     nodes = start_nodes(tmp_path, postgres)
     yield nodes
     stop_nodes(nodes)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """One real redis-server for the session (issue 20), on a loopback port in a
+    temporary directory; each test keeps to keys of its own prefix."""
+    from tests.redisserver import RedisServer
+
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.kill()

@@ -11,6 +11,7 @@
 #   rspamd, opendkim, opendkim-genkey          real milters (opendkim-genkey: opendkim-tools)
 #   PostgreSQL 15's initdb and postgres        the directory's SQL server (tests/pgserver.py)
 #     (Debian: postgresql; no cluster is made, none started: the tests run their own)
+#   redis-server                               shared abuse counters ([counters] backend = "redis")
 #
 # All there: silent, exit 0. Something missing: as root on Debian, install it
 # with apt-get (Postfix unconfigured and not started: debconf "No
@@ -48,6 +49,7 @@ check() {
     command -v opendkim-genkey >/dev/null 2>&1 || want opendkim-genkey opendkim-tools
     [ -x "${MTA_TEST_PG_BIN:-/usr/lib/postgresql/15/bin}/initdb" ] || want "PostgreSQL 15" postgresql
     command -v chromium >/dev/null 2>&1 || want chromium chromium
+    command -v redis-server >/dev/null 2>&1 || want redis-server redis-server
     if [ ! -d "$VENV/bin" ] && ! "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null; then
         want "$PYTHON venv" python3-venv
     fi

@@ -10,7 +10,8 @@ with a certificate of the tests' CA, tests/harness.py) on 127.0.0.1;
 ``relay_networks`` is 127.0.0.3/32 only, so a client connecting from
 127.0.0.2 is an outsider and one from 127.0.0.3 a relay client.
 ``extra_toml`` is appended to every node's configuration (another helper's
-section, e.g. ``[redis]``); ``cache_ttl`` is the directory's.
+section, e.g. ``[counters]``), ``limits_toml`` to its ``[limits]`` table;
+``cache_ttl`` is the directory's.
 
 The fixture ``two_nodes`` (tests/conftest.py) gives two of them and stops
 them after the test.  :meth:`Node.mta` runs the ``mta`` command against a
@@ -61,7 +62,7 @@ class Node:
 
 
 def node_config(root: Path, ports: dict[str, int], dsn: str, cache_ttl: float,
-                extra_toml: str = "") -> str:
+                extra_toml: str = "", limits_toml: str = "") -> str:
     cert = shared_ca().issue_cert("mx.example.org", "localhost", "127.0.0.1")
     cert.cert_chain_pems[0].write_to_path(str(root / "cert.pem"))
     for extra in cert.cert_chain_pems[1:]:
@@ -88,7 +89,7 @@ key_file = "key.pem"
 
 [limits]
 auth_failure_delay = 0.05
-
+{limits_toml}
 [directory]
 backend = "postgresql"
 dsn = {json.dumps(dsn)}
@@ -99,7 +100,7 @@ timeout = 2
 
 
 def start_nodes(base: Path, postgres: Any, count: int = 2, cache_ttl: float = 1.0,
-                extra_toml: str = "") -> list[Node]:
+                extra_toml: str = "", limits_toml: str = "") -> list[Node]:
     dsn = postgres.dsn(postgres.create_database("nodes"))
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT)
@@ -110,7 +111,7 @@ def start_nodes(base: Path, postgres: Any, count: int = 2, cache_ttl: float = 1.
         root.mkdir(parents=True)
         ports = {"mx": free_port(), "submission": free_port()}
         config = root / "mta.toml"
-        config.write_text(node_config(root, ports, dsn, cache_ttl, extra_toml))
+        config.write_text(node_config(root, ports, dsn, cache_ttl, extra_toml, limits_toml))
         nodes.append(Node(name, root, config, ports, Daemon(root, config, ports["mx"]), dsn, env))
     first = nodes[0]
     for args in (("directory", "migrate"), ("domain", "add", DOMAIN)):

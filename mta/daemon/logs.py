@@ -114,6 +114,12 @@ Worker pool (namespace ``mta.daemon.workers``, main process):
                 delivery pass, taken over by the main process's runner (its
                 retries): ``queue_id``, ``worker`` (index).
 
+Shared abuse counters (namespace ``mta.policy.counters``; issue 20):
+
+``counters``    the Redis counters' state: ``state`` (``up`` at start, ``down``
+                once per outage: the node counts locally, ``back``), ``backend``
+                (``redis``), ``detail`` (an error's class name, never its text).
+
 Elsewhere: ``reload`` (``result``, ``err``), ``control`` (``command``, ``uid``),
 ``deleted`` and ``admin_bounce`` (``queue_id``), ``released`` (``queue_id``,
 ``reason``: out of the hold queue).

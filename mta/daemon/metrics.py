@@ -58,7 +58,7 @@ from collections.abc import Callable, Iterator, Mapping, Sized
 from typing import Any, Protocol
 from weakref import WeakSet
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 from twisted.application.service import IService, Service
@@ -85,6 +85,7 @@ AUTH_RESULTS = frozenset({"ok", "failed", "unavailable"})
 # answer, its return, rows ignored (a pipe without allow_pipes, a bad target).
 DIRECTORY_RESULTS = frozenset({"unavailable", "recovered", "pipe_refused", "bad_row"})
 LIMITS = frozenset({"connection_rate", "early_talker", "user_messages"})
+COUNTER_BACKENDS = frozenset({"redis"})  # issue 20
 NOTICE_ACTIONS = frozenset({"failed", "delayed"})
 # The tls_outcome event's values (mta.delivery.tlsoutcome, mta.delivery.routes).
 TLS_LEVELS = frozenset({"none", "may", "encrypt", "verify", "dane", "mta-sts"})
@@ -275,6 +276,10 @@ class Metrics:
                                  ["result"], registry=r)
         self.event_errors = Counter("mta_metrics_event_errors", "Log events that could not be "
                                     "read for metrics.", registry=r)
+        # --- shared abuse counters (issue 20): made at the first "counters" event, so a
+        # node without [counters] backend = "redis" exports neither.
+        self.counters_up: Gauge | None = None
+        self.counters_outages: Counter | None = None
         self.held_total = Counter("mta_messages_held", "Messages put in the hold (quarantine) "
                                   "queue.", registry=r)
         self.collector = QueueCollector(store, self.clock, active_sessions, in_flight, outbound,
@@ -295,6 +300,7 @@ class Metrics:
             "directory": self._on_directory,
             "tls_outcome": self._on_tls_outcome,
             "held": lambda event: self.held_total.inc(),
+            "counters": self._on_counters,  # issue 20
         }
 
     # --- feeding ------------------------------------------------------------------
@@ -365,6 +371,22 @@ class Metrics:
         size = _number(event.get("size"))
         if size is not None:
             self.message_size.observe(size)
+
+    def _on_counters(self, event: Mapping[str, Any]) -> None:
+        if self.counters_up is None or self.counters_outages is None:
+            self.counters_up = Gauge("mta_counters_backend_up", "1 while the shared abuse "
+                                     "counters' back end answers, 0 while the node counts "
+                                     "locally.", ["backend"], registry=self.registry)
+            self.counters_outages = Counter("mta_counters_backend_outages", "Times the shared "
+                                            "abuse counters' back end went down (fallback to "
+                                            "local).", ["backend"], registry=self.registry)
+        backend = _label(event.get("backend"), COUNTER_BACKENDS)
+        state = event.get("state")
+        if state == "down":
+            self.counters_up.labels(backend=backend).set(0)
+            self.counters_outages.labels(backend=backend).inc()
+        elif state in ("up", "back"):
+            self.counters_up.labels(backend=backend).set(1)
 
     def _on_limit(self, event: Mapping[str, Any]) -> None:
         self.limits.labels(limit=_label(event.get("limit"), LIMITS)).inc()

@@ -100,7 +100,7 @@ def load_policies(config: Config, reactor: Any = None) -> Policies:
 def build_context(config: Config, reactor: Any, spare_outlet: SpareOutlet | None = None) -> ServerContext:
     """The SMTP sessions' shared context around a new queue store (which gives
     the files of finished messages to ``spare_outlet`` first, if any)."""
-    from mta.policy.limits import AbuseLimits
+    from mta.daemon.counters import build_abuse_counters
     from mta.policy.srs import SRSRewriter, load_or_create_secret
 
     p = load_policies(config, reactor)
@@ -111,7 +111,7 @@ def build_context(config: Config, reactor: Any, spare_outlet: SpareOutlet | None
                          directory=p.directory,
                          identities=p.identities, clock=reactor, tls=p.tls, spf=p.spf,
                          authenticator=p.authenticator,
-                         abuse=AbuseLimits(config.limits, reactor), srs=SRSRewriter(secret))
+                         abuse=build_abuse_counters(config, reactor), srs=SRSRewriter(secret))
 
 
 class MTAService(MultiService):
@@ -145,6 +145,10 @@ class MTAService(MultiService):
 
             spares = WorkerSpares(reactor)
         self.context = build_context(config, reactor, spare_outlet=spares)
+        if config.counters.backend == "redis":  # issue 20: shared abuse counters
+            from mta.daemon.counters import CountersService
+
+            CountersService(self.context.abuse).setServiceParent(self)
         self.ports: list[Any] = []
         self.listening: Deferred[None] | None = None
         self.pool: Any = None

@@ -75,7 +75,7 @@ class ConnectionLimits(_Check):
     name = "limits"
     stages = frozenset({Stage.CONNECT})
 
-    def check(self, stage: Stage, state: CheckState) -> Verdict:
+    def check(self, stage: Stage, state: CheckState) -> Verdict | Deferred[Verdict]:
         ctx = self.ctx
         limits = ctx.config.limits
         if ctx.total_connections >= limits.max_connections:
@@ -86,11 +86,20 @@ class ConnectionLimits(_Check):
             return ACCEPT
         if ctx.connections.get(state.client_ip, 0) >= limits.max_connections_per_ip:
             return reject(R.TOO_MANY_FROM_IP, reason="max_connections_per_ip")
-        if ctx.abuse is not None and not ctx.abuse.connection_allowed(state.client_ip):
-            log.info("connection rate limit for {ip}", ip=state.client_ip, event="limit",
-                     limit="connection_rate")
-            return reject(R.CONNECTION_RATE, quiet=True)
-        return ACCEPT
+        if ctx.abuse is None:
+            return ACCEPT
+        allowed = ctx.abuse.connection_allowed(state.client_ip)
+        if allowed is True:
+            return ACCEPT
+        if allowed is False:
+            return self._rate_limited(state.client_ip)
+        # Shared counters (Redis): a Deferred firing with the answer.
+        return allowed.addCallback(lambda ok: ACCEPT if ok else self._rate_limited(state.client_ip))
+
+    @staticmethod
+    def _rate_limited(ip: str) -> Verdict:
+        log.info("connection rate limit for {ip}", ip=ip, event="limit", limit="connection_rate")
+        return reject(R.CONNECTION_RATE, quiet=True)
 
 
 class HeloName(_Check):
@@ -155,11 +164,21 @@ class UserRate(_Check):
     def applies(client: Client) -> bool:
         return client.authenticated
 
-    def check(self, stage: Stage, state: CheckState) -> Verdict:
+    def check(self, stage: Stage, state: CheckState) -> Verdict | Deferred[Verdict]:
         abuse = self.ctx.abuse
         user = state.auth_user
-        if user is None or abuse is None or abuse.message_allowed(user):
+        if user is None or abuse is None:
             return ACCEPT
+        allowed = abuse.message_allowed(user)
+        if allowed is True:
+            return ACCEPT
+        if allowed is False:
+            return self._rate_limited(user)
+        # Shared counters (Redis): a Deferred firing with the answer.
+        return allowed.addCallback(lambda ok: ACCEPT if ok else self._rate_limited(user))
+
+    @staticmethod
+    def _rate_limited(user: str) -> Verdict:
         log.info("message rate limit for {user}", user=user, event="limit",
                  limit="user_messages")
         return reject(R.USER_RATE_LIMIT, quiet=True)

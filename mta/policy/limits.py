@@ -8,9 +8,12 @@ Pure logic over an injected clock (``seconds()``), so tests drive it with a
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from mta.config import Limits
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
 
 MAX_KEYS = 100_000
 
@@ -58,13 +61,42 @@ class SlidingWindow:
         return len(events) <= self.limit
 
 
+class AbuseCounters(Protocol):
+    """What the SMTP session (``mta.smtp.sasl``) and its checks (``ConnectionLimits``,
+    ``UserRate`` in :mod:`mta.policy.checks`) ask of the abuse counters.
+
+    Two implementations: :class:`AbuseLimits` (this process's memory; every answer
+    synchronous, so a plain message pays for no Deferred) and
+    :class:`mta.policy.rediscounters.RedisAbuseLimits` (one Redis shared by every
+    node; an answer may be a Deferred, and falls back to the local counters while
+    Redis cannot be reached, so these calls never fail).  A caller takes a plain
+    ``bool``/``None`` as it is and waits for a Deferred.  The rules (limits, windows,
+    blocks never extended, known addresses exempt) are those of :class:`AbuseLimits`.
+    """
+
+    def connection_allowed(self, ip: str) -> bool | Deferred[bool]:
+        """Count one connection from ``ip``; False when over connection_rate_per_ip a minute."""
+
+    def message_allowed(self, user: str) -> bool | Deferred[bool]:
+        """Count one message of ``user``; False when over messages_per_user_per_hour."""
+
+    def auth_blocked(self, ip: str, account: str | None = None) -> bool | Deferred[bool]:
+        """Whether AUTH from ``ip`` (as ``account``, lower-case, when known) is blocked."""
+
+    def auth_failed(self, ip: str, account: str | None) -> None | Deferred[None]:
+        """Count a failed AUTH from ``ip`` (as ``account`` when known), maybe starting a block."""
+
+    def auth_succeeded(self, ip: str, account: str) -> None | Deferred[None]:
+        """Remember that ``ip`` authenticated as ``account`` (exempt from its block)."""
+
+
 # How long a successful AUTH as an account from an address exempts that address from
 # the account's block (not from the address's own block).
 KNOWN_ADDRESS_TIME = 86400.0
 
 
 class AbuseLimits:
-    """The per-process limits shared by all sessions.
+    """The per-process limits shared by all sessions (the local :class:`AbuseCounters`).
 
     AUTH blocking (per client address and per account, each counted on its own):
 

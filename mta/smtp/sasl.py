@@ -53,8 +53,16 @@ class SASLExchange:
             return R.AUTH_ALREADY
         if self.txn is not None:
             return R.AUTH_IN_TRANSACTION
-        if self.ctx.abuse is not None and self.ctx.abuse.auth_blocked(self.client_ip):
-            return self._auth_blocked()
+        if self.ctx.abuse is not None:
+            blocked = self.ctx.abuse.auth_blocked(self.client_ip)
+            if blocked is True:
+                return self._auth_blocked()
+            if blocked is not False:  # shared counters (Redis): a Deferred
+                return blocked.addCallback(
+                    lambda b: self._auth_blocked() if b else self._auth_start(arg))
+        return self._auth_start(arg)
+
+    def _auth_start(self, arg: str) -> Reply | Deferred[Reply] | None:
         words = arg.split()
         if not words or len(words) > 2:
             return R.AUTH_UNKNOWN_MECHANISM
@@ -132,18 +140,28 @@ class SASLExchange:
         return self._check_password(user, password)
 
     def _check_password(self, user: str, password: str) -> Deferred[Reply] | Reply:
-        if self.ctx.abuse is not None and self.ctx.abuse.auth_blocked(self.client_ip, user.lower()):
-            # The password is not even checked: right or wrong, the answer is the same.
-            return self._auth_blocked(user)
+        if self.ctx.abuse is not None:
+            blocked = self.ctx.abuse.auth_blocked(self.client_ip, user.lower())
+            if blocked is True:
+                # The password is not even checked: right or wrong, the answer is the same.
+                return self._auth_blocked(user)
+            if blocked is not False:  # shared counters (Redis): a Deferred
+                return blocked.addCallback(
+                    lambda b: self._auth_blocked(user) if b else self._verify(user, password))
+        return self._verify(user, password)
+
+    def _verify(self, user: str, password: str) -> Deferred[Reply]:
         d = maybeDeferred(self.ctx.users.authenticate, user, password)
 
         def checked(canonical: str | None) -> Reply | Deferred[Reply]:
             if canonical:
                 self._set_auth_user(canonical)
-                if self.ctx.abuse is not None:
-                    self.ctx.abuse.auth_succeeded(self.client_ip, user.lower())
                 log.info("auth ok for {user} from {ip}", user=canonical, ip=self.client_ip,
                          event="auth", result="ok")
+                if self.ctx.abuse is not None:
+                    remembered = self.ctx.abuse.auth_succeeded(self.client_ip, user.lower())
+                    if remembered is not None:  # shared counters: answer once it is stored
+                        return remembered.addCallback(lambda _: R.AUTH_OK)
                 return R.AUTH_OK
             return self._auth_failed(user, "bad_credentials")
 
@@ -175,8 +193,11 @@ class SASLExchange:
         log.info("auth failed ({reason}) for {user} from {ip}", reason=reason,
                  user=(user or "-")[:64], ip=self.client_ip, event="auth", result="failed")
         self.auth_failures += 1
+        counted = None
         if self.ctx.abuse is not None:
-            self.ctx.abuse.auth_failed(self.client_ip, user.lower() if user else None)
+            counted = self.ctx.abuse.auth_failed(self.client_ip, user.lower() if user else None)
         reply = R.AUTH_TOO_MANY if self.auth_failures >= self.limits.max_auth_failures else R.AUTH_FAILED
         delay = self.limits.auth_failure_delay * self.auth_failures
+        if counted is not None:  # shared counters: the delay runs once the failure is counted
+            return counted.addCallback(lambda _: deferLater(self.ctx.clock, delay, lambda: reply))
         return deferLater(self.ctx.clock, delay, lambda: reply)
