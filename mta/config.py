@@ -51,6 +51,10 @@ class Listener:
     name: str
     endpoint: str
     kind: str
+    # The milters of this listener, in order (a list of [milters.NAME] names; [] for
+    # none), overriding [milters] smtpd and the kind's list, as master.cf's
+    # ``-o smtpd_milters=`` for one service; None: those lists apply.
+    milters: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -692,7 +696,7 @@ def config_from_dict(raw: dict[str, Any], base: Path, overrides: dict[str, Any] 
         prefix = f"listeners.{name}."
         if not isinstance(spec, dict):
             raise ConfigError(f"listeners.{name}", "must be a table with endpoint and kind")
-        _check_keys(spec, {"endpoint", "kind"}, prefix)
+        _check_keys(spec, {"endpoint", "kind", "milters"}, prefix)
         endpoint = overrides.get("listen", {}).get(name) or _get(spec, "endpoint", str, prefix, None)
         if endpoint is None:
             raise ConfigError(prefix + "endpoint", "is required")
@@ -701,7 +705,7 @@ def config_from_dict(raw: dict[str, Any], base: Path, overrides: dict[str, Any] 
             raise ConfigError(prefix + "kind", f"must be one of {', '.join(LISTENER_KINDS)}")
         endpoint = listen_endpoint(endpoint, prefix + "endpoint")
         _validate_endpoint(endpoint, prefix + "endpoint")
-        listeners.append(Listener(name, endpoint, kind))
+        listeners.append(Listener(name, endpoint, kind, _listener_milters(spec, prefix)))
     for name in overrides.get("listen", {}):
         if name not in listeners_raw:
             raise ConfigError(f"--listen {name}", "no listener of that name in the configuration")
@@ -882,7 +886,7 @@ def config_from_dict(raw: dict[str, Any], base: Path, overrides: dict[str, Any] 
         delivery=delivery,
         checks=checks,
         dane=_dane(_table(raw, "dane"), dns, delivery.tls_policy),
-        milters=_milters(_table(raw, "milters")),
+        milters=_milters_of_listeners(_milters(_table(raw, "milters")), listeners),
         delivery_sts=_delivery_sts(sts_raw, base),
         tls_reports=_tls_reports(_table(raw, "tls_reports"), hostname, delivery.bounce_from),
         dnsbl=_dnsbl(_table(raw, "dnsbl"), checks),
@@ -1440,6 +1444,17 @@ class MiltersConfig:
                 return names
         return self.smtpd
 
+    # The named listeners' own lists ([[listeners]] ``milters``), by listener name.
+    by_listener: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def for_listener(self, name: str, kind: str) -> tuple[str, ...]:
+        """The milters of the listener ``name`` (of ``kind``): its own ``milters``
+        if it has the key, else :meth:`for_kind`'s."""
+        for key, names in self.by_listener:
+            if key == name:
+                return names
+        return self.for_kind(kind)
+
 
 def _milters(table: dict[str, Any]) -> MiltersConfig:
     """``[milters.NAME]`` tables (a ``socket`` each) and the lists ``smtpd``, ``mx``,
@@ -1484,6 +1499,34 @@ def _milters(table: dict[str, Any]) -> MiltersConfig:
             if n in names[:i]:
                 raise ConfigError(f"milters.{key}[{i}]", f"{n} is listed twice")
     return MiltersConfig(tuple(milters), lists.pop("smtpd", ()), tuple(lists.items()))
+
+
+def _listener_milters(spec: dict[str, Any], prefix: str) -> tuple[str, ...] | None:
+    """A [listeners.NAME] table's ``milters``: a list of milter names, or None."""
+    raw = spec.get("milters")
+    if raw is None:
+        return None
+    if not isinstance(raw, list) or not all(isinstance(n, str) for n in raw):
+        raise ConfigError(prefix + "milters", "must be a list of milter names")
+    for i, n in enumerate(raw):
+        if n in raw[:i]:
+            raise ConfigError(f"{prefix}milters[{i}]", f"{n} is listed twice")
+    return tuple(raw)
+
+
+def _milters_of_listeners(milters: MiltersConfig, listeners: list[Listener]) -> MiltersConfig:
+    """``milters`` with the listeners' own lists (each name checked against the
+    [milters.NAME] tables)."""
+    known = {m.name for m in milters.milters}
+    own = []
+    for lst in listeners:
+        if lst.milters is None:
+            continue
+        for i, n in enumerate(lst.milters):
+            if n not in known:
+                raise ConfigError(f"listeners.{lst.name}.milters[{i}]", f"no [milters.{n}] table")
+        own.append((lst.name, lst.milters))
+    return replace(milters, by_listener=tuple(own)) if own else milters
 
 
 def _validate_milter_socket(value: str, key: str) -> None:

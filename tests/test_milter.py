@@ -672,3 +672,73 @@ async def test_auth_and_tls_macros_of_a_submission(tmp_path, scripted):
         assert macros[b"C"]["{daemon_name}"] == "submission"
     finally:
         await mta.stop()
+
+
+# --- milters per named listener (a [listeners.NAME] milters key) ---------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_milters_per_named_listener(tmp_path, scripted):
+    """Two mx listeners; only ``filtered`` names the milter (its ``milters`` key, as
+    master.cf's ``-o smtpd_milters=`` for one service): its session's traffic goes
+    through the milter (refused recipient, added header), the other's never reaches it."""
+    def rcpt(data):
+        return [M.replycode("550 5.7.1 not on the filtered door")] if b"bob@" in data else [M.CONTINUE]
+
+    milter = scripted({b"R": rcpt, b"E": [M.add_header("X-Filtered", "yes"), M.CONTINUE]})
+    mta = await start_mta(tmp_path, extra={
+        "milters": {"m0": {"socket": milter.socket, "command_timeout": 2, "content_timeout": 2}},
+        "listeners": {"filtered": {"endpoint": "tcp:0:interface=127.0.0.1", "kind": "mx",
+                                   "milters": ["m0"]}}})
+    try:
+        rcpts = ("alice@example.test", "bob@example.test")
+        ((mail, alice, bob, data),) = await in_thread(dialog, mta.port("filtered"), rcpts=rcpts)
+        assert mail[0] == 250 and alice[0] == 250 and data[0] == 250
+        assert bob == (550, "550 5.7.1 not on the filtered door")
+        await wait_for(lambda: b"Q" in milter.names())
+        seen = len(milter.commands)
+        assert milter.connections == 1
+        macros = macros_sent(milter)
+        assert macros[b"C"]["{daemon_name}"] == "filtered"
+        ((mail, alice, bob, data),) = await in_thread(dialog, mta.port("mx"), rcpts=rcpts)
+        assert mail[0] == 250 and alice[0] == 250 and bob[0] == 250 and data[0] == 250
+        # The plain listener's session opened no milter connection and sent nothing.
+        assert milter.connections == 1 and len(milter.commands) == seen
+        filtered, plain = sorted(mta.queued(), key=lambda e: len(e.recipients))
+        assert [r.address for r in filtered.recipients] == ["alice@example.test"]
+        assert b"\r\nX-Filtered: yes\r\n" in mta.message_bytes(filtered.id)
+        assert len(plain.recipients) == 2
+        assert b"X-Filtered" not in mta.message_bytes(plain.id)
+    finally:
+        await mta.stop()
+
+
+def test_a_listener_list_overrides_the_kind_lists(tmp_path):
+    from tests.harness import make_config
+
+    config = make_config(tmp_path, extra={
+        "milters": {"spam": {"socket": "inet:127.0.0.1:11332"}, "smtpd": ["spam"]},
+        "listeners": {"quiet": {"endpoint": "tcp:0:interface=127.0.0.1", "kind": "mx", "milters": []},
+                      "loud": {"endpoint": "tcp:0:interface=127.0.0.1", "kind": "submission",
+                               "milters": ["spam"]}}})
+    m = config.milters
+    assert m.for_listener("mx", "mx") == ("spam",)
+    assert m.for_listener("quiet", "mx") == ()
+    assert m.for_listener("loud", "submission") == ("spam",)
+    assert [lst.milters for lst in config.listeners if lst.name == "quiet"] == [()]
+
+
+@pytest.mark.parametrize(("listener", "problem"), [
+    ({"milters": ["nope"]}, "listeners.x.milters[0]: no [milters.nope] table"),
+    ({"milters": "spam"}, "listeners.x.milters: must be a list of milter names"),
+    ({"milters": ["spam", "spam"]}, "listeners.x.milters[1]: spam is listed twice"),
+])
+def test_listener_milters_errors(tmp_path, listener, problem):
+    from mta.config import ConfigError
+    from tests.harness import make_config
+
+    with pytest.raises(ConfigError) as e:
+        make_config(tmp_path, extra={
+            "milters": {"spam": {"socket": "inet:127.0.0.1:11332"}},
+            "listeners": {"x": {"endpoint": "tcp:0:interface=127.0.0.1", "kind": "mx", **listener}}})
+    assert problem in str(e.value)

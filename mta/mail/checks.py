@@ -166,11 +166,12 @@ class Client(NamedTuple):
 
     It changes only at connect, on AUTH success and on STARTTLS (which forgets
     the AUTH, RFC 3207 §4.2); the pipeline keeps each class's checks (at most
-    2 x 2 x the listener kinds), so a session asks for them with one lookup."""
+    2 x 2 x the listeners), so a session asks for them with one lookup."""
 
     trusted: bool  # in relay_networks
     authenticated: bool  # AUTH succeeded (auth_user is set)
     listener_kind: str  # mx, submission, submissions
+    listener: str = ""  # the listener's name ([listeners.NAME]: its own milters)
 
 
 class Check(Protocol):

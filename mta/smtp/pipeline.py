@@ -116,8 +116,9 @@ class Pipeline:
         # Looked up only when a check fails or waits (by id: a check need not be hashable).
         self._settings: dict[int, CheckSettings] = {id(c): s for c, s in checks}
         # Each class of client's plan, made when first asked for; bounded: the
-        # keys are (trusted, authenticated, listener kind), at most 2 x 2 x 3.
-        self._plans: dict[tuple[bool, bool, str], Plan] = {}
+        # keys are (trusted, authenticated, listener kind, listener name), at most
+        # 2 x 2 x the configured listeners.
+        self._plans: dict[tuple[bool, bool, str, str], Plan] = {}
         # The checks that keep per-session state (a milter's connection) and want
         # to hear when the session ends: those with a close(state) method.
         self._closing = tuple(c for c, _ in checks if callable(getattr(c, "close", None)))
@@ -137,13 +138,13 @@ class Pipeline:
     def names(self, stage: Stage, plan: Plan | None = None) -> list[str]:
         return [c.name for c in (self._stages if plan is None else plan)[stage]]
 
-    def plan(self, trusted: bool, authenticated: bool, listener_kind: str) -> Plan:
+    def plan(self, trusted: bool, authenticated: bool, listener_kind: str, listener: str = "") -> Plan:
         """Each stage's checks that apply to this class of client (:class:`Client`),
         in the configured order; one dictionary lookup but the first time."""
-        key = (trusted, authenticated, listener_kind)
+        key = (trusted, authenticated, listener_kind, listener)
         plan = self._plans.get(key)
         if plan is None:
-            client = Client(trusted, authenticated, listener_kind)
+            client = Client(trusted, authenticated, listener_kind, listener)
             plan = self._plans[key] = {
                 stage: tuple(c for c in checks if self._applies(c, client))
                 for stage, checks in self._stages.items()}

@@ -122,7 +122,7 @@ class SMTPSession(Framing, SASLExchange, MessageReception, Protocol):
         # exempt from per-address limits, and its mail is neither checked nor given A-R.
         self._trusted = relay_allowed(None, self.client_ip, self.config.relay_networks)
         self.view.client_ip, self.view.trusted = self.client_ip, self._trusted
-        self._plan = self.pipeline.plan(self._trusted, False, self.listener.kind)
+        self._plan = self.pipeline.plan(self._trusted, False, self.listener.kind, self.listener.name)
         self.started = self.ctx.clock.seconds()
         if not self.ctx.accepting:
             self._send(R.SHUTTING_DOWN)
@@ -259,7 +259,7 @@ class SMTPSession(Framing, SASLExchange, MessageReception, Protocol):
         """AUTH succeeded (``user``) or STARTTLS forgot it (None): the session, its
         checks' view and the checks that apply to it (:meth:`Pipeline.plan`)."""
         self.auth_user = self.view.auth_user = user
-        self._plan = self.pipeline.plan(self._trusted, user is not None, self.listener.kind)
+        self._plan = self.pipeline.plan(self._trusted, user is not None, self.listener.kind, self.listener.name)
 
     # --- logging refusals --------------------------------------------------------
 

@@ -1,8 +1,8 @@
 """The milters as one check of the SMTP session's pipeline (``milter`` in [checks] order).
 
 For each SMTP session the check keeps one :class:`MilterSession` per milter
-configured for the listener (``[milters] smtpd``, or the listener kind's own
-list), in order.  A milter's connection is opened lazily, at the session's
+configured for the listener (its own ``milters`` in [listeners.NAME], else
+the listener kind's list in [milters], else ``[milters] smtpd``), in order.  A milter's connection is opened lazily, at the session's
 first MAIL FROM (a client that never sends mail costs no milter connection),
 where the milter is told the connection (SMFIC_CONNECT), the HELO name and the
 MAIL FROM in one go, each with the macros Postfix sends at that stage; a
@@ -202,7 +202,7 @@ class MilterCheck:
         return self.config.milters
 
     def applies(self, client: Client) -> bool:
-        return bool(self.milters.for_kind(client.listener_kind))
+        return bool(self.milters.for_listener(client.listener, client.listener_kind))
 
     # --- the session's milters ----------------------------------------------------
 
@@ -213,8 +213,13 @@ class MilterCheck:
         sessions = data.get(self.name)
         if sessions is None:
             sessions = data[self.name] = [MilterSession(self.milters.get(name))
-                                          for name in self.milters.for_kind(state.listener_kind)]
+                                          for name in self._names(state)]
         return sessions
+
+    def _names(self, state: CheckState) -> tuple[str, ...]:
+        """The milters of the session's listener, in order (a state without a
+        listener name: its kind's)."""
+        return self.milters.for_listener(getattr(state, "listener_name", ""), state.listener_kind)
 
     def close(self, state: CheckState) -> None:
         """The SMTP session ended: SMFIC_QUIT to each milter connection."""
@@ -224,7 +229,7 @@ class MilterCheck:
                 ms.proto.close()
 
     def check(self, stage: Stage, state: CheckState) -> Verdict | Deferred[Verdict]:
-        if not self.milters.for_kind(state.listener_kind):
+        if not self._names(state):
             return ACCEPT  # (a caller without the pipeline's plan: none configured here)
         return Deferred.fromCoroutine(self._run(stage, state))
 
