@@ -63,6 +63,10 @@ class TLSConfig:
     key_file: Path | None = None
     # Optional directory of <hostname>/{fullchain.pem,privkey.pem} chosen by SNI.
     cert_dir: Path | None = None
+    # Ask each TLS client for a certificate (never required, never verified:
+    # Postfix's smtpd_tls_ask_ccert), for the milter macros {cert_subject} and
+    # {cert_issuer}.
+    ask_client_cert: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -711,11 +715,12 @@ def config_from_dict(raw: dict[str, Any], base: Path, overrides: dict[str, Any] 
             raise ConfigError(f"--listen {name}", "no listener of that name in the configuration")
 
     tls_raw = _table(raw, "tls")
-    _check_keys(tls_raw, {"cert_file", "key_file", "cert_dir"}, "tls.")
+    _check_keys(tls_raw, {"cert_file", "key_file", "cert_dir", "ask_client_cert"}, "tls.")
     tls = TLSConfig(
         cert_file=_path(base, _get(tls_raw, "cert_file", str, "tls.", None)),
         key_file=_path(base, _get(tls_raw, "key_file", str, "tls.", None)),
         cert_dir=_path(base, _get(tls_raw, "cert_dir", str, "tls.", None)),
+        ask_client_cert=_get(tls_raw, "ask_client_cert", bool, "tls.", False),
     )
     if (tls.cert_file is None) != (tls.key_file is None):
         raise ConfigError("tls.key_file" if tls.key_file is None else "tls.cert_file",

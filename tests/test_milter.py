@@ -742,3 +742,85 @@ def test_listener_milters_errors(tmp_path, listener, problem):
             "milters": {"spam": {"socket": "inet:127.0.0.1:11332"}},
             "listeners": {"x": {"endpoint": "tcp:0:interface=127.0.0.1", "kind": "mx", **listener}}})
     assert problem in str(e.value)
+
+
+# --- the TLS macros of a client certificate ------------------------------------------
+
+
+def _tls_session(port, cert=None):
+    """EHLO, STARTTLS (presenting ``cert``, a trustme LeafCert, if given), EHLO, one
+    message; the end of DATA's reply."""
+    from tests.harness import client_tls_context
+
+    c = RawClient(port)
+    c.read_reply()
+    c.cmd("EHLO client.test")
+    assert c.cmd("STARTTLS")[0] == 220
+    ctx = client_tls_context()
+    if cert is not None:
+        cert.configure_cert(ctx)
+    c.sock = ctx.wrap_socket(c.sock, server_hostname="mx.example.test")
+    c.cmd("EHLO client.test")
+    assert c.cmd("MAIL FROM:<bob@elsewhere.test>")[0] == 250
+    assert c.cmd("RCPT TO:<alice@example.test>")[0] == 250
+    assert c.cmd("DATA")[0] == 354
+    c.send(MESSAGE + b".\r\n")
+    reply = c.read_reply()
+    c.cmd("QUIT")
+    c.close()
+    return reply
+
+
+@pytest_twisted.ensureDeferred
+async def test_tls_client_certificate_macros(tmp_path, scripted):
+    """With [tls] ask_client_cert the HELO step carries {cert_subject} and
+    {cert_issuer} of the client's certificate (the issuer's CN, else its O, as
+    Postfix) and {cipher_bits}; a TLS client without a certificate gets the bits
+    and empty certificate macros."""
+    from tests.harness import shared_ca
+
+    milter = scripted()
+    mta = await start(tmp_path, milter, extra={"tls": {"ask_client_cert": True}})
+    try:
+        cert = shared_ca().issue_cert("client.example.test", common_name="client.example.test")
+        assert (await in_thread(_tls_session, mta.port(), cert))[0] == 250
+        await wait_for(lambda: b"Q" in milter.names())
+        helo = macros_sent(milter)[b"H"]
+        assert helo["{cert_subject}"] == "client.example.test"
+        # trustme's CA has no CN: its O ("trustme v1.2.1").
+        assert helo["{cert_issuer}"].startswith("trustme v")
+        assert int(helo["{cipher_bits}"]) >= 128
+        assert helo["{tls_version}"].startswith("TLSv1.")
+        milter.commands.clear()
+        assert (await in_thread(_tls_session, mta.port()))[0] == 250
+        await wait_for(lambda: b"Q" in milter.names())
+        helo = macros_sent(milter)[b"H"]
+        # (an empty macro is not sent, as Postfix)
+        assert "{cert_subject}" not in helo and "{cert_issuer}" not in helo
+        assert int(helo["{cipher_bits}"]) >= 128
+    finally:
+        await mta.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_client_certificate_is_asked_for_by_default(tmp_path, scripted):
+    """Without ask_client_cert a client's certificate is never asked for: the
+    certificate macros stay empty, the bits are there; a plain session sends all three empty."""
+    from tests.harness import shared_ca
+
+    milter = scripted()
+    mta = await start(tmp_path, milter)
+    try:
+        cert = shared_ca().issue_cert("client.example.test", common_name="client.example.test")
+        assert (await in_thread(_tls_session, mta.port(), cert))[0] == 250
+        await wait_for(lambda: b"Q" in milter.names())
+        helo = macros_sent(milter)[b"H"]
+        assert "{cert_subject}" not in helo and int(helo["{cipher_bits}"]) >= 128
+        milter.commands.clear()
+        ((mail, rcpt, data),) = await in_thread(dialog, mta.port())
+        assert data[0] == 250
+        await wait_for(lambda: b"Q" in milter.names())
+        helo = macros_sent(milter)[b"H"]
+        assert not {"{cipher_bits}", "{cert_subject}", "{cert_issuer}", "{tls_version}"} & set(helo)
+    finally:
+        await mta.stop()

@@ -223,6 +223,15 @@ class SessionView:
         return self._s.tls_cipher
 
     @property
+    def tls_peer(self) -> tuple[str, str, str]:
+        """(cipher bits, client certificate subject CN, issuer CN) of the TLS session,
+        "" each when absent (:func:`mta.system.tls.describe_peer`); read only by a
+        milter's HELO step, so nothing is computed for a session without milters."""
+        from mta.system.tls import describe_peer
+
+        return describe_peer(self._s.transport) if self._s.tls_active else ("", "", "")
+
+    @property
     def queue_id(self) -> str:
         """The transaction's queue id once its queue file is made (after the 354), else ""."""
         txn = self._s.txn

@@ -12,7 +12,9 @@ certificate is chosen by the name the client asks for (SNI, RFC 6066 §3).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLContextFactory
@@ -80,6 +82,8 @@ def server_tls(config: TLSConfig) -> SNIContextFactory | ssl.CertificateOptions 
         return None
     assert config.cert_file is not None and config.key_file is not None
     default = _options(config.cert_file, config.key_file)
+    if config.ask_client_cert:
+        _ask_client_cert(default.getContext())
     if config.cert_dir is None:
         return default
     by_name = {}
@@ -90,6 +94,8 @@ def server_tls(config: TLSConfig) -> SNIContextFactory | ssl.CertificateOptions 
     for d in entries:
         if (d / "fullchain.pem").exists() and (d / "privkey.pem").exists():
             by_name[d.name] = _options(d / "fullchain.pem", d / "privkey.pem")
+            if config.ask_client_cert:
+                _ask_client_cert(by_name[d.name].getContext())
     return SNIContextFactory(default, by_name)
 
 
@@ -124,3 +130,43 @@ def describe_tls(transport: object) -> tuple[str, str]:
     if conn is None:
         return "", ""
     return conn.get_protocol_version_name() or "", conn.get_cipher_name() or ""
+
+
+# --- the client's certificate, for the milter macros (issue 17) --------------------
+
+
+def _accept_any(conn: SSL.Connection, cert: Any, errno: int, depth: int, ok: int) -> bool:
+    return True  # asked for, never verified: it only names the client to the milters
+
+
+def _ask_client_cert(ctx: SSL.Context) -> None:
+    """Ask the client for a certificate (a CertificateRequest, RFC 8446 §4.3.2)
+    without requiring or verifying one, as Postfix's smtpd_tls_ask_ccert."""
+    ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_CLIENT_ONCE, _accept_any)
+
+
+def describe_peer(transport: object) -> tuple[str, str, str]:
+    """(secret bits of the cipher, client certificate's subject CommonName, its
+    issuer's CommonName) of an established TLS transport, as Postfix's milter
+    macros {cipher_bits}, {cert_subject}, {cert_issuer}; "" for what is not there
+    (no TLS, or a client that sent no certificate)."""
+    try:
+        conn = transport.getHandle()  # type: ignore[attr-defined]
+    except Exception:
+        return "", "", ""
+    if not isinstance(conn, SSL.Connection):
+        return "", "", ""
+    bits = str(conn.get_cipher_bits() or "")
+    cert = conn.get_peer_certificate(as_cryptography=True)
+    if cert is None:
+        return bits, "", ""
+    # The issuer's CommonName, else its Organization (as Postfix's tls_issuer_CN).
+    return bits, _attribute(cert.subject, NameOID.COMMON_NAME), (
+        _attribute(cert.issuer, NameOID.COMMON_NAME) or _attribute(cert.issuer, NameOID.ORGANIZATION_NAME))
+
+
+def _attribute(name: Any, oid: Any) -> str:
+    values = name.get_attributes_for_oid(oid)
+    value = str(values[0].value) if values else ""
+    # Only printable text goes to a milter (a certificate is the client's to write).
+    return "".join(c for c in value if c.isprintable())[:256]

@@ -304,8 +304,10 @@ class MilterCheck:
         verdict = await self._step(ms, codec.M_CONNECT, values, codec.connect(name, ip, state.client_port),  # type: ignore[attr-defined]
                                    codec.P_NOCONNECT, codec.P_NR_CONN)
         if verdict is None:
+            bits, subject, issuer = state.tls_peer  # type: ignore[attr-defined]
             verdict = await self._step(ms, codec.M_HELO, {
                 "{tls_version}": state.tls_version, "{cipher}": state.tls_cipher,  # type: ignore[attr-defined]
+                "{cipher_bits}": bits, "{cert_subject}": subject, "{cert_issuer}": issuer,
             }, codec.packet(codec.HELO, codec.strings(state.helo)), codec.P_NOHELO, codec.P_NR_HELO)
         if verdict is ACCEPT:
             ms.done_session = True
