@@ -824,3 +824,53 @@ async def test_no_client_certificate_is_asked_for_by_default(tmp_path, scripted)
         assert not {"{cipher_bits}", "{cert_subject}", "{cert_issuer}", "{tls_version}"} & set(helo)
     finally:
         await mta.stop()
+
+
+# --- the queue id (macro i) from MAIL on -----------------------------------------------
+
+
+def _macros_by_packet(milter):
+    """[(command letter, {macro: value})] of each SMFIC_MACRO packet, in order."""
+    out = []
+    for cmd, data in milter.commands:
+        if cmd == b"D":
+            parts = data[1:].split(b"\0")
+            out.append((data[:1], {parts[i].decode(): parts[i + 1].decode()
+                                   for i in range(0, len(parts) - 1, 2)}))
+    return out
+
+
+@pytest_twisted.ensureDeferred
+async def test_queue_id_macro_from_mail_on(tmp_path, scripted):
+    """``i`` is the queue id at MAIL and RCPT already (as Postfix, which makes its
+    queue file at MAIL), the same at the end of message and in our Received
+    header; each transaction of a session gets its own, and one refused before
+    DATA leaves no file in the queue."""
+    def rcpt(data):
+        return [M.REJECT] if b"bob@" in data else [M.CONTINUE]
+
+    milter = scripted({b"R": rcpt})
+    mta = await start(tmp_path, milter)
+    try:
+        first, second = await in_thread(dialog, mta.port(), transactions=2)
+        assert first[-1][0] == 250 and second[-1][0] == 250
+        ((mail, bob),) = await in_thread(dialog, mta.port(), rcpts=("bob@example.test",))
+        assert mail[0] == 250 and bob[0] == 550
+        await wait_for(lambda: milter.names().count(b"Q") == 2)
+        ids = {}
+        for letter, values in _macros_by_packet(milter):
+            if "i" in values:
+                ids.setdefault(letter, []).append(values["i"])
+        envs = sorted(mta.queued(), key=lambda e: e.id)
+        assert len(envs) == 2
+        assert sorted(ids[b"E"]) == [e.id for e in envs]
+        # MAIL of the two queued transactions and of the refused one; RCPT likewise.
+        assert ids[b"M"][:2] == ids[b"E"] and ids[b"R"][:2] == ids[b"E"]
+        refused = ids[b"M"][2]
+        assert ids[b"R"][2] == refused and refused not in ids[b"E"]
+        for env in envs:
+            assert f"id {env.id}".encode() in mta.message_bytes(env.id)
+        files = [p.name for p in (tmp_path / "var").rglob("*") if refused in p.name]
+        assert files == []
+    finally:
+        await mta.stop()

@@ -134,13 +134,24 @@ class Intake:
         one); else the file in ``tmp/`` is made now and written as data comes.
         """
         assert self.writer is None, "opened twice"
-        writer = self.store.new_message(buffered=buffered)
+        if self.id:  # reserved (reserve_id)
+            writer = self.store.new_message(buffered=buffered, queue_id=self.id)
+        else:
+            writer = self.store.new_message(buffered=buffered)
         self.writer, self.id = writer, writer.id
         # The writer's own methods: a chunk goes straight to it.
         self.write = writer.write
         self.writelines = writer.writelines
         self.spill = writer.spill
         return writer.id
+
+    def reserve_id(self) -> str:
+        """The queue id now, before :meth:`open` makes the file (which then takes
+        it): for a milter's ``i`` macro at MAIL and RCPT.  Nothing is written, so a
+        transaction that ends before DATA leaves nothing behind."""
+        if not self.id:
+            self.id = self.store.new_id()
+        return self.id
 
     def write(self, data: bytes) -> None:
         """Append ``data`` to the message (bound to the writer's at :meth:`open`)."""

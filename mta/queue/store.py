@@ -95,9 +95,16 @@ class QueueStore(SparePool):
 
     # --- receiving -------------------------------------------------------------
 
-    def new_message(self, buffered: bool = False) -> MessageWriter:
+    def new_message(self, buffered: bool = False, queue_id: str = "") -> MessageWriter:
         """A writer for a new message (``buffered``: see :class:`MessageWriter`; it
-        gets a spare if one is ready)."""
+        gets a spare if one is ready).  ``queue_id``: an id given out before
+        (:meth:`new_id`); such a message takes no spare, a spare's id being its
+        file's name."""
+        if queue_id:
+            try:
+                return MessageWriter(self, queue_id, buffered)
+            except OSError as e:
+                raise QueueError(str(e)) from e
         if buffered and self.spares:
             spare = self._take_spare()
             if spare is not None:
@@ -106,6 +113,11 @@ class QueueStore(SparePool):
             return MessageWriter(self, new_queue_id(self.clock()), buffered)
         except OSError as e:
             raise QueueError(str(e)) from e
+
+    def new_id(self) -> str:
+        """A queue id for a message whose writer is made later (new_message's
+        ``queue_id``): a milter is told the id at MAIL, as Postfix's ``i``."""
+        return new_queue_id(self.clock())
 
     def subscribe(self, listener: Callable[[Envelope], None]) -> None:
         """Call ``listener(envelope)`` after each message is committed."""

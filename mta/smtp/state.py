@@ -233,9 +233,12 @@ class SessionView:
 
     @property
     def queue_id(self) -> str:
-        """The transaction's queue id once its queue file is made (after the 354), else ""."""
+        """The transaction's queue id ("" outside one).  Asked for before its queue
+        file is made (a milter's ``i`` at MAIL), the id is reserved then
+        (:meth:`mta.queue.intake.Intake.reserve_id`): read by nothing else before
+        the 354, so a session without milters does no more work."""
         txn = self._s.txn
-        return "" if txn is None or txn.intake is None else txn.intake.id
+        return "" if txn is None or txn.intake is None else txn.intake.id or txn.intake.reserve_id()
 
     @property
     def message_path(self) -> Any:

@@ -116,7 +116,7 @@ DEFAULT_MACROS: dict[int, tuple[str, ...]] = {
     M_HELO: ("{tls_version}", "{cipher}", "{cipher_bits}", "{cert_subject}", "{cert_issuer}"),
     M_ENVFROM: ("i", "{auth_type}", "{auth_authen}", "{auth_author}", "{mail_addr}", "{mail_host}",
                 "{mail_mailer}"),
-    M_ENVRCPT: ("{rcpt_addr}", "{rcpt_host}", "{rcpt_mailer}"),
+    M_ENVRCPT: ("i", "{rcpt_addr}", "{rcpt_host}", "{rcpt_mailer}"),
     M_DATA: ("i",),
     M_EOH: ("i",),
     M_EOM: ("i",),
