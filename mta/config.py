@@ -1412,6 +1412,9 @@ MILTER_DEFAULT_ACTIONS = ("tempfail", "accept")
 # [milters] keys that are lists of milter names: Postfix's smtpd_milters (every
 # listener) and one override per listener kind (as master.cf's -o smtpd_milters=).
 MILTER_LISTS = ("smtpd", *LISTENER_KINDS)
+# [milters] local: Postfix's non_smtpd_milters, for local submission (sendmail);
+# never smtpd's (a list of its own, as Postfix's).
+MILTER_LOCAL = "local"
 
 
 @dataclass(frozen=True)
@@ -1451,6 +1454,8 @@ class MiltersConfig:
 
     # The named listeners' own lists ([[listeners]] ``milters``), by listener name.
     by_listener: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # Local submission's (``[milters] local``, Postfix's non_smtpd_milters).
+    local: tuple[str, ...] = ()
 
     def for_listener(self, name: str, kind: str) -> tuple[str, ...]:
         """The milters of the listener ``name`` (of ``kind``): its own ``milters``
@@ -1467,7 +1472,7 @@ def _milters(table: dict[str, Any]) -> MiltersConfig:
     milters = []
     lists: dict[str, tuple[str, ...]] = {}
     for name, raw in table.items():
-        if name in MILTER_LISTS:
+        if name in MILTER_LISTS or name == MILTER_LOCAL:
             if not isinstance(raw, list) or not all(isinstance(n, str) for n in raw):
                 raise ConfigError(f"milters.{name}", "must be a list of milter names")
             lists[name] = tuple(raw)
@@ -1503,7 +1508,8 @@ def _milters(table: dict[str, Any]) -> MiltersConfig:
                 raise ConfigError(f"milters.{key}[{i}]", f"no [milters.{n}] table")
             if n in names[:i]:
                 raise ConfigError(f"milters.{key}[{i}]", f"{n} is listed twice")
-    return MiltersConfig(tuple(milters), lists.pop("smtpd", ()), tuple(lists.items()))
+    local = lists.pop(MILTER_LOCAL, ())
+    return MiltersConfig(tuple(milters), lists.pop("smtpd", ()), tuple(lists.items()), local=local)
 
 
 def _listener_milters(spec: dict[str, Any], prefix: str) -> tuple[str, ...] | None:

@@ -539,6 +539,7 @@ connect_timeout = 2
 
 @pytest.mark.parametrize(("table", "problem"), [
     ({"smtpd": ["nope"]}, "milters.smtpd[0]: no [milters.nope] table"),
+    ({"local": ["nope"]}, "milters.local[0]: no [milters.nope] table"),
     ({"a": {}}, "milters.a.socket: is required"),
     ({"a": {"socket": "unix:relative"}}, "milters.a.socket: 'unix:relative': unix: needs an absolute path"),
     ({"a": {"socket": "inet:localhost"}}, "milters.a.socket: 'inet:localhost': inet:host:port needs a port"),
@@ -872,5 +873,113 @@ async def test_queue_id_macro_from_mail_on(tmp_path, scripted):
             assert f"id {env.id}".encode() in mta.message_bytes(env.id)
         files = [p.name for p in (tmp_path / "var").rglob("*") if refused in p.name]
         assert files == []
+    finally:
+        await mta.stop()
+
+
+# --- local submission through [milters] local (Postfix's non_smtpd_milters) ----------
+
+
+@pytest.fixture
+def control_dir():
+    """A short directory for the control socket (sun_path holds 107 octets)."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    d = Path(tempfile.mkdtemp(prefix="mta", dir="/tmp"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+async def start_local(tmp_path, sock, milter):
+    from mta.daemon.service import build_control
+
+    mta = await start_mta(tmp_path, extra={"control_socket": str(sock), "milters": {
+        "m0": {"socket": milter.socket, "command_timeout": 2, "content_timeout": 2,
+               "connect_timeout": 2}, "local": ["m0"]}})
+    if "control" not in mta.service.namedServices:
+        build_control(mta.service).setServiceParent(mta.service)
+    return mta
+
+
+def submit(sock, message, sender="alice@example.test", recipients=("alice@example.test",)):
+    """What ``mta sendmail`` does: the control channel's submit; its answer or ControlError."""
+    import base64
+
+    from mta.admin.control import ControlError, call
+
+    try:
+        return call(sock, "submit", sender=sender, recipients=list(recipients),
+                    message=base64.b64encode(message).decode())
+    except ControlError as e:
+        return e
+
+
+LOCAL_MESSAGE = b"From: alice@example.test\r\nTo: bob@example.test\r\nSubject: local\r\n\r\nhello\r\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_local_submission_goes_through_the_local_milters(tmp_path, scripted, control_dir):
+    """[milters] local: a sendmail submission is told to the milter as Postfix tells
+    non-SMTP mail (connect from 127.0.0.1, HELO localhost, MAIL, RCPT, the message,
+    its end), and the milter's changes are what is queued: a header added, a
+    recipient added and one deleted, the body replaced. The SMTP listeners do not
+    use the local list."""
+    sock = control_dir / "control.sock"
+    milter = scripted({b"E": [M.add_header("X-Local-Milter", "seen"), M.add_rcpt("bob@example.test"),
+                              M.del_rcpt("alice@example.test"), M.replace_body(b"new body\r\n"),
+                              M.CONTINUE]})
+    mta = await start_local(tmp_path, sock, milter)
+    try:
+        answer = await in_thread(submit, sock, LOCAL_MESSAGE)
+        (env,) = mta.queued()
+        assert answer["id"] == env.id
+        assert [r.address for r in env.recipients] == ["bob@example.test"]
+        data = mta.message_bytes(env.id)
+        assert b"\r\nX-Local-Milter: seen\r\n" in data and b"Subject: local\r\n" in data
+        assert data.endswith(b"\r\n\r\nnew body\r\n") and b"hello" not in data
+        assert b"Message-ID:" in data  # completed before the milter saw it
+        macros = macros_sent(milter)
+        assert macros[b"C"]["{client_addr}"] == "127.0.0.1"
+        assert (b"H", b"localhost\0") in milter.commands
+        assert macros[b"M"]["{mail_addr}"] == "alice@example.test"
+        assert macros[b"R"]["{rcpt_addr}"] == "alice@example.test"
+        headers = [d for c, d in milter.commands if c == b"L"]
+        assert b"Subject\0local\0" in headers
+        assert milter.body == b"hello\r\n"
+        await wait_for(lambda: b"Q" in milter.names())
+        # An SMTP session on the mx listener: no milter for it ([milters] smtpd is empty).
+        ((mail, rcpt, data_reply),) = await in_thread(dialog, mta.port())
+        assert data_reply[0] == 250 and milter.connections == 1
+    finally:
+        await mta.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_local_milter_refusal_quarantine_and_fault(tmp_path, scripted, control_dir):
+    """The milter's refusal refuses the submission (sendmail's ``data`` error with the
+    milter's reply, nothing queued); its quarantine holds the message; a dead milter
+    with the default action tempfail is a temporary refusal, never a lost message."""
+    sock = control_dir / "control.sock"
+
+    def eom(data):
+        return [M.replycode("550 5.7.1 no local spam")] if b"spam" in milter.body else [
+            M.quarantine("looks odd"), M.CONTINUE]
+
+    milter = scripted({b"E": eom})
+    mta = await start_local(tmp_path, sock, milter)
+    try:
+        refused = await in_thread(submit, sock, LOCAL_MESSAGE.replace(b"hello", b"spam"))
+        assert refused.code == "data" and "550 5.7.1 no local spam" in str(refused)
+        assert mta.queued() == []
+        milter.body = b""
+        answer = await in_thread(submit, sock, LOCAL_MESSAGE)
+        (env,) = mta.queued()
+        assert answer["id"] == env.id and env.hold == "looks odd"
+        milter.stop()
+        failed = await in_thread(submit, sock, LOCAL_MESSAGE)
+        assert failed.code == "temporary" and "451 4.7.1" in str(failed)
+        assert len(mta.queued()) == 1
     finally:
         await mta.stop()

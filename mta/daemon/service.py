@@ -347,7 +347,7 @@ def _submit_with_sql(context: Any, sender: str, recipients: list[str], data: byt
     """Local submission with an SQL directory: the recipients are looked up in its
     threads first (mta.policy.relay.Answers), then queued on the reactor thread;
     the database down is a temporary refusal (the sendmail caller retries)."""
-    from mta.intake.submit import TEMPORARY, SubmitError, submit_message
+    from mta.intake.submit import TEMPORARY, SubmitError
     from mta.policy.directory import DirectoryUnavailable
     from mta.policy.relay import Answers
 
@@ -362,16 +362,28 @@ def _submit_with_sql(context: Any, sender: str, recipients: list[str], data: byt
 
     d = directory.defer(Answers, context.aliases, list(recipients))
     d.addErrback(unavailable)
-    return d.addCallback(lambda answers: submit_message(
+    return d.addCallback(lambda answers: _local_submit(context)(
         context.store, context.config, answers, sender, recipients, data, submitter,
         srs=context.srs, local_domains=domains))
+
+
+def _local_submit(context: Any) -> Any:
+    """submit_message, or with [milters] local (Postfix's non_smtpd_milters, issue 17)
+    submit_filtered through those milters."""
+    from functools import partial
+
+    from mta.intake.submit import submit_filtered, submit_message
+    from mta.policy.milter.check import MilterCheck
+
+    if not context.config.milters.local:
+        return submit_message
+    return partial(submit_filtered, MilterCheck(context))
 
 
 def build_control(mta: MTAService) -> IService:
     """The control channel of ``mta`` (a child service): the commands get the
     running state, the queue, the runner, a bound submission and the reload."""
     from mta.daemon.control import ControlCommands, ControlService, max_request_size
-    from mta.intake.submit import submit_message
 
     context = mta.context
 
@@ -379,8 +391,8 @@ def build_control(mta: MTAService) -> IService:
         directory = context.directory
         if directory is not None and directory.blocking:
             return _submit_with_sql(context, sender, recipients, data, submitter)
-        return submit_message(context.store, context.config, context.aliases, sender, recipients,
-                              data, submitter, srs=context.srs)
+        return _local_submit(context)(context.store, context.config, context.aliases, sender,
+                                      recipients, data, submitter, srs=context.srs)
 
     commands = ControlCommands(context, context.store, mta.runner, submit, mta.reload, mta.reactor)
     return ControlService(mta.config.control_socket, commands, mta.reactor,

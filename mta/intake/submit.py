@@ -17,8 +17,12 @@ through the one intake transaction (:class:`mta.queue.intake.Intake`):
 * more than ``limits.max_received_headers`` Received headers is a mail loop;
 * the commit is the group commit's, as for SMTP; the store tells the runner
   on the next reactor turn.
+* with ``[milters] local`` (Postfix's non_smtpd_milters) the message goes
+  through those milters first, at its end (:func:`submit_filtered`): their
+  refusal refuses it, their changes (headers, body, recipients, sender) are
+  what is queued, their quarantine holds it, their discard drops it.
 
-Nothing here touches the network.
+Nothing here touches the network, but the milters of ``[milters] local``.
 """
 
 from __future__ import annotations
@@ -124,7 +128,7 @@ def submit_message(store: QueueStore, config: Config, aliases: Any, sender: str,
                    recipients: Sequence[str], message: bytes,
                    submitter: Submitter | None = None,
                    clock: Callable[[], float] = time.time, *, srs: Any = None,
-                   local_domains: Any = None) -> Deferred[str]:
+                   local_domains: Any = None, hold: str = "") -> Deferred[str]:
     """Queue ``message`` (CRLF lines, as it is: not dot-stuffed) with an
     :class:`~mta.queue.intake.Intake`; the Deferred fires with the queue id once
     the message is durable (the store tells the runner on the next reactor turn).
@@ -133,6 +137,8 @@ def submit_message(store: QueueStore, config: Config, aliases: Any, sender: str,
     ``srs`` its :class:`~mta.policy.srs.SRSRewriter` (or None); with an SQL
     directory, ``aliases`` is its :class:`~mta.policy.relay.Answers` for these
     recipients and ``local_domains`` its domains.
+    ``hold``: the message goes to the hold queue with that reason (a milter's
+    quarantine).
     Fails with :class:`SubmitError`; then nothing is left in the queue.
     """
     try:
@@ -140,6 +146,8 @@ def submit_message(store: QueueStore, config: Config, aliases: Any, sender: str,
                               submitter or Submitter(), clock, srs, local_domains)
     except SubmitError:
         return fail()
+    if hold:
+        envelope.hold = hold
 
     def failed(failure: Failure) -> Failure:
         failure.trap(QueueError)
@@ -227,3 +235,86 @@ def _date(clock: Callable[[], float]) -> str:
     from datetime import UTC, datetime
 
     return format_datetime(datetime.fromtimestamp(clock(), UTC))
+
+
+# --- through the milters of [milters] local (issue 17) --------------------------------
+
+DISCARDED = ""  # the "queue id" of a message a milter discarded: accepted, not queued
+
+
+def submit_filtered(milter: Any, store: QueueStore, config: Config, aliases: Any, sender: str,
+                    recipients: Sequence[str], message: bytes, submitter: Submitter | None = None,
+                    clock: Callable[[], float] = time.time, **kwargs: Any) -> Deferred[str]:
+    """:func:`submit_message` after the milters of ``[milters] local``
+    (``milter``: a :class:`mta.policy.milter.check.MilterCheck`), as Postfix's
+    non_smtpd_milters: the message as it would be queued (Bcc removed, Date and
+    Message-ID added) goes to :meth:`MilterCheck.local`; a 5xx refusal is a
+    ``data`` SubmitError naming the reply, a 4xx one (a milter down with
+    default_action tempfail) ``temporary``; their changes are what is queued;
+    a quarantine holds the message; a discard (or every recipient deleted)
+    fires with :data:`DISCARDED` and queues nothing.  Only called when
+    [milters] local names a milter."""
+    return Deferred.fromCoroutine(_filtered(milter, store, config, aliases, sender, recipients,
+                                            message, submitter, clock, kwargs))
+
+
+async def _filtered(milter: Any, store: QueueStore, config: Config, aliases: Any, sender: str,
+                    recipients: Sequence[str], message: bytes, submitter: Submitter | None,
+                    clock: Callable[[], float], kwargs: dict[str, Any]) -> str:
+    from mta.policy.milter.check import header_section
+
+    sender_ = _parse_sender(sender)
+    lines, whole = _as_queued(message, config, clock)
+    verdict = await milter.local(sender_, list(recipients), lines, whole)
+    reply = verdict.reply
+    if not verdict.accepted and reply is not None:
+        raise SubmitError(f"refused by a milter: {reply.code} {reply.enhanced} {reply.text}",
+                          DATA if reply.code >= 500 else TEMPORARY)
+    edits = verdict.edits
+    rcpts = list(recipients)
+    if edits is not None:
+        gone = {a.lower() for a in edits.delete}
+        rcpts = [r for r in rcpts if r.strip().strip("<>").lower() not in gone]
+        rcpts += [address for address, _ in edits.add if address not in rcpts]
+        if edits.sender is not None:
+            sender = edits.sender or "<>"
+    if verdict.discard or not rcpts:
+        log.info("discarded from={sender} to={rcpts} client=local: {why}", sender=logged_sender(sender_),
+                 rcpts=",".join(recipients), why="a milter discarded it" if verdict.discard
+                 else "a milter removed every recipient", event="discarded")
+        return DISCARDED
+    if verdict.header_lines is not None or (edits is not None and edits.body is not None):
+        head = header_section(lines)
+        body = whole[len(b"\r\n".join(head) + b"\r\n\r\n") if head else 0:]
+        if verdict.header_lines is not None:
+            head = header_section(verdict.header_lines)
+        if edits is not None and edits.body is not None:
+            new = edits.body
+            body = new if isinstance(new, bytes) else new.read(config.limits.max_message_size + 1)
+            if not isinstance(new, bytes):
+                new.close()
+        whole = (b"\r\n".join(head) + b"\r\n" if head else b"") + b"\r\n" + body
+    return await submit_message(store, config, aliases, sender, rcpts, whole, submitter, clock,
+                                hold=verdict.quarantine, **kwargs)
+
+
+def _as_queued(message: bytes, config: Config, clock: Callable[[], float]) -> tuple[list[bytes], bytes]:
+    """The message as :func:`_write` would queue it, without our Received header:
+    its header lines and the whole of it; SubmitError as :func:`_write`'s."""
+    limits = config.limits
+    out: list[bytes] = []
+    header: list[bytes] = []
+
+    def on_headers(lines: list[bytes]) -> list[bytes]:
+        header[:] = complete_headers(lines, config.hostname, lambda: _date(clock))
+        return header
+
+    reader = ChunkReader(sink=out.append, on_headers=on_headers, max_size=limits.max_message_size,
+                         max_line_length=limits.max_line_length, max_header_size=limits.max_header_size)
+    reader.feed(message)
+    reader.end()
+    if reader.error is not None:
+        raise SubmitError(_DATA_PROBLEMS[reader.error].format(
+            max_line=limits.max_line_length, max_size=limits.max_message_size,
+            max_header=limits.max_header_size), DATA)
+    return header, b"".join(out)

@@ -49,6 +49,9 @@ from mta.policy.milter.protocol import MilterFailed, MilterProtocol, client_endp
 
 log = Logger(namespace="mta.policy.milter")
 
+# The listener kind of a local submission's state (:class:`LocalState`).
+LOCAL = "local"
+
 # A replacement body held in memory up to this, then in a temporary file.
 BODY_IN_MEMORY = 1 << 20
 
@@ -219,6 +222,8 @@ class MilterCheck:
     def _names(self, state: CheckState) -> tuple[str, ...]:
         """The milters of the session's listener, in order (a state without a
         listener name: its kind's)."""
+        if state.listener_kind == LOCAL:
+            return self.milters.local
         return self.milters.for_listener(getattr(state, "listener_name", ""), state.listener_kind)
 
     def close(self, state: CheckState) -> None:
@@ -497,6 +502,30 @@ class MilterCheck:
                                    may_relay=True, srs=ctx.srs)
         return () if decision.reply is not None else tuple(decision.targets)
 
+    # --- local submission (Postfix's non_smtpd_milters) ---------------------------
+
+    async def local(self, sender: str, recipients: list[str], header_lines: list[bytes],
+                    message: bytes) -> Verdict:
+        """A local submission through ``[milters] local``, at its end, as Postfix
+        does non-SMTP mail: connect and HELO as ``localhost`` from 127.0.0.1, MAIL,
+        each RCPT, then the message (``header_lines`` and ``message``, whole, in
+        CRLF) and its end, each milter's changes applied for the next.  The
+        verdict as at MESSAGE; a refusal at any step refuses the message."""
+        state = LocalState(sender, header_lines, message)
+        try:
+            verdict = await self._run(Stage.MAIL, state)
+            for address in recipients:  # bounded: limits.max_recipients (the caller's)
+                if not verdict.accepted:
+                    return verdict
+                state.recipient = address
+                verdict = await self._run(Stage.RCPT, state)
+            state.recipient = None
+            if not verdict.accepted:
+                return verdict
+            return await self._run(Stage.MESSAGE, state)
+        finally:
+            self.close(state)
+
     # --- check-config -------------------------------------------------------------
 
     async def probe(self, name: str) -> str:
@@ -682,3 +711,34 @@ def _body_offset(f: BinaryIO) -> int:
         if i >= 0:
             return i + 4
     return -1
+
+
+class LocalState:
+    """The view a local submission gives the milters (what :class:`MilterCheck`
+    reads of an SMTP session's), as Postfix gives non-SMTP mail: from 127.0.0.1,
+    HELO localhost, no TLS, no AUTH."""
+
+    client_ip = "127.0.0.1"
+    local_addr = "127.0.0.1"
+    client_port = 0
+    trusted = True
+    listener_kind = LOCAL
+    listener_name = LOCAL
+    helo = "localhost"
+    esmtp = True
+    tls_active = False
+    tls_version = ""
+    tls_cipher = ""
+    tls_peer = ("", "", "")
+    auth_user = None
+    auth_type = ""
+    queue_id = ""  # made when the message is queued, after the milters
+    message_path = None
+    facts: Any = {}
+
+    def __init__(self, sender: str, header_lines: list[bytes], message: bytes) -> None:
+        self.sender = sender
+        self.header_lines = header_lines
+        self.message = message
+        self.recipient: str | None = None
+        self.check_data: dict[str, Any] | None = None
