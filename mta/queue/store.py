@@ -30,6 +30,7 @@ from twisted.logger import Logger
 from mta.queue.commit import GroupCommitter, Steps, run_to_end
 from mta.queue.envelope import Envelope, Recipient, RecipientState
 from mta.queue.layout import (
+    RECEIVING,
     QueuedMessage,
     QueueError,
     embedded_id,
@@ -208,10 +209,22 @@ class QueueStore(SparePool):
         rename keeps both, and the next message overwrites the same blocks.
         A recycled file still holds the old message until it is overwritten:
         in mode ``RECEIVING`` it is no message to any reader, and its embedded
-        envelope names the old id, which :meth:`recover` checks."""
+        envelope names the old id, which :meth:`recover` checks.
+
+        Either way the first step that makes the message gone (the data file's
+        unlink, or its chmod to ``RECEIVING``) is done at once, on the caller's
+        thread, before this returns: a process killed after it never delivers
+        the message again (issue 19 point 4: a kill between a server's 250 and
+        the removal on the thread, up to REMOVAL_LINGER and the thread's queue
+        later, gave a duplicate).  Only the syncs wait for the batch."""
         taker = self._spare_taker()
         if taker is None:
+            unlink_quietly(self.data_path(queue_id))  # gone now; the thread does the rest
             return self.remover.submit(lambda: self._remove_files(queue_id), may_wait=True)
+        try:
+            os.chmod(self.data_path(queue_id), RECEIVING)  # gone now, to recover() and readers
+        except OSError:
+            pass  # _recycle_file on the thread finds out and removes it instead
         spare_id = new_queue_id(self.clock())
         recycled: list[str] = []
         self._recycled_pending.add(spare_id)  # discard_spares removes it if still here
