@@ -277,8 +277,7 @@ class QueueRunner:
             self._subscribed = True
         if not recover:
             return
-        self.store.recover()
-        self._loading = self.store.ids()
+        self._loading = self.store.recover()
         self._loaded = 0
         log.info("queue runner started with {count} queued messages", count=len(self._loading))
         self._load_slice()

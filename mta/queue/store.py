@@ -274,12 +274,17 @@ class QueueStore(SparePool):
         envelope header nor a state file is a leftover of an older version's
         unfinished commit and is removed too.  A message whose envelope cannot
         be read is moved aside to ``corrupt/`` and logged.
+
+        The ids come from the same one scan of ``msg/`` (one stat per message
+        file), not from another: a restart with a large queue reads the
+        directory once.
         """
         for p in self.tmp_dir.iterdir():
             log.info("removing leftover {name} from queue tmp/", name=p.name)
             unlink_quietly(p)
         self._spares.clear()
         names = set()
+        gone: set[str] = set()  # message files removed or moved aside below
         unfinished = 0
         with os.scandir(self.msg_dir) as entries:
             for entry in entries:
@@ -302,7 +307,11 @@ class QueueStore(SparePool):
                 except OSError as e:
                     log.error("cannot read {name}: {err}", name=name, err=e)
                     continue
+                if embedded is not None and (not embedded or embedded_id(embedded)
+                                             not in (None, name[:-4])):
+                    gone.add(name)
                 if embedded is None:
+                    gone.add(name)
                     log.info("removing uncommitted message {name}", name=name)
                     unlink_quietly(self.msg_dir / name)
                 elif embedded and (old := embedded_id(embedded)) not in (None, name[:-4]):
@@ -317,7 +326,7 @@ class QueueStore(SparePool):
                     log.error("message {name} has a malformed envelope header; moved to corrupt/",
                               name=name)
                     os.rename(self.msg_dir / name, corrupt / name)
-        return self.ids()
+        return sorted(name[:-4] for name in names if name.endswith(".msg") and name not in gone)
 
     def _write_file(self, path: Path, data: bytes, sync: bool = True) -> None:
         run_to_end(self._write_file_steps(path, data, sync))
