@@ -47,6 +47,14 @@
 #   CONFIG=bench/mta-bench.toml  (copied to OUT with data_dir = OUT/mta-data)
 # A quick check: ROUNDS=1 MESSAGES=500 IDLE_SESSIONS=1000 PROFILE=0 bash bench/run.sh
 #
+# MODE=backlog (issue 19 point 3; bench/backlog.py): for each of MTAS, ROUNDS
+#   times: BACKLOG_MESSAGES (100000) x BACKLOG_SIZE (4096) B sent while the
+#   smarthost accepts and closes every connection (it is down), then memory
+#   per queued message, CPU and connections while deferred (BACKLOG_IDLE=30 s),
+#   a restart's time to its first 220, and the drain after a flush once
+#   smtp-sink listens there (Postfix: postqueue -f; ours: mta queue flush).
+#   Writes backlog.jsonl and summary.md; the other settings do not apply.
+#
 # Needs root (cgroups, mount namespaces, smtp-sink -u), Postfix's smtp-source
 # and smtp-sink, strace and py-spy. All traffic stays on loopback; every run and
 # every MTA has a time limit; each MTA is stopped by its pid, also on Ctrl-C.
@@ -81,7 +89,8 @@ case $MODE in
     # Postfix refuses an MX on one of its own addresses: the sink gets another one.
     mx) SINK=${SINK:-127.0.0.2:32526}; START_ARGS=(--mx-domain bench.test) ;;
     tls) SINK=${SINK:-127.0.0.1:32526}; START_ARGS=() ;;
-    *) echo "run.sh: MODE must be smarthost, mx or tls" >&2; exit 2 ;;
+    backlog) SINK=${SINK:-127.0.0.1:32526}; START_ARGS=() ;;
+    *) echo "run.sh: MODE must be smarthost, mx, tls or backlog" >&2; exit 2 ;;
 esac
 LOAD_MODE=throughput,latency
 LOAD_ARGS=()
@@ -160,6 +169,51 @@ OURS_FSYNC_CMD=$(ours_cmd "$OURS_FSYNC_CONFIG")
     echo "our command: $OURS_CMD"
     echo "ours-fsync: the same with $OURS_FSYNC_CONFIG (queue_sync = \"fsync\")"
 } > "$OUT/env.txt"
+
+if [ "$MODE" = backlog ]; then
+    BACKLOG_MESSAGES=${BACKLOG_MESSAGES:-100000}
+    for round in $(seq 1 "$ROUNDS"); do
+        for kind in $MTAS; do
+            echo "== backlog: $kind, $BACKLOG_MESSAGES messages, round $round of $ROUNDS" >&2
+            if [ "$kind" = postfix ]; then
+                start_args="start postfix --listen $LISTEN --sink $SINK --lifetime 7200"
+                flush="postqueue -c {workdir}/etc -f"
+            else
+                cfg=$OURS_CONFIG
+                if [ "$kind" = ours-fsync ]; then cfg=$OURS_FSYNC_CONFIG; fi
+                start_args="start custom --cmd $(printf %q "$(ours_cmd "$cfg")") --cwd $ROOT"
+                start_args+=" --listen $LISTEN --sink $SINK --lifetime 7200"
+                flush="$ROOT/.venv/bin/mta queue flush --config $cfg"
+            fi
+            python3 backlog.py --label "$kind" --start "$start_args" --flush "$flush" \
+                --messages "$BACKLOG_MESSAGES" --size "${BACKLOG_SIZE:-4096}" \
+                --idle "${BACKLOG_IDLE:-30}" --timeout "$RUN_TIMEOUT" --out "$OUT/backlog.jsonl" \
+                || echo "backlog run of $kind FAILED" >&2
+        done
+    done
+    {
+        echo "## Backlog benchmark: our MTA vs Postfix"
+        echo
+        sed 's/^/    /' "$OUT/env.txt"
+        echo
+        python3 - "$OUT/backlog.jsonl" <<'PY'
+import json, statistics, sys
+rows = [json.loads(line) for line in open(sys.argv[1])]
+cols = ["accept_rate", "kib_per_message_rss", "kib_per_message_pss", "idle_cpu_pct",
+        "connections_during_load", "connections_while_idle", "restart_to_220_s",
+        "connections_after_restart", "drain_rate", "drained"]
+print("| MTA | " + " | ".join(cols) + " |")
+print("|---" * (len(cols) + 1) + "|")
+for label in dict.fromkeys(r["label"] for r in rows):
+    mine = [r for r in rows if r["label"] == label]
+    print(f"| {label} | " + " | ".join(
+        str(statistics.median(r[c] for r in mine)) if all(c in r for r in mine) else "-"
+        for c in cols) + " |")
+PY
+    } > "$OUT/summary.md"
+    cat "$OUT/summary.md"
+    exit 0
+fi
 
 CURRENT=
 PYSPY=

@@ -622,3 +622,40 @@ async def test_queued_message_handle_reads_both_layouts(store):
         assert message.read_headers(20) == b"Received: by us\r\n"  # cut at a line boundary
     with pytest.raises(FileNotFoundError):
         store.message("0" * 20).open()
+
+
+# --- issue 19 point 4: a finished message is gone the moment its removal is asked for ---
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_removed_message_is_gone_before_its_removal_is_synced(tmp_path):
+    """The unlink is done on the caller's thread as remove_async returns, before
+    the batch on the remover's thread (and its directory sync) has run: a process
+    killed in between never delivers the message again."""
+    store = QueueStore(tmp_path / "q", fsync=True, reactor=reactor, spares=False)
+    try:
+        env = await queue_one(store)
+        d = store.remove_async(env.id)
+        assert not d.called  # the directory sync has not happened yet
+        assert not store.data_path(env.id).exists() and not store.exists(env.id)
+        await d
+        assert message_files(store.msg_dir) == [] and store.ids() == []
+    finally:
+        store.committer.stop()
+        store.remover.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_recycled_message_is_no_message_before_its_rename(store, monkeypatch):
+    """When the file is to become a spare, its chmod to RECEIVING (which makes it
+    no message to readers and to recover()) is done at once; the rename follows
+    on the remover's thread."""
+    monkeypatch.setattr(store, "_refill", lambda: None)  # no spares but the recycled one
+    env = await queue_one(store)
+    d = store.remove_async(env.id)
+    path = store.data_path(env.id)
+    if path.exists():  # the thread has not renamed it yet: it is RECEIVING already
+        assert stat.S_IMODE(path.stat().st_mode) == RECEIVING
+    assert not store.exists(env.id) and store.ids() == []
+    await d
+    assert [queue_id for queue_id, _ in store._spares] != [env.id] and store.spare_count() == 1

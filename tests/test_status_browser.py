@@ -268,7 +268,11 @@ def test_the_dom_shows_the_queue_deliveries_failures_and_tls(world):
     assert page.row("queue-destinations", "TOTAL")[1] == "5"
     reasons = {r[0]: r[1] for r in page.rows["queue-reasons"][1:]}
     refused = [reason for reason in reasons if "connect to 127.0.0.2 failed" in reason]
-    assert len(refused) == 1 and reasons[refused[0]] == "3", reasons
+    # Dead-destination feedback (mta.queue.destinations): the first attempt's
+    # refusal marks [127.0.0.2] down, and the messages after it are suspended
+    # without a connection attempt or an envelope rewrite (so without a
+    # recorded reason of their own): 1 message (up to 3 in a race) has it.
+    assert len(refused) == 1 and reasons[refused[0]] in ("1", "2", "3"), reasons
     assert reasons["held: tagged by the test check"] == "1"
     # The hold queue: the quarantined message with its sender, recipient, reason and age.
     assert page.rows["held"][0] == ["queue id", "sender", "recipients", "held because", "age"]

@@ -339,9 +339,12 @@ class RemoteCourier:
             waiting.setdefault(r.address, []).append(r)
         results: list[DeliveryResult] = []
         last = (f"no mail server found for {domain}", "4.4.4", "")  # error, status, server
+        # Whether a server was tried, and whether one got as far as a transaction:
+        # tried but none did means the destination is down (DeliveryResult.destination_down).
+        tried = reached = False
 
         async def attempt(hop: NextHop) -> None:
-            nonlocal last
+            nonlocal last, tried, reached
             if hop.refusal is not None:  # DANE: this host must not be used (RFC 7672 §2.2)
                 last = (f"{hop.display}: {hop.refusal}", "4.7.5", hop.name)
                 return
@@ -351,6 +354,9 @@ class RemoteCourier:
             if envelope.dsn:
                 _add_dsn(tx, envelope, waiting)
             session = await self._attempt(hop, tx, domain)
+            tried = True
+            reached = reached or session.connection_error is None or bool(
+                session.transactions[0].replies)
             if hop.verifier is not None:
                 self.dane.outcome(domain, hop.name, hop.verifier, bool(session.tls),
                                   session.connection_error)
@@ -402,9 +408,11 @@ class RemoteCourier:
         if envelope.requiretls and last_status in REQUIRETLS_FAILURES:
             # RFC 8689 §5: no server could take it as REQUIRETLS asks: a non-delivery notice.
             outcome, last_error = Outcome.FAILED, f"550 {last_status} {last_error}"
+        down = tried and not reached
         for group in waiting.values():
             for r in group:
-                results.append(DeliveryResult(r, outcome, last_error, last_server, last_status))
+                results.append(DeliveryResult(r, outcome, last_error, last_server, last_status,
+                                              destination_down=down))
         return results
 
     def _sts_applies(self, domain: str) -> bool:

@@ -42,6 +42,10 @@ class DeliveryResult:
     # That TLS connection's certificate was verified (a "verify" policy, DANE or
     # MTA-STS); shown per destination by the status page (issue 21).
     tls_verified: bool = False
+    # No server of the destination could be talked to at all (connection refused
+    # or timed out, TLS or greeting failure on every one): the queue then holds
+    # the destination's other messages back for a while (mta.queue.destinations).
+    destination_down: bool = False
 
 
 class Courier(Protocol):

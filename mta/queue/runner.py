@@ -53,7 +53,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, succeed
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredList,
+    DeferredSemaphore,
+    succeed,
+)
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -61,6 +67,7 @@ from twisted.python.failure import Failure
 from mta.config import DeliveryConfig
 from mta.mail.address import AddressError, normalize_domain
 from mta.queue.courier import Courier, DeliveryResult, Outcome
+from mta.queue.destinations import DeadDestinations
 from mta.queue.dsn import FailedRecipient, build_dsn, enhanced_status
 from mta.queue.envelope import Envelope, Recipient, RecipientKind, RecipientState
 from mta.queue.intake import Intake
@@ -73,6 +80,10 @@ _DUE_SLACK = 1e-3
 
 # NOTIFY=DELAY without delivery.delay_warning configured: warn after this long.
 DSN_DELAY_AFTER = 4 * 3600.0
+
+# Envelopes read per reactor turn when the queue is loaded at start: the first
+# slice at once, the rest in the background so that the listeners answer meanwhile.
+LOAD_SLICE = 200
 
 # The recorded reply, and the bounce's Status, for ``mta queue bounce`` (RFC 3463 X.0.0).
 ADMIN_BOUNCE_REPLY = "5.0.0 delivery cancelled by the mail administrator"
@@ -237,41 +248,88 @@ class QueueRunner:
         # Issue 17: the ids of the messages held (Envelope.hold): never delivered
         # until released (release()); counted by the metrics (held_count).
         self.held: set[str] = set()
+        # Dead-destination feedback (mta.queue.destinations): the destinations
+        # down, one timer each for the next probe, and per pass the recipients
+        # suspended because their destination is down.
+        self._dead = DeadDestinations(config.retry_schedule)
+        self._dead_timers: dict[str, IDelayedCall] = {}
+        self._suspended: dict[str, set[int]] = {}
+        # Ids still to be read at start (None once the whole queue is scheduled).
+        self._loading: list[str] | None = None
+        self._loaded = 0
+        self._load_timer: IDelayedCall | None = None
 
     # --- life cycle ---------------------------------------------------------------
 
     def start(self, recover: bool = True) -> None:
         """Recover the store and schedule every queued message per its envelope.
         ``recover=False`` (a worker process: the main process owns what is on
-        disk): only the messages committed from now on."""
+        disk): only the messages committed from now on.
+
+        The first :data:`LOAD_SLICE` envelopes are read at once, the others
+        ``LOAD_SLICE`` per reactor turn afterwards, so that a large queue does
+        not hold the reactor (the listeners answer while it loads); the event
+        ``queue_loaded`` says when every message is scheduled.  New mail and
+        ``flush`` work meanwhile."""
         self._running = True
         if not self._subscribed:
             self.store.subscribe(self._on_commit)
             self._subscribed = True
         if not recover:
             return
-        self.store.recover()
+        self._loading = self.store.recover()
+        self._loaded = 0
+        log.info("queue runner started with {count} queued messages", count=len(self._loading))
+        self._load_slice()
+
+    @property
+    def loading(self) -> bool:
+        """True while queued messages found at start are still being read."""
+        return self._loading is not None
+
+    def _load_slice(self) -> None:
+        self._load_timer = None
+        ids = self._loading
+        if ids is None or not self._running:
+            return
         now = self._now()
-        count = 0
-        for env in self.store.envelopes():
+        start = self._loaded
+        for queue_id in ids[start:start + LOAD_SLICE]:
+            if queue_id in self._timers or queue_id in self._in_flight:
+                continue  # committed or flushed meanwhile: scheduled already
+            try:
+                env = self.store.load(queue_id)
+            except FileNotFoundError:
+                continue  # removed meanwhile
+            except (OSError, ValueError, KeyError) as e:
+                log.error("cannot read envelope {id}: {err}", id=queue_id, err=e)
+                continue
             if env.hold:
                 self.held.add(env.id)
                 continue
             self._schedule_envelope(env, now)
-            count += 1
-        log.info("queue runner started with {count} queued messages ({held} held)", count=count,
-                 held=len(self.held))
+        self._loaded = start + LOAD_SLICE
+        if self._loaded < len(ids):
+            self._load_timer = self.clock.callLater(0, self._load_slice)
+            return
+        self._loading = None
+        log.info("queue loaded: {count} queued messages scheduled ({held} held)",
+                 count=len(ids) - len(self.held), held=len(self.held), event="queue_loaded")
 
     def adopt_unknown(self) -> int:
         """Schedule every queued message the runner was never told of: one that a
         worker process committed (and answered 250 for) but died before it could
         announce.  Returns how many (a message being announced just now is
         scheduled twice at worst: its passes never overlap)."""
-        if not self._running:
-            return 0
+        if not self._running or self._loading is not None:
+            return 0  # the loader at start schedules them
+        suspended = {qid for key in self._dead_timers if (dead := self._dead.get(key))
+                     for qid in dead.parked}
         now = self._now()
         count = 0
         for env in self.store.envelopes():
+            if env.id in suspended:
+                continue
             if env.hold:
                 self.held.add(env.id)
             elif env.id not in self._timers and env.id not in self._in_flight:
@@ -298,6 +356,11 @@ class QueueRunner:
             if timer.active():
                 timer.cancel()
         self._timers.clear()
+        for timer in (*self._dead_timers.values(), self._load_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._dead_timers.clear()
+        self._load_timer = None
         if not self._in_flight:
             return self._close_couriers()
         d: Deferred[None] = Deferred()
@@ -314,7 +377,16 @@ class QueueRunner:
         return DeferredList(closing).addCallback(lambda _: None)
 
     def flush(self, queue_id: str | None = None) -> int:
-        """Make deferred recipients due now (all messages, or one); returns how many messages."""
+        """Make deferred recipients due now (all messages, or one); returns how many messages.
+
+        Flushing all also forgets every destination known to be down (as
+        Postfix's ``postqueue -f``): the next attempts find out afresh."""
+        if queue_id is None:
+            self._dead.reset()
+            for timer in self._dead_timers.values():
+                if timer.active():
+                    timer.cancel()
+            self._dead_timers.clear()
         ids = [queue_id] if queue_id is not None else self.store.ids()
         count = 0
         for qid in ids:
@@ -425,6 +497,7 @@ class QueueRunner:
         self._forced.discard(queue_id)
         self._again.discard(queue_id)
         self.held.discard(queue_id)
+        self._dead.forget(queue_id)
 
     # --- scheduling ---------------------------------------------------------------
 
@@ -483,6 +556,9 @@ class QueueRunner:
         if isinstance(result, Failure):
             log.failure("queue pass for {queue_id} failed", result, queue_id=queue_id)
         self._in_flight.pop(queue_id, None)
+        self._suspended.pop(queue_id, None)
+        if self._dead_timers:
+            self._probe_unresolved(queue_id)
         if queue_id in self._again:
             self._again.discard(queue_id)
             self._schedule_at(queue_id, self._now())
@@ -528,9 +604,13 @@ class QueueRunner:
         after = self.config.delay_warning
         return env.created + (DSN_DELAY_AFTER if after is None else after)
 
-    def _next_wake(self, env: Envelope, now: float) -> float | None:
-        """When the next pass for ``env`` is needed; None when nothing is left to do."""
-        times = [r.next_attempt for r in env.recipients if not r.state.final]
+    def _next_wake(self, env: Envelope, now: float, suspended: set[int] | None = None
+                   ) -> float | None:
+        """When the next pass for ``env`` is needed; None when nothing is left to do.
+        ``suspended``: ids of recipients whose destination is down (they wait for
+        its probe, not for a timer of their own)."""
+        times = [r.next_attempt for r in env.recipients
+                 if not r.state.final and (suspended is None or id(r) not in suspended)]
         retry_later = now + self.config.retry_schedule[0]
         if self._bounce_owed(env):
             times.append(retry_later)  # queueing the bounce failed: try again later
@@ -594,9 +674,11 @@ class QueueRunner:
                      event="removed")
             return
         if self.hand_over is not None:
+            if self._suspended.pop(queue_id, None) is not None:
+                self._dead.forget(queue_id)  # the main process's runner keeps it from now on
             self.hand_over(env)  # saved by the pass: on disk as it is here
             return
-        wake = self._next_wake(env, self._now())
+        wake = self._next_wake(env, self._now(), self._suspended.pop(queue_id, None))
         if wake is not None:
             self._schedule_at(queue_id, wake)
 
@@ -643,12 +725,23 @@ class QueueRunner:
     async def _deliver_route(self, env: Envelope, route: Route, data_path: Path) -> None:
         # The destination slot first: work for a busy destination waits without
         # holding one of the global slots other destinations could use.
+        if self._dead_timers and not self._dead.admit(route.key, env.id):
+            self._suspend(env, route)
+            return
         slot = self._slot(route.key)
-        await slot.acquire()
+        try:
+            await slot.acquire()
+        except CancelledError:  # the destination went down meanwhile (_destination_down)
+            if not self._dead.admit(route.key, env.id):
+                self._suspend(env, route)
+                return
+            raise
         try:
             await self._global.acquire()
             try:
-                if self._running:
+                if self._dead_timers and not self._dead.admit(route.key, env.id):
+                    self._suspend(env, route)  # went down while this one waited
+                elif self._running:
                     await self._attempt(env, route, data_path)
             finally:
                 self._global.release()
@@ -666,7 +759,87 @@ class QueueRunner:
         except Exception:  # a courier must not errback; if one does, nothing is lost
             log.failure("courier for {key} raised", key=route.key)
             results = []
+        if results and results[0].destination_down:
+            self._destination_down(route.key, results[0].reply, env.id)
+        elif route.key in self._dead_timers:
+            self._destination_up(route.key)
         await self._record(env, route, results, start)
+
+    # --- dead destinations (mta.queue.destinations) -----------------------------------
+
+    def _suspend(self, env: Envelope, route: Route) -> None:
+        """Defer ``route`` without an attempt and without rewriting the envelope:
+        the message waits, as an id, for the destination's probe."""
+        suspended = self._suspended.setdefault(env.id, set())
+        suspended.update(id(r) for r in route.recipients)
+        self._dead.park(route.key, env.id, self._expiry(env))
+        reply = self._dead.suspended_reply(route.key)
+        for r in route.recipients:
+            log.info("delivery {queue_id} to {recipient} via {destination}: {outcome} "
+                     "in {duration:.3f}s: {reply}", event="delivery", queue_id=env.id,
+                     recipient=r.original, destination=route.key, outcome="deferred",
+                     state=str(r.state), reply=reply, attempt=r.attempts, duration=0.0,
+                     remote_mta="", tls="", age=self._now() - env.created)
+
+    def _destination_down(self, key: str, reason: str, queue_id: str) -> None:
+        until = self._dead.failed(key, reason, self._now(), queue_id)
+        if until is None:
+            return
+        dead = self._dead.get(key)
+        log.warn("destination {destination} is down ({reason}); its deliveries are suspended "
+                 "for {delay:.0f}s, then one message probes", event="destination_down",
+                 destination=key, reason=reason, delay=until - self._now(),
+                 probes=dead.probes if dead else 0)
+        old = self._dead_timers.get(key)
+        if old is not None and old.active():
+            old.cancel()
+        self._dead_timers[key] = self.clock.callLater(max(0.0, until - self._now()),
+                                                      self._probe, key)
+        # The passes waiting for one of its slots are suspended now, each in turn
+        # (not in a chain of slot releases, one inside the other).
+        slot = self._slots.get(key)
+        if slot is not None:
+            for waiter in list(slot.waiting):
+                waiter.cancel()
+
+    def _destination_up(self, key: str) -> None:
+        timer = self._dead_timers.pop(key, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        ids = self._dead.up(key)
+        log.info("destination {destination} is up again; {count} suspended messages released",
+                 event="destination_up", destination=key, count=len(ids))
+        now = self._now()
+        for queue_id in ids:
+            self._schedule_at(queue_id, now)
+
+    def _probe(self, key: str) -> None:
+        """The wait for ``key`` is over: messages past their own deadline get their
+        pass, and one suspended message is let through to try the destination."""
+        self._dead_timers.pop(key, None)
+        now = self._now()
+        for queue_id in self._dead.due(key, now):
+            self._schedule_at(queue_id, now)
+        probe = self._dead.take_probe(key)
+        if probe is None:
+            return  # nothing waits: the next message for it finds out
+        self._dead_timers[key] = self.clock.callLater(
+            self.config.retry_schedule[-1], self._probe, key)  # if the probe never ends
+        log.info("destination {destination}: message {queue_id} probes it",
+                 event="destination_probe", destination=key, queue_id=probe)
+        self._schedule_at(probe, now)
+
+    def _probe_unresolved(self, queue_id: str) -> None:
+        """A probe's pass ended without trying its destination (expired, deleted):
+        let another suspended message probe at once."""
+        for key in list(self._dead_timers):
+            dead = self._dead.get(key)
+            if dead is not None and dead.probe == queue_id:
+                dead.probe = None
+                timer = self._dead_timers.pop(key)
+                if timer.active():
+                    timer.cancel()
+                self._dead_timers[key] = self.clock.callLater(0, self._probe, key)
 
     async def _record(self, env: Envelope, route: Route, results: list[DeliveryResult],
                       start: float) -> None:

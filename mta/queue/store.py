@@ -30,6 +30,7 @@ from twisted.logger import Logger
 from mta.queue.commit import GroupCommitter, Steps, run_to_end
 from mta.queue.envelope import Envelope, Recipient, RecipientState
 from mta.queue.layout import (
+    RECEIVING,
     QueuedMessage,
     QueueError,
     embedded_id,
@@ -220,10 +221,22 @@ class QueueStore(SparePool):
         rename keeps both, and the next message overwrites the same blocks.
         A recycled file still holds the old message until it is overwritten:
         in mode ``RECEIVING`` it is no message to any reader, and its embedded
-        envelope names the old id, which :meth:`recover` checks."""
+        envelope names the old id, which :meth:`recover` checks.
+
+        Either way the first step that makes the message gone (the data file's
+        unlink, or its chmod to ``RECEIVING``) is done at once, on the caller's
+        thread, before this returns: a process killed after it never delivers
+        the message again (issue 19 point 4: a kill between a server's 250 and
+        the removal on the thread, up to REMOVAL_LINGER and the thread's queue
+        later, gave a duplicate).  Only the syncs wait for the batch."""
         taker = self._spare_taker()
         if taker is None:
+            unlink_quietly(self.data_path(queue_id))  # gone now; the thread does the rest
             return self.remover.submit(lambda: self._remove_files(queue_id), may_wait=True)
+        try:
+            os.chmod(self.data_path(queue_id), RECEIVING)  # gone now, to recover() and readers
+        except OSError:
+            pass  # _recycle_file on the thread finds out and removes it instead
         spare_id = new_queue_id(self.clock())
         recycled: list[str] = []
         self._recycled_pending.add(spare_id)  # discard_spares removes it if still here
@@ -273,12 +286,17 @@ class QueueStore(SparePool):
         envelope header nor a state file is a leftover of an older version's
         unfinished commit and is removed too.  A message whose envelope cannot
         be read is moved aside to ``corrupt/`` and logged.
+
+        The ids come from the same one scan of ``msg/`` (one stat per message
+        file), not from another: a restart with a large queue reads the
+        directory once.
         """
         for p in self.tmp_dir.iterdir():
             log.info("removing leftover {name} from queue tmp/", name=p.name)
             unlink_quietly(p)
         self._spares.clear()
         names = set()
+        gone: set[str] = set()  # message files removed or moved aside below
         unfinished = 0
         with os.scandir(self.msg_dir) as entries:
             for entry in entries:
@@ -301,7 +319,11 @@ class QueueStore(SparePool):
                 except OSError as e:
                     log.error("cannot read {name}: {err}", name=name, err=e)
                     continue
+                if embedded is not None and (not embedded or embedded_id(embedded)
+                                             not in (None, name[:-4])):
+                    gone.add(name)
                 if embedded is None:
+                    gone.add(name)
                     log.info("removing uncommitted message {name}", name=name)
                     unlink_quietly(self.msg_dir / name)
                 elif embedded and (old := embedded_id(embedded)) not in (None, name[:-4]):
@@ -316,7 +338,7 @@ class QueueStore(SparePool):
                     log.error("message {name} has a malformed envelope header; moved to corrupt/",
                               name=name)
                     os.rename(self.msg_dir / name, corrupt / name)
-        return self.ids()
+        return sorted(name[:-4] for name in names if name.endswith(".msg") and name not in gone)
 
     def _write_file(self, path: Path, data: bytes, sync: bool = True) -> None:
         run_to_end(self._write_file_steps(path, data, sync))
