@@ -3,6 +3,7 @@ process): the hold queue, and TLS reporting, each seen across both processes."""
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import smtplib
@@ -10,16 +11,24 @@ import time
 from pathlib import Path
 
 import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.task import Clock, deferLater
 
 from mta.admin.control import call
+from mta.delivery.tlsrpt import ForwardedCounts, ReportSettings, TLSReporter, record_line
 from tests.daemon import Daemon, free_port
-from tests.harness import PASSWORD, write_domain
+from tests.dnsserver import LoopbackDNS
+from tests.harness import PASSWORD, in_thread, write_domain
+from tests.sink import start_sink
+from tests.stsserver import policy_text, start_policy_server
 from tests.test_cli import sock_dir  # noqa: F401 (fixture)
 from tests.test_hold import HOLD_CHECKS
 from tests.test_metrics import scrape, value
+from tests.test_mtasts_delivery import CA, MX_CERT, POLICY_CERT, zone
 from tests.test_workers import CONFIG, children_of
 
-pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
+pytestmark = pytest.mark.timeout(120)
 
 
 def start_two(tmp_path: Path, top: str = "", tail: str = "") -> Daemon:
@@ -59,6 +68,7 @@ def wait(predicate, timeout: float = 20.0) -> None:
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_a_message_a_worker_quarantined_is_held_counted_and_released_by_the_main_process(
         tmp_path, sock_dir):  # noqa: F811
     metrics = free_port()
@@ -98,3 +108,138 @@ def test_a_message_a_worker_quarantined_is_held_counted_and_released_by_the_main
         assert "Unhandled error" not in log and "Traceback" not in log, log[-2000:]
     finally:
         daemon.kill()
+
+
+TLS_CONFIG = """
+hostname = "out.example.test"
+local_domains = ["example.test"]
+data_dir = "var"
+domains_dir = "domains"
+workers = 2
+relay_networks = ["127.0.0.0/8"]
+
+[listeners.mx]
+endpoint = "tcp:{port}:interface=127.0.0.1"
+kind = "mx"
+
+[limits]
+connection_rate_per_ip = 0
+
+[spf]
+enabled = false
+
+[dkim]
+verify = false
+
+[dmarc]
+enabled = false
+
+[dns]
+servers = ["{dns_host}:{dns_port}"]
+timeout = 1
+
+[delivery]
+mx_port = {mx_port}
+retry_schedule = [3600]
+connection_cache_time = 0
+
+[delivery.mta_sts]
+enabled = true
+https_port = {https_port}
+ca_file = "sts-ca.pem"
+
+[tls_reports]
+enabled = true
+"""
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_tls_counts_of_both_processes_reach_the_one_state_file(tmp_path) -> None:
+    """Both processes deliver under an MTA-STS policy (enforce, over verified
+    TLS); every session is counted once in data_dir/tlsrpt/state.json, which
+    only the main process writes (before: each process wrote its own counts
+    over the other's, the last writer's won)."""
+    dns = LoopbackDNS(ttl=0)
+    await dns.start()
+    dns.load(zone("dst.test"))
+    policies = await start_policy_server(POLICY_CERT)
+    policies.serve("dst.test", policy_text("enforce", ["mx.dst.test"]))
+    sink = await start_sink(tls=MX_CERT)
+    CA.cert_pem.write_to_path(str(tmp_path / "sts-ca.pem"))
+    write_domain(tmp_path / "domains", "example.test", {"alice": PASSWORD})
+    port = free_port()
+    host, dns_port = dns.address
+    config = tmp_path / "mta.toml"
+    config.write_text(TLS_CONFIG.format(port=port, dns_host=host, dns_port=dns_port,
+                                        mx_port=sink.port, https_port=policies.port))
+    daemon = Daemon(tmp_path, config, port)
+    delivered = re.compile(r"^\S+ \[(worker1 )?mta\.queue\.runner#info\] delivery \w+ to "
+                           r"bob@dst\.test via \S+: delivered", re.M)
+    try:
+        await in_thread(daemon.start)
+
+        def worker_ready() -> bool:
+            log = daemon.read_log()
+            return bool(children_of(daemon.proc.pid)) and \
+                "SMTPFactory starting" in log.split("started worker 1", 1)[-1]
+
+        await wait_async(worker_ready)
+        sent = 0
+        for i in range(40):  # until both processes have delivered some
+            await in_thread(send, daemon.port, f"sts {i}", "bob@dst.test")
+            sent += 1
+            await wait_async(lambda n=sent: len(sink.messages) == n)
+            by = {m.group(1) or "main" for m in delivered.finditer(daemon.read_log())}
+            if by == {"worker1 ", "main"} and sent >= 6:
+                break
+        assert by == {"worker1 ", "main"}, daemon.read_log()[-3000:]
+        assert all(m.tls for m in sink.messages)
+        assert await in_thread(daemon.terminate) in (0, -signal.SIGTERM)
+    finally:
+        await in_thread(daemon.kill)
+        await sink.stop()
+        await policies.stop()
+        await dns.stop()
+    log = daemon.read_log()
+    assert "Unhandled error" not in log and "Traceback" not in log, log[-2000:]
+    state = json.loads((tmp_path / "var" / "tlsrpt" / "state.json").read_text())
+    [entry] = [day["dst.test sts"] for day in state.values()]
+    assert entry["success"] == sent and entry["failures"] == {}
+    assert entry["mx"] == ["mx.dst.test"]
+    assert sorted((tmp_path / "var" / "tlsrpt").iterdir()) == [
+        tmp_path / "var" / "tlsrpt" / "state.json"]
+
+
+async def wait_async(predicate, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await deferLater(reactor, 0.05, lambda: None)
+
+
+def test_a_forwarded_tls_count_is_the_same_count_and_garbage_is_refused(tmp_path) -> None:
+    """The worker's side (ForwardedCounts) and the main process's (record_line)
+    of the ``tlsrpt`` line: what arrives is counted as if recorded there; a
+    line that is not one is a ValueError (logged by the pool), never a count."""
+    lines: list[bytes] = []
+    ForwardedCounts(lines.append).record(
+        "dst.test", "sts", "certificate-expired", "mx.dst.test",
+        {"receiving-ip": "127.0.0.1", "failure-reason-code": "expired"},
+        policy_string=["version: STSv1", "mode: enforce"], mx_patterns=["mx.dst.test"])
+    settings = ReportSettings(submitter="out.test", organization="o", contact="c@out.test",
+                              from_address="r@out.test")
+    reporter = TLSReporter(None, None, Clock(), tmp_path, settings)
+    direct = TLSReporter(None, None, Clock(), tmp_path / "direct", settings)
+    record_line(reporter, lines[0])
+    direct.record("dst.test", "sts", "certificate-expired", "mx.dst.test",
+                  {"receiving-ip": "127.0.0.1", "failure-reason-code": "expired"},
+                  policy_string=["version: STSv1", "mode: enforce"], mx_patterns=["mx.dst.test"])
+    assert reporter.days == direct.days and reporter.days
+    for bad in (b"garbage", b"[1, 2]", b'["d", "sts", "no-such-result", "", null, [], []]',
+                b'["d", "sts", "success", "", {"a": 1}, [], []]', b"[" * 20000):
+        with pytest.raises(ValueError):
+            record_line(reporter, bad)
+    with pytest.raises(ValueError):
+        ForwardedCounts(lines.append).record("d", "nonsense", "success")
+    assert reporter.days == direct.days

@@ -38,7 +38,7 @@ import json
 import os
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
@@ -330,6 +330,54 @@ class TLSReporter:
                  domain=domain, day=day, rua=", ".join(addresses), report_id=report_id,
                  event="tlsrpt", result="queued")
         return True
+
+
+class ForwardedCounts:
+    """A worker process's TLS counter (``workers`` > 1, :mod:`mta.daemon.workers`):
+    each :meth:`TLSReporter.record` call becomes one line of JSON handed to
+    ``send`` (the worker's pipe to the main process), whose one TLSReporter
+    counts it with :func:`record_line`.  So one process owns ``state.json`` and
+    sends the daily reports: several processes writing one state file would
+    each overwrite the others' counts, and each would mail its own report."""
+
+    def __init__(self, send: Callable[[bytes], None]) -> None:
+        self.send = send
+
+    def record(self, domain: str, policy_type: str, result: str, mx: str = "",
+               details: dict[str, str] | str | None = None, *,
+               policy_string: Sequence[str] = (), mx_patterns: Sequence[str] = ()) -> None:
+        if policy_type not in POLICY_TYPES:
+            raise ValueError(f"policy_type must be one of {POLICY_TYPES}")
+        if result != SUCCESS and result not in RESULT_TYPES:
+            raise ValueError(f"result must be success or one of RFC 8460 §4.3's: {result!r}")
+        self.send(json.dumps([domain, policy_type, result, mx, details, list(policy_string),
+                              list(mx_patterns)], separators=(",", ":")).encode("utf-8"))
+
+    def stop(self) -> None:
+        pass  # nothing kept here
+
+
+MAX_FORWARDED_LINE = 16384  # a forwarded count is far shorter (200-octet reasons, a policy)
+
+
+def record_line(counter: Any, line: bytes) -> None:
+    """Count one line of :class:`ForwardedCounts` in ``counter`` (the main
+    process's TLSReporter).  ValueError when the line is not one."""
+    if len(line) > MAX_FORWARDED_LINE:
+        raise ValueError("forwarded TLS count too long")
+    try:
+        domain, policy_type, result, mx, details, policy_string, mx_patterns = json.loads(line)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"not a forwarded TLS count: {e}") from None
+    if not (isinstance(domain, str) and isinstance(mx, str)
+            and isinstance(details, (dict, str, type(None)))
+            and isinstance(policy_string, list) and isinstance(mx_patterns, list)
+            and all(isinstance(x, str) for x in [*policy_string, *mx_patterns])
+            and (not isinstance(details, dict)
+                 or all(isinstance(v, str) for v in details.values()))):
+        raise ValueError("not a forwarded TLS count")
+    counter.record(domain, policy_type, result, mx, details, policy_string=policy_string,
+                   mx_patterns=mx_patterns)
 
 
 def _unquote(text: str) -> str:
