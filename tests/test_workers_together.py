@@ -16,7 +16,9 @@ from twisted.internet import reactor
 from twisted.internet.task import Clock, deferLater
 
 from mta.admin.control import call
+from mta.delivery.mtasts import MTASTS, PolicyCache, STSPolicy
 from mta.delivery.tlsrpt import ForwardedCounts, ReportSettings, TLSReporter, record_line
+from mta.delivery.wiring import build_couriers
 from tests.daemon import Daemon, free_port
 from tests.dnsserver import LoopbackDNS
 from tests.harness import PASSWORD, in_thread, write_domain
@@ -25,7 +27,7 @@ from tests.stsserver import policy_text, start_policy_server
 from tests.test_cli import sock_dir  # noqa: F401 (fixture)
 from tests.test_hold import HOLD_CHECKS
 from tests.test_metrics import scrape, value
-from tests.test_mtasts_delivery import CA, MX_CERT, POLICY_CERT, zone
+from tests.test_mtasts_delivery import CA, MX_CERT, POLICY_CERT, dns, setup, zone  # noqa: F401
 from tests.test_workers import CONFIG, children_of
 
 pytestmark = pytest.mark.timeout(120)
@@ -160,16 +162,16 @@ async def test_tls_counts_of_both_processes_reach_the_one_state_file(tmp_path) -
     TLS); every session is counted once in data_dir/tlsrpt/state.json, which
     only the main process writes (before: each process wrote its own counts
     over the other's, the last writer's won)."""
-    dns = LoopbackDNS(ttl=0)
-    await dns.start()
-    dns.load(zone("dst.test"))
+    names = LoopbackDNS(ttl=0)
+    await names.start()
+    names.load(zone("dst.test"))
     policies = await start_policy_server(POLICY_CERT)
     policies.serve("dst.test", policy_text("enforce", ["mx.dst.test"]))
     sink = await start_sink(tls=MX_CERT)
     CA.cert_pem.write_to_path(str(tmp_path / "sts-ca.pem"))
     write_domain(tmp_path / "domains", "example.test", {"alice": PASSWORD})
     port = free_port()
-    host, dns_port = dns.address
+    host, dns_port = names.address
     config = tmp_path / "mta.toml"
     config.write_text(TLS_CONFIG.format(port=port, dns_host=host, dns_port=dns_port,
                                         mx_port=sink.port, https_port=policies.port))
@@ -200,7 +202,7 @@ async def test_tls_counts_of_both_processes_reach_the_one_state_file(tmp_path) -
         await in_thread(daemon.kill)
         await sink.stop()
         await policies.stop()
-        await dns.stop()
+        await names.stop()
     log = daemon.read_log()
     assert "Unhandled error" not in log and "Traceback" not in log, log[-2000:]
     state = json.loads((tmp_path / "var" / "tlsrpt" / "state.json").read_text())
@@ -243,3 +245,67 @@ def test_a_forwarded_tls_count_is_the_same_count_and_garbage_is_refused(tmp_path
     with pytest.raises(ValueError):
         ForwardedCounts(lines.append).record("d", "nonsense", "success")
     assert reporter.days == direct.days
+
+
+# --- the MTA-STS cache shared by the processes ----------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_processes_share_the_mta_sts_cache_and_only_the_main_one_refreshes(
+        setup, dns, tmp_path) -> None:  # noqa: F811 (fixtures)
+    """Two processes' MTASTS over one data_dir/mta-sts (the main process's, with
+    the refresh timer; a worker's, without): a policy one fetched is read from
+    the file by the other (no second fetch), the main one's proactive refresh
+    reaches the worker through the file, and the worker's copy expiring never
+    removes the refreshed file nor fetches again."""
+    dns.load(zone("dst.test"))
+    courier = await setup.start()
+    setup.policies.serve("dst.test", policy_text("enforce", ["mx.dst.test"], max_age=1000))
+    start = time.time()
+    main_clock, worker_clock = Clock(), Clock()
+    main_clock.advance(start)
+    worker_clock.advance(start)
+    cache_dir = tmp_path / "mta-sts"
+    main = MTASTS(courier.sts.txt_resolver, courier.sts.fetcher, PolicyCache(cache_dir),
+                  main_clock, refresh_interval=60)
+    worker = MTASTS(courier.sts.txt_resolver, courier.sts.fetcher, PolicyCache(cache_dir),
+                    worker_clock, refresh_interval=0)
+    main.start()
+    worker.start()
+    assert (await main.policy("dst.test")).mx == ("mx.dst.test",)
+    assert (await worker.policy("dst.test")).mx == ("mx.dst.test",)
+    assert setup.policies.hits["dst.test"] == 1  # the worker read the main one's file
+    setup.policies.serve("dst.test", policy_text("enforce", ["*.dst.test"], max_age=2000))
+    for clock in (main_clock, worker_clock):
+        clock.advance(540)  # past half of max_age: the main process's timer refreshes
+    await wait_async(lambda: main.policies["dst.test"].max_age == 2000)
+    assert setup.policies.hits["dst.test"] == 2 and main.fetches == 2 and worker.fetches == 0
+    for clock in (main_clock, worker_clock):
+        clock.advance(600)  # the worker's first copy has expired; the file's has not
+    assert (await worker.policy("dst.test")).mx == ("*.dst.test",)
+    assert worker.fetches == 0 and setup.policies.hits["dst.test"] == 2
+    assert json.loads((cache_dir / "dst.test.json").read_text())["max_age"] == 2000
+    main.stop()
+    worker.stop()
+    # As the daemon wires a worker: no refresh timer, counts forwarded.
+    built = build_couriers(setup.config, reactor, store=setup.store, tls_forward=print,
+                           sts_refresh=False)["remote"]
+    setup.couriers.append(built)
+    assert built.sts._timer is None and isinstance(built.tlsrpt, ForwardedCounts)
+    assert courier.sts._timer is not None and isinstance(courier.tlsrpt, TLSReporter)
+
+
+def test_a_cache_write_does_not_take_another_writers_temporary_file(tmp_path) -> None:
+    """Each write has a temporary file of its own (then fsync, rename): a second
+    process saving the same domain meanwhile neither truncates nor renames the
+    first one's half-written file."""
+    cache = PolicyCache(tmp_path)
+    policy = STSPolicy(domain="dst.test", id="1", mode="enforce", mx=("mx.dst.test",),
+                       max_age=1000, fetched_at=time.time(),
+                       text="version: STSv1\nmode: enforce\nmx: mx.dst.test\nmax_age: 1000\n")
+    for name in ("dst.test.tmp", ".dst.test.json.tmp"):
+        (tmp_path / name).write_text("another process, half way through")
+    cache.save(policy)
+    assert (tmp_path / "dst.test.tmp").read_text() == "another process, half way through"
+    assert (tmp_path / ".dst.test.json.tmp").read_text() == "another process, half way through"
+    assert PolicyCache(tmp_path).load_all()["dst.test"] == policy

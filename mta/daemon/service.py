@@ -164,9 +164,10 @@ class MTAService(MultiService):
                 from mta.delivery.wiring import build_delivery
 
                 # Its TLS report counts go to the main process's reporter (one
-                # state file, one sender of the daily reports).
+                # state file, one sender of the daily reports); the main process
+                # alone refreshes the MTA-STS cache it shares with us.
                 delivery = build_delivery(config, self.context.store, reactor,
-                                          tls_forward=tell_tls_count)
+                                          tls_forward=tell_tls_count, sts_refresh=False)
                 runner, self.connections = delivery.runner, delivery.connections
             self.runner = None if runner is False else runner
             return

@@ -49,7 +49,8 @@ def build_dane(config: Config, reactor: Any, report: TLSReport | None = None) ->
 
 def build_couriers(config: Config, reactor: Any, trust_root: Any = None,
                    store: QueueStore | None = None,
-                   tls_forward: Callable[[bytes], None] | None = None) -> dict[str, Any]:
+                   tls_forward: Callable[[bytes], None] | None = None,
+                   sts_refresh: bool = True) -> dict[str, Any]:
     d = config.delivery
     if d.lmtp:
         local: Any = LMTPCourier(d.lmtp, reactor, config.hostname,
@@ -64,7 +65,8 @@ def build_couriers(config: Config, reactor: Any, trust_root: Any = None,
     if config.dns.cache_max_ttl > 0:
         resolver = CachingResolver(resolver, reactor, max_ttl=config.dns.cache_max_ttl)
     mx = MXResolver(resolver, own_names=(config.hostname,))
-    tls = build_tls_policies(config, reactor, plain_resolver, resolver, store, tls_forward)
+    tls = build_tls_policies(config, reactor, plain_resolver, resolver, store, tls_forward,
+                             sts_refresh)
     return {
         "local": local,
         "pipe": PipeCourier(d.pipe_timeout, reactor),
@@ -76,13 +78,17 @@ def build_couriers(config: Config, reactor: Any, trust_root: Any = None,
 
 def build_tls_policies(config: Config, reactor: Any, txt_resolver: Any, resolver: Any,
                        store: QueueStore | None,
-                       tls_forward: Callable[[bytes], None] | None = None) -> dict[str, Any]:
+                       tls_forward: Callable[[bytes], None] | None = None,
+                       sts_refresh: bool = True) -> dict[str, Any]:
     """MTA-STS (``[delivery.mta_sts]``) and TLS reporting (``[tls_reports]``, which needs the
     queue ``store`` its reports enter): the remote courier's ``sts`` and
     ``tlsrpt``, started; nothing when neither is enabled.  ``tls_forward`` (a
     worker process): the TLS counts go there, one line each, to the main
     process's reporter (mta.delivery.tlsrpt.ForwardedCounts), instead of a
-    reporter of this process's own."""
+    reporter of this process's own.  ``sts_refresh`` False (a worker): no
+    proactive MTA-STS refresh timer here (the main process's refreshes the
+    shared cache files, which this process reads when its copy is stale), so
+    N processes do not fetch every policy N times."""
     parts: dict[str, Any] = {}
     if config.tls_reports.enabled and tls_forward is not None:
         from mta.delivery.tlsrpt import ForwardedCounts
@@ -108,7 +114,8 @@ def build_tls_policies(config: Config, reactor: Any, txt_resolver: Any, resolver
                                 timeout=s.fetch_timeout, max_size=s.max_policy_size)
         parts["sts"] = MTASTS(txt_resolver, fetcher, PolicyCache(config.data_dir / "mta-sts"),
                               reactor, recorder=parts.get("tlsrpt"),
-                              refresh_interval=s.refresh_interval, trust_root=trust)
+                              refresh_interval=s.refresh_interval if sts_refresh else 0,
+                              trust_root=trust)
         parts["sts"].start()
     return parts
 
@@ -126,9 +133,11 @@ class Delivery:
 
 
 def build_delivery(config: Config, store: QueueStore, reactor: Any, trust_root: Any = None,
-                   tls_forward: Callable[[bytes], None] | None = None) -> Delivery:
-    """The runner and its couriers; ``tls_forward``: see build_tls_policies."""
-    couriers = build_couriers(config, reactor, trust_root, store=store, tls_forward=tls_forward)
+                   tls_forward: Callable[[bytes], None] | None = None,
+                   sts_refresh: bool = True) -> Delivery:
+    """The runner and its couriers; ``tls_forward``, ``sts_refresh``: see build_tls_policies."""
+    couriers = build_couriers(config, reactor, trust_root, store=store, tls_forward=tls_forward,
+                              sts_refresh=sts_refresh)
     router = Router(couriers, smarthost=bool(config.delivery.smarthosts))
     local_domains = frozenset(config.local_domains)
     runner = QueueRunner(store, router, reactor, config.delivery, config.hostname,
