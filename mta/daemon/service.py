@@ -175,7 +175,9 @@ class MTAService(MultiService):
         if runner is None:
             from mta.delivery.wiring import build_delivery
 
-            delivery = build_delivery(config, self.context.store, reactor)
+            # The TLS reports are DKIM-signed as SMTP submissions are (RFC 8460 §3).
+            signer = getattr(self.context.authenticator, "signer", None)
+            delivery = build_delivery(config, self.context.store, reactor, report_signer=signer)
             runner, self.connections = delivery.runner, delivery.connections
             tls_reports = delivery.tlsrpt
         self.runner = None if runner is False else runner

@@ -50,7 +50,7 @@ def build_dane(config: Config, reactor: Any, report: TLSReport | None = None) ->
 def build_couriers(config: Config, reactor: Any, trust_root: Any = None,
                    store: QueueStore | None = None,
                    tls_forward: Callable[[bytes], None] | None = None,
-                   sts_refresh: bool = True) -> dict[str, Any]:
+                   sts_refresh: bool = True, report_signer: Any = None) -> dict[str, Any]:
     d = config.delivery
     if d.lmtp:
         local: Any = LMTPCourier(d.lmtp, reactor, config.hostname,
@@ -66,7 +66,7 @@ def build_couriers(config: Config, reactor: Any, trust_root: Any = None,
         resolver = CachingResolver(resolver, reactor, max_ttl=config.dns.cache_max_ttl)
     mx = MXResolver(resolver, own_names=(config.hostname,))
     tls = build_tls_policies(config, reactor, plain_resolver, resolver, store, tls_forward,
-                             sts_refresh)
+                             sts_refresh, report_signer)
     return {
         "local": local,
         "pipe": PipeCourier(d.pipe_timeout, reactor),
@@ -79,7 +79,7 @@ def build_couriers(config: Config, reactor: Any, trust_root: Any = None,
 def build_tls_policies(config: Config, reactor: Any, txt_resolver: Any, resolver: Any,
                        store: QueueStore | None,
                        tls_forward: Callable[[bytes], None] | None = None,
-                       sts_refresh: bool = True) -> dict[str, Any]:
+                       sts_refresh: bool = True, report_signer: Any = None) -> dict[str, Any]:
     """MTA-STS (``[delivery.mta_sts]``) and TLS reporting (``[tls_reports]``, which needs the
     queue ``store`` its reports enter): the remote courier's ``sts`` and
     ``tlsrpt``, started; nothing when neither is enabled.  ``tls_forward`` (a
@@ -88,7 +88,9 @@ def build_tls_policies(config: Config, reactor: Any, txt_resolver: Any, resolver
     reporter of this process's own.  ``sts_refresh`` False (a worker): no
     proactive MTA-STS refresh timer here (the main process's refreshes the
     shared cache files, which this process reads when its copy is stale), so
-    N processes do not fetch every policy N times."""
+    N processes do not fetch every policy N times.  ``report_signer``: DKIM-signs
+    the report mail (RFC 8460 §3; mta.policy.dkim.DKIMSigner, the one the SMTP
+    side signs with, handed down by the daemon); None: unsigned."""
     parts: dict[str, Any] = {}
     if config.tls_reports.enabled and tls_forward is not None:
         from mta.delivery.tlsrpt import ForwardedCounts
@@ -103,7 +105,8 @@ def build_tls_policies(config: Config, reactor: Any, txt_resolver: Any, resolver
                                   send_delay=r.send_delay)
         local_domains = frozenset(config.local_domains)
         parts["tlsrpt"] = TLSReporter(store, txt_resolver, reactor, config.data_dir / "tlsrpt",
-                                      settings, is_local=local_domains.__contains__)
+                                      settings, is_local=local_domains.__contains__,
+                                      signer=report_signer)
         parts["tlsrpt"].start()
     if config.delivery_sts.enabled:
         from mta.delivery.mtasts import MTASTS, PolicyCache, PolicyFetcher, load_trust_root
@@ -134,10 +137,11 @@ class Delivery:
 
 def build_delivery(config: Config, store: QueueStore, reactor: Any, trust_root: Any = None,
                    tls_forward: Callable[[bytes], None] | None = None,
-                   sts_refresh: bool = True) -> Delivery:
-    """The runner and its couriers; ``tls_forward``, ``sts_refresh``: see build_tls_policies."""
+                   sts_refresh: bool = True, report_signer: Any = None) -> Delivery:
+    """The runner and its couriers; ``tls_forward``, ``sts_refresh``, ``report_signer``:
+    see build_tls_policies."""
     couriers = build_couriers(config, reactor, trust_root, store=store, tls_forward=tls_forward,
-                              sts_refresh=sts_refresh)
+                              sts_refresh=sts_refresh, report_signer=report_signer)
     router = Router(couriers, smarthost=bool(config.delivery.smarthosts))
     local_domains = frozenset(config.local_domains)
     runner = QueueRunner(store, router, reactor, config.delivery, config.hostname,
