@@ -393,3 +393,33 @@ async def test_requiretls_over_a_dane_host_without_it_bounces(tmp_path, dane_wor
         assert b"Status: 5.7.30" in bounce and b"REQUIRETLS support required" in bounce
     finally:
         await running.stop()
+
+
+@pytest.mark.parametrize("rcpt, secure", [("bob@none.dane.test", True), ("bob@plain.test", False)])
+@pytest_twisted.ensureDeferred
+async def test_requiretls_under_verify_needs_a_dnssec_authenticated_mx(tmp_path, dane_world, rcpt,
+                                                                     secure):
+    """RFC 8689 §4.2.1 under delivery.tls_policy "verify": a host of a validated MX
+    RRset (no TLSA records) takes a REQUIRETLS message over TLS verified for its
+    name; a host of an insecure MX answer is not authenticated, so the message
+    bounces with 5.7.10 and that host is not even connected to."""
+    from twisted.internet.ssl import Certificate
+
+    sink = await start_sink(tls=dane_world.cert, requiretls=True)
+    running, courier = await start(tmp_path, dane_world, sink.port, policy="verify")
+    courier.trust_root = Certificate.loadPEM(shared_ca().cert_pem.bytes())
+    try:
+        await in_thread(send, running.port(), rcpt, requiretls=True)
+        if secure:
+            await wait_for(lambda: sink.messages, what="the message at the sink")
+            assert sink.messages[0].tls and "REQUIRETLS" in sink.messages[0].mail_params
+        else:
+            new = tmp_path / "var" / "mail" / "example.test" / "alice" / "new"
+            await wait_for(lambda: new.exists() and any(new.iterdir()), what="the bounce")
+            (bounce,) = [p.read_bytes() for p in new.iterdir()]
+            assert b"Status: 5.7.10" in bounce
+            assert b"not authenticated by DNSSEC or an MTA-STS policy" in bounce
+            assert sink.messages == [] and sink.sessions == []
+    finally:
+        await running.stop()
+        await sink.stop()

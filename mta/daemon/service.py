@@ -160,17 +160,26 @@ class MTAService(MultiService):
             # process's core delivers), and hands what is left to the main
             # process (QueueRunner.hand_over, set by mta.daemon.worker).
             if runner is None:
+                from mta.daemon.workers import tell_tls_count
                 from mta.delivery.wiring import build_delivery
 
-                delivery = build_delivery(config, self.context.store, reactor)
+                # Its TLS report counts go to the main process's reporter (one
+                # state file, one sender of the daily reports); the main process
+                # alone refreshes the MTA-STS cache it shares with us.
+                delivery = build_delivery(config, self.context.store, reactor,
+                                          tls_forward=tell_tls_count, sts_refresh=False)
                 runner, self.connections = delivery.runner, delivery.connections
             self.runner = None if runner is False else runner
             return
+        tls_reports = None  # the TLS reporter the workers' counts go to
         if runner is None:
             from mta.delivery.wiring import build_delivery
 
-            delivery = build_delivery(config, self.context.store, reactor)
+            # The TLS reports are DKIM-signed as SMTP submissions are (RFC 8460 §3).
+            signer = getattr(self.context.authenticator, "signer", None)
+            delivery = build_delivery(config, self.context.store, reactor, report_signer=signer)
             runner, self.connections = delivery.runner, delivery.connections
+            tls_reports = delivery.tlsrpt
         self.runner = None if runner is False else runner
         if spares is not None:
             from mta.daemon.workers import WorkerPool
@@ -180,7 +189,8 @@ class MTAService(MultiService):
                 {"config": str(config_path) if config_path else None, "overrides": overrides},
                 listeners=[listener.name for listener in config.listeners], spares=spares,
                 runner=self.runner, files=self.context.store,
-                session_timeout=lambda: self.config.limits.session_timeout)
+                session_timeout=lambda: self.config.limits.session_timeout,
+                tls_reports=tls_reports)
         self.addService(build_control(self))
         if config.log_json is not None:
             from mta.daemon.logs import json_log_service

@@ -18,7 +18,7 @@ from typing import Any
 from twisted.internet.main import CONNECTION_DONE
 
 from mta.daemon.logs import worker_log_observer
-from mta.system.fsutil import write_all
+from mta.daemon.workers import tell_main
 
 
 def run_worker(spec: dict[str, Any]) -> None:
@@ -56,10 +56,7 @@ def run_worker(spec: dict[str, Any]) -> None:
         # The first pass (ours) left this message queued: the main process's
         # runner keeps its retries from here, with the envelope as the pass
         # saved it (no read back from disk).
-        try:
-            write_all(1, b"queued %s %s\n" % (envelope.id.encode("ascii"), envelope.to_line()))
-        except OSError:
-            pass  # the main process is gone; the message is on disk for the next start
+        tell_main(b"queued %s %s" % (envelope.id.encode("ascii"), envelope.to_line()))
 
     if service.runner is not None:
         service.runner.hand_over = hand_over

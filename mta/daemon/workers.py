@@ -46,6 +46,7 @@ from twisted.logger import Logger
 from mta.daemon.logs import write_log_text
 from mta.queue.envelope import Envelope
 from mta.queue.spares import SPARE_KEEP, SPARE_MAX_AGE
+from mta.system.fsutil import write_all
 
 log = Logger()
 
@@ -81,6 +82,15 @@ class Announced(Protocol):
         """Schedule every queued message nobody announced (a worker ended)."""
 
 
+class TLSCounts(Protocol):
+    """What the pool needs of the TLS reporter (mta.delivery.tlsrpt.TLSReporter):
+    the sessions a worker counted (mta.delivery.tlsrpt.record_line)."""
+
+    def record(self, domain: str, policy_type: str, result: str, mx: str = "",
+               details: dict[str, str] | str | None = None, *,
+               policy_string: Sequence[str] = (), mx_patterns: Sequence[str] = ()) -> None: ...
+
+
 class LeftFiles(Protocol):
     """What the pool needs of the queue store: removing an ended worker's spare files."""
 
@@ -97,6 +107,23 @@ class WorkerChannel(Protocol):
 SpareTaker = Callable[[str | None], None]
 
 
+def tell_main(line: bytes) -> None:
+    """In a worker process: one line to the main process (the worker's stdout,
+    read by _WorkerProtocol): ``queued ID ENVELOPE`` (a message it keeps from
+    now on) or ``tlsrpt COUNT`` (a TLS session for its reporter,
+    mta.delivery.tlsrpt.ForwardedCounts)."""
+    try:
+        write_all(1, line + b"\n")
+    except OSError:
+        pass  # the main process is gone (a message is on disk for the next start)
+
+
+def tell_tls_count(line: bytes) -> None:
+    """In a worker process: a TLS count (mta.delivery.tlsrpt.ForwardedCounts) to
+    the main process's reporter."""
+    tell_main(b"tlsrpt " + line)
+
+
 class _WorkerProtocol(ProcessProtocol):
     def __init__(self, pool: WorkerPool, index: int) -> None:
         self.pool = pool
@@ -111,6 +138,9 @@ class _WorkerProtocol(ProcessProtocol):
         for line in lines:
             verb, _, rest = line.partition(b" ")
             queue_id, _, envelope = rest.partition(b" ")
+            if verb == b"tlsrpt":
+                self.pool.tls_counted(self.index, rest)
+                continue
             if verb == b"queued" and queue_id:
                 self.pool.spares.owe_spare(self.index)
                 qid = queue_id.decode("ascii", "replace")
@@ -237,7 +267,8 @@ class WorkerPool(Service):
 
     def __init__(self, reactor: ProcessReactor, count: int, spec: dict[str, Any], *,
                  listeners: Sequence[str], spares: WorkerSpares, runner: Announced | None,
-                 files: LeftFiles, session_timeout: Callable[[], float]) -> None:
+                 files: LeftFiles, session_timeout: Callable[[], float],
+                 tls_reports: TLSCounts | None = None) -> None:
         self.reactor = reactor
         self.count = count
         self.spec = spec
@@ -246,6 +277,9 @@ class WorkerPool(Service):
         self.runner = runner
         self.files = files
         self.session_timeout = session_timeout
+        # The main process's TLS reporter: the workers' TLS counts go there
+        # (RFC 8460 reports from one process, one state file); None: not configured.
+        self.tls_reports = tls_reports
         self.workers: dict[int, Any] = {}  # index -> process transport
         self.protocols: dict[int, _WorkerProtocol] = {}
         self.stopping = False
@@ -287,6 +321,18 @@ class WorkerPool(Service):
             runner.committed(envelope)
         else:
             runner.flush(queue_id)
+
+    def tls_counted(self, index: int, line: bytes) -> None:
+        """Worker ``index`` counted a TLS session (mta.delivery.tlsrpt.ForwardedCounts)."""
+        if self.tls_reports is None:
+            return
+        from mta.delivery.tlsrpt import record_line
+
+        try:
+            record_line(self.tls_reports, line)
+        except ValueError as e:
+            log.error("worker {index} sent a TLS count that is not one: {err}", index=index,
+                      err=e)
 
     def ended(self, protocol: _WorkerProtocol) -> None:
         self.workers.pop(protocol.index, None)

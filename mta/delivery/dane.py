@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
@@ -215,6 +215,9 @@ class HostPolicy:
     tls_policy: str | None = None
     verifier: TLSAVerifier | None = None
     refusal: str | None = None
+    # The host's name came in the DNSSEC-validated MX RRset (RFC 8689 §4.2.1:
+    # a REQUIRETLS message may go to it under a "verify" policy too).
+    secure_mx: bool = True
 
 
 NO_DANE = HostPolicy()
@@ -323,7 +326,9 @@ class DanePolicy:
             if host.name in plan:
                 continue
             if host.name not in names:
-                plan[host.name] = self._none(domain, host.name, "not in the secure MX RRset")
+                plan[host.name] = replace(self._none(domain, host.name,
+                                                     "not in the secure MX RRset"),
+                                          secure_mx=False)
                 continue
             plan[host.name] = await self._host(domain, host.name)
         return plan

@@ -47,7 +47,11 @@ so a policy in use does not lapse between messages.
 
 The cache is one JSON file per domain under ``data_dir/mta-sts/``: the
 policy's text, id, mode, patterns, ``max_age`` and when it was fetched;
-read at start, so it survives restarts.
+read at start, so it survives restarts.  With ``workers`` > 1 every process
+has an MTASTS over the same files: each write goes to a temporary file of its
+own (fsync, rename); a process whose copy is missing, stale or of another id
+reads the file again before fetching (another process may have fetched it);
+only the main process runs the refresh timer (mta.delivery.wiring).
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ import json
 import os
 import re
 import time
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -231,6 +236,28 @@ class PolicyCache:
             return None  # not a name we would write a file for
         return self.directory / f"{domain}.json"
 
+    def load(self, domain: str) -> STSPolicy | None:
+        """``domain``'s cached policy as on disk now (another process, a worker,
+        may have written it since we read it), or None (missing or damaged)."""
+        path = self._path(domain)
+        if path is None:
+            return None
+        try:
+            return self._read(path)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warn("ignoring damaged MTA-STS cache file {path}: {error}", path=str(path),
+                     error=e)
+            return None
+
+    @staticmethod
+    def _read(path: Path) -> STSPolicy:
+        raw = json.loads(path.read_text("utf-8"))
+        return STSPolicy(domain=str(raw["domain"]), id=str(raw["id"]), mode=str(raw["mode"]),
+                         mx=tuple(str(m) for m in raw["mx"]), max_age=int(raw["max_age"]),
+                         fetched_at=float(raw["fetched_at"]), text=str(raw["text"]))
+
     def load_all(self, limit: int = MAX_CACHED) -> dict[str, STSPolicy]:
         """Every readable cached policy; a damaged file is logged and skipped."""
         found: dict[str, STSPolicy] = {}
@@ -243,11 +270,7 @@ class PolicyCache:
                 continue
             path = self.directory / name
             try:
-                raw = json.loads(path.read_text("utf-8"))
-                policy = STSPolicy(domain=str(raw["domain"]), id=str(raw["id"]),
-                                   mode=str(raw["mode"]), mx=tuple(str(m) for m in raw["mx"]),
-                                   max_age=int(raw["max_age"]),
-                                   fetched_at=float(raw["fetched_at"]), text=str(raw["text"]))
+                policy = self._read(path)
             except (OSError, ValueError, KeyError, TypeError) as e:
                 log.warn("ignoring damaged MTA-STS cache file {path}: {error}", path=str(path),
                          error=e)
@@ -260,10 +283,22 @@ class PolicyCache:
         if path is None:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        # A temporary name of this write's own (every process of ``workers`` > 1
+        # writes here): another writer's half-written file is never taken.
+        tmp = self.directory / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
         data = dict(asdict(policy), mx=list(policy.mx))
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", "utf-8")
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(json.dumps(data, indent=1, sort_keys=True) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+            raise
 
     def remove(self, domain: str) -> None:
         path = self._path(domain)
@@ -529,6 +564,8 @@ class MTASTS:
         now = self._now()
         due = []
         for domain, policy in list(self.policies.items()):
+            if not policy.fresh(now) or now >= policy.fetched_at + policy.max_age / 2:
+                policy = self._from_disk(domain, policy, now) or policy
             if not policy.fresh(now):
                 self._forget(domain, "expired")
             elif now >= policy.fetched_at + policy.max_age / 2 and domain not in self._fetching:
@@ -558,13 +595,19 @@ class MTASTS:
         now = self._now()
         cached = self.policies.get(domain)
         if cached is not None and not cached.fresh(now):
-            self._forget(domain, "expired")
-            cached = None
+            # Another process (the main one's refresh) may have a newer copy on disk.
+            cached = self._from_disk(domain, cached, now)
+            if cached is None:
+                self._forget(domain, "expired")
         policy_id = await self._txt_id(domain, now)
         if policy_id is None:
             return cached  # §3.1: no TXT record does not withdraw a cached policy
         if cached is not None and cached.id == policy_id:
             return cached
+        # Not known here, or a new id: another process may have fetched it already.
+        known = self._from_disk(domain, cached, now)
+        if known is not None and known.id == policy_id:
+            return known
         failed = self._failed.get(domain)
         if failed is not None and failed[0] > now and failed[1] == policy_id:
             return cached  # fetched in vain a moment ago: no new wait for every message
@@ -650,6 +693,17 @@ class MTASTS:
                  mx=" ".join(policy.mx), max_age=policy.max_age, id=policy.id,
                  ms=(time.monotonic() - started) * 1000, event="mta_sts", result="fetched")
         return policy
+
+    def _from_disk(self, domain: str, cached: STSPolicy | None, now: float) -> STSPolicy | None:
+        """The cache file's policy for ``domain`` when it is fresh and newer than
+        ``cached`` (written by another process of ``workers`` > 1: each has its
+        own copy in memory), kept from now on; else ``cached`` while fresh."""
+        on_disk = self.cache.load(domain)
+        if on_disk is not None and on_disk.fresh(now) and (
+                cached is None or on_disk.fetched_at > cached.fetched_at):
+            self.policies[domain] = on_disk
+            return on_disk
+        return cached if cached is not None and cached.fresh(now) else None
 
     def _note_failure(self, domain: str, policy_id: str) -> None:
         if len(self._failed) >= MAX_CACHED:

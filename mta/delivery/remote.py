@@ -124,6 +124,10 @@ class NextHop:
     bind_address: str | None = None
     bind_address6: str | None = None
     helo_name: str | None = None
+    # RFC 8689 §4.2.1: the name is authenticated (configured, a smarthost or a
+    # table's next hop; in a DNSSEC-validated MX RRset; or named by the domain's
+    # MTA-STS policy): only then may a REQUIRETLS message go to it.
+    mx_authenticated: bool = False
 
     @property
     def display(self) -> str:
@@ -262,7 +266,7 @@ class RemoteCourier:
         hops: list[NextHop] = []
         for target in route.targets:
             if not target.mx_lookup:
-                hops.append(_hop(target, target.host, target.host))
+                hops.append(_hop(target, target.host, target.host, mx_authenticated=True))
                 continue
             answer = self.resolver.resolve(target.host)
             hosts = await answer if inspect.isawaitable(answer) else answer
@@ -291,20 +295,23 @@ class RemoteCourier:
         if plan is None and required and not self.dane.available:
             raise RouteError(f"TLS policy dane for {domain} ({target.policy.origin}) needs DANE, "
                              f"which is not available: {self.dane.check_problem or 'not checked'}")
+        secure = plan is not None  # the MX RRset validated (dane.DanePolicy.plan)
         plan = plan or {}
         base = target.policy.client_policy
         hops = []
         for mx in hosts:
             host = plan.get(mx.name)
+            authenticated = secure and host is not None and host.secure_mx
             for address in mx.addresses:
                 if host is None or (host.tls_policy is None and host.refusal is None):
-                    hops.append(_hop(target, address, mx.name))
+                    hops.append(_hop(target, address, mx.name, mx_authenticated=authenticated))
                 else:
                     # RFC 7672: the host's TLSA records decide (usable: "dane"; present
                     # but none usable: encrypted, unauthenticated).
                     level = "dane" if host.tls_policy == "dane" else "encrypt"
                     hops.append(_hop(target, address, mx.name, tls_policy=host.tls_policy or base,
                                      verifier=host.verifier, refusal=host.refusal,
+                                     mx_authenticated=authenticated,
                                      policy=Policy(level, "dane", f"TLSA _25._tcp.{mx.name}")))
         return hops
 
@@ -347,6 +354,13 @@ class RemoteCourier:
             nonlocal last, tried, reached
             if hop.refusal is not None:  # DANE: this host must not be used (RFC 7672 §2.2)
                 last = (f"{hop.display}: {hop.refusal}", "4.7.5", hop.name)
+                return
+            if envelope.requiretls and not hop.mx_authenticated:
+                # RFC 8689 §4.2.1: a verified certificate for a name an insecure MX
+                # answer gave proves nothing; 5.7.10 (§5) when no host is left.
+                last = (f"REQUIRETLS: the MX host {hop.display} of {domain} is not "
+                        "authenticated by DNSSEC or an MTA-STS policy (RFC 8689 §4.2.1)",
+                        "5.7.10", hop.name)
                 return
             tx = OutboundMessage(sender=sender, recipients=list(waiting), data_path=data_path,
                                  size=size, body_8bit=envelope.body_8bit, smtputf8=envelope.smtputf8,
@@ -592,6 +606,7 @@ def _sts_hops(policy: STSPolicy, hops: list[NextHop]) -> tuple[list[NextHop], li
 def _under_sts(hop: NextHop, policy: STSPolicy) -> NextHop:
     """``hop`` tried under ``policy``: TLS with the certificate verified for the MX name."""
     return replace(hop, sts=policy, tls_policy="verify",
+                   mx_authenticated=hop.mx_authenticated or policy.matches(hop.name),
                    policy=Policy("mta-sts", "mta-sts", f"MTA-STS {policy.mode} policy id "
                                  f"{policy.id}"))
 

@@ -26,9 +26,11 @@ without a usable record has its day dropped (logged); one whose TXT lookup
 fails temporarily is tried again at the next tick (hourly), for up to
 :data:`KEEP_DAYS` days.
 
-Not done: the report is not DKIM-signed (§3 says it SHOULD be when mailed:
-the queue's intake does not sign; mail from a local domain with a DKIM key
-gets the signature only when submitted).
+The mail is DKIM-signed (§3: it SHOULD be) with the configured keys of its
+From domain (or its nearest parent with keys, as the SMTP submission path
+signs), through the ``signer`` passed in (:class:`mta.policy.dkim.DKIMSigner`):
+the queue's intake, which the report enters by, signs nothing itself.
+Without a key for that domain the report goes unsigned.
 """
 
 from __future__ import annotations
@@ -38,13 +40,13 @@ import json
 import os
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -92,18 +94,29 @@ class ReportSettings:
     flush_interval: float = 60.0
 
 
+class Signer(Protocol):
+    """What the reporter needs of DKIM signing (:class:`mta.policy.dkim.DKIMSigner`)."""
+
+    def signing_domain(self, author_domain: str) -> str | None: ...
+
+    def sign(self, message: bytes, domain: str) -> list[bytes]: ...
+
+
 class TLSReporter:
     """Counts sessions for RFC 8460 reports and mails them daily.
 
     ``store``: the queue store the reports enter through an Intake;
     ``txt_resolver``: asks ``_smtp._tls`` (``lookupText``); ``clock``: the
     time and the timers; ``state_dir``: where ``state.json`` lives;
-    ``is_local``: whether a domain is ours (its rua is then a local mailbox).
+    ``is_local``: whether a domain is ours (its rua is then a local mailbox);
+    ``signer``: DKIM-signs the report mail (None: unsigned).
     """
 
     def __init__(self, store: Any, txt_resolver: Any, clock: Any, state_dir: Path,
-                 settings: ReportSettings, *, is_local: Any = lambda domain: False) -> None:
+                 settings: ReportSettings, *, is_local: Any = lambda domain: False,
+                 signer: Signer | None = None) -> None:
         self.store = store
+        self.signer = signer
         self.txt_resolver = txt_resolver
         self.clock = clock
         self.settings = settings
@@ -299,8 +312,24 @@ class TLSReporter:
                      domain=domain, day=day, event="tlsrpt", result="no_rua")
             return True
         report = build_report(day, domain, self.days[day], self.settings)
-        message = build_report_mail(report, domain, addresses, self.settings, now)
+        message = self._signed(build_report_mail(report, domain, addresses, self.settings, now))
         return await self._queue(message, addresses, domain, day, report["report-id"], now)
+
+    def _signed(self, message: bytes) -> bytes:
+        """``message`` with a DKIM-Signature per key of its From domain (RFC 8460 §3,
+        RFC 6376), prepended; unchanged without a key (or, logged, if signing fails)."""
+        if self.signer is None:
+            return message
+        author = self.settings.from_address.rpartition("@")[2]
+        domain = self.signer.signing_domain(author)
+        if domain is None:
+            return message
+        try:
+            signatures = self.signer.sign(message, domain)
+        except Exception as e:  # DKIMSignError: a report is still worth sending unsigned
+            log.warn("TLS report not DKIM-signed for {domain}: {error}", domain=domain, error=e)
+            return message
+        return b"".join(sig + b"\r\n" for sig in signatures) + message
 
     async def _queue(self, message: bytes, addresses: list[str], domain: str, day: str,
                      report_id: str, now: float) -> bool:
@@ -330,6 +359,54 @@ class TLSReporter:
                  domain=domain, day=day, rua=", ".join(addresses), report_id=report_id,
                  event="tlsrpt", result="queued")
         return True
+
+
+class ForwardedCounts:
+    """A worker process's TLS counter (``workers`` > 1, :mod:`mta.daemon.workers`):
+    each :meth:`TLSReporter.record` call becomes one line of JSON handed to
+    ``send`` (the worker's pipe to the main process), whose one TLSReporter
+    counts it with :func:`record_line`.  So one process owns ``state.json`` and
+    sends the daily reports: several processes writing one state file would
+    each overwrite the others' counts, and each would mail its own report."""
+
+    def __init__(self, send: Callable[[bytes], None]) -> None:
+        self.send = send
+
+    def record(self, domain: str, policy_type: str, result: str, mx: str = "",
+               details: dict[str, str] | str | None = None, *,
+               policy_string: Sequence[str] = (), mx_patterns: Sequence[str] = ()) -> None:
+        if policy_type not in POLICY_TYPES:
+            raise ValueError(f"policy_type must be one of {POLICY_TYPES}")
+        if result != SUCCESS and result not in RESULT_TYPES:
+            raise ValueError(f"result must be success or one of RFC 8460 §4.3's: {result!r}")
+        self.send(json.dumps([domain, policy_type, result, mx, details, list(policy_string),
+                              list(mx_patterns)], separators=(",", ":")).encode("utf-8"))
+
+    def stop(self) -> None:
+        pass  # nothing kept here
+
+
+MAX_FORWARDED_LINE = 16384  # a forwarded count is far shorter (200-octet reasons, a policy)
+
+
+def record_line(counter: Any, line: bytes) -> None:
+    """Count one line of :class:`ForwardedCounts` in ``counter`` (the main
+    process's TLSReporter).  ValueError when the line is not one."""
+    if len(line) > MAX_FORWARDED_LINE:
+        raise ValueError("forwarded TLS count too long")
+    try:
+        domain, policy_type, result, mx, details, policy_string, mx_patterns = json.loads(line)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"not a forwarded TLS count: {e}") from None
+    if not (isinstance(domain, str) and isinstance(mx, str)
+            and isinstance(details, (dict, str, type(None)))
+            and isinstance(policy_string, list) and isinstance(mx_patterns, list)
+            and all(isinstance(x, str) for x in [*policy_string, *mx_patterns])
+            and (not isinstance(details, dict)
+                 or all(isinstance(v, str) for v in details.values()))):
+        raise ValueError("not a forwarded TLS count")
+    counter.record(domain, policy_type, result, mx, details, policy_string=policy_string,
+                   mx_patterns=mx_patterns)
 
 
 def _unquote(text: str) -> str:

@@ -8,6 +8,7 @@ same runner around their own store and reactor.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,7 +48,9 @@ def build_dane(config: Config, reactor: Any, report: TLSReport | None = None) ->
 
 
 def build_couriers(config: Config, reactor: Any, trust_root: Any = None,
-                   store: QueueStore | None = None) -> dict[str, Any]:
+                   store: QueueStore | None = None,
+                   tls_forward: Callable[[bytes], None] | None = None,
+                   sts_refresh: bool = True, report_signer: Any = None) -> dict[str, Any]:
     d = config.delivery
     if d.lmtp:
         local: Any = LMTPCourier(d.lmtp, reactor, config.hostname,
@@ -62,7 +65,8 @@ def build_couriers(config: Config, reactor: Any, trust_root: Any = None,
     if config.dns.cache_max_ttl > 0:
         resolver = CachingResolver(resolver, reactor, max_ttl=config.dns.cache_max_ttl)
     mx = MXResolver(resolver, own_names=(config.hostname,))
-    tls = build_tls_policies(config, reactor, plain_resolver, resolver, store)
+    tls = build_tls_policies(config, reactor, plain_resolver, resolver, store, tls_forward,
+                             sts_refresh, report_signer)
     return {
         "local": local,
         "pipe": PipeCourier(d.pipe_timeout, reactor),
@@ -73,12 +77,26 @@ def build_couriers(config: Config, reactor: Any, trust_root: Any = None,
 
 
 def build_tls_policies(config: Config, reactor: Any, txt_resolver: Any, resolver: Any,
-                       store: QueueStore | None) -> dict[str, Any]:
+                       store: QueueStore | None,
+                       tls_forward: Callable[[bytes], None] | None = None,
+                       sts_refresh: bool = True, report_signer: Any = None) -> dict[str, Any]:
     """MTA-STS (``[delivery.mta_sts]``) and TLS reporting (``[tls_reports]``, which needs the
     queue ``store`` its reports enter): the remote courier's ``sts`` and
-    ``tlsrpt``, started; nothing when neither is enabled."""
+    ``tlsrpt``, started; nothing when neither is enabled.  ``tls_forward`` (a
+    worker process): the TLS counts go there, one line each, to the main
+    process's reporter (mta.delivery.tlsrpt.ForwardedCounts), instead of a
+    reporter of this process's own.  ``sts_refresh`` False (a worker): no
+    proactive MTA-STS refresh timer here (the main process's refreshes the
+    shared cache files, which this process reads when its copy is stale), so
+    N processes do not fetch every policy N times.  ``report_signer``: DKIM-signs
+    the report mail (RFC 8460 §3; mta.policy.dkim.DKIMSigner, the one the SMTP
+    side signs with, handed down by the daemon); None: unsigned."""
     parts: dict[str, Any] = {}
-    if config.tls_reports.enabled and store is not None:
+    if config.tls_reports.enabled and tls_forward is not None:
+        from mta.delivery.tlsrpt import ForwardedCounts
+
+        parts["tlsrpt"] = ForwardedCounts(tls_forward)
+    elif config.tls_reports.enabled and store is not None:
         from mta.delivery.tlsrpt import ReportSettings, TLSReporter
 
         r = config.tls_reports
@@ -87,7 +105,8 @@ def build_tls_policies(config: Config, reactor: Any, txt_resolver: Any, resolver
                                   send_delay=r.send_delay)
         local_domains = frozenset(config.local_domains)
         parts["tlsrpt"] = TLSReporter(store, txt_resolver, reactor, config.data_dir / "tlsrpt",
-                                      settings, is_local=local_domains.__contains__)
+                                      settings, is_local=local_domains.__contains__,
+                                      signer=report_signer)
         parts["tlsrpt"].start()
     if config.delivery_sts.enabled:
         from mta.delivery.mtasts import MTASTS, PolicyCache, PolicyFetcher, load_trust_root
@@ -98,7 +117,8 @@ def build_tls_policies(config: Config, reactor: Any, txt_resolver: Any, resolver
                                 timeout=s.fetch_timeout, max_size=s.max_policy_size)
         parts["sts"] = MTASTS(txt_resolver, fetcher, PolicyCache(config.data_dir / "mta-sts"),
                               reactor, recorder=parts.get("tlsrpt"),
-                              refresh_interval=s.refresh_interval, trust_root=trust)
+                              refresh_interval=s.refresh_interval if sts_refresh else 0,
+                              trust_root=trust)
         parts["sts"].start()
     return parts
 
@@ -110,15 +130,23 @@ class Delivery:
 
     runner: QueueRunner
     connections: ConnectionCache
+    # The TLS report counter (mta.delivery.tlsrpt.TLSReporter), where the
+    # workers' counts go (mta.daemon.workers); None when not configured.
+    tlsrpt: Any = None
 
 
-def build_delivery(config: Config, store: QueueStore, reactor: Any, trust_root: Any = None) -> Delivery:
-    couriers = build_couriers(config, reactor, trust_root, store=store)
+def build_delivery(config: Config, store: QueueStore, reactor: Any, trust_root: Any = None,
+                   tls_forward: Callable[[bytes], None] | None = None,
+                   sts_refresh: bool = True, report_signer: Any = None) -> Delivery:
+    """The runner and its couriers; ``tls_forward``, ``sts_refresh``, ``report_signer``:
+    see build_tls_policies."""
+    couriers = build_couriers(config, reactor, trust_root, store=store, tls_forward=tls_forward,
+                              sts_refresh=sts_refresh, report_signer=report_signer)
     router = Router(couriers, smarthost=bool(config.delivery.smarthosts))
     local_domains = frozenset(config.local_domains)
     runner = QueueRunner(store, router, reactor, config.delivery, config.hostname,
                          is_local=local_domains.__contains__)
-    return Delivery(runner, couriers["remote"].cache)
+    return Delivery(runner, couriers["remote"].cache, couriers["remote"].tlsrpt)
 
 
 def build_runner(config: Config, store: QueueStore, reactor: Any, trust_root: Any = None) -> QueueRunner:

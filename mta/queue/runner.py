@@ -517,6 +517,11 @@ class QueueRunner:
         if not self._running or envelope.id in self._in_flight:
             return  # a pass has it already (start() found it on disk): the file is newer
         if envelope.hold:  # quarantined: kept, not delivered (release() brings it back)
+            if self.hand_over is not None:
+                # A worker's: the main process keeps the hold queue (its
+                # metrics, ``mta queue release``), as for any message left queued.
+                self.hand_over(envelope)
+                return
             self.held.add(envelope.id)
             return
         if envelope.id in self._timers:
