@@ -178,7 +178,7 @@ def test_trace_needs_the_json_log(tmp_path, capsys) -> None:
 @pytest.mark.timeout(120)
 def test_trace_gathers_the_main_process_and_the_worker(tmp_path, capsys) -> None:
     port = free_port()
-    config = write_config(tmp_path, extra="workers = 2", port=port)
+    config = write_config(tmp_path, extra="workers = 2\nworkers_deliver = true", port=port)
     daemon = Daemon(tmp_path, config, port)
     daemon.start()
     try:

@@ -91,6 +91,9 @@ def test_two_workers_share_the_port_and_deliver_everything_once(tmp_path):
         # The worker's lines reach the main log as they are, marked with the worker.
         assert re.search(r"^\S+ \[worker1 mta\.smtp\.server#info\] queued \w+ from=s@remote\.test",
                          log, re.M)
+        # workers_deliver off (the default): the main process delivers them all.
+        assert not re.search(r"^\S+ \[worker1 mta\.queue\.runner", log, re.M)
+        assert re.search(r"^\S+ \[mta\.queue\.runner#info\] delivery ", log, re.M)
         code = daemon.terminate()
         assert code in (0, -signal.SIGTERM)
         assert not Path(f"/proc/{worker}").exists() or b"zombie" in Path(f"/proc/{worker}/status").read_bytes()
@@ -107,7 +110,8 @@ def test_both_processes_deliver_and_a_worker_hands_over_what_it_could_not(tmp_pa
     """Each process delivers the messages it accepted (both cores deliver); one
     a worker could not deliver at once is handed to the main process, which
     keeps it for its retries: tried once, still queued, never twice."""
-    daemon, worker = start_with_a_worker(tmp_path, 'relay_networks = ["127.0.0.0/8"]\n')
+    daemon, worker = start_with_a_worker(tmp_path, 'relay_networks = ["127.0.0.0/8"]\n'
+                                                   "workers_deliver = true\n")
     try:
         deadline = time.monotonic() + 15
         while "SMTPFactory starting" not in daemon.read_log().split("started worker 1", 1)[-1] \

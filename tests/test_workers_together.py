@@ -118,6 +118,7 @@ local_domains = ["example.test"]
 data_dir = "var"
 domains_dir = "domains"
 workers = 2
+workers_deliver = true
 relay_networks = ["127.0.0.0/8"]
 
 [listeners.mx]

@@ -156,9 +156,13 @@ class MTAService(MultiService):
         self.connections: ConnectionCache | None = None
         # runner=False: no delivery at all (tests of the receiving side).
         if worker_fds is not None:
-            # A worker delivers what it accepted, a first pass each (so every
-            # process's core delivers), and hands what is left to the main
-            # process (QueueRunner.hand_over, set by mta.daemon.worker).
+            # With workers_deliver, a worker delivers what it accepted, a first
+            # pass each (so every process's core delivers), and hands what is
+            # left to the main process (QueueRunner.hand_over, set by
+            # mta.daemon.worker); without, it announces every message it
+            # committed to the main process, which delivers them all.
+            if runner is None and not config.workers_deliver:
+                runner = False
             if runner is None:
                 from mta.daemon.workers import tell_tls_count
                 from mta.delivery.wiring import build_delivery
@@ -190,7 +194,7 @@ class MTAService(MultiService):
                 listeners=[listener.name for listener in config.listeners], spares=spares,
                 runner=self.runner, files=self.context.store,
                 session_timeout=lambda: self.config.limits.session_timeout,
-                tls_reports=tls_reports)
+                tls_reports=tls_reports, deliver=config.workers_deliver)
         self.addService(build_control(self))
         if config.log_json is not None:
             from mta.daemon.logs import json_log_service

@@ -58,8 +58,29 @@ def run_worker(spec: dict[str, Any]) -> None:
         # saved it (no read back from disk).
         tell_main(b"queued %s %s" % (envelope.id.encode("ascii"), envelope.to_line()))
 
+    announcements: list[bytes] = []
+
+    def announce(envelope: Any) -> None:
+        # No runner here (workers_deliver off): every committed message goes
+        # to the main process.  Called once the client's 250 has gone out;
+        # the messages of one reactor turn go in one write when the turn ends
+        # (one wake-up of the main process for all of them).
+        if not announcements:
+            reactor.callLater(0, send_announcements)
+        announcements.append(b"queued %s %s\n" % (envelope.id.encode("ascii"), envelope.to_line()))
+
+    def send_announcements() -> None:
+        if announcements:
+            data = b"".join(announcements)
+            announcements.clear()
+            tell_main(data[:-1])
+
     if service.runner is not None:
         service.runner.hand_over = hand_over
+    else:
+        service.context.store.subscribe(announce)
+        # A message acknowledged in the reactor's last turn is still announced.
+        reactor.addSystemEventTrigger("after", "shutdown", send_announcements)
     reactor.addReader(_SpareReader(service.context.store))
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)

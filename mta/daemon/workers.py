@@ -6,11 +6,13 @@ that adopt the same listening sockets (``IReactorSocket.adoptStreamPort``), so
 the kernel spreads new connections over all of them.  Every process runs the
 full SMTP session and commits to the same queue directory (queue ids are
 unique per message); only the main process runs the control socket and the
-metrics.  Every process delivers: a worker makes the first delivery pass of
-each message it committed itself (so delivery, most of the CPU per message,
-runs on every core, not only on the main process's); a message still queued
-after that pass (deferred, a notice owed) is handed to the main process, whose
-runner keeps the retries: the worker writes ``queued <id> <envelope as one
+metrics.  By default the main process delivers everything: a worker writes
+``queued <id> <envelope>`` for each message it committed.  With
+``workers_deliver = true`` every process delivers: a worker makes the first
+delivery pass of each message it committed itself (so delivery, most of the
+CPU per message, runs on every core, not only on the main process's); a
+message still queued after that pass (deferred, a notice owed) is handed to
+the main process, whose runner keeps the retries: the worker writes ``queued <id> <envelope as one
 line of JSON>`` on its stdout (so the main process need not read the envelope
 back from disk).  If a worker dies, what it had committed and not handed over
 is still on disk, and the main process looks for such messages when it learns
@@ -144,9 +146,10 @@ class _WorkerProtocol(ProcessProtocol):
             if verb == b"queued" and queue_id:
                 self.pool.spares.owe_spare(self.index)
                 qid = queue_id.decode("ascii", "replace")
-                log.info("message {queue_id} still queued after worker {worker}'s first pass: "
-                         "the main process keeps it", queue_id=qid, worker=self.index,
-                         event="handed_over")
+                if self.pool.deliver:
+                    log.info("message {queue_id} still queued after worker {worker}'s first "
+                             "pass: the main process keeps it", queue_id=qid, worker=self.index,
+                             event="handed_over")
                 self.pool.queued(qid, envelope)
 
     def errReceived(self, data: bytes) -> None:  # noqa: N802
@@ -268,9 +271,12 @@ class WorkerPool(Service):
     def __init__(self, reactor: ProcessReactor, count: int, spec: dict[str, Any], *,
                  listeners: Sequence[str], spares: WorkerSpares, runner: Announced | None,
                  files: LeftFiles, session_timeout: Callable[[], float],
-                 tls_reports: TLSCounts | None = None) -> None:
+                 tls_reports: TLSCounts | None = None, deliver: bool = False) -> None:
         self.reactor = reactor
         self.count = count
+        # workers_deliver: a worker's "queued" line is a message left after its
+        # first pass (logged as handed over), else every message it accepted.
+        self.deliver = deliver
         self.spec = spec
         self.listeners = tuple(listeners)
         self.spares = spares
