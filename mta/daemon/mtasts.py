@@ -16,17 +16,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from twisted.application.service import Service
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
-from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from mta.config import Config, TLSConfig
-from mta.daemon.web import QuietSite
+from mta.daemon.web import QuietSite, WebListener
 from mta.policy.mtasts import HOST_PREFIX, WELL_KNOWN_PATH, policy_text
 
 log = Logger()
@@ -81,45 +77,23 @@ def policy_tls(config: Config) -> Any:
     return server_tls(config.tls)
 
 
-class MTASTSService(Service):
-    """Listens on ``endpoint`` with TLS while running; stops listening on stop."""
+class MTASTSService(WebListener):
+    """Serves the policy on ``endpoint`` with TLS while running."""
+
+    what = "the MTA-STS policy"
 
     def __init__(self, reactor: Any, endpoint: str, tls: Any,
                  config: Callable[[], Config]) -> None:
-        self.reactor = reactor
-        self.endpoint = endpoint
+        super().__init__(reactor, endpoint)
         self.tls = tls
         self.config = config
-        self.port: IListeningPort | None = None
-        self.listening: Deferred[Any] = succeed(None)
 
-    def startService(self) -> None:  # noqa: N802
-        super().startService()
-        site = QuietSite(PolicyResource(self.config))
-        factory = TLSMemoryBIOFactory(self.tls, False, site)
-        self.listening = serverFromString(self.reactor, self.endpoint).listen(factory)
-        self.listening.addCallbacks(self._listened, self._listen_failed)
+    def factory(self) -> Any:
+        return TLSMemoryBIOFactory(self.tls, False, QuietSite(PolicyResource(self.config)))
 
-    def _listened(self, port: IListeningPort) -> None:
-        self.port = port
-        if not self.running:
-            port.stopListening()
-            self.port = None
-            return
-        address = port.getHost()
+    def listening_on(self, address: Any) -> None:
         log.info("MTA-STS policy on https://{host}:{port}{path}", host=address.host,
                  port=address.port, path=WELL_KNOWN_PATH)
-
-    def _listen_failed(self, failure: Any) -> None:
-        log.error("cannot serve the MTA-STS policy on {endpoint}: {err}", endpoint=self.endpoint,
-                  err=failure.value)
-
-    def stopService(self) -> Deferred[None]:  # noqa: N802
-        super().stopService()
-        port, self.port = self.port, None
-        if port is None:
-            return succeed(None)
-        return maybeDeferred(port.stopListening)
 
 
 def mta_sts_service(reactor: Any, config: Config, current: Callable[[], Config]) -> MTASTSService:

@@ -45,10 +45,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Collection, Mapping
 from typing import Any, Protocol
 
-from twisted.application.service import Service
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
-from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger, LogPublisher, globalLogPublisher
 from twisted.web.resource import Resource
 from twisted.web.server import Request
@@ -56,7 +53,7 @@ from twisted.web.server import Request
 from mta.config import StatusConfig
 from mta.daemon.logs import event_name
 from mta.daemon.statuspage import SERIES, Note, Snapshot, TLSCount, render
-from mta.daemon.web import QuietSite
+from mta.daemon.web import QuietSite, WebListener
 from mta.queue.envelope import Envelope
 from mta.queue.shape import Row, deferral_reasons, destinations, summary
 
@@ -321,50 +318,35 @@ class StatusResource(Resource):
 
 
 
-class StatusService(Service):
+class StatusService(WebListener):
     """While running: the recorder observes the log and ``endpoint`` serves the page.
 
     Failing to listen is logged and does not stop the MTA (as the metrics).
     """
 
+    what = "the status page"
+
     def __init__(self, reactor: Any, endpoint: str, recorder: StatusRecorder,
                  resource: StatusResource, publisher: LogPublisher = globalLogPublisher) -> None:
-        self.reactor = reactor
-        self.endpoint = endpoint
+        super().__init__(reactor, endpoint)
         self.recorder = recorder
         self.resource = resource
         self.publisher = publisher
-        self.port: IListeningPort | None = None
-        self.listening: Deferred[Any] = succeed(None)
 
-    def startService(self) -> None:  # noqa: N802
-        super().startService()
-        self.recorder.install(self.publisher)
-        site = QuietSite(self.resource)
-        self.listening = serverFromString(self.reactor, self.endpoint).listen(site)
-        self.listening.addCallbacks(self._listened, self._listen_failed)
+    def factory(self) -> Any:
+        return QuietSite(self.resource)
 
-    def _listened(self, port: IListeningPort) -> None:
-        self.port = port
-        if not self.running:
-            port.stopListening()
-            self.port = None
-            return
-        address = port.getHost()
+    def listening_on(self, address: Any) -> None:
         log.info("status page on http://{host}:{port}/", host=getattr(address, "host", address),
                  port=getattr(address, "port", ""))
 
-    def _listen_failed(self, failure: Any) -> None:
-        log.error("cannot serve the status page on {endpoint}: {err}", endpoint=self.endpoint,
-                  err=failure.value)
+    def startService(self) -> None:  # noqa: N802
+        self.recorder.install(self.publisher)
+        super().startService()
 
     def stopService(self) -> Deferred[None]:  # noqa: N802
-        super().stopService()
         self.recorder.uninstall()
-        port, self.port = self.port, None
-        if port is None:
-            return succeed(None)
-        return maybeDeferred(port.stopListening)
+        return super().stopService()
 
 
 def status_service(reactor: Any, endpoint: str, *, queue: QueueReader,
