@@ -62,8 +62,12 @@ class PostgresServer:
         log = open(self.log, "ab")  # noqa: SIM115 - handed to the server process
         self.proc = subprocess.Popen(
             [str(PG_BIN / "postgres"), "-D", str(self.data), "-p", str(self.port),
+             # fsync off: a process crash (the tests' kill) still loses nothing the
+             # kernel has.  synchronous_commit stays on: off, a commit made less than
+             # wal_writer_delay before a SIGQUIT is lost (its WAL still in shared
+             # memory), and a user just added was then "unknown" after the restart.
              "-k", str(self.root), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off",
-             "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
+             "-c", "full_page_writes=off",
              "-c", "max_connections=100"],
             stdout=log, stderr=subprocess.STDOUT, cwd=self.root, **self._as)
         log.close()
