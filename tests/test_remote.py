@@ -22,7 +22,8 @@ from twisted.internet.ssl import Certificate
 from mta.config import Config, DeliveryConfig
 from mta.delivery.client import Timeouts
 from mta.delivery.mx import MXHost, PermanentDNSError, TemporaryDNSError
-from mta.delivery.remote import RemoteCourier, parse_smarthost
+from mta.delivery.remote import RemoteCourier
+from mta.delivery.routes import parse_smarthost
 from mta.queue.courier import DeliveryResult, Outcome
 from mta.queue.envelope import Envelope, Recipient, RecipientKind
 from tests.sink import Sink, start_sink

@@ -163,17 +163,6 @@ def _hop(target: Target, host: str, name: str, **changes: Any) -> NextHop:
     return NextHop(host, target.port, name, **{**values, **changes})
 
 
-def parse_smarthost(text: str, default_port: int = 25) -> tuple[str, int]:
-    """``host``, ``host:port``, ``[v6]:port`` → (host, port)."""
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        return host, int(rest[1:]) if rest.startswith(":") else default_port
-    host, sep, port = text.rpartition(":")
-    if not sep or ":" in host:
-        return text, default_port
-    return host, int(port)
-
-
 def _domain(address: str) -> str:
     return address.rpartition("@")[2].lower()
 

@@ -238,7 +238,7 @@ class RouteTable:
             via = "table"
             relay = None
         else:
-            host, port = _host_port(text)
+            host, port = parse_smarthost(text, None)
             mx_lookup, via = False, "smarthost"
             relay = self._relays.get(text)
         if port is None:
@@ -280,21 +280,22 @@ class RouteTable:
         return values
 
 
-def _host_port(text: str) -> tuple[str, int | None]:
-    """``host``, ``host:port``, ``[v6]:port`` (delivery.smarthosts) → (host, port or None)."""
+def parse_smarthost(text: str, default_port: int | None = 25) -> tuple[str, int | None]:
+    """``host``, ``host:port``, ``[v6]:port`` (delivery.smarthosts) → (host, port),
+    ``default_port`` when the text names none."""
     if text.startswith("["):
         host, _, rest = text[1:].partition("]")
-        return host, int(rest[1:]) if rest.startswith(":") else None
+        return host, int(rest[1:]) if rest.startswith(":") else default_port
     host, sep, port = text.rpartition(":")
     if not sep or ":" in host:
-        return text, None
+        return text, default_port
     return host, int(port)
 
 
 def _relayhost(text: str) -> tuple[str, int | None, bool]:
     """Postfix relayhost syntax → (host, port or None, look up MX records of host)."""
     if text.startswith("["):
-        host, port = _host_port(text)
+        host, port = parse_smarthost(text, None)
         return host, port, False
-    host, port = _host_port(text)
+    host, port = parse_smarthost(text, None)
     return host.lower(), port, True
