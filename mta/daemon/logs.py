@@ -297,6 +297,26 @@ class SecretScrubber:
 _SCRUBBER = SecretScrubber()
 
 
+class EventObserver:
+    """Something that reads the log's events (``observe_event``) while installed
+    on a publisher: the metrics, the status page's memory."""
+
+    _publisher: LogPublisher | None = None
+
+    def observe_event(self, event: Mapping[str, Any]) -> None:
+        raise NotImplementedError
+
+    def install(self, publisher: LogPublisher = globalLogPublisher) -> None:
+        """Start observing the events published on ``publisher``."""
+        self._publisher = publisher
+        publisher.addObserver(self.observe_event)
+
+    def uninstall(self) -> None:
+        if self._publisher is not None:
+            self._publisher.removeObserver(self.observe_event)
+            self._publisher = None
+
+
 def install_scrubber(publisher: LogPublisher = globalLogPublisher) -> SecretScrubber:
     """Register the in-place secret filter on ``publisher`` (idempotent).
 

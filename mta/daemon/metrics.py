@@ -61,15 +61,16 @@ from weakref import WeakSet
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
-from twisted.application.service import IService, Service
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.application.service import IService
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger, LogPublisher, globalLogPublisher
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from mta.daemon.logs import event_name
+from mta.daemon.logs import EventObserver, event_name
+from mta.daemon.web import QuietSite, WebListener
 
 log = Logger()
 
@@ -216,7 +217,7 @@ class QueueCollector:
         return []  # values are only known at scrape time
 
 
-class Metrics:
+class Metrics(EventObserver):
     """All the MTA's metrics; feed it with :meth:`observe_event` and :meth:`observe_reply`."""
 
     def __init__(self, store: QueueListing | None = None, clock: Callable[[], float] | None = None,
@@ -231,7 +232,6 @@ class Metrics:
             clock = getattr(store, "clock", None) or time.time
         self.clock = clock
         self._seen_sessions: WeakSet[Any] = WeakSet()
-        self._publisher: LogPublisher | None = None
         r = self.registry
         # --- SMTP in
         self.connections = Counter("mta_smtp_connections", "SMTP connections, by listener kind.",
@@ -325,16 +325,6 @@ class Metrics:
             self.connections.labels(kind=_label(kind, LISTENER_KINDS)).inc()
         enhanced = reply.enhanced if _ENHANCED.match(reply.enhanced or "") else "none"
         self.replies.labels(code=str(reply.code), enhanced=enhanced).inc()
-
-    def install(self, publisher: LogPublisher = globalLogPublisher) -> None:
-        """Start counting events published on ``publisher``."""
-        self._publisher = publisher
-        publisher.addObserver(self.observe_event)
-
-    def uninstall(self) -> None:
-        if self._publisher is not None:
-            self._publisher.removeObserver(self.observe_event)
-            self._publisher = None
 
     # --- SMTP events ---------------------------------------------------------------
 
@@ -459,22 +449,14 @@ class MetricsResource(Resource):
         return body
 
 
-class MetricsSite(Site):
-    """No access-log line for every scrape."""
-
-    noisy = False
-
-    def log(self, request: Request) -> None:
-        pass
-
-
 def metrics_site(registry: CollectorRegistry) -> Site:
+    """``/metrics``, with no access-log line for every scrape."""
     root = Resource()
     root.putChild(b"metrics", MetricsResource(registry))
-    return MetricsSite(root)
+    return QuietSite(root)
 
 
-class MetricsService(Service):
+class MetricsService(WebListener):
     """Counts while running and serves ``/metrics`` on ``endpoint``.
 
     On start: the log observer goes on ``publisher``, the reply hook on
@@ -483,20 +465,25 @@ class MetricsService(Service):
     does not stop the MTA: mail matters more than metrics.
     """
 
+    what = "metrics"
+
     def __init__(self, metrics: Metrics, endpoint: IStreamServerEndpoint,
                  context: ReplyHook | None = None,
                  publisher: LogPublisher = globalLogPublisher) -> None:
+        super().__init__(None, endpoint)
         self.metrics = metrics
-        self.endpoint = endpoint
         self.context = context
         self.publisher = publisher
-        self.port: IListeningPort | None = None
-        self.listening: Deferred[None] = succeed(None)
         self._previous_hook: Any = None
         self._hook: Any = None
 
+    def factory(self) -> Any:
+        return metrics_site(self.metrics.registry)
+
+    def listening_on(self, address: Any) -> None:
+        log.info("metrics on http://{host}:{port}/metrics", host=address.host, port=address.port)
+
     def startService(self) -> None:  # noqa: N802
-        super().startService()
         self.metrics.install(self.publisher)
         if self.context is not None:
             self._previous_hook = previous = self.context.observer
@@ -509,32 +496,14 @@ class MetricsService(Service):
                     observe(session, reply)
                 self._hook = both
             self.context.observer = self._hook
-        self.listening = self.endpoint.listen(metrics_site(self.metrics.registry))
-        self.listening.addCallbacks(self._listened, self._listen_failed)
-
-    def _listened(self, port: IListeningPort) -> None:
-        self.port = port
-        if not self.running:  # stopped while the listen was pending
-            port.stopListening()
-            self.port = None
-        else:
-            log.info("metrics on http://{host}:{port}/metrics", host=port.getHost().host,
-                     port=port.getHost().port)
-
-    def _listen_failed(self, failure: Any) -> None:
-        log.error("cannot serve metrics on {endpoint}: {err}", endpoint=str(self.endpoint),
-                  err=failure.value)
+        super().startService()
 
     def stopService(self) -> Deferred[None]:  # noqa: N802
-        super().stopService()
         self.metrics.uninstall()
         if self.context is not None and self.context.observer is self._hook:
             self.context.observer = self._previous_hook
         self._hook = self._previous_hook = None
-        port, self.port = self.port, None
-        if port is None:
-            return succeed(None)
-        return maybeDeferred(port.stopListening)
+        return super().stopService()
 
 
 class Deliveries(Protocol):

@@ -51,7 +51,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from mta.config import StatusConfig
-from mta.daemon.logs import event_name
+from mta.daemon.logs import EventObserver, event_name
 from mta.daemon.statuspage import SERIES, Note, Snapshot, TLSCount, render
 from mta.daemon.web import QuietSite, WebListener
 from mta.queue.envelope import Envelope
@@ -99,7 +99,7 @@ class Throughput:
         return out
 
 
-class StatusRecorder:
+class StatusRecorder(EventObserver):
     """The page's memory of recent events: a twisted.logger observer that never raises."""
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
@@ -109,7 +109,6 @@ class StatusRecorder:
         self.tls: OrderedDict[str, TLSCount] = OrderedDict()
         self.throughput = Throughput()
         self.errors = 0
-        self._publisher: LogPublisher | None = None
 
     def observe_event(self, event: Mapping[str, Any]) -> None:
         name = event_name(event)
@@ -161,15 +160,6 @@ class StatusRecorder:
         else:
             count.encrypted += 1
         count.last = tls
-
-    def install(self, publisher: LogPublisher = globalLogPublisher) -> None:
-        self._publisher = publisher
-        publisher.addObserver(self.observe_event)
-
-    def uninstall(self) -> None:
-        if self._publisher is not None:
-            self._publisher.removeObserver(self.observe_event)
-            self._publisher = None
 
 
 # --- what the page shows -------------------------------------------------------------------

@@ -7,7 +7,7 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.web.server import Request, Site
 
@@ -31,7 +31,7 @@ class WebListener(Service):
 
     what = "an HTTP listener"  # for the log: "cannot serve <what> on <endpoint>"
 
-    def __init__(self, reactor: Any, endpoint: str) -> None:
+    def __init__(self, reactor: Any, endpoint: str | IStreamServerEndpoint) -> None:
         self.reactor = reactor
         self.endpoint = endpoint
         self.port: IListeningPort | None = None
@@ -46,7 +46,10 @@ class WebListener(Service):
 
     def startService(self) -> None:  # noqa: N802
         super().startService()
-        self.listening = serverFromString(self.reactor, self.endpoint).listen(self.factory())
+        endpoint = self.endpoint
+        if isinstance(endpoint, str):
+            endpoint = serverFromString(self.reactor, endpoint)
+        self.listening = endpoint.listen(self.factory())
         self.listening.addCallbacks(self._listened, self._listen_failed)
 
     def _listened(self, port: IListeningPort) -> None:
@@ -58,8 +61,9 @@ class WebListener(Service):
         self.listening_on(port.getHost())
 
     def _listen_failed(self, failure: Any) -> None:
-        log.error("cannot serve {what} on {endpoint}: {err}", what=self.what,
-                  endpoint=self.endpoint, err=failure.value)
+        # ``what`` is a fixed text of the class (no braces): part of the format.
+        log.error("cannot serve " + self.what + " on {endpoint}: {err}",
+                  endpoint=str(self.endpoint), err=failure.value)
 
     def stopService(self) -> Deferred[None]:  # noqa: N802
         super().stopService()
